@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtualenv in .venv and install cape into it.
+# Usage: bash scripts/setup.sh [EXTRAS]   e.g. "test" for the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "Error: cape needs Python >= 3.11 (found: $("$PYTHON" --version 2>&1 || echo none))" >&2
+    exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+        # Debian's python3 ships venv separately.
+        echo "cape: installing python3-venv with apt-get" >&2
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        rm -rf .venv
+        "$PYTHON" -m venv .venv
+    fi
+    .venv/bin/python -m pip install -q --upgrade pip
+fi
+
+extras="${1:-}"
+target="."
+[ -n "$extras" ] && target=".[$extras]"
+log="$(mktemp)"
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e "$target" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "Error: installing cape${extras:+[$extras]} failed" >&2
+    exit 1
+fi
+rm -f "$log"
+.venv/bin/python -c "import cape" # fail loudly if the install did not work

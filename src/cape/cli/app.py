@@ -1,0 +1,294 @@
+"""The ``cape`` command line.
+
+Output rules: results go to stdout, messages to stderr. Every failure is one line
+``Error: <diagnostics>`` on stderr and exit status 1; bad usage exits 2; ``-v`` adds the
+traceback. The CLI parses, calls the SDK and renders; it holds no crypto and decides no trust.
+There is deliberately no ``cape decrypt``: only attested enclaves decrypt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import io
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO, NoReturn
+
+import typer
+from rich.console import Console
+
+from cape import __version__
+from cape.errors import CapeError, FormatError
+from cape.sdk import audit
+from cape.sdk import encrypt as encrypt_sdk
+from cape.verify.policy import AttestationPolicy, parse_pcr_pin, pcr_allow_list
+from cape.verify.roots import describe_root, fingerprint, load_root_certificate_file
+
+__all__ = ["app", "main"]
+
+HELP = """Cape: encrypt data for attested enclaves and audit attestation documents.
+
+There is no `cape decrypt`: only an attested enclave can decrypt `cape:` data."""
+
+app = typer.Typer(
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+attestation_app = typer.Typer(help="Inspect and verify attestation documents.", no_args_is_help=True)
+app.add_typer(attestation_app, name="attestation")
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"verbose": False}
+
+
+class OutputFormat(enum.StrEnum):
+    plain = "plain"
+    json = "json"
+
+
+class UsageError(CapeError):
+    """A combination of arguments that cannot work (exit status 2)."""
+
+
+def _fail(exc: CapeError) -> NoReturn:
+    if _state["verbose"]:
+        traceback.print_exception(exc, file=sys.stderr)
+    stderr.print(f"Error: {exc.diagnostics()}", markup=False)
+    raise typer.Exit(2 if isinstance(exc, UsageError) else 1)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks.")] = False,
+) -> None:
+    _state["verbose"] = verbose
+
+
+@app.command()
+def version() -> None:
+    """Print cape's version."""
+    stdout.print(__version__, markup=False)
+
+
+def _read_input(data: str | None, file: str | None) -> tuple[BinaryIO, int | None]:
+    if data is not None and file is not None:
+        raise UsageError("give the input either as an argument or with -f, not both")
+    if data is not None:
+        if not data:
+            raise UsageError("the input argument is empty")
+        raw = data.encode("utf-8")
+        return io.BytesIO(raw), len(raw)
+    if file is None or file == "-":
+        if file is None and sys.stdin.isatty():
+            raise UsageError("nothing to encrypt: give INPUT, -f FILE, or pipe data to stdin")
+        return sys.stdin.buffer, None
+    path = Path(file)
+    try:
+        handle = path.open("rb")
+        size = os.fstat(handle.fileno()).st_size
+    except OSError as exc:
+        raise FormatError(f"cannot read {file}: {exc.strerror}") from None
+    if path.is_dir():
+        handle.close()
+        raise FormatError(f"cannot read {file}: is a directory")
+    return handle, size
+
+
+@app.command()
+def encrypt(
+    data: Annotated[
+        str | None, typer.Argument(metavar="[INPUT]", help="Text to encrypt (UTF-8).")
+    ] = None,
+    file: Annotated[
+        str | None, typer.Option("-f", "--file", help="Read the input from FILE, or - for stdin.")
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            "--key",
+            "-k",
+            help="RSA public key (DER or PEM) to encrypt for, e.g. a cached capekey.pub.der.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Write the ciphertext to this file (default stdout)."),
+    ] = None,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream", help="Use the streaming form (automatic for inputs over 64 MiB)."
+        ),
+    ] = False,
+) -> None:
+    """Envelope-encrypt data so that only an attested enclave can read it.
+
+    Prints Cape's text form, `cape:` + base64 (RSA-OAEP-wrapped AES-256-GCM). Inputs over
+    64 MiB, or any input with --stream, use the binary streaming form `cape-stream-v1:`.
+    There is no client-side decrypt.
+    """
+    try:
+        if key is None:
+            raise UsageError("--key PUBKEY is required (fetching your account key arrives with login)")
+        public_key = encrypt_sdk.load_encryption_key(key)
+        source, size = _read_input(data, file)
+        with source:
+            streaming = stream or (size is not None and size > encrypt_sdk.STREAM_THRESHOLD_BYTES)
+            if output is not None:
+                with encrypt_sdk.atomic_output(output) as sink:
+                    result = encrypt_sdk.encrypt_stream_to(
+                        source, sink, public_key, force_stream=streaming, size_hint=size
+                    )
+                form = "streaming" if result.streaming else "text"
+                stderr.print(
+                    f"Encrypted ({form} form, {result.bytes_written} bytes) to {output}",
+                    markup=False,
+                )
+                return
+            if streaming and sys.stdout.isatty():
+                raise UsageError(
+                    "the streaming form is binary: write it with -o FILE or redirect stdout"
+                )
+            sink = sys.stdout.buffer
+            result = encrypt_sdk.encrypt_stream_to(
+                source, sink, public_key, force_stream=streaming, size_hint=size
+            )
+            sink.flush()
+    except CapeError as exc:
+        _fail(exc)
+
+
+def _parse_time(text: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--at {text!r} is not an ISO 8601 time (e.g. 2024-09-07T15:00:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment
+
+
+def _render_plain(report: audit.AuditReport) -> None:
+    rows: list[tuple[str, str]] = [("status", "VALID" if report.valid else "INVALID")]
+    if report.checked_at is not None:
+        rows.append(("checked at", report.checked_at.isoformat()))
+    rows.append(("root", f"{describe_root(report.root)} sha256:{fingerprint(report.root)}"))
+    if report.document is not None:
+        fields: dict[str, Any] = audit.describe_document(report.document, full=False)
+        cert = fields.pop("certificate")
+        pcrs = fields.pop("pcrs")
+        bundle = fields.pop("cabundle")
+        for name, value in fields.items():
+            shown = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            rows.append((name, "null" if value is None else shown))
+        rows.append(
+            ("certificate", f"{cert['subject']} ({cert['not_before']} to {cert['not_after']})")
+        )
+        rows.append(("cabundle", " <- ".join(reversed(bundle))))
+        rows.extend((f"PCR{index}", value) for index, value in pcrs.items())
+    # Plain lines, never wrapped: scripts grep this output.
+    sys.stdout.write("".join(f"{name:<12} {value}\n" for name, value in rows))
+    sys.stdout.flush()
+
+
+@attestation_app.command("verify")
+def attestation_verify(
+    document: Annotated[str, typer.Argument(help="Document file (raw CBOR or base64), or -.")],
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            envvar="CAPE_ATTESTATION_ROOT",
+            help="Pinned root certificate (PEM or DER) [env: CAPE_ATTESTATION_ROOT].",
+            show_envvar=False,
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="Check as of this ISO time instead of now (audits)."),
+    ] = None,
+    archived: Annotated[
+        bool, typer.Option("--archived", help="Check at the document's own timestamp.")
+    ] = False,
+    max_age: Annotated[
+        float | None,
+        typer.Option(
+            "--max-age",
+            help="Oldest acceptable document age in seconds (default 300; none with --at).",
+        ),
+    ] = None,
+    nonce: Annotated[
+        str | None, typer.Option("--nonce", help="Expected nonce, hex.")
+    ] = None,
+    pcr: Annotated[
+        list[str] | None,
+        typer.Option("--pcr", help="Allowed PCR value I:HEX; repeat to allow several."),
+    ] = None,
+    allow_debug: Annotated[
+        bool, typer.Option("--allow-debug", help="Accept debug-mode enclaves (PCR0 zero).")
+    ] = False,
+    output: Annotated[
+        OutputFormat, typer.Option("-o", "--output", help="Output format.")
+    ] = OutputFormat.plain,
+) -> None:
+    """Verify an attestation document: signature, chain to the pinned root, time, nonce, PCRs.
+
+    Prints the decoded fields; exits 0 when valid and 1 with the reason when not.
+    """
+    try:
+        if root is None:
+            raise UsageError(
+                "no attestation root: pass --root FILE or set CAPE_ATTESTATION_ROOT"
+            )
+        if archived and at is not None:
+            raise UsageError("--archived checks at the document's own time; drop --at")
+        root_cert = load_root_certificate_file(root)
+        check_time = _parse_time(at) if at is not None else None
+        if max_age is not None and max_age < 0:
+            raise UsageError("--max-age must not be negative")
+        if max_age is not None:
+            age: dt.timedelta | None = dt.timedelta(seconds=max_age)
+        elif check_time is None and not archived:
+            age = AttestationPolicy().max_age
+        else:
+            age = None
+        try:
+            expected_nonce = bytes.fromhex(nonce) if nonce is not None else None
+        except ValueError:
+            raise UsageError("--nonce must be hex") from None
+        pins = pcr_allow_list(parse_pcr_pin(p) for p in (pcr or []))
+        policy = AttestationPolicy(
+            nonce=expected_nonce, pcrs=pins, max_age=age, allow_debug=allow_debug
+        )
+        if document == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            try:
+                data = Path(document).read_bytes()
+            except OSError as exc:
+                raise FormatError(f"cannot read {document}: {exc.strerror}") from None
+        report = audit.audit_document(
+            data, root=root_cert, at=check_time, archived=archived, policy=policy
+        )
+        if output is OutputFormat.json:
+            stdout.print_json(json.dumps(report.to_json()))
+        else:
+            _render_plain(report)
+        if report.error is not None:
+            raise report.error
+    except CapeError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    """Console-script entry point. Commands turn CapeError into ``Error: …`` and exit 1 through
+    :func:`_fail`; typer reports usage errors with exit 2."""
+    app(prog_name="cape")

@@ -1,0 +1,133 @@
+"""Client-side envelope encryption recipes for files, streams and byte strings.
+
+Clients only ever encrypt: the private half of a Cape key lives in the key service, and only an
+attested enclave gets data keys unwrapped. Small inputs use Cape's single-shot ``cape:`` form
+(text by default, byte-compatible with Cape's CLI and pycape); inputs over
+:data:`STREAM_THRESHOLD_BYTES`, or any input when asked, use the streaming form, whose memory
+use is bounded whatever the input size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+from cape.crypto import envelope, stream
+from cape.crypto.keys import load_rsa_public_key_file
+from cape.errors import CapeError
+
+__all__ = [
+    "STREAM_THRESHOLD_BYTES",
+    "EncryptResult",
+    "OutputError",
+    "atomic_output",
+    "encrypt_stream_to",
+    "load_encryption_key",
+]
+
+#: Inputs larger than this use the streaming form (issue: "Inputs over 64 MiB").
+STREAM_THRESHOLD_BYTES = 64 * 1024 * 1024
+
+
+class OutputError(CapeError):
+    """The output destination cannot be written."""
+
+
+@dataclass(frozen=True)
+class EncryptResult:
+    """What was written: the form used and the ciphertext size in bytes."""
+
+    streaming: bool
+    bytes_written: int
+
+
+def load_encryption_key(path: Path) -> RSAPublicKey:
+    """Load the RSA public key (DER or PEM) that ciphertexts will be encrypted for."""
+    return load_rsa_public_key_file(path)
+
+
+class _Prefixed(io.RawIOBase):
+    """A reader that yields ``head`` and then the rest of ``tail`` (peeked stdin)."""
+
+    def __init__(self, head: bytes, tail: BinaryIO) -> None:
+        self._head = memoryview(head)
+        self._tail = tail
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._tail.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def encrypt_stream_to(
+    source: BinaryIO,
+    destination: BinaryIO,
+    public_key: RSAPublicKey,
+    *,
+    force_stream: bool = False,
+    text: bool = True,
+    size_hint: int | None = None,
+) -> EncryptResult:
+    """Encrypt everything ``source`` yields into ``destination``.
+
+    Reads at most :data:`STREAM_THRESHOLD_BYTES` + 1 bytes before deciding the form, so memory
+    stays bounded for inputs of any size. The single-shot form is written as text (``cape:`` +
+    base64 and a newline) when ``text`` is true, else as binary (``cape:`` + raw envelope).
+    """
+    if force_stream or (size_hint is not None and size_hint > STREAM_THRESHOLD_BYTES):
+        written = stream.encrypt_stream(source, destination, public_key)
+        return EncryptResult(streaming=True, bytes_written=written)
+    head = source.read(STREAM_THRESHOLD_BYTES + 1)
+    if len(head) > STREAM_THRESHOLD_BYTES:
+        reader = io.BufferedReader(_Prefixed(head, source), buffer_size=1024 * 1024)
+        written = stream.encrypt_stream(reader, destination, public_key)
+        return EncryptResult(streaming=True, bytes_written=written)
+    if text:
+        out = envelope.encrypt_text(head, public_key).encode("ascii") + b"\n"
+    else:
+        out = envelope.encrypt(head, public_key)
+    destination.write(out)
+    return EncryptResult(streaming=False, bytes_written=len(out))
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[BinaryIO]:
+    """Write to a temporary file beside ``path``, fsync, and rename over it on success.
+
+    A crash or an error leaves either the previous file or the complete new one, never a
+    partial ciphertext.
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {directory}: {exc.strerror}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,72 @@
+"""The package layout is the trust-domain map: imports flow one way (STYLE.md).
+
+cli → sdk → verify → crypto → formats; host imports only formats; enclave and kms may use
+formats, crypto and verify. This test reads every module's imports and fails on any edge
+that points the wrong way.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import cape
+
+PACKAGE = Path(cape.__file__).resolve().parent
+
+SHARED = {"cape", "cape.errors", "cape._internal"}
+ALLOWED: dict[str, set[str]] = {
+    "formats": {"formats"},
+    "crypto": {"crypto", "formats"},
+    "verify": {"verify", "crypto", "formats"},
+    "sdk": {"sdk", "verify", "crypto", "formats"},
+    "cli": {"cli", "sdk", "verify", "crypto", "formats", "host"},
+    "host": {"host", "formats"},
+    "kms": {"kms", "verify", "crypto", "formats"},
+    "enclave": {"enclave", "verify", "crypto", "formats"},
+    "_internal": set(),
+}
+
+
+def _domain(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "cape" else None
+
+
+def _cape_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("cape"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith("cape"):
+                found.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: use absolute imports (relative import found)")
+    return found
+
+
+def test_imports_flow_one_way() -> None:
+    violations = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if len(rel.parts) < 2:
+            continue  # top-level modules (errors.py, __init__, __main__) are shared
+        domain = rel.parts[0]
+        if domain not in ALLOWED:
+            violations.append(f"{rel}: unknown trust domain {domain!r}; add it to this test")
+            continue
+        for imported in _cape_imports(path):
+            target = _domain(imported)
+            if imported in SHARED or target in (None, "errors", "_internal"):
+                continue
+            if target not in ALLOWED[domain]:
+                violations.append(f"{rel} imports {imported} ({domain} → {target})")
+    assert not violations, "\n".join(violations)
+
+
+def test_layering_test_sees_the_package() -> None:
+    # Guards against the walk silently finding nothing (which would make the test vacuous).
+    domains = {p.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py")}
+    assert {"formats", "crypto", "verify", "cli"} <= domains
