@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def keygen(directory: Path) -> None:
 def decrypt(directory: Path, ciphertext: Path) -> None:
     key = load_rsa_private_key((directory / "enclave-only.key.pem").read_bytes())
     plaintext = stream.decrypt_any(ciphertext.read_bytes(), key)
-    print(f"  {ciphertext.name}: {len(plaintext)} bytes, sha256 {__import__('hashlib').sha256(plaintext).hexdigest()[:16]}…")
+    digest = hashlib.sha256(plaintext).hexdigest()[:16]
+    print(f"  {ciphertext.name}: {len(plaintext)} bytes, sha256 {digest}…")
 
 
 def attest(directory: Path) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLES_DIR = Path(os.environ.get("CAPE_NITRO_SAMPLES", REPO_ROOT.parent / "shared" / "nitro-samples"))
+SAMPLES_DIR = Path(
+    os.environ.get("CAPE_NITRO_SAMPLES", REPO_ROOT.parent / "shared" / "nitro-samples")
+)
 ROOT_PEM = SAMPLES_DIR / "AWS_NitroEnclaves_Root-G1.pem"
 
 

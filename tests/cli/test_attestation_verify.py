@@ -26,7 +26,15 @@ def error_lines(result) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def test_real_document_valid_at_its_time() -> None:
-    result = run("attestation", "verify", str(PROD.path), "--root", str(ROOT_PEM), "--at", "2024-09-07T15:00:00Z")
+    result = run(
+        "attestation",
+        "verify",
+        str(PROD.path),
+        "--root",
+        str(ROOT_PEM),
+        "--at",
+        "2024-09-07T15:00:00Z",
+    )
     assert result.exit_code == 0, result.stderr
     assert "VALID" in result.stdout and "INVALID" not in result.stdout
     assert PROD.module_id in result.stdout
@@ -43,7 +51,11 @@ def test_raw_cbor_file_and_archived_mode(tmp_path: Path) -> None:
 
 def test_stdin_and_env_root() -> None:
     result = run(
-        "attestation", "verify", "-", "--at", "2024-09-07T15:00:00Z",
+        "attestation",
+        "verify",
+        "-",
+        "--at",
+        "2024-09-07T15:00:00Z",
         env={"CAPE_ATTESTATION_ROOT": str(ROOT_PEM)},
         stdin=PROD.path.read_bytes(),
     )
@@ -51,7 +63,17 @@ def test_stdin_and_env_root() -> None:
 
 
 def test_json_output_is_complete() -> None:
-    result = run("attestation", "verify", str(PROD.path), "--root", str(ROOT_PEM), "--at", "2024-09-07T15:00:00Z", "-o", "json")
+    result = run(
+        "attestation",
+        "verify",
+        str(PROD.path),
+        "--root",
+        str(ROOT_PEM),
+        "--at",
+        "2024-09-07T15:00:00Z",
+        "-o",
+        "json",
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["valid"] is True and report["error"] is None
@@ -71,14 +93,30 @@ def test_live_check_of_an_old_document_fails_with_reason() -> None:
 
 
 def test_debug_document_needs_allow_debug() -> None:
-    args = ["attestation", "verify", str(DEBUG.path), "--root", str(ROOT_PEM), "--at", "2024-09-07T15:00:00Z"]
+    args = [
+        "attestation",
+        "verify",
+        str(DEBUG.path),
+        "--root",
+        str(ROOT_PEM),
+        "--at",
+        "2024-09-07T15:00:00Z",
+    ]
     refused = run(*args)
     assert refused.exit_code == 1 and "debug-mode" in refused.stderr
     assert run(*args, "--allow-debug").exit_code == 0
 
 
 def test_nonce_and_pcr_pins() -> None:
-    base = ["attestation", "verify", str(PROD.path), "--root", str(ROOT_PEM), "--at", "2024-09-07T15:00:00Z"]
+    base = [
+        "attestation",
+        "verify",
+        str(PROD.path),
+        "--root",
+        str(ROOT_PEM),
+        "--at",
+        "2024-09-07T15:00:00Z",
+    ]
     assert run(*base, "--nonce", "01" * 1024).exit_code == 0
     wrong_nonce = run(*base, "--nonce", "02" * 16)
     assert wrong_nonce.exit_code == 1 and "nonce" in wrong_nonce.stderr
@@ -97,7 +135,15 @@ def test_another_root_is_rejected(tmp_path: Path) -> None:
     other = tmp_path / "other.pem"
     cert = SimulatedAuthority.generate().root_certificate
     other.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    result = run("attestation", "verify", str(PROD.path), "--root", str(other), "--at", "2024-09-07T15:00:00Z")
+    result = run(
+        "attestation",
+        "verify",
+        str(PROD.path),
+        "--root",
+        str(other),
+        "--at",
+        "2024-09-07T15:00:00Z",
+    )
     assert result.exit_code == 1 and "pinned root" in result.stderr
 
 

@@ -41,7 +41,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-attestation_app = typer.Typer(help="Inspect and verify attestation documents.", no_args_is_help=True)
+attestation_app = typer.Typer(
+    help="Inspect and verify attestation documents.", no_args_is_help=True
+)
 app.add_typer(attestation_app, name="attestation")
 
 stdout = Console(highlight=False, soft_wrap=True)
@@ -124,9 +126,7 @@ def encrypt(
     ] = None,
     stream: Annotated[
         bool,
-        typer.Option(
-            "--stream", help="Use the streaming form (automatic for inputs over 64 MiB)."
-        ),
+        typer.Option("--stream", help="Use the streaming form (automatic for inputs over 64 MiB)."),
     ] = False,
 ) -> None:
     """Envelope-encrypt data so that only an attested enclave can read it.
@@ -137,7 +137,9 @@ def encrypt(
     """
     try:
         if key is None:
-            raise UsageError("--key PUBKEY is required (fetching your account key arrives with login)")
+            raise UsageError(
+                "--key PUBKEY is required (fetching your account key arrives with login)"
+            )
         public_key = encrypt_sdk.load_encryption_key(key)
         source, size = _read_input(data, file)
         with source:
@@ -170,7 +172,9 @@ def _parse_time(text: str) -> dt.datetime:
     try:
         moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise UsageError(f"--at {text!r} is not an ISO 8601 time (e.g. 2024-09-07T15:00:00Z)") from None
+        raise UsageError(
+            f"--at {text!r} is not an ISO 8601 time (e.g. 2024-09-07T15:00:00Z)"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
     return moment
@@ -225,9 +229,7 @@ def attestation_verify(
             help="Oldest acceptable document age in seconds (default 300; none with --at).",
         ),
     ] = None,
-    nonce: Annotated[
-        str | None, typer.Option("--nonce", help="Expected nonce, hex.")
-    ] = None,
+    nonce: Annotated[str | None, typer.Option("--nonce", help="Expected nonce, hex.")] = None,
     pcr: Annotated[
         list[str] | None,
         typer.Option("--pcr", help="Allowed PCR value I:HEX; repeat to allow several."),
@@ -245,9 +247,7 @@ def attestation_verify(
     """
     try:
         if root is None:
-            raise UsageError(
-                "no attestation root: pass --root FILE or set CAPE_ATTESTATION_ROOT"
-            )
+            raise UsageError("no attestation root: pass --root FILE or set CAPE_ATTESTATION_ROOT")
         if archived and at is not None:
             raise UsageError("--archived checks at the document's own time; drop --at")
         root_cert = load_root_certificate_file(root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import warnings
@@ -85,10 +86,8 @@ def describe_document(document: AttestationDocument, *, full: bool) -> dict[str,
     """The decoded fields, as JSON-able values (``full`` keeps every byte as hex)."""
     user_data: Any = _bytes_field(document.user_data, full=full)
     if document.user_data:
-        try:
+        with contextlib.suppress(UnicodeDecodeError, ValueError):
             user_data = json.loads(document.user_data)
-        except (UnicodeDecodeError, ValueError):
-            pass
     return {
         "module_id": document.module_id,
         "digest": document.digest,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -36,7 +36,7 @@ class AttestationPolicy:
     """
 
     nonce: bytes | None = None
-    pcrs: Mapping[int, frozenset[bytes]] = field(default_factory=dict)
+    pcrs: Mapping[int, Collection[bytes]] = field(default_factory=dict)
     max_age: dt.timedelta | None = DEFAULT_MAX_AGE
     clock_skew: dt.timedelta = DEFAULT_CLOCK_SKEW
     allow_debug: bool = False

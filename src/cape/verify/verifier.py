@@ -30,9 +30,9 @@ import warnings
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 
 from cape.errors import (
@@ -86,7 +86,9 @@ def _verify_signature(signed: SignedAttestation, leaf: x509.Certificate) -> None
             encode_dss_signature(r, s), signed.cose.to_be_signed(), ec.ECDSA(hashes.SHA384())
         )
     except InvalidSignature:
-        raise SignatureError("COSE signature does not verify with the document certificate") from None
+        raise SignatureError(
+            "COSE signature does not verify with the document certificate"
+        ) from None
 
 
 def _verify_chain(
@@ -100,9 +102,7 @@ def _verify_chain(
             f"document certificate is valid from {leaf.not_valid_before_utc.isoformat()} "
             f"to {leaf.not_valid_after_utc.isoformat()}, not at {at.isoformat()}"
         )
-    intermediates = [
-        _load_der(der, f"cabundle[{i}]") for i, der in enumerate(document.cabundle)
-    ]
+    intermediates = [_load_der(der, f"cabundle[{i}]") for i, der in enumerate(document.cabundle)]
     verifier = (
         verification.PolicyBuilder()
         .store(verification.Store([root]))
@@ -204,6 +204,4 @@ def verify_archived_attestation(
         clock_skew=base.clock_skew,
         allow_debug=base.allow_debug,
     )
-    return verify_attestation(
-        signed, root=root, now=signed.document.issued_at, policy=archived
-    )
+    return verify_attestation(signed, root=root, now=signed.document.issued_at, policy=archived)

@@ -70,9 +70,13 @@ def other_root() -> x509.Certificate:
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
-def test_real_document_verifies_inside_its_window(sample: Sample, aws_root: x509.Certificate) -> None:
+def test_real_document_verifies_inside_its_window(
+    sample: Sample, aws_root: x509.Certificate
+) -> None:
     policy = AttestationPolicy(max_age=None, allow_debug=sample.debug)
-    doc = verify_attestation(read_sample(sample), root=aws_root, now=sample.check_time, policy=policy)
+    doc = verify_attestation(
+        read_sample(sample), root=aws_root, now=sample.check_time, policy=policy
+    )
     assert doc.module_id == sample.module_id
 
 
@@ -118,12 +122,12 @@ def test_rejected_at_wall_clock_time(aws_root: x509.Certificate) -> None:
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
-def test_rejected_with_another_root(
-    sample: Sample, other_root: x509.Certificate
-) -> None:
+def test_rejected_with_another_root(sample: Sample, other_root: x509.Certificate) -> None:
     policy = AttestationPolicy(max_age=None, allow_debug=True)
     with pytest.raises(ChainError, match="pinned root"):
-        verify_attestation(read_sample(sample), root=other_root, now=sample.check_time, policy=policy)
+        verify_attestation(
+            read_sample(sample), root=other_root, now=sample.check_time, policy=policy
+        )
 
 
 def test_debug_document_rejected_unless_allowed(aws_root: x509.Certificate) -> None:
@@ -180,12 +184,15 @@ def test_naive_check_time_is_a_programming_error(aws_root: x509.Certificate) -> 
 
 # --- single-field tampering --------------------------------------------------------------
 
+
 def _retamper(raw: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
     """Re-encode the payload with one field changed, keeping the original signature."""
     cose = parse_attestation(raw).cose
     payload = dict(cbor2.loads(cose.payload))
     change(payload)
-    tampered = CoseSign1(cose.protected, cose.unprotected, bytes(cbor2.dumps(payload)), cose.signature)
+    tampered = CoseSign1(
+        cose.protected, cose.unprotected, bytes(cbor2.dumps(payload)), cose.signature
+    )
     return encode_cose_sign1(tampered)
 
 
@@ -233,13 +240,18 @@ def test_envelope_tamper_is_rejected(sample: Sample, aws_root: x509.Certificate)
         "signature-s": CoseSign1(
             cose.protected, {}, cose.payload, cose.signature[:48] + _flip(cose.signature[48:])
         ),
-        "protected": CoseSign1(bytes(cbor2.dumps({1: -35, 4: b"kid"})), {}, cose.payload, cose.signature),
+        "protected": CoseSign1(
+            bytes(cbor2.dumps({1: -35, 4: b"kid"})), {}, cose.payload, cose.signature
+        ),
     }
     for name, variant in variants.items():
         with pytest.raises(SignatureError):
-            verify_attestation(
-                encode_cose_sign1(variant), root=aws_root, now=sample.check_time, policy=policy
-            ), name
+            (
+                verify_attestation(
+                    encode_cose_sign1(variant), root=aws_root, now=sample.check_time, policy=policy
+                ),
+                name,
+            )
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=SAMPLE_IDS)
