@@ -178,23 +178,26 @@ def parse_attestation_payload(payload: bytes) -> AttestationDocument:
     bundle = tuple(
         _check_bstr(cert, f"cabundle[{i}]", 1, MAX_CERT_BYTES) for i, cert in enumerate(cabundle)
     )
-    return AttestationDocument(
+    document = AttestationDocument(
         module_id=module_id,
         digest=DIGEST,
         timestamp=timestamp,
         pcrs=pcrs,
         certificate=certificate,
         cabundle=bundle,
-        public_key=_check_optional_bstr(
-            item["public_key"], "public_key", 1, MAX_PUBLIC_KEY_BYTES
-        ),
+        public_key=_check_optional_bstr(item["public_key"], "public_key", 1, MAX_PUBLIC_KEY_BYTES),
         user_data=_check_optional_bstr(item["user_data"], "user_data", 0, MAX_USER_DATA_BYTES),
         nonce=_check_optional_bstr(item["nonce"], "nonce", 0, MAX_NONCE_BYTES),
     )
+    # One document, one encoding: refuse anything the NSM would not have written (CBOR tags
+    # such as a bignum timestamp, non-minimal lengths, other key orders), so two parsers can
+    # never read the same signed bytes differently.
+    if _encode(document) != payload:
+        raise FormatError("attestation payload is not in the canonical NSM encoding")
+    return document
 
 
-def encode_attestation_payload(document: AttestationDocument) -> bytes:
-    """Encode a document's payload exactly as the Nitro Secure Module does."""
+def _encode(document: AttestationDocument) -> bytes:
     body = {
         "module_id": document.module_id,
         "digest": document.digest,
@@ -206,7 +209,12 @@ def encode_attestation_payload(document: AttestationDocument) -> bytes:
         "user_data": document.user_data,
         "nonce": document.nonce,
     }
-    payload = bytes(cbor2.dumps(body))
+    return bytes(cbor2.dumps(body))
+
+
+def encode_attestation_payload(document: AttestationDocument) -> bytes:
+    """Encode a document's payload exactly as the Nitro Secure Module does."""
+    payload = _encode(document)
     # Round-trip through the parser so an encoder can never emit what a verifier would refuse.
     parse_attestation_payload(payload)
     return payload

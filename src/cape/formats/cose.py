@@ -110,7 +110,9 @@ def parse_cose_sign1(data: bytes) -> CoseSign1:
     if not isinstance(unprotected, Mapping):
         raise FormatError("COSE_Sign1 unprotected header must be a map")
     if not isinstance(payload, bytes):
-        raise FormatError("COSE_Sign1 payload must be a byte string (detached payloads are refused)")
+        raise FormatError(
+            "COSE_Sign1 payload must be a byte string (detached payloads are refused)"
+        )
     if not isinstance(signature, bytes):
         raise FormatError("COSE_Sign1 signature must be a byte string")
     return CoseSign1(protected, dict(unprotected), payload, signature)
