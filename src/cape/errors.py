@@ -10,6 +10,7 @@ or plaintext.
 from __future__ import annotations
 
 __all__ = [
+    "SANDBOX_REASONS",
     "CapeError",
     "CertificateExpiredError",
     "ChainError",
@@ -19,14 +20,19 @@ __all__ = [
     "DocumentExpiredError",
     "DocumentTimestampError",
     "FormatError",
+    "FunctionError",
     "KeyFormatError",
+    "KeyNotFoundError",
+    "KeyReleaseDeniedError",
     "LimitExceededError",
     "MalformedEnvelopeError",
     "NSMError",
     "NonceMismatchError",
     "PCRMismatchError",
+    "SandboxError",
     "SecureModuleError",
     "SignatureError",
+    "TransportError",
     "VerificationError",
 ]
 
@@ -130,3 +136,51 @@ class NSMError(SecureModuleError):
     def __init__(self, code: str) -> None:
         self.code = code
         super().__init__(f"secure module error: {code}")
+
+
+class KeyReleaseDeniedError(CapeError):
+    """The key service refused to release key material; names the failed check, never keys."""
+
+
+class KeyNotFoundError(CapeError):
+    """The key service holds no key for that owner (and was not asked to create one)."""
+
+
+class SandboxError(CapeError):
+    """User code was stopped by the sandbox, or the sandbox could not be set up.
+
+    ``reason`` says which limit or failure: one of :data:`SANDBOX_REASONS`.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in SANDBOX_REASONS:
+            raise ValueError(f"unknown sandbox reason {reason!r}")
+        self.reason = reason
+        super().__init__(message)
+
+
+#: Why a sandboxed call ended abnormally.
+SANDBOX_REASONS = frozenset(
+    {
+        "cpu",  # CPU-seconds limit (RLIMIT_CPU)
+        "timeout",  # wall-clock limit per call
+        "memory",  # address-space limit
+        "processes",  # process-count limit
+        "output",  # result larger than the output limit
+        "crashed",  # the worker died (signal, os._exit, segfault)
+        "unavailable",  # OS isolation is not available here: user code is refused
+        "load",  # the bundle's app.py could not be imported or lacks cape_handler
+    }
+)
+
+
+class FunctionError(CapeError):
+    """User code raised an exception; the session stays open."""
+
+
+class TransportError(CapeError):
+    """A connection, TLS or framing failure between two parties (``close_code`` if known)."""
+
+    def __init__(self, message: str, *, close_code: int | None = None) -> None:
+        self.close_code = close_code
+        super().__init__(message)
