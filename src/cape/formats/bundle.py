@@ -1,0 +1,196 @@
+"""Function bundles: validate a zip without trusting anything in it (pure, no file I/O).
+
+A bundle is a zip holding ``app.py`` that defines ``cape_handler``, at the root or inside the
+zip's single top-level folder (Cape's CLI zips ``<folder>/<files>``). Nothing in a bundle is
+trusted: entry names, declared sizes, compression ratios and file types are all checked, and
+sizes are counted while decompressing rather than read from the headers.
+
+Rules (each violation is a :class:`~cape.errors.FormatError` or
+:class:`~cape.errors.LimitExceededError` with a clear message):
+
+- a readable zip; no encryption; stored or deflated entries only;
+- names: relative, no ``..`` component, no backslashes, no drive letters or NUL, no duplicates
+  (also after case folding, so an unpacked tree cannot shadow itself), valid UTF-8;
+- regular files and directories only: symlinks, devices and FIFOs are refused (a link could
+  escape the unpack directory);
+- at most ``max_files`` entries, ``max_unpacked_bytes`` in total, and a per-entry compression
+  ratio of at most ``max_ratio`` (zip bombs);
+- ``app.py`` defines ``cape_handler`` at module level (checked by parsing, never by importing:
+  user code runs only inside the sandbox).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import posixpath
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from cape.errors import FormatError, LimitExceededError
+
+__all__ = [
+    "BundleInfo",
+    "BundleLimits",
+    "inspect_bundle",
+    "open_bundle",
+    "read_entry",
+]
+
+HANDLER_NAME = "cape_handler"
+APP_FILE = "app.py"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class BundleLimits:
+    """Defaults from protocol.md: 1 GB compressed, 2 GB unpacked, 10,000 files."""
+
+    max_bundle_bytes: int = 1_000_000_000
+    max_unpacked_bytes: int = 2_000_000_000
+    max_files: int = 10_000
+    max_ratio: int = 200
+    max_app_py_bytes: int = 8 << 20
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What validation found: where ``app.py`` is and how big the tree is."""
+
+    root: str
+    """The folder inside the zip that holds ``app.py`` ("" for the zip's root)."""
+    files: int
+    unpacked_bytes: int
+
+
+def _check_name(name: str) -> PurePosixPath:
+    if not name or "\x00" in name or "\\" in name:
+        raise FormatError(f"bundle entry name {name!r} is not allowed")
+    path = PurePosixPath(name)
+    if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise FormatError(f"bundle entry {name!r} has an absolute path")
+    if any(part in ("..", ".") for part in path.parts) or posixpath.normpath(name) != name.rstrip(
+        "/"
+    ):
+        raise FormatError(f"bundle entry {name!r} is not a plain relative path")
+    return path
+
+
+def _entry_kind(info: zipfile.ZipInfo) -> str:
+    mode = info.external_attr >> 16
+    if info.create_system == 3 and mode:  # made on Unix: the mode bits are meaningful
+        if stat.S_ISLNK(mode):
+            return "symlink"
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return "special file"
+    return "directory" if info.is_dir() else "file"
+
+
+def open_bundle(data: bytes, limits: BundleLimits) -> zipfile.ZipFile:
+    if len(data) > limits.max_bundle_bytes:
+        raise LimitExceededError("bundle size in bytes", limits.max_bundle_bytes, len(data))
+    try:
+        return zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        raise FormatError(f"bundle is not a valid zip file: {exc}") from None
+
+
+def _check_entries(archive: zipfile.ZipFile, limits: BundleLimits) -> list[zipfile.ZipInfo]:
+    entries = archive.infolist()
+    if not entries:
+        raise FormatError("bundle is an empty zip")
+    if len(entries) > limits.max_files:
+        raise LimitExceededError("bundle file count", limits.max_files, len(entries))
+    seen: set[str] = set()
+    declared = 0
+    for info in entries:
+        if info.flag_bits & 0x1:
+            raise FormatError(f"bundle entry {info.filename!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise FormatError(f"bundle entry {info.filename!r} uses an unsupported compression")
+        _check_name(info.filename)
+        kind = _entry_kind(info)
+        if kind in ("symlink", "special file"):
+            raise FormatError(f"bundle entry {info.filename!r} is a {kind}; only files allowed")
+        folded = info.filename.rstrip("/").casefold()
+        if folded in seen:
+            raise FormatError(f"bundle has a duplicate entry {info.filename!r}")
+        seen.add(folded)
+        declared += info.file_size
+        if declared > limits.max_unpacked_bytes:
+            raise LimitExceededError(
+                "bundle unpacked size in bytes", limits.max_unpacked_bytes, declared
+            )
+        if info.compress_size and info.file_size / info.compress_size > limits.max_ratio:
+            raise LimitExceededError("bundle compression ratio", limits.max_ratio)
+        if info.compress_size == 0 and info.file_size > 0:
+            raise LimitExceededError("bundle compression ratio", limits.max_ratio)
+    return entries
+
+
+def _find_root(entries: list[zipfile.ZipInfo]) -> str:
+    names = {info.filename for info in entries if not info.is_dir()}
+    if APP_FILE in names:
+        return ""
+    tops = {PurePosixPath(info.filename).parts[0] for info in entries}
+    if len(tops) == 1:
+        (top,) = tops
+        if f"{top}/{APP_FILE}" in names:
+            return top
+    raise FormatError("bundle has no app.py at its root or inside its single top-level folder")
+
+
+def read_entry(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: BundleLimits, budget: int
+) -> bytes:
+    """Decompress one entry, counting real bytes: headers may lie about sizes."""
+    out = bytearray()
+    try:
+        with archive.open(info) as handle:
+            while chunk := handle.read(_CHUNK):
+                out += chunk
+                if len(out) > budget:
+                    raise LimitExceededError(
+                        "bundle unpacked size in bytes", limits.max_unpacked_bytes
+                    )
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise FormatError(f"bundle entry {info.filename!r} is corrupt: {exc}") from None
+    return bytes(out)
+
+
+def _defines_handler(node: ast.stmt) -> bool:
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return node.name == HANDLER_NAME
+    if isinstance(node, ast.Assign):
+        return any(isinstance(t, ast.Name) and t.id == HANDLER_NAME for t in node.targets)
+    if isinstance(node, ast.AnnAssign):
+        return isinstance(node.target, ast.Name) and node.target.id == HANDLER_NAME
+    if isinstance(node, ast.ImportFrom | ast.Import):
+        return any((a.asname or a.name) == HANDLER_NAME for a in node.names)
+    return False
+
+
+def _check_handler(source: bytes) -> None:
+    try:
+        tree = ast.parse(source, filename=APP_FILE)
+    except (SyntaxError, ValueError) as exc:
+        raise FormatError(f"app.py does not parse: {exc}") from None
+    if not any(_defines_handler(node) for node in tree.body):
+        raise FormatError("app.py does not define cape_handler at module level")
+
+
+def inspect_bundle(data: bytes, limits: BundleLimits | None = None) -> BundleInfo:
+    """Validate a bundle without writing anything; returns where ``app.py`` is."""
+    limits = limits or BundleLimits()
+    with open_bundle(data, limits) as archive:
+        entries = _check_entries(archive, limits)
+        root = _find_root(entries)
+        app = archive.getinfo(f"{root}/{APP_FILE}" if root else APP_FILE)
+        if app.file_size > limits.max_app_py_bytes:
+            raise LimitExceededError("app.py size in bytes", limits.max_app_py_bytes)
+        _check_handler(read_entry(archive, app, limits, limits.max_app_py_bytes))
+        total = sum(info.file_size for info in entries)
+        files = sum(1 for info in entries if not info.is_dir())
+        return BundleInfo(root=root, files=files, unpacked_bytes=total)
