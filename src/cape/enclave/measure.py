@@ -18,7 +18,8 @@ Definitions (deterministic: sorted lines, relative paths, content hashes only, n
 - **PCR2** ("application"): ``extend(0, SHA384(runtime manifest))``. Lines for every ``*.py``
   file the enclave runs (``cape/<path>``: ``__init__.py``, ``errors.py`` and the ``formats``,
   ``crypto``, ``verify``, ``enclave``, ``kms`` and ``_internal`` subpackages), plus the
-  installed ``RECORD`` of ``cryptography`` and ``cbor2`` (``dist/<name>/RECORD``; their
+  installed ``RECORD`` of ``cryptography``, ``cbor2`` and ``asn1crypto``
+  (``dist/<name>/RECORD``; their
   version string, ``dist/<name>/version``, when no RECORD exists).
 - **PCR0** ("image"): ``extend(extend(0, SHA384(interpreter manifest)), SHA384(runtime
   manifest))``, so it changes whenever PCR1 or PCR2 does.
@@ -55,7 +56,7 @@ ZERO_PCR = bytes(PCR_BYTES)
 SIMULATED_PCR_COUNT = 16
 RUNTIME_TOP_LEVEL_FILES = ("__init__.py", "errors.py")
 RUNTIME_SUBPACKAGES = ("formats", "crypto", "verify", "enclave", "kms", "_internal")
-RUNTIME_DISTRIBUTIONS = ("cryptography", "cbor2")
+RUNTIME_DISTRIBUTIONS = ("cryptography", "cbor2", "asn1crypto")
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,9 @@ def _check_name(name: str) -> PurePosixPath:
 
 def _entry_kind(info: zipfile.ZipInfo) -> str:
     mode = info.external_attr >> 16
-    if info.create_system == 3 and mode:  # made on Unix: the mode bits are meaningful
+    # Only zips made on Unix carry a file type; many writers (Python's writestr among them)
+    # leave the type bits empty, which means a plain file or directory.
+    if info.create_system == 3 and stat.S_IFMT(mode):
         if stat.S_ISLNK(mode):
             return "symlink"
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):

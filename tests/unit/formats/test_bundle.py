@@ -155,3 +155,11 @@ def test_unpack_refuses_before_writing_anything(tmp_path: Path) -> None:
     with pytest.raises(FormatError):
         unpack_bundle(make_zip({"app.py": APP, "../evil": b"x"}), target)
     assert list(target.iterdir()) == []
+
+
+def test_zip_without_file_type_bits_is_fine() -> None:
+    # zipfile.writestr(name, ...) records mode 0o600 with no S_IFMT bits.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("fn/app.py", APP)
+    assert inspect_bundle(buffer.getvalue()).root == "fn"
