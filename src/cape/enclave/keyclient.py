@@ -1,0 +1,111 @@
+"""The enclave's side of the key service: attested requests over the host's proxy.
+
+Every release asks the secure module for a fresh attestation document whose ``public_key`` is
+this enclave process's ephemeral RSA-2048 key (the KMS ``Recipient``). The key service checks
+the document and answers with CMS ``CiphertextForRecipient``, which only this process can open.
+The host relays the request and the answer but can read neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from cape.crypto.cms import open_for_recipient
+from cape.crypto.envelope import DEK_SIZE, KeyUnwrapper
+from cape.crypto.keys import public_key_der
+from cape.enclave.secure_module.base import SecureModule
+from cape.errors import (
+    CapeError,
+    DecryptionError,
+    KeyNotFoundError,
+    KeyReleaseDeniedError,
+    TransportError,
+)
+
+__all__ = ["EnclaveKeyClient"]
+
+KMS_TIMEOUT_S = 30.0
+_ERRORS: dict[str, type[CapeError]] = {
+    "denied": KeyReleaseDeniedError,
+    "not_found": KeyNotFoundError,
+    "decryption": DecryptionError,
+}
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class EnclaveKeyClient:
+    """Key-service calls from inside the enclave; answers arrive through :meth:`resolve`."""
+
+    def __init__(self, module: SecureModule, send: Send) -> None:
+        self._module = module
+        self._send = send
+        self._recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._recipient_spki = public_key_der(self._recipient_key)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+
+    def resolve(self, message: dict[str, Any]) -> None:
+        """Deliver a ``kms_result`` frame to the call waiting for it."""
+        future = self._pending.pop(message.get("rid", -1), None)
+        if future is None or future.done():
+            return
+        if "error" in message:
+            kind = _ERRORS.get(str(message.get("kind")), CapeError)
+            future.set_exception(kind(str(message["error"])))
+        else:
+            future.set_result(message.get("result"))
+
+    def fail_all(self, reason: str) -> None:
+        """The channel is gone: every waiting call fails."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(TransportError(reason))
+        self._pending.clear()
+
+    async def _call(self, op: str, **arguments: Any) -> Any:
+        rid = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        await self._send({"t": "kms", "rid": rid, "op": op, **arguments})
+        try:
+            return await asyncio.wait_for(future, KMS_TIMEOUT_S)
+        except TimeoutError:
+            raise TransportError("the key service did not answer in time") from None
+        finally:
+            self._pending.pop(rid, None)
+
+    def _recipient_document(self) -> bytes:
+        return self._module.attestation(public_key=self._recipient_spki, nonce=os.urandom(16))
+
+    async def public_key(self, owner: str) -> bytes:
+        """The owner's Cape key (DER SPKI), created on first request."""
+        result = await self._call("get_public_key", owner=owner, create=True)
+        if not isinstance(result, bytes):
+            raise CapeError("the key service returned a malformed public key")
+        return result
+
+    async def unwrap(self, owner: str, wrapped_key: bytes) -> bytes:
+        """Have the key service re-encrypt a DEK to this enclave, and open it here."""
+        document = await asyncio.to_thread(self._recipient_document)
+        cms = await self._call("decrypt", owner=owner, blob=wrapped_key, document=document)
+        if not isinstance(cms, bytes):
+            raise CapeError("the key service returned a malformed answer")
+        return await asyncio.to_thread(
+            open_for_recipient, cms, self._recipient_key, expected_length=DEK_SIZE
+        )
+
+    def unwrapper_for(self, owner: str, loop: asyncio.AbstractEventLoop) -> KeyUnwrapper:
+        """A synchronous :data:`KeyUnwrapper` for envelope code running in a worker thread."""
+
+        def unwrap(wrapped: bytes) -> bytes:
+            future = asyncio.run_coroutine_threadsafe(self.unwrap(owner, wrapped), loop)
+            return future.result(timeout=KMS_TIMEOUT_S + 5)
+
+        return unwrap

@@ -1,0 +1,168 @@
+"""The enclave runtime: the process that would run inside a Nitro Enclave.
+
+It talks to the host only through one framed channel (``cape.formats.frames``), given as an
+inherited socket file descriptor here and vsock on Nitro. It holds its keys only in memory:
+the simulated secure module's instance key arrives in the ``provision`` frame, each session's
+HPKE key and every data key live in this process, and user code runs in per-session sandboxes.
+
+Start-up: ``python -m cape.enclave.runtime --fd N --workdir DIR [--private-tmpfs]``. In
+simulated mode the launcher starts it in its own network namespace (no interfaces) and mount
+namespace; with ``--private-tmpfs`` the runtime mounts a tmpfs over its work directory, so
+unpacked bundles live in memory no other process on the host can see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cape.enclave.keyclient import EnclaveKeyClient
+from cape.enclave.measure import measure_runtime, simulated_pcrs
+from cape.enclave.provision import decode_credentials
+from cape.enclave.secure_module.base import SecureModule
+from cape.enclave.secure_module.simulated import SimulatedSecureModule
+from cape.enclave.session import SessionConfig, run_session
+from cape.errors import CapeError, FormatError
+from cape.formats.frames import encode_frame, read_frame
+
+__all__ = ["Runtime", "main"]
+
+log = logging.getLogger("cape.enclave")
+
+
+class Runtime:
+    """Dispatches channel frames to sessions and key-service answers to waiting calls."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        config: SessionConfig,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._config = config
+        self._write_lock = asyncio.Lock()
+        self._sessions: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._module: SecureModule | None = None
+        self._keys: EnclaveKeyClient | None = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        frame = encode_frame(message)
+        async with self._write_lock:
+            self._writer.write(frame)
+            await self._writer.drain()
+        if message["t"] in ("close", "error") and (message["t"] == "close" or message.get("fatal")):
+            self._sessions.pop(message.get("sid", 0), None)
+
+    async def _provision(self) -> None:
+        message = await read_frame(self._reader)
+        if message is None or message["t"] != "provision":
+            raise FormatError("the first channel frame must be 'provision'")
+        credentials = decode_credentials(message.get("credentials"))
+        measurement = await asyncio.to_thread(measure_runtime)
+        pcrs = simulated_pcrs(measurement, instance_id=credentials.instance_id)
+        self._module = SimulatedSecureModule(credentials, pcrs=pcrs)
+        self._keys = await asyncio.to_thread(EnclaveKeyClient, self._module, self.send)
+        await self.send({"t": "ready", "pcrs": pcrs})
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if self._module is None or self._keys is None:
+            raise RuntimeError("the runtime was not provisioned")
+        kind, sid = message["t"], message["sid"]
+        if kind == "kms_result":
+            self._keys.resolve(message)
+        elif kind == "open":
+            if sid in self._sessions or sid == 0:
+                raise FormatError(f"session {sid} is already open or invalid")
+            inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            self._sessions[sid] = inbox
+            task = asyncio.create_task(
+                run_session(
+                    message,
+                    module=self._module,
+                    keys=self._keys,
+                    config=self._config,
+                    send=self.send,
+                    inbox=inbox,
+                )
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind in ("input", "bundle", "close"):
+            queue = self._sessions.get(sid)
+            if queue is not None:
+                queue.put_nowait(message)
+        else:
+            raise FormatError(f"unexpected {kind!r} frame from the host")
+
+    async def serve(self) -> None:
+        await self._provision()
+        try:
+            while (message := await read_frame(self._reader)) is not None:
+                try:
+                    self._dispatch(message)
+                except CapeError as exc:
+                    await self.send(
+                        {
+                            "t": "error",
+                            "sid": message["sid"],
+                            "message": exc.diagnostics(),
+                            "fatal": True,
+                        }
+                    )
+        finally:
+            if self._keys is not None:
+                self._keys.fail_all("the host closed the channel")
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _mount_private_tmpfs(workdir: Path) -> None:
+    """Mount a tmpfs over the work directory, in this process's own mount namespace."""
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "mode=0711,nosuid,nodev", "cape-enclave", str(workdir)],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def _amain(fd: int, config: SessionConfig) -> None:
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+    try:
+        await Runtime(reader, writer, config).serve()
+    finally:
+        writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cape-enclave-runtime")
+    parser.add_argument("--fd", type=int, required=True, help="inherited channel socket")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--private-tmpfs", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="enclave: %(message)s")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(args.workdir, 0o711)  # noqa: S103 - traverse-only, for the sandbox's uid
+    if args.private_tmpfs:
+        _mount_private_tmpfs(args.workdir)
+    try:
+        asyncio.run(_amain(args.fd, SessionConfig(workdir=args.workdir)))
+    except CapeError as exc:
+        log.error("%s", exc.diagnostics())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""One client session inside the enclave: key, deploy, run or test (protocol.md "Sessions").
+
+Each session gets a fresh X25519 key pair and an attestation document binding the client's
+nonce, that key and ``user_data``. Plaintext (bundles, inputs, outputs, data keys) exists only
+in this process and in the session's sandbox; what goes back to the host is the document,
+ciphertext, checksums and error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cape.crypto import envelope, hpke, stream
+from cape.enclave.keyclient import EnclaveKeyClient
+from cape.enclave.sandbox import FunctionSandbox, SandboxLimits
+from cape.enclave.secure_module.base import SecureModule
+from cape.enclave.unpack import unpack_bundle
+from cape.errors import CapeError, FormatError, FunctionError, LimitExceededError
+from cape.formats.bundle import BundleLimits, inspect_bundle
+
+__all__ = ["SessionConfig", "run_session"]
+
+log = logging.getLogger("cape.enclave")
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+KINDS = frozenset({"key", "deploy", "run", "test"})
+MAX_NONCE_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Limits and places shared by every session of one runtime."""
+
+    workdir: Path
+    sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
+    bundle_limits: BundleLimits = field(default_factory=BundleLimits)
+    max_input_bytes: int = 64 << 20
+
+
+@dataclass
+class _Context:
+    sid: int
+    kind: str
+    owner: str
+    nonce: bytes
+    response_key: bytes | None
+    module: SecureModule
+    keys: EnclaveKeyClient
+    config: SessionConfig
+    send: Send
+    inbox: asyncio.Queue[dict[str, Any]]
+
+    async def reply(self, message: dict[str, Any]) -> None:
+        await self.send({**message, "sid": self.sid})
+
+    async def error(self, text: str, *, fatal: bool) -> None:
+        await self.reply({"t": "error", "message": text, "fatal": fatal})
+
+    async def next_frame(self, expected: str) -> dict[str, Any] | None:
+        message = await self.inbox.get()
+        if message["t"] == "close":
+            return None
+        if message["t"] != expected:
+            raise FormatError(f"expected a {expected!r} frame, got {message['t']!r}")
+        return message
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _check_open(message: dict[str, Any]) -> tuple[str, str, bytes, bytes | None]:
+    kind, owner, nonce = message.get("kind"), message.get("owner"), message.get("nonce", b"")
+    response_key = message.get("response_key")
+    if kind not in KINDS:
+        raise FormatError(f"unknown session kind {kind!r}")
+    if not isinstance(owner, str) or not owner:
+        raise FormatError("session owner must be a non-empty string")
+    if not isinstance(nonce, bytes) or len(nonce) > MAX_NONCE_BYTES:
+        raise FormatError(f"nonce must be at most {MAX_NONCE_BYTES} bytes")
+    if response_key is not None:
+        hpke.load_public_key(response_key)  # KeyFormatError for anything but an X25519 key
+    return kind, owner, nonce, response_key
+
+
+def _attest(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str]) -> bytes:
+    if ctx.response_key is not None:
+        user_data = {
+            **user_data,
+            "response_key_sha256": _b64(hashlib.sha256(ctx.response_key).digest()),
+        }
+    encoded = json.dumps(user_data, separators=(",", ":")).encode() if user_data else None
+    return ctx.module.attestation(
+        nonce=ctx.nonce, public_key=session_key.public_bytes, user_data=encoded
+    )
+
+
+async def _decrypt_input(ctx: _Context, data: bytes) -> bytes:
+    """Whole ``cape:``/``cape-stream-v1:`` inputs are opened with the function owner's key."""
+    if not stream.is_ciphertext(data):
+        return data
+    unwrapper = ctx.keys.unwrapper_for(ctx.owner, asyncio.get_running_loop())
+    return await asyncio.to_thread(stream.decrypt_any, data, unwrapper)
+
+
+async def _key_session(ctx: _Context) -> None:
+    public_der = await ctx.keys.public_key(ctx.owner)
+    document = await asyncio.to_thread(
+        _attest, ctx, hpke.generate_keypair(), {"key": _b64(public_der)}
+    )
+    await ctx.reply({"t": "attestation", "document": document})
+
+
+async def _deploy_session(ctx: _Context) -> None:
+    session_key = hpke.generate_keypair()
+    await ctx.reply(
+        {"t": "attestation", "document": await asyncio.to_thread(_attest, ctx, session_key, {})}
+    )
+    message = await ctx.next_frame("bundle")
+    if message is None:
+        return
+    data, name, public = message.get("data"), message.get("name"), message.get("public", False)
+    if not isinstance(data, bytes) or not isinstance(name, str) or not isinstance(public, bool):
+        raise FormatError("bundle frame needs bytes 'data', str 'name' and bool 'public'")
+    if not data.startswith(envelope.PREFIX) and not data.startswith(stream.STREAM_PREFIX):
+        raise FormatError("deploy bundle must be 'cape:' + envelope ciphertext")
+    zip_bytes = await _decrypt_input(ctx, data)
+    await asyncio.to_thread(inspect_bundle, zip_bytes, ctx.config.bundle_limits)
+    checksum = hashlib.sha256(zip_bytes).hexdigest()
+    await ctx.reply({"t": "deployed", "checksum": checksum, "name": name, "owner": ctx.owner})
+
+
+async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hpke.KeyPair) -> None:
+    while (message := await ctx.next_frame("input")) is not None:
+        data = message.get("data")
+        if not isinstance(data, bytes):
+            raise FormatError("input frame needs bytes 'data'")
+        if len(data) > ctx.config.max_input_bytes:
+            raise LimitExceededError("input size in bytes", ctx.config.max_input_bytes, len(data))
+        plaintext = hpke.open(session_key, data)
+        try:
+            plaintext = await _decrypt_input(ctx, plaintext)
+            output = await asyncio.to_thread(sandbox.call, plaintext)
+        except FunctionError as exc:
+            await ctx.error(exc.diagnostics(), fatal=False)
+            continue
+        if ctx.response_key is not None:
+            sealed = hpke.seal(ctx.response_key, output)
+            await ctx.reply({"t": "result", "data": sealed, "encrypted": True})
+        else:
+            await ctx.reply({"t": "result", "data": output, "encrypted": False})
+
+
+async def _function_session(ctx: _Context, bundle: bytes | None) -> None:
+    """run (``bundle`` is the stored ciphertext) and test (the bundle arrives HPKE-sealed)."""
+    session_key = hpke.generate_keypair()
+    directory = Path(tempfile.mkdtemp(prefix=f"s{ctx.sid}-", dir=ctx.config.workdir))
+    directory.chmod(0o711)  # the sandbox's unprivileged uid must traverse to its function dir
+    sandbox: FunctionSandbox | None = None
+    try:
+        if ctx.kind == "run":
+            if not isinstance(bundle, bytes):
+                raise FormatError("run session needs the stored bundle")
+            zip_bytes = await _decrypt_input(ctx, bundle)
+            checksum = hashlib.sha256(zip_bytes).digest()
+            user_data = {"func_checksum": _b64(checksum)}
+            await ctx.reply(
+                {
+                    "t": "attestation",
+                    "document": await asyncio.to_thread(_attest, ctx, session_key, user_data),
+                }
+            )
+        else:
+            await ctx.reply(
+                {
+                    "t": "attestation",
+                    "document": await asyncio.to_thread(_attest, ctx, session_key, {}),
+                }
+            )
+            message = await ctx.next_frame("bundle")
+            if message is None:
+                return
+            sealed = message.get("data")
+            if not isinstance(sealed, bytes):
+                raise FormatError("bundle frame needs bytes 'data'")
+            zip_bytes = hpke.open(session_key, sealed)
+        root = await asyncio.to_thread(
+            unpack_bundle, zip_bytes, directory, ctx.config.bundle_limits
+        )
+        del zip_bytes
+        sandbox = await asyncio.to_thread(
+            FunctionSandbox.start, root, limits=ctx.config.sandbox_limits
+        )
+        await _serve_inputs(ctx, sandbox, session_key)
+    finally:
+        if sandbox is not None:
+            await asyncio.to_thread(sandbox.close)
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+
+
+async def run_session(
+    message: dict[str, Any],
+    *,
+    module: SecureModule,
+    keys: EnclaveKeyClient,
+    config: SessionConfig,
+    send: Send,
+    inbox: asyncio.Queue[dict[str, Any]],
+) -> None:
+    """Serve one session from its ``open`` frame to the end; never raises."""
+    sid = message["sid"]
+    try:
+        kind, owner, nonce, response_key = _check_open(message)
+        ctx = _Context(sid, kind, owner, nonce, response_key, module, keys, config, send, inbox)
+        if kind == "key":
+            await _key_session(ctx)
+        elif kind == "deploy":
+            await _deploy_session(ctx)
+        else:
+            await _function_session(ctx, message.get("bundle"))
+        await send({"t": "close", "sid": sid})
+    except CapeError as exc:
+        await send({"t": "error", "sid": sid, "message": exc.diagnostics(), "fatal": True})
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # a bug: report generically, keep serving other sessions
+        log.exception("session %d failed", sid)
+        await send({"t": "error", "sid": sid, "message": "internal enclave error", "fatal": True})

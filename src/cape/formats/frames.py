@@ -1,0 +1,145 @@
+"""The host ↔ enclave channel: length-prefixed CBOR messages (pure codec, no I/O).
+
+Wire form of one frame: ``u32be(len(body)) ‖ body`` where ``body`` is a CBOR map with text
+keys; ``"t"`` names the message type and ``"sid"`` the session it belongs to (0 for
+channel-level messages). The same framing runs over a Unix socket in simulated mode and over
+vsock on Nitro.
+
+Message types (``→`` host to enclave, ``←`` enclave to host):
+
+=================  ===  ==========================================================================
+``provision``      →    simulated mode only: ``credentials`` for the simulated secure module
+``ready``          ←    the runtime is serving: ``pcrs`` (index → bytes) it measured
+``open``           →    new session: ``kind`` (run, deploy, test, key), ``owner``, ``nonce``,
+                        optional ``response_key``; run also carries ``bundle`` (ciphertext)
+``attestation``    ←    the session's attestation document: ``document``
+``input``          →    one HPKE-sealed input (run, test): ``data``
+``bundle``         →    deploy: ``data`` (``cape:`` + raw envelope), ``name``, ``public``;
+                        test: ``data`` (HPKE-sealed zip)
+``result``         ←    ``data``, ``encrypted`` (sealed to the client's response key)
+``deployed``       ←    ``checksum`` (hex), ``name``, ``owner``
+``error``          ←    ``message``, ``fatal`` (the session is over when true)
+``close``          ↔    end a session
+``kms``            ←    a key-service call: ``rid``, ``op`` and its arguments
+``kms_result``     →    ``rid`` and ``result``, or ``error`` + ``kind``
+=================  ===  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import cbor2
+
+from cape.errors import FormatError, LimitExceededError
+from cape.formats.cose import loads_cbor
+
+__all__ = [
+    "HEADER",
+    "MAX_FRAME_BYTES",
+    "FrameDecoder",
+    "encode_frame",
+    "parse_frame_body",
+    "read_frame",
+]
+
+HEADER = struct.Struct(">I")
+#: Large enough for a 1 GB bundle plus framing; anything larger is refused before buffering.
+MAX_FRAME_BYTES = 1_100_000_000
+
+MESSAGE_TYPES = frozenset(
+    {
+        "provision",
+        "ready",
+        "open",
+        "attestation",
+        "input",
+        "bundle",
+        "result",
+        "deployed",
+        "error",
+        "close",
+        "kms",
+        "kms_result",
+    }
+)
+
+
+def encode_frame(message: Mapping[str, Any]) -> bytes:
+    """Serialize one message (must have a known ``"t"``) with its length prefix."""
+    if message.get("t") not in MESSAGE_TYPES:
+        raise ValueError(f"unknown channel message type {message.get('t')!r}")
+    body = cbor2.dumps(dict(message))
+    if len(body) > MAX_FRAME_BYTES:
+        raise LimitExceededError("channel frame size in bytes", MAX_FRAME_BYTES, len(body))
+    return HEADER.pack(len(body)) + body
+
+
+def parse_frame_body(body: bytes) -> dict[str, Any]:
+    """Decode and check one frame body: a map with text keys, a known type, an int ``sid``."""
+    message = loads_cbor(body, "channel frame")
+    if not isinstance(message, dict) or not all(isinstance(k, str) for k in message):
+        raise FormatError("channel frame must be a CBOR map with text keys")
+    if message.get("t") not in MESSAGE_TYPES:
+        raise FormatError(f"channel frame has unknown type {message.get('t')!r}")
+    sid = message.setdefault("sid", 0)
+    if not isinstance(sid, int) or isinstance(sid, bool) or not 0 <= sid < 2**63:
+        raise FormatError("channel frame 'sid' must be a non-negative integer")
+    return message
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, iterate complete messages.
+
+    Refuses a declared length over ``max_frame_bytes`` as soon as the header arrives, so a
+    hostile peer cannot make the reader buffer without bound.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max = max_frame_bytes
+
+    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
+        self._buffer += data
+        while len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            if length > self._max:
+                raise LimitExceededError("channel frame size in bytes", self._max, length)
+            end = HEADER.size + length
+            if len(self._buffer) < end:
+                return
+            body = bytes(self._buffer[HEADER.size : end])
+            del self._buffer[:end]
+            yield parse_frame_body(body)
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, max_frame_bytes: int = MAX_FRAME_BYTES
+) -> dict[str, Any] | None:
+    """Read one message from an asyncio stream; ``None`` at a clean end of stream.
+
+    The only I/O in this module: both ends of the channel (host and enclave) share it, over
+    whatever stream the caller opened.
+    """
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise FormatError("channel closed in the middle of a frame header") from None
+        return None
+    (length,) = HEADER.unpack(header)
+    if length > max_frame_bytes:
+        raise LimitExceededError("channel frame size in bytes", max_frame_bytes, length)
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise FormatError("channel closed in the middle of a frame") from None
+    return parse_frame_body(body)

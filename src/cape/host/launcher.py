@@ -1,0 +1,301 @@
+"""Start enclave processes and carry their traffic (untrusted host side).
+
+The host never sees plaintext: it relays opaque channel frames, answers the enclave's
+key-service calls through an injected proxy (the vsock-proxy role on Nitro), and hands the
+enclave its simulated-mode credentials from an injected provider. It imports only
+``cape.formats``.
+
+:class:`SimulatedLauncher` starts ``python -m cape.enclave.runtime`` with a socketpair as the
+channel, in new network and mount namespaces (``unshare --net --mount``): the enclave process
+has no network interfaces and a private tmpfs for unpacked functions. Without the privileges
+for that it refuses to start (fail closed) rather than run an enclave on the host's network.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cape.errors import CapeError, FormatError, TransportError
+from cape.formats.frames import encode_frame, read_frame
+
+__all__ = ["EnclaveConnection", "EnclaveLauncher", "HostSession", "SimulatedLauncher"]
+
+KmsProxy = Callable[[dict[str, Any]], dict[str, Any]]
+"""Answers one ``kms`` frame: returns ``{"result": …}`` or ``{"error": text, "kind": …}``."""
+
+Tap = Callable[[str, bytes], None]
+"""Observes every channel frame ("to-enclave" or "from-enclave", encoded bytes): for audits
+and for tests that prove no plaintext crosses the channel."""
+
+Provider = Callable[[], Mapping[str, Any]]
+"""Returns the ``credentials`` for a new simulated enclave (the simulated AWS's role)."""
+
+READY_TIMEOUT_S = 60.0
+
+
+class HostSession:
+    """One session as the host relays it: frames in, frames out, never decrypted here."""
+
+    def __init__(self, connection: EnclaveConnection, sid: int) -> None:
+        self._connection = connection
+        self.sid = sid
+        self.inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.closed = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.closed:
+            raise TransportError("the session is closed")
+        await self._connection.send({**message, "sid": self.sid})
+
+    async def receive(self) -> dict[str, Any]:
+        """The next frame from the enclave for this session; ``close``/fatal errors end it."""
+        message = await self.inbox.get()
+        if message is None:
+            self.closed = True
+            raise TransportError("the enclave is gone")
+        if message["t"] == "close" or (message["t"] == "error" and message.get("fatal")):
+            self.closed = True
+        return message
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(CapeError, OSError):
+                await self._connection.send({"t": "close", "sid": self.sid})
+        self._connection.forget(self.sid)
+
+
+class EnclaveConnection:
+    """The host's end of one enclave's channel."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        kms: KmsProxy,
+        process: asyncio.subprocess.Process | None = None,
+        tap: Tap | None = None,
+    ) -> None:
+        self._tap = tap
+        self._reader = reader
+        self._writer = writer
+        self._kms = kms
+        self.process = process
+        self.pcrs: dict[int, bytes] = {}
+        self._ids = itertools.count(1)
+        self._sessions: dict[int, HostSession] = {}
+        self._write_lock = asyncio.Lock()
+        self._reader_task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._cleanup: list[Callable[[], None]] = []
+
+    @property
+    def alive(self) -> bool:
+        return self._reader_task is not None and not self._reader_task.done()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        frame = encode_frame(message)
+        if self._tap is not None:
+            self._tap("to-enclave", frame)
+        async with self._write_lock:
+            try:
+                self._writer.write(frame)
+                await self._writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise TransportError(f"the enclave channel is broken: {exc}") from None
+
+    def forget(self, sid: int) -> None:
+        self._sessions.pop(sid, None)
+
+    async def _answer_kms(self, message: dict[str, Any]) -> None:
+        reply = await asyncio.to_thread(self._kms, message)
+        await self.send({"t": "kms_result", "rid": message.get("rid"), **reply})
+
+    async def _read_loop(self) -> None:
+        kms_tasks: set[asyncio.Task[None]] = set()
+        try:
+            while (message := await read_frame(self._reader)) is not None:
+                if self._tap is not None:
+                    self._tap("from-enclave", encode_frame(message))
+                kind = message["t"]
+                if kind == "ready":
+                    pcrs = message.get("pcrs")
+                    if isinstance(pcrs, dict):
+                        self.pcrs = dict(pcrs)
+                    if not self._ready.done():
+                        self._ready.set_result(None)
+                elif kind == "kms":
+                    task = asyncio.create_task(self._answer_kms(message))
+                    kms_tasks.add(task)
+                    task.add_done_callback(kms_tasks.discard)
+                elif (session := self._sessions.get(message["sid"])) is not None:
+                    session.inbox.put_nowait(message)
+        except (CapeError, ConnectionError, OSError):
+            pass
+        finally:
+            if not self._ready.done():
+                self._ready.set_exception(TransportError("the enclave exited before it was ready"))
+            for session in self._sessions.values():
+                session.inbox.put_nowait(None)
+            for task in kms_tasks:
+                task.cancel()
+
+    async def start(self, provision: Mapping[str, Any] | None) -> None:
+        self._reader_task = asyncio.create_task(self._read_loop())
+        if provision is not None:
+            await self.send({"t": "provision", "credentials": dict(provision)})
+        await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT_S)
+
+    async def open_session(
+        self,
+        kind: str,
+        *,
+        owner: str,
+        nonce: bytes,
+        response_key: bytes | None = None,
+        bundle: bytes | None = None,
+    ) -> HostSession:
+        """Open a session; the caller then reads the ``attestation`` frame from it."""
+        if not self.alive:
+            raise TransportError("the enclave is not running")
+        sid = next(self._ids)
+        session = HostSession(self, sid)
+        self._sessions[sid] = session
+        message: dict[str, Any] = {
+            "t": "open",
+            "sid": sid,
+            "kind": kind,
+            "owner": owner,
+            "nonce": nonce,
+        }
+        if response_key is not None:
+            message["response_key"] = response_key
+        if bundle is not None:
+            message["bundle"] = bundle
+        await self.send(message)
+        return session
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._cleanup.append(callback)
+
+    async def close(self) -> None:
+        """Stop the enclave: close the channel, then terminate the process if it lingers."""
+        self._writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self._writer.wait_closed()
+        if self.process is not None and self.process.returncode is None:
+            try:
+                await asyncio.wait_for(self.process.wait(), 5)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        for callback in self._cleanup:
+            callback()
+
+
+class EnclaveLauncher(abc.ABC):
+    """Starts enclaves: simulated processes here, Nitro Enclaves (nitro-cli + vsock) later."""
+
+    @abc.abstractmethod
+    async def start(self) -> EnclaveConnection: ...
+
+
+class SimulatedLauncher(EnclaveLauncher):
+    """Starts the enclave runtime as a local process in its own network and mount namespaces."""
+
+    def __init__(
+        self,
+        *,
+        kms: KmsProxy,
+        provision: Provider,
+        python: str = sys.executable,
+        extra_env: Mapping[str, str] | None = None,
+        isolate: bool = True,
+        tap: Tap | None = None,
+    ) -> None:
+        self._tap = tap
+        self._kms = kms
+        self._provision = provision
+        self._python = python
+        self._extra_env = dict(extra_env or {})
+        self._isolate = isolate
+
+    def _command(self, fd: int, workdir: Path) -> list[str]:
+        runtime = [
+            self._python,
+            "-m",
+            "cape.enclave.runtime",
+            "--fd",
+            str(fd),
+            "--workdir",
+            str(workdir),
+        ]
+        if not self._isolate:
+            return runtime
+        unshare = shutil.which("unshare")
+        if unshare is None or os.geteuid() != 0:
+            raise CapeError(
+                "simulated enclaves need root and util-linux 'unshare' for their own network "
+                "and mount namespaces; refusing to start an enclave on the host's network"
+            )
+        return [
+            unshare,
+            "--net",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            *runtime,
+            "--private-tmpfs",
+        ]
+
+    async def start(self) -> EnclaveConnection:
+        host_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        workdir = Path(tempfile.mkdtemp(prefix="cape-enclave-"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAPE_")}
+        env.update(self._extra_env)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._command(enclave_end.fileno(), workdir),
+                pass_fds=(enclave_end.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as exc:
+            host_end.close()
+            raise CapeError(f"cannot start the enclave runtime: {exc}") from None
+        finally:
+            enclave_end.close()
+        reader, writer = await asyncio.open_connection(sock=host_end, limit=1 << 20)
+        connection = EnclaveConnection(reader, writer, self._kms, process, self._tap)
+        connection.on_close(lambda: shutil.rmtree(workdir, ignore_errors=True))
+        try:
+            await connection.start(self._provision())
+        except (CapeError, TimeoutError) as exc:
+            await connection.close()
+            if isinstance(exc, TimeoutError):
+                raise TransportError("the enclave did not become ready in time") from None
+            raise
+        return connection
+
+
+def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Check a relayed frame's type; a fatal ``error`` frame becomes a CapeError."""
+    if message["t"] == "error":
+        raise CapeError(str(message.get("message", "enclave error")))
+    if message["t"] != kind:
+        raise FormatError(f"expected {kind!r} from the enclave, got {message['t']!r}")
+    return message

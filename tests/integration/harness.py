@@ -1,0 +1,165 @@
+"""A client-side harness for real enclave processes: the pieces `cape serve` wires together
+(simulated authority, key service, launcher), minus the API server, and a client that verifies
+attestation exactly as the SDK will."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import zipfile
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from cape.crypto import envelope, hpke
+from cape.crypto.keys import load_rsa_public_key
+from cape.enclave.measure import measure_runtime
+from cape.enclave.provision import encode_credentials
+from cape.enclave.secure_module.simulated import SimulatedAuthority
+from cape.errors import CapeError
+from cape.formats.attestation import AttestationDocument
+from cape.host.launcher import EnclaveConnection, HostSession, SimulatedLauncher, Tap, expect
+from cape.kms.base import KeyPolicy
+from cape.kms.local import LocalKeyService
+from cape.kms.proxy import serve_kms_request
+from cape.verify.policy import AttestationPolicy
+from cape.verify.verifier import verify_attestation
+
+T = TypeVar("T")
+OWNER = "alice"
+ECHO = b"def cape_handler(data):\n    return data\n"
+COUNTER = b"""calls = 0
+def cape_handler(data):
+    global calls
+    calls += 1
+    return f'{calls}:'.encode() + data
+"""
+FAILING = b"""def cape_handler(data):
+    if data == b'boom':
+        raise ValueError('boom')
+    return data
+"""
+
+
+def zip_app(source: bytes, folder: str = "fn") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{folder}/app.py", source)
+    return buffer.getvalue()
+
+
+requires_enclaves = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="simulated enclaves need root for namespaces"),
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
+]
+
+
+class Platform:
+    """The pieces `cape serve` will wire together, minus the API server."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.data_dir = tmp
+        self.loop = asyncio.new_event_loop()
+        self.authority = SimulatedAuthority.generate()
+        measurement = measure_runtime()
+        policy = KeyPolicy(
+            pcrs={
+                0: frozenset({measurement.pcr0}),
+                1: frozenset({measurement.pcr1}),
+                2: frozenset({measurement.pcr2}),
+            }
+        )
+        self.kms = LocalKeyService(
+            tmp / "kms.sqlite3",
+            master_key=secrets.token_bytes(32),
+            trusted_root=self.authority.root_certificate,
+            default_policy=policy,
+        )
+
+    def close(self) -> None:
+        self.kms.close()
+        self.loop.close()
+
+    def run(self, coro: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def launcher(
+        self, extra_env: dict[str, str] | None = None, tap: Tap | None = None
+    ) -> SimulatedLauncher:
+        return SimulatedLauncher(
+            kms=lambda message: serve_kms_request(self.kms, message),
+            provision=lambda: encode_credentials(
+                self.authority.issue_instance(dt.datetime.now(dt.UTC))
+            ),
+            extra_env=extra_env,
+            tap=tap,
+        )
+
+    def verify(self, document: bytes, nonce: bytes) -> AttestationDocument:
+        return verify_attestation(
+            document,
+            root=self.authority.root_certificate,
+            now=dt.datetime.now(dt.UTC),
+            policy=AttestationPolicy(nonce=nonce),
+        )
+
+
+async def attested(
+    enclave: EnclaveConnection, platform: Platform, kind: str, **kwargs: Any
+) -> tuple[HostSession, AttestationDocument]:
+    nonce = secrets.token_bytes(16)
+    session = await enclave.open_session(
+        kind, owner=kwargs.pop("owner", OWNER), nonce=nonce, **kwargs
+    )
+    frame = expect(await session.receive(), "attestation")
+    return session, platform.verify(frame["document"], nonce)
+
+
+def user_data(doc: AttestationDocument) -> dict[str, Any]:
+    assert doc.user_data is not None
+    parsed: dict[str, Any] = json.loads(doc.user_data)
+    return parsed
+
+
+async def invoke(session: HostSession, doc: AttestationDocument, data: bytes) -> dict[str, Any]:
+    assert doc.public_key is not None
+    await session.send({"t": "input", "data": hpke.seal(doc.public_key, data)})
+    return await session.receive()
+
+
+def deploy(enclave: EnclaveConnection, platform: Platform, source: bytes) -> tuple[bytes, str]:
+    public = load_rsa_public_key(platform.kms.get_public_key(OWNER)) if _has_key(platform) else None
+
+    async def flow() -> tuple[bytes, str]:
+        nonlocal public
+        if public is None:
+            key_session, key_doc = await attested(enclave, platform, "key")
+            await key_session.close()
+            public = load_rsa_public_key(base64.b64decode(user_data(key_doc)["key"]))
+        session, _ = await attested(enclave, platform, "deploy")
+        bundle = zip_app(source)
+        ciphertext = envelope.encrypt(bundle, public)
+        await session.send({"t": "bundle", "data": ciphertext, "name": "echo", "public": False})
+        reply = expect(await session.receive(), "deployed")
+        assert reply["checksum"] == hashlib.sha256(bundle).hexdigest()
+        assert reply["owner"] == OWNER and reply["name"] == "echo"
+        return ciphertext, reply["checksum"]
+
+    return platform.run(flow())
+
+
+def _has_key(platform: Platform) -> bool:
+    try:
+        platform.kms.get_public_key(OWNER)
+    except CapeError:
+        return False
+    return True

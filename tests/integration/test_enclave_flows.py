@@ -1,0 +1,208 @@
+"""Real enclave processes: the launcher starts the runtime (own network and mount namespaces),
+and a client-side harness completes key, deploy, run and test flows over the channel, with
+attestation verified exactly as a client would. A runtime with one byte changed gets no key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cape
+from cape.crypto import envelope, hpke
+from cape.crypto.keys import load_rsa_public_key
+from cape.enclave.measure import measure_runtime
+from cape.formats.attestation import AttestationDocument
+from cape.host.launcher import EnclaveConnection, expect
+from tests.integration.harness import (
+    COUNTER,
+    ECHO,
+    FAILING,
+    OWNER,
+    Platform,
+    attested,
+    deploy,
+    invoke,
+    requires_enclaves,
+    user_data,
+    zip_app,
+)
+
+pytestmark = requires_enclaves
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    platform = Platform(tmp_path_factory.mktemp("platform"))
+    yield platform
+    platform.close()
+
+
+@pytest.fixture(scope="module")
+def enclave(platform: Platform) -> Iterator[EnclaveConnection]:
+    connection = platform.run(platform.launcher().start())
+    yield connection
+    platform.run(connection.close())
+
+
+def test_enclave_reports_measured_pcrs(enclave: EnclaveConnection) -> None:
+    measurement = measure_runtime()
+    assert enclave.pcrs[0] == measurement.pcr0
+    assert enclave.pcrs[2] == measurement.pcr2
+
+
+def test_key_flow(enclave: EnclaveConnection, platform: Platform) -> None:
+    async def flow() -> bytes:
+        session, doc = await attested(enclave, platform, "key")
+        assert (await session.receive())["t"] == "close"
+        return base64.b64decode(user_data(doc)["key"])
+
+    der = platform.run(flow())
+    key = load_rsa_public_key(der)
+    assert key.key_size == 4096
+    assert der == platform.kms.get_public_key(OWNER)
+    assert platform.run(flow()) == der  # created once, then reused
+
+
+def test_deploy_then_run_several_invokes(enclave: EnclaveConnection, platform: Platform) -> None:
+    ciphertext, checksum = deploy(enclave, platform, COUNTER)
+    assert b"calls" not in ciphertext  # the stored bundle is ciphertext
+
+    async def flow() -> list[bytes]:
+        session, doc = await attested(enclave, platform, "run", bundle=ciphertext)
+        assert base64.b64decode(user_data(doc)["func_checksum"]).hex() == checksum
+        outputs = []
+        for data in (b"a", b"b", b"c"):
+            outputs.append(expect(await invoke(session, doc, data), "result")["data"])
+        await session.close()
+        return outputs
+
+    assert platform.run(flow()) == [b"1:a", b"2:b", b"3:c"]
+    # A new session starts with fresh state: module-level code runs once per session.
+    assert platform.run(flow()) == [b"1:a", b"2:b", b"3:c"]
+
+
+def test_cape_inputs_are_decrypted_with_the_owners_key(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    ciphertext, _ = deploy(enclave, platform, ECHO)
+    public = load_rsa_public_key(platform.kms.get_public_key(OWNER))
+    text_form = envelope.encrypt_text(b"secret input", public).encode()
+
+    async def flow() -> bytes:
+        session, doc = await attested(enclave, platform, "run", bundle=ciphertext)
+        result = expect(await invoke(session, doc, text_form), "result")["data"]
+        await session.close()
+        return bytes(result)
+
+    assert platform.run(flow()) == b"secret input"
+
+
+def test_function_error_keeps_the_session(enclave: EnclaveConnection, platform: Platform) -> None:
+    ciphertext, _ = deploy(enclave, platform, FAILING)
+
+    async def flow() -> tuple[dict[str, Any], dict[str, Any]]:
+        session, doc = await attested(enclave, platform, "run", bundle=ciphertext)
+        failed = await invoke(session, doc, b"boom")
+        after = await invoke(session, doc, b"fine")
+        await session.close()
+        return failed, after
+
+    failed, after = platform.run(flow())
+    assert failed["t"] == "error" and not failed["fatal"]
+    assert "ValueError" in failed["message"] and "boom" in failed["message"]
+    assert expect(after, "result")["data"] == b"fine"
+
+
+def test_results_sealed_to_the_clients_response_key(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    ciphertext, _ = deploy(enclave, platform, ECHO)
+    response = hpke.generate_keypair()
+
+    async def flow() -> tuple[AttestationDocument, dict[str, Any]]:
+        session, doc = await attested(
+            enclave, platform, "run", bundle=ciphertext, response_key=response.public_bytes
+        )
+        result = await invoke(session, doc, b"for my eyes only")
+        await session.close()
+        return doc, result
+
+    doc, result = platform.run(flow())
+    bound = base64.b64decode(user_data(doc)["response_key_sha256"])
+    assert bound == hashlib.sha256(response.public_bytes).digest()
+    assert result["encrypted"] is True and b"for my eyes only" not in result["data"]
+    assert hpke.open(response, result["data"]) == b"for my eyes only"
+
+
+def test_test_flow_runs_an_unstored_bundle(enclave: EnclaveConnection, platform: Platform) -> None:
+    async def flow() -> bytes:
+        session, doc = await attested(enclave, platform, "test")
+        assert doc.public_key is not None
+        await session.send({"t": "bundle", "data": hpke.seal(doc.public_key, zip_app(ECHO))})
+        result = expect(await invoke(session, doc, b"tested"), "result")["data"]
+        await session.close()
+        return bytes(result)
+
+    assert platform.run(flow()) == b"tested"
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "words"),
+    [
+        ("run", {"bundle": b"cape:" + b"\x00" * 600}, "decryption failed"),
+        ("run", {}, "stored bundle"),
+        ("nonsense", {}, "unknown session kind"),
+    ],
+)
+def test_bad_sessions_get_a_fatal_error_and_the_enclave_keeps_serving(
+    enclave: EnclaveConnection, platform: Platform, kind: str, extra: dict[str, Any], words: str
+) -> None:
+    async def flow() -> dict[str, Any]:
+        session = await enclave.open_session(kind, owner=OWNER, nonce=b"n", **extra)
+        return await session.receive()
+
+    message = platform.run(flow())
+    assert message["t"] == "error" and message["fatal"] and words in message["message"]
+    test_key_flow(enclave, platform)
+
+
+def test_tampered_runtime_gets_no_key(platform: Platform, tmp_path: Path) -> None:
+    """Change one byte of the runtime's code: the PCRs change and the key service refuses."""
+    ciphertext, _ = deploy_with_fresh_enclave(platform)
+    copy = tmp_path / "site"
+    shutil.copytree(
+        Path(cape.__file__).parent, copy / "cape", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    target = copy / "cape" / "enclave" / "session.py"
+    target.write_bytes(target.read_bytes() + b"\n# one more byte\n")
+
+    async def flow() -> dict[str, Any]:
+        tampered = await platform.launcher({"PYTHONPATH": str(copy)}).start()
+        try:
+            assert tampered.pcrs[2] != measure_runtime().pcr2
+            session = await tampered.open_session("run", owner=OWNER, nonce=b"n", bundle=ciphertext)
+            return await session.receive()
+        finally:
+            await tampered.close()
+
+    message = platform.run(flow())
+    assert message["t"] == "error" and message["fatal"]
+    assert "PCR" in message["message"]
+
+
+def deploy_with_fresh_enclave(platform: Platform) -> tuple[bytes, str]:
+    async def start() -> EnclaveConnection:
+        return await platform.launcher().start()
+
+    connection = platform.run(start())
+    try:
+        return deploy(connection, platform, ECHO)
+    finally:
+        platform.run(connection.close())
