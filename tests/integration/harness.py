@@ -22,15 +22,10 @@ import pytest
 
 from cape.crypto import envelope, hpke
 from cape.crypto.keys import load_rsa_public_key
-from cape.enclave.measure import measure_runtime
-from cape.enclave.provision import encode_credentials
-from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.errors import CapeError
 from cape.formats.attestation import AttestationDocument
-from cape.host.launcher import EnclaveConnection, HostSession, SimulatedLauncher, Tap, expect
-from cape.kms.base import KeyPolicy
-from cape.kms.local import LocalKeyService
-from cape.kms.proxy import serve_kms_request
+from cape.host.launcher import EnclaveConnection, HostSession, expect
+from cape.platform.local import LocalPlatform
 from cape.verify.policy import AttestationPolicy
 from cape.verify.verifier import verify_attestation
 
@@ -63,46 +58,19 @@ requires_enclaves = [
 ]
 
 
-class Platform:
-    """The pieces `cape serve` will wire together, minus the API server."""
+class Platform(LocalPlatform):
+    """The local platform plus an event loop and a client that verifies as the SDK will."""
 
     def __init__(self, tmp: Path) -> None:
-        self.data_dir = tmp
+        super().__init__(tmp, master_key=secrets.token_bytes(32))
         self.loop = asyncio.new_event_loop()
-        self.authority = SimulatedAuthority.generate()
-        measurement = measure_runtime()
-        policy = KeyPolicy(
-            pcrs={
-                0: frozenset({measurement.pcr0}),
-                1: frozenset({measurement.pcr1}),
-                2: frozenset({measurement.pcr2}),
-            }
-        )
-        self.kms = LocalKeyService(
-            tmp / "kms.sqlite3",
-            master_key=secrets.token_bytes(32),
-            trusted_root=self.authority.root_certificate,
-            default_policy=policy,
-        )
 
     def close(self) -> None:
-        self.kms.close()
+        super().close()
         self.loop.close()
 
     def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
-
-    def launcher(
-        self, extra_env: dict[str, str] | None = None, tap: Tap | None = None
-    ) -> SimulatedLauncher:
-        return SimulatedLauncher(
-            kms=lambda message: serve_kms_request(self.kms, message),
-            provision=lambda: encode_credentials(
-                self.authority.issue_instance(dt.datetime.now(dt.UTC))
-            ),
-            extra_env=extra_env,
-            tap=tap,
-        )
 
     def verify(self, document: bytes, nonce: bytes) -> AttestationDocument:
         return verify_attestation(

@@ -184,7 +184,7 @@ def test_tampered_runtime_gets_no_key(platform: Platform, tmp_path: Path) -> Non
     target.write_bytes(target.read_bytes() + b"\n# one more byte\n")
 
     async def flow() -> dict[str, Any]:
-        tampered = await platform.launcher({"PYTHONPATH": str(copy)}).start()
+        tampered = await platform.launcher(extra_env={"PYTHONPATH": str(copy)}).start()
         try:
             assert tampered.pcrs[2] != measure_runtime().pcr2
             session = await tampered.open_session("run", owner=OWNER, nonce=b"n", bundle=ciphertext)

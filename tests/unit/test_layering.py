@@ -1,8 +1,8 @@
 """The package layout is the trust-domain map: imports flow one way (STYLE.md).
 
 cli → sdk → verify → crypto → formats; host imports only formats; enclave and kms may use
-formats, crypto and verify. This test reads every module's imports and fails on any edge
-that points the wrong way.
+formats, crypto and verify; only the platform composition root wires domains together. This
+test reads every module's imports and fails on any edge that points the wrong way.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "kms": {"kms", "verify", "crypto", "formats"},
     "enclave": {"enclave", "verify", "crypto", "formats"},
     "_internal": set(),
+    "platform": {"platform", "host", "kms", "enclave", "verify", "crypto", "formats"},
 }
 
 
