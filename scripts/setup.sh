@@ -10,6 +10,19 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 
+# User code only ever runs inside bubblewrap (cape.enclave.sandbox); without it the sandbox
+# fails closed. libseccomp2, which pyseccomp loads, ships with Debian and Ubuntu.
+if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "cape: installing bubblewrap with apt-get" >&2
+        if ! { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; }; then
+            echo "cape: could not install bubblewrap; sandboxed functions will refuse to run" >&2
+        fi
+    else
+        echo "cape: bubblewrap (bwrap) is not installed; sandboxed functions will refuse to run" >&2
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PYTHON" -m venv .venv 2>/dev/null; then
         # Debian's python3 ships venv separately.

@@ -1,0 +1,253 @@
+"""The program that runs inside the sandbox: loads ``app.py`` once, then serves calls.
+
+This file runs under the sandbox's own interpreter with ``-I -S``: it sees only the standard
+library and the function's files, never cape, cryptography or any site-packages. It must
+therefore import nothing but the standard library. :mod:`cape.enclave.sandbox` copies this
+file into the sandbox read-only at ``/cape-worker/worker.py`` and starts it as::
+
+    python -I -S -B /cape-worker/worker.py <channel fd> <config JSON>
+
+Channel (a stream socket inherited from the runtime), every frame ``u32be length || payload``:
+
+- worker → runtime, once, after loading: a *response* with status ``READY`` (empty payload)
+  or ``LOAD_ERROR``.
+- runtime → worker: a request, the payload is the input bytes.
+- worker → runtime: a response, ``status byte || body``: ``OK`` (the output bytes),
+  ``RAISED`` (UTF-8 ``"<ExceptionType>: <message>"``, at most a few KiB), ``TOO_LARGE``
+  (the output's length in decimal; the output itself is dropped).
+
+Before any of the function's code runs, the worker lowers its resource limits (they are
+inherited by every process the function starts and cannot be raised again: the sandbox holds
+no capabilities), closes every inherited descriptor but the channel, and points fds 0-2 and
+``sys.stdin/stdout/stderr`` at ``/dev/null`` so that printing cannot block or fill memory.
+
+The runtime does not trust anything this process sends: the function runs in this same
+process and could write to the channel itself. The checks here only keep honest functions
+(and their forked children) from confusing the protocol by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import json
+import os
+import resource
+import socket
+import struct
+import sys
+from types import ModuleType
+from typing import Any
+
+READY = OK = 0
+RAISED = 1
+LOAD_ERROR = 2
+TOO_LARGE = 3
+
+#: Exit statuses the runtime maps to a reason (see cape.enclave.sandbox).
+EXIT_MEMORY = 101
+EXIT_PROTOCOL = 102
+EXIT_SETUP = 103
+
+MAX_ERROR_CHARS = 4000
+HEADER = struct.Struct(">I")
+APP_FILE = "app.py"
+HANDLER = "cape_handler"
+
+
+def _set_limits(limits: dict[str, int]) -> None:
+    """Lower soft and hard limits; the function can never raise them again."""
+    table = {
+        "memory_bytes": resource.RLIMIT_AS,
+        "processes": resource.RLIMIT_NPROC,
+        "open_files": resource.RLIMIT_NOFILE,
+        "file_size_bytes": resource.RLIMIT_FSIZE,
+    }
+    for name, which in table.items():
+        resource.setrlimit(which, (limits[name], limits[name]))
+    # Soft = hard: the kernel sends SIGKILL when the CPU seconds are spent. (The worker is
+    # pid 1 of its namespace, which ignores SIGXCPU; its children get SIGXCPU first.)
+    cpu = limits["cpu_seconds"]
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _silence_stdio() -> None:
+    null_in = os.open(os.devnull, os.O_RDONLY)
+    null_out = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null_in, 0)
+    os.dup2(null_out, 1)
+    os.dup2(null_out, 2)
+    os.close(null_in)
+    os.close(null_out)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+
+
+def _describe(exc: BaseException) -> str:
+    name = type(exc).__name__
+    try:
+        message = str(exc)
+    except BaseException:  # a hostile __str__ must not kill the worker
+        message = "<unprintable exception>"
+    message = message[:MAX_ERROR_CHARS]
+    return f"{name}: {message}" if message else name
+
+
+class Channel:
+    def __init__(self, fd: int) -> None:
+        self._sock = socket.socket(fileno=fd)
+        self._sock.setblocking(True)
+
+    def _recv_exact(self, n: int) -> bytes | None:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self._sock.recv_into(view[got:], n - got)
+            if k == 0:
+                return None
+            got += k
+        return bytes(buf)
+
+    def receive(self, max_bytes: int) -> bytes | None:
+        header = self._recv_exact(HEADER.size)
+        if header is None:
+            return None
+        (length,) = HEADER.unpack(header)
+        if length > max_bytes:
+            os._exit(EXIT_PROTOCOL)
+        if length == 0:
+            return b""
+        return self._recv_exact(length)
+
+    def send(self, status: int, body: bytes = b"") -> None:
+        self._sock.sendall(HEADER.pack(len(body) + 1) + bytes((status,)))
+        if body:
+            self._sock.sendall(body)
+
+
+def _find_app(root: str) -> str | None:
+    """``app.py`` at the bundle root, or inside its single top-level folder (protocol.md)."""
+    if os.path.isfile(os.path.join(root, APP_FILE)):
+        return root
+    folders = [
+        entry.path
+        for entry in os.scandir(root)
+        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith((".", "__MACOSX"))
+    ]
+    if len(folders) == 1 and os.path.isfile(os.path.join(folders[0], APP_FILE)):
+        return folders[0]
+    return None
+
+
+def _load(root: str) -> tuple[Any, str | None]:
+    """Import app.py once; returns (handler, None) or (None, one-line error text)."""
+    app_dir = _find_app(root)
+    if app_dir is None:
+        return None, "the bundle has no app.py (at its root or in its single top-level folder)"
+    os.chdir(app_dir)
+    sys.path.insert(0, app_dir)
+    spec = importlib.util.spec_from_file_location("app", os.path.join(app_dir, APP_FILE))
+    if spec is None or spec.loader is None:
+        return None, "app.py cannot be loaded"
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    sys.modules["app"] = module
+    try:
+        spec.loader.exec_module(module)
+    except MemoryError:
+        raise  # the runtime reports the memory limit
+    except BaseException as exc:  # SystemExit and friends included
+        return None, f"app.py failed to import: {_describe(exc)}"
+    handler = getattr(module, HANDLER, None)
+    if handler is None:
+        return None, f"app.py defines no {HANDLER}"
+    if not callable(handler):
+        return None, f"{HANDLER} in app.py is not callable (it is a {type(handler).__name__})"
+    return handler, None
+
+
+def _encode(value: object) -> bytes:
+    """The handler contract: bytes as is, str as UTF-8, None as empty, else str(value)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return str(value).encode("utf-8")
+
+
+def _hint(exc: BaseException, limits: dict[str, int]) -> str:
+    if isinstance(exc, MemoryError):
+        return f" (the sandbox allows {limits['memory_bytes']} bytes of address space)"
+    if isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
+        return f" (the sandbox allows at most {limits['processes']} processes and threads)"
+    if isinstance(exc, RuntimeError) and "new thread" in str(exc):
+        return f" (the sandbox allows at most {limits['processes']} processes and threads)"
+    return ""
+
+
+def _serve(channel: Channel, handler: Any, config: dict[str, Any], main_pid: int) -> None:
+    limits: dict[str, int] = config["limits"]
+    max_output: int = config["max_output_bytes"]
+    while (data := channel.receive(config["max_input_bytes"])) is not None:
+        try:
+            output = _encode(handler(data))
+        except BaseException as exc:  # report everything, keep serving
+            if os.getpid() != main_pid:
+                os._exit(0)  # a forked child of the function: it must not answer
+            text = _describe(exc) + _hint(exc, limits)
+            del exc
+            channel.send(RAISED, text.encode("utf-8", "replace"))
+            continue
+        if os.getpid() != main_pid:
+            os._exit(0)
+        if len(output) > max_output:
+            channel.send(TOO_LARGE, str(len(output)).encode())
+        else:
+            channel.send(OK, output)
+        del output
+
+
+def main(argv: list[str]) -> None:
+    fd = int(argv[1])
+    config: dict[str, Any] = json.loads(argv[2])
+    try:
+        _set_limits(config["limits"])
+        os.closerange(3, fd)
+        os.closerange(fd + 1, 1 << 16)
+        _silence_stdio()
+    except OSError:
+        os._exit(EXIT_SETUP)
+    channel = Channel(fd)
+    main_pid = os.getpid()
+    # A child forked by the function must not talk on the channel; subprocesses close it too.
+    os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
+    handler, error = _load(config["root"])
+    if os.getpid() != main_pid:
+        os._exit(0)
+    if error is not None:
+        channel.send(LOAD_ERROR, error.encode("utf-8", "replace"))
+        return
+    channel.send(READY)
+    _serve(channel, handler, config, main_pid)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv)
+    except MemoryError:
+        os._exit(EXIT_MEMORY)
+    except (BrokenPipeError, ConnectionResetError):
+        os._exit(0)
+    os._exit(0)
