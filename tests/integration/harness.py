@@ -104,25 +104,28 @@ async def invoke(session: HostSession, doc: AttestationDocument, data: bytes) ->
     return await session.receive()
 
 
+async def deploy_async(
+    enclave: EnclaveConnection, platform: Platform, source: bytes
+) -> tuple[bytes, str]:
+    """Deploy ``source`` as OWNER's function: returns the stored ciphertext and checksum."""
+    if _has_key(platform):
+        public = load_rsa_public_key(platform.kms.get_public_key(OWNER))
+    else:
+        key_session, key_doc = await attested(enclave, platform, "key")
+        await key_session.close()
+        public = load_rsa_public_key(base64.b64decode(user_data(key_doc)["key"]))
+    session, _ = await attested(enclave, platform, "deploy")
+    bundle = zip_app(source)
+    ciphertext = envelope.encrypt(bundle, public)
+    await session.send({"t": "bundle", "data": ciphertext, "name": "echo", "public": False})
+    reply = expect(await session.receive(), "deployed")
+    assert reply["checksum"] == hashlib.sha256(bundle).hexdigest()
+    assert reply["owner"] == OWNER and reply["name"] == "echo"
+    return ciphertext, reply["checksum"]
+
+
 def deploy(enclave: EnclaveConnection, platform: Platform, source: bytes) -> tuple[bytes, str]:
-    public = load_rsa_public_key(platform.kms.get_public_key(OWNER)) if _has_key(platform) else None
-
-    async def flow() -> tuple[bytes, str]:
-        nonlocal public
-        if public is None:
-            key_session, key_doc = await attested(enclave, platform, "key")
-            await key_session.close()
-            public = load_rsa_public_key(base64.b64decode(user_data(key_doc)["key"]))
-        session, _ = await attested(enclave, platform, "deploy")
-        bundle = zip_app(source)
-        ciphertext = envelope.encrypt(bundle, public)
-        await session.send({"t": "bundle", "data": ciphertext, "name": "echo", "public": False})
-        reply = expect(await session.receive(), "deployed")
-        assert reply["checksum"] == hashlib.sha256(bundle).hexdigest()
-        assert reply["owner"] == OWNER and reply["name"] == "echo"
-        return ciphertext, reply["checksum"]
-
-    return platform.run(flow())
+    return platform.run(deploy_async(enclave, platform, source))
 
 
 def _has_key(platform: Platform) -> bool:

@@ -28,6 +28,7 @@ from tests.integration.harness import (
     Platform,
     attested,
     deploy,
+    deploy_async,
     invoke,
     requires_enclaves,
     user_data,
@@ -206,3 +207,50 @@ def deploy_with_fresh_enclave(platform: Platform) -> tuple[bytes, str]:
         return deploy(connection, platform, ECHO)
     finally:
         platform.run(connection.close())
+
+
+SPIN = b"def cape_handler(data):\n    while True:\n        pass\n"
+
+
+def test_hostile_function_ends_its_session_and_the_enclave_keeps_serving(
+    platform: Platform,
+) -> None:
+    """An infinite loop hits the wall clock: that session gets a fatal error naming the
+    limit; the same enclave then serves another session normally."""
+
+    async def flow() -> tuple[dict[str, Any], bytes]:
+        enclave = await platform.launcher(runtime_args=["--call-timeout", "2"]).start()
+        try:
+            spin, _ = await deploy_async(enclave, platform, SPIN)
+            session, doc = await attested(enclave, platform, "run", bundle=spin)
+            failed = await invoke(session, doc, b"x")
+            echo, _ = await deploy_async(enclave, platform, ECHO)
+            session, doc = await attested(enclave, platform, "run", bundle=echo)
+            ok = expect(await invoke(session, doc, b"still serving"), "result")["data"]
+            await session.close()
+            return failed, bytes(ok)
+        finally:
+            await enclave.close()
+
+    failed, ok = platform.run(flow())
+    assert failed["t"] == "error" and failed["fatal"]
+    assert "time" in failed["message"]
+    assert ok == b"still serving"
+
+
+def test_cached_function_is_not_released_under_another_owner(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    """The warm pool keys functions by owner: a host that relabels alice's bundle as bob's
+    does not get to skip the key service."""
+    ciphertext, _ = deploy(enclave, platform, ECHO)
+
+    async def flow(owner: str) -> dict[str, Any]:
+        session = await enclave.open_session("run", owner=owner, nonce=b"n", bundle=ciphertext)
+        message = await session.receive()
+        await session.close()
+        return message
+
+    assert platform.run(flow(OWNER))["t"] == "attestation"  # cached now
+    relabelled = platform.run(flow("bob"))
+    assert relabelled["t"] == "error" and relabelled["fatal"]

@@ -26,9 +26,11 @@ from typing import Any
 from cape.enclave.keyclient import EnclaveKeyClient
 from cape.enclave.measure import measure_runtime, simulated_pcrs
 from cape.enclave.provision import decode_credentials
+from cape.enclave.sandbox import SandboxLimits
 from cape.enclave.secure_module.base import SecureModule
 from cape.enclave.secure_module.simulated import SimulatedSecureModule
 from cape.enclave.session import SessionConfig, run_session
+from cape.enclave.warm import WarmPool
 from cape.errors import CapeError, FormatError
 from cape.formats.frames import encode_frame, read_frame
 
@@ -54,6 +56,15 @@ class Runtime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._module: SecureModule | None = None
         self._keys: EnclaveKeyClient | None = None
+        self._pool = (
+            WarmPool(
+                config.workdir,
+                sandbox_limits=config.sandbox_limits,
+                bundle_limits=config.bundle_limits,
+            )
+            if config.warm_pool
+            else None
+        )
 
     async def send(self, message: dict[str, Any]) -> None:
         frame = encode_frame(message)
@@ -93,6 +104,7 @@ class Runtime:
                     config=self._config,
                     send=self.send,
                     inbox=inbox,
+                    pool=self._pool,
                 )
             )
             self._tasks.add(task)
@@ -125,6 +137,8 @@ class Runtime:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._pool is not None:
+                await self._pool.close()
 
 
 def _mount_private_tmpfs(workdir: Path) -> None:
@@ -150,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="inherited channel socket")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--private-tmpfs", action="store_true")
+    parser.add_argument(
+        "--no-warm-pool", action="store_true", help="decrypt, unpack and start per session"
+    )
+    parser.add_argument("--call-timeout", type=float, default=SandboxLimits().call_timeout_s)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="enclave: %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.private_tmpfs:
         _mount_private_tmpfs(args.workdir)
     try:
-        asyncio.run(_amain(args.fd, SessionConfig(workdir=args.workdir)))
+        config = SessionConfig(
+            workdir=args.workdir,
+            sandbox_limits=SandboxLimits(call_timeout_s=args.call_timeout),
+            warm_pool=not args.no_warm_pool,
+        )
+        asyncio.run(_amain(args.fd, config))
     except CapeError as exc:
         log.error("%s", exc.diagnostics())
         return 1

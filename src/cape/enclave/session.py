@@ -25,6 +25,7 @@ from cape.enclave.keyclient import EnclaveKeyClient
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits
 from cape.enclave.secure_module.base import SecureModule
 from cape.enclave.unpack import unpack_bundle
+from cape.enclave.warm import Lease, WarmPool
 from cape.errors import CapeError, FormatError, FunctionError, LimitExceededError
 from cape.formats.bundle import BundleLimits, inspect_bundle
 
@@ -44,6 +45,7 @@ class SessionConfig:
     sandbox_limits: SandboxLimits = field(default_factory=SandboxLimits)
     bundle_limits: BundleLimits = field(default_factory=BundleLimits)
     max_input_bytes: int = 64 << 20
+    warm_pool: bool = True
 
 
 @dataclass
@@ -58,6 +60,7 @@ class _Context:
     config: SessionConfig
     send: Send
     inbox: asyncio.Queue[dict[str, Any]]
+    pool: WarmPool | None
 
     async def reply(self, message: dict[str, Any]) -> None:
         await self.send({**message, "sid": self.sid})
@@ -160,51 +163,63 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
             await ctx.reply({"t": "result", "data": output, "encrypted": False})
 
 
-async def _function_session(ctx: _Context, bundle: bytes | None) -> None:
-    """run (``bundle`` is the stored ciphertext) and test (the bundle arrives HPKE-sealed)."""
-    session_key = hpke.generate_keypair()
-    directory = Path(tempfile.mkdtemp(prefix=f"s{ctx.sid}-", dir=ctx.config.workdir))
-    directory.chmod(0o711)  # the sandbox's unprivileged uid must traverse to its function dir
-    sandbox: FunctionSandbox | None = None
+async def _attestation(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str]) -> None:
+    document = await asyncio.to_thread(_attest, ctx, session_key, user_data)
+    await ctx.reply({"t": "attestation", "document": document})
+
+
+async def _cold_lease(ctx: _Context, zip_bytes: bytes) -> Lease:
+    """Unpack into a private directory and start a sandbox: the path with no warm pool."""
+    holder = Path(tempfile.mkdtemp(prefix=f"s{ctx.sid}-", dir=ctx.config.workdir))
     try:
-        if ctx.kind == "run":
-            if not isinstance(bundle, bytes):
-                raise FormatError("run session needs the stored bundle")
-            zip_bytes = await _decrypt_input(ctx, bundle)
-            checksum = hashlib.sha256(zip_bytes).digest()
-            user_data = {"func_checksum": _b64(checksum)}
-            await ctx.reply(
-                {
-                    "t": "attestation",
-                    "document": await asyncio.to_thread(_attest, ctx, session_key, user_data),
-                }
-            )
-        else:
-            await ctx.reply(
-                {
-                    "t": "attestation",
-                    "document": await asyncio.to_thread(_attest, ctx, session_key, {}),
-                }
-            )
-            message = await ctx.next_frame("bundle")
-            if message is None:
-                return
-            sealed = message.get("data")
-            if not isinstance(sealed, bytes):
-                raise FormatError("bundle frame needs bytes 'data'")
-            zip_bytes = hpke.open(session_key, sealed)
-        root = await asyncio.to_thread(
-            unpack_bundle, zip_bytes, directory, ctx.config.bundle_limits
-        )
-        del zip_bytes
+        holder.chmod(0o711)  # the sandbox's unprivileged uid must traverse to its function dir
+        limits = ctx.config.bundle_limits
+        root = await asyncio.to_thread(unpack_bundle, zip_bytes, holder, limits)
         sandbox = await asyncio.to_thread(
             FunctionSandbox.start, root, limits=ctx.config.sandbox_limits
         )
-        await _serve_inputs(ctx, sandbox, session_key)
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, holder, True)
+        raise
+    return Lease(sandbox, holder)
+
+
+async def _run_session(ctx: _Context, bundle: bytes | None) -> None:
+    """run: the host brings the stored ciphertext; the document carries its checksum."""
+    if not isinstance(bundle, bytes):
+        raise FormatError("run session needs the stored bundle")
+    session_key = hpke.generate_keypair()
+    if ctx.pool is not None:
+        checksum, lease = await ctx.pool.acquire(
+            ctx.owner, bundle, lambda: _decrypt_input(ctx, bundle)
+        )
+    else:
+        zip_bytes = await _decrypt_input(ctx, bundle)
+        checksum = hashlib.sha256(zip_bytes).digest()
+        lease = await _cold_lease(ctx, zip_bytes)
+        del zip_bytes
+    try:
+        await _attestation(ctx, session_key, {"func_checksum": _b64(checksum)})
+        await _serve_inputs(ctx, lease.sandbox, session_key)
     finally:
-        if sandbox is not None:
-            await asyncio.to_thread(sandbox.close)
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+        await asyncio.to_thread(lease.release)
+
+
+async def _test_session(ctx: _Context) -> None:
+    """test: the bundle arrives HPKE-sealed in the session and is never stored."""
+    session_key = hpke.generate_keypair()
+    await _attestation(ctx, session_key, {})
+    message = await ctx.next_frame("bundle")
+    if message is None:
+        return
+    sealed = message.get("data")
+    if not isinstance(sealed, bytes):
+        raise FormatError("bundle frame needs bytes 'data'")
+    lease = await _cold_lease(ctx, hpke.open(session_key, sealed))
+    try:
+        await _serve_inputs(ctx, lease.sandbox, session_key)
+    finally:
+        await asyncio.to_thread(lease.release)
 
 
 async def run_session(
@@ -215,18 +230,23 @@ async def run_session(
     config: SessionConfig,
     send: Send,
     inbox: asyncio.Queue[dict[str, Any]],
+    pool: WarmPool | None = None,
 ) -> None:
     """Serve one session from its ``open`` frame to the end; never raises."""
     sid = message["sid"]
     try:
         kind, owner, nonce, response_key = _check_open(message)
-        ctx = _Context(sid, kind, owner, nonce, response_key, module, keys, config, send, inbox)
+        ctx = _Context(
+            sid, kind, owner, nonce, response_key, module, keys, config, send, inbox, pool
+        )
         if kind == "key":
             await _key_session(ctx)
         elif kind == "deploy":
             await _deploy_session(ctx)
+        elif kind == "run":
+            await _run_session(ctx, message.get("bundle"))
         else:
-            await _function_session(ctx, message.get("bundle"))
+            await _test_session(ctx)
         await send({"t": "close", "sid": sid})
     except CapeError as exc:
         await send({"t": "error", "sid": sid, "message": exc.diagnostics(), "fatal": True})

@@ -22,7 +22,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,8 +225,10 @@ class SimulatedLauncher(EnclaveLauncher):
         extra_env: Mapping[str, str] | None = None,
         isolate: bool = True,
         tap: Tap | None = None,
+        runtime_args: Sequence[str] = (),
     ) -> None:
         self._tap = tap
+        self._runtime_args = list(runtime_args)
         self._kms = kms
         self._provision = provision
         self._python = python
@@ -242,6 +244,7 @@ class SimulatedLauncher(EnclaveLauncher):
             str(fd),
             "--workdir",
             str(workdir),
+            *self._runtime_args,
         ]
         if not self._isolate:
             return runtime

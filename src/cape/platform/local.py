@@ -7,7 +7,7 @@ controls the "enclaves" too.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +66,18 @@ class LocalPlatform:
         return serve_kms_request(self.kms, message)
 
     def launcher(
-        self, *, extra_env: Mapping[str, str] | None = None, tap: Tap | None = None
+        self,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        tap: Tap | None = None,
+        runtime_args: Sequence[str] = (),
     ) -> SimulatedLauncher:
         return SimulatedLauncher(
-            kms=self._kms, provision=self._provision, extra_env=extra_env, tap=tap
+            kms=self._kms,
+            provision=self._provision,
+            extra_env=extra_env,
+            tap=tap,
+            runtime_args=runtime_args,
         )
 
     def close(self) -> None:

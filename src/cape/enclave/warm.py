@@ -1,0 +1,153 @@
+"""Fast cold starts: decrypted functions kept in enclave memory, with a sandbox pre-started for
+the next session.
+
+Cape's protocol gives every session its own sandbox (state lives for the session, module-level
+code runs once per session). Forking sessions from one shared template process would let a
+function carry one caller's data into another caller's session (they would share a mount and
+pid namespace and a uid), so instead each function gets a *spare*: a sandbox started ahead of
+time from a private copy of the function's files, which has already imported ``app.py`` and
+is handed to exactly one session. Plaintext stays inside the enclave (its private tmpfs).
+
+Entries are keyed by ``(owner, SHA-256 of the stored ciphertext)``: the host names the owner,
+and keying by ciphertext alone would let it run one user's cached function under another
+user's key. A miss decrypts through the key service as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cape.enclave.sandbox import FunctionSandbox, SandboxLimits
+from cape.enclave.unpack import unpack_bundle
+from cape.errors import CapeError
+from cape.formats.bundle import BundleLimits
+
+__all__ = ["Lease", "WarmPool"]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One session's sandbox and its private copy of the function; :meth:`release` ends both."""
+
+    sandbox: FunctionSandbox
+    holder: Path
+
+    def release(self) -> None:
+        self.sandbox.close()
+        shutil.rmtree(self.holder, ignore_errors=True)
+
+
+@dataclass
+class _Entry:
+    checksum: bytes
+    holder: Path  # what _load created; removed on eviction
+    source: Path  # the unpacked function, never handed to a sandbox itself
+    spare: asyncio.Task[Lease] | None = None
+    sessions: int = field(default=0)
+
+
+def _start(source: Path, parent: Path, limits: SandboxLimits) -> Lease:
+    """Copy the function into a private directory and start a sandbox on it."""
+    holder = Path(tempfile.mkdtemp(prefix="session-", dir=parent))
+    try:
+        holder.chmod(0o711)  # the sandbox's uid must traverse to its directory
+        target = holder / "fn"
+        shutil.copytree(source, target, symlinks=True)
+        return Lease(FunctionSandbox.start(target, limits=limits), holder)
+    except BaseException:
+        shutil.rmtree(holder, ignore_errors=True)
+        raise
+
+
+class WarmPool:
+    """Per-runtime cache of decrypted functions and their pre-started sandboxes."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        sandbox_limits: SandboxLimits,
+        bundle_limits: BundleLimits,
+        capacity: int = 8,
+        spares: bool = True,
+    ) -> None:
+        self._workdir = workdir
+        self._sandbox_limits = sandbox_limits
+        self._bundle_limits = bundle_limits
+        self._capacity = capacity
+        self._spares = spares
+        self._entries: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
+        self._lock = asyncio.Lock()
+
+    async def acquire(
+        self, owner: str, ciphertext: bytes, decrypt: Callable[[], Awaitable[bytes]]
+    ) -> tuple[bytes, Lease]:
+        """The function's checksum and a sandbox for one session (the caller releases it)."""
+        key = (owner, hashlib.sha256(ciphertext).digest())
+        async with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = await self._load(key, decrypt)
+            self._entries.move_to_end(key)
+            spare, entry.spare = entry.spare, None
+            entry.sessions += 1
+        lease: Lease | None = None
+        if spare is not None:
+            with contextlib.suppress(CapeError):
+                candidate = await spare
+                if candidate.sandbox.alive:
+                    lease = candidate
+                else:
+                    await asyncio.to_thread(candidate.release)
+        if lease is None:
+            lease = await asyncio.to_thread(
+                _start, entry.source, self._workdir, self._sandbox_limits
+            )
+        self._refill(entry)
+        return entry.checksum, lease
+
+    async def _load(
+        self, key: tuple[str, bytes], decrypt: Callable[[], Awaitable[bytes]]
+    ) -> _Entry:
+        zip_bytes = await decrypt()
+        checksum = hashlib.sha256(zip_bytes).digest()
+        holder = Path(tempfile.mkdtemp(prefix="function-", dir=self._workdir))
+        try:
+            source = await asyncio.to_thread(unpack_bundle, zip_bytes, holder, self._bundle_limits)
+        except BaseException:
+            shutil.rmtree(holder, ignore_errors=True)
+            raise
+        entry = _Entry(checksum=checksum, holder=holder, source=source)
+        self._entries[key] = entry
+        while len(self._entries) > self._capacity:
+            _, evicted = self._entries.popitem(last=False)
+            await self._discard(evicted)
+        return entry
+
+    def _refill(self, entry: _Entry) -> None:
+        if not self._spares or entry.spare is not None:
+            return
+        entry.spare = asyncio.create_task(
+            asyncio.to_thread(_start, entry.source, self._workdir, self._sandbox_limits)
+        )
+
+    async def _discard(self, entry: _Entry) -> None:
+        if entry.spare is not None:
+            spare, entry.spare = entry.spare, None
+            with contextlib.suppress(CapeError):
+                await asyncio.to_thread((await spare).release)
+        await asyncio.to_thread(shutil.rmtree, entry.holder, True)
+
+    async def close(self) -> None:
+        async with self._lock:
+            for entry in self._entries.values():
+                await self._discard(entry)
+            self._entries.clear()
