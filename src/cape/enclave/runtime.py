@@ -28,6 +28,7 @@ from cape.enclave.measure import measure_runtime, simulated_pcrs
 from cape.enclave.provision import decode_credentials
 from cape.enclave.sandbox import SandboxLimits
 from cape.enclave.secure_module.base import SecureModule
+from cape.enclave.secure_module.nitro import NitroSecureModule
 from cape.enclave.secure_module.simulated import SimulatedSecureModule
 from cape.enclave.session import SessionConfig, run_session
 from cape.enclave.warm import WarmPool
@@ -47,7 +48,10 @@ class Runtime:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         config: SessionConfig,
+        *,
+        nitro: bool = False,
     ) -> None:
+        self._nitro = nitro
         self._reader = reader
         self._writer = writer
         self._config = config
@@ -75,15 +79,26 @@ class Runtime:
             self._sessions.pop(message.get("sid", 0), None)
 
     async def _provision(self) -> None:
+        if self._nitro:
+            # Inside a real Nitro Enclave the hardware measured us and holds the signing key:
+            # there is nothing to provision, and the PCRs are read back from the NSM.
+            # (Not exercisable on this machine: no /dev/nsm.)
+            module: SecureModule = NitroSecureModule()
+            pcrs = {i: module.describe_pcr(i).data for i in range(16)}
+        else:
+            module, pcrs = await self._provision_simulated()
+        self._module = module
+        self._keys = await asyncio.to_thread(EnclaveKeyClient, module, self.send)
+        await self.send({"t": "ready", "pcrs": pcrs})
+
+    async def _provision_simulated(self) -> tuple[SecureModule, dict[int, bytes]]:
         message = await read_frame(self._reader)
         if message is None or message["t"] != "provision":
             raise FormatError("the first channel frame must be 'provision'")
         credentials = decode_credentials(message.get("credentials"))
         measurement = await asyncio.to_thread(measure_runtime)
         pcrs = simulated_pcrs(measurement, instance_id=credentials.instance_id)
-        self._module = SimulatedSecureModule(credentials, pcrs=pcrs)
-        self._keys = await asyncio.to_thread(EnclaveKeyClient, self._module, self.send)
-        await self.send({"t": "ready", "pcrs": pcrs})
+        return SimulatedSecureModule(credentials, pcrs=pcrs), pcrs
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if self._module is None or self._keys is None:
@@ -150,18 +165,34 @@ def _mount_private_tmpfs(workdir: Path) -> None:
     )
 
 
-async def _amain(fd: int, config: SessionConfig) -> None:
-    sock = socket.socket(fileno=fd)
+def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
+    """The channel: an inherited Unix socket (simulated) or a vsock connection (Nitro)."""
+    if fd is not None:
+        return socket.socket(fileno=fd)
+    if vsock is None:
+        raise ValueError("either an inherited fd or a vsock address is required")
+    cid_text, _, port_text = vsock.partition(":")
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.connect((int(cid_text), int(port_text)))
+    return sock
+
+
+async def _amain(sock: socket.socket, config: SessionConfig, *, nitro: bool) -> None:
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     try:
-        await Runtime(reader, writer, config).serve()
+        await Runtime(reader, writer, config, nitro=nitro).serve()
     finally:
         writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cape-enclave-runtime")
-    parser.add_argument("--fd", type=int, required=True, help="inherited channel socket")
+    channel = parser.add_mutually_exclusive_group(required=True)
+    channel.add_argument("--fd", type=int, help="inherited channel socket (simulated mode)")
+    channel.add_argument("--vsock", metavar="CID:PORT", help="host vsock address (Nitro)")
+    parser.add_argument(
+        "--nitro", action="store_true", help="use /dev/nsm instead of the simulated module"
+    )
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--private-tmpfs", action="store_true")
     parser.add_argument(
@@ -180,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             sandbox_limits=SandboxLimits(call_timeout_s=args.call_timeout),
             warm_pool=not args.no_warm_pool,
         )
-        asyncio.run(_amain(args.fd, config))
+        asyncio.run(_amain(_channel_socket(args.fd, args.vsock), config, nitro=args.nitro))
     except CapeError as exc:
         log.error("%s", exc.diagnostics())
+        return 1
+    except OSError as exc:
+        log.error("the channel could not be opened: %s", exc)
         return 1
     return 0
 
