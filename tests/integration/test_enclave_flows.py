@@ -5,6 +5,7 @@ attestation verified exactly as a client would. A runtime with one byte changed 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import shutil
@@ -254,3 +255,24 @@ def test_cached_function_is_not_released_under_another_owner(
     assert platform.run(flow(OWNER))["t"] == "attestation"  # cached now
     relabelled = platform.run(flow("bob"))
     assert relabelled["t"] == "error" and relabelled["fatal"]
+
+
+def test_many_concurrent_sessions(enclave: EnclaveConnection, platform: Platform) -> None:
+    """Eight sessions at once, interleaving invokes: each keeps its own state and key."""
+    ciphertext, _ = deploy(enclave, platform, COUNTER)
+
+    async def one(index: int) -> list[bytes]:
+        session, doc = await attested(enclave, platform, "run", bundle=ciphertext)
+        outputs = []
+        for call in range(3):
+            reply = expect(await invoke(session, doc, f"s{index}c{call}".encode()), "result")
+            outputs.append(bytes(reply["data"]))
+        await session.close()
+        return outputs
+
+    async def all_at_once() -> list[list[bytes]]:
+        return list(await asyncio.gather(*(one(i) for i in range(8))))
+
+    results = platform.run(all_at_once())
+    for index, outputs in enumerate(results):
+        assert outputs == [f"{n + 1}:s{index}c{n}".encode() for n in range(3)]
