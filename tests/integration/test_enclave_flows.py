@@ -276,3 +276,21 @@ def test_many_concurrent_sessions(enclave: EnclaveConnection, platform: Platform
     results = platform.run(all_at_once())
     for index, outputs in enumerate(results):
         assert outputs == [f"{n + 1}:s{index}c{n}".encode() for n in range(3)]
+
+
+def test_bad_cape_input_fails_that_call_only(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    ciphertext, _ = deploy(enclave, platform, ECHO)
+
+    async def flow() -> tuple[dict[str, Any], dict[str, Any]]:
+        session, doc = await attested(enclave, platform, "run", bundle=ciphertext)
+        bad = await invoke(session, doc, b"cape:" + b"A" * 800)
+        good = await invoke(session, doc, b"plain")
+        await session.close()
+        return bad, good
+
+    bad, good = platform.run(flow())
+    assert bad["t"] == "error" and not bad["fatal"]
+    assert "decryption failed" in bad["message"]
+    assert expect(good, "result")["data"] == b"plain"

@@ -26,7 +26,14 @@ from cape.enclave.sandbox import FunctionSandbox, SandboxLimits
 from cape.enclave.secure_module.base import SecureModule
 from cape.enclave.unpack import unpack_bundle
 from cape.enclave.warm import Lease, WarmPool
-from cape.errors import CapeError, FormatError, FunctionError, LimitExceededError
+from cape.errors import (
+    CapeError,
+    DecryptionError,
+    FormatError,
+    FunctionError,
+    KeyReleaseDeniedError,
+    LimitExceededError,
+)
 from cape.formats.bundle import BundleLimits, inspect_bundle
 
 __all__ = ["SessionConfig", "run_session"]
@@ -148,12 +155,20 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
         if not isinstance(data, bytes):
             raise FormatError("input frame needs bytes 'data'")
         if len(data) > ctx.config.max_input_bytes:
-            raise LimitExceededError("input size in bytes", ctx.config.max_input_bytes, len(data))
+            limit = ctx.config.max_input_bytes
+            await ctx.error(
+                LimitExceededError("input size in bytes", limit).diagnostics(), fatal=False
+            )
+            continue
+        # A frame that does not open under the session key is a protocol error: fatal.
         plaintext = hpke.open(session_key, data)
         try:
             plaintext = await _decrypt_input(ctx, plaintext)
             output = await asyncio.to_thread(sandbox.call, plaintext)
-        except FunctionError as exc:
+        except (FunctionError, LimitExceededError, DecryptionError, KeyReleaseDeniedError) as exc:
+            # One bad input (the function raised, an oversized output, a cape: input that
+            # does not open or whose key is refused) ends that call, not the session. A dead
+            # sandbox (SandboxError) ends the session.
             await ctx.error(exc.diagnostics(), fatal=False)
             continue
         if ctx.response_key is not None:
