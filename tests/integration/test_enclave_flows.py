@@ -294,3 +294,33 @@ def test_bad_cape_input_fails_that_call_only(
     assert bad["t"] == "error" and not bad["fatal"]
     assert "decryption failed" in bad["message"]
     assert expect(good, "result")["data"] == b"plain"
+
+
+CAPE_ENCRYPT = b"""import cape_encrypt
+def cape_handler(data):
+    sealed = cape_encrypt.encrypt(data)
+    assert cape_encrypt.decrypt(sealed) == data
+    return sealed
+"""
+
+
+def test_functions_encrypt_and_decrypt_with_their_owners_key(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    """cape_encrypt inside the sandbox: what a function encrypts is a normal cape: ciphertext
+    for its owner, which another of the owner's functions receives decrypted."""
+    sealer, _ = deploy(enclave, platform, CAPE_ENCRYPT)
+    echo, _ = deploy(enclave, platform, ECHO)
+
+    async def flow() -> tuple[bytes, bytes]:
+        session, doc = await attested(enclave, platform, "run", bundle=sealer)
+        sealed = bytes(expect(await invoke(session, doc, b"kept for later"), "result")["data"])
+        await session.close()
+        session, doc = await attested(enclave, platform, "run", bundle=echo)
+        opened = bytes(expect(await invoke(session, doc, sealed), "result")["data"])
+        await session.close()
+        return sealed, opened
+
+    sealed, opened = platform.run(flow())
+    assert sealed.startswith(b"cape:") and b"kept for later" not in sealed
+    assert opened == b"kept for later"

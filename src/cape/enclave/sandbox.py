@@ -28,6 +28,26 @@ Shape (``FunctionSandbox.start`` → ``call`` … → ``close``):
 The runtime talks to the worker over a socketpair (the frames are in :mod:`cape.enclave.worker`)
 and trusts nothing that comes back: every length is checked before a byte is read.
 
+**Encryption services** (Cape's in-function ``cape_encrypt``, reference §8.3): every sandbox
+holds the stdlib-only helper ``cape/enclave/guest/cape_encrypt.py`` read-only at
+``/cape-worker/guest/cape_encrypt.py``; the worker registers it as ``cape_encrypt`` before
+app.py is imported (its docstring has the API and the frames). When ``start`` is given a
+``services`` callback, the sandbox also inherits a second socketpair dedicated to it, so that a
+handler's request, made in the middle of a call, never interleaves with the call frames. The
+runtime serves it in the thread that waits for the worker: while loading app.py (module-level
+code may encrypt) and during each call, one request at a time, under the same wall clock. A
+request made between calls (by a thread the function left running) waits for the next call.
+``services(op, data)`` gets ``"encrypt"`` or ``"decrypt"`` and the data, at most
+``max_input_bytes``, and returns the result, at most :func:`services_response_limit` bytes; a
+:class:`cape.errors.CapeError` it raises goes back as that one-line ``diagnostics()``, anything
+else as ``"internal error"`` (logged as the exception's type only, never with data), and a
+``BaseException`` kills the sandbox and propagates. A frame announcing an empty or oversized
+request is a protocol violation (``crashed``; nothing beyond the limit is ever read); a
+well-framed request with an unknown operation gets an error response. A guest that closes its
+end simply stops being served. Without a callback there is no such socket at all (least
+privilege): ``cape_encrypt`` then raises "encryption services are not available in this
+session" without asking anyone.
+
 Why it ended → :class:`cape.errors.SandboxError` ``reason`` (after which the sandbox is dead):
 our wall clock → ``timeout``; ``SIGKILL`` with the CPU budget used up (the worker is pid 1
 of its namespace, which ignores ``SIGXCPU``, so its soft and hard CPU limits are equal) or
@@ -47,6 +67,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import random
 import select
@@ -68,15 +89,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
-from cape.errors import FunctionError, LimitExceededError, SandboxError
+from cape.errors import CapeError, FunctionError, LimitExceededError, SandboxError
 
 __all__ = [
     "SANDBOX_UID_BASE",
     "SANDBOX_UID_COUNT",
     "FunctionSandbox",
     "SandboxLimits",
+    "Services",
     "check_isolation",
+    "services_response_limit",
 ]
+
+log = logging.getLogger("cape.enclave")
+
+#: ``services(op, data) -> result``: op is ``"encrypt"`` or ``"decrypt"`` (see the docstring).
+Services = Callable[[str, bytes], bytes]
 
 #: The bubblewrap executable; ``None`` when it is not installed (then nothing runs).
 BWRAP: str | None = shutil.which("bwrap")
@@ -87,6 +115,9 @@ SANDBOX_UID_COUNT = 50_000
 INNER_UID = 1000
 WORKER_SOURCE = Path(__file__).with_name("worker.py")
 WORKER_PATH = "/cape-worker/worker.py"
+GUEST_SOURCE = Path(__file__).with_name("guest")
+GUEST_MODULES = ("cape_encrypt.py",)  # bound read-only into every sandbox
+GUEST_PATH = "/cape-worker/guest"
 FUNCTION_PATH = "/function"
 # Paths inside the sandbox's own mount namespace (private tmpfs, not the host's /tmp).
 _TMP = "/tmp"  # noqa: S108
@@ -102,6 +133,11 @@ _EXIT_MEMORY = 101
 _EXIT_PROTOCOL = 102
 _EXIT_SETUP = 103
 _MAX_TEXT_BYTES = 8 << 10
+# Encryption services (mirrors cape.enclave.guest.cape_encrypt).
+_OPS = {1: "encrypt", 2: "decrypt"}
+_SERVICE_OK = 0
+_SERVICE_ERROR = 1
+_MAX_REASON_BYTES = 1 << 10
 _MAX_STDERR_BYTES = 4 << 10
 _REAP_TIMEOUT_S = 5.0
 _EXIT_GRACE_S = 2.0
@@ -188,7 +224,7 @@ def _probe() -> SandboxError | None:
         return _unavailable(f"cannot prepare the sandbox ({exc})")
     try:
         spawn = _Spawn(
-            layout, uid, _SUPPORT.empty, SandboxLimits(), lambda _: ["-c", ""], writable=False
+            layout, uid, _SUPPORT.empty, SandboxLimits(), lambda *_: ["-c", ""], writable=False
         )
         try:
             code = spawn.proc.wait(timeout=_PROBE_TIMEOUT_S)
@@ -481,6 +517,16 @@ def _worker_source() -> bytes:
     return WORKER_SOURCE.read_bytes()
 
 
+@functools.cache
+def _guest_sources() -> tuple[tuple[str, bytes], ...]:
+    return tuple((name, (GUEST_SOURCE / name).read_bytes()) for name in GUEST_MODULES)
+
+
+def services_response_limit(max_request_bytes: int) -> int:
+    """The largest services result: room for ``cape:`` + base64 of a maximal plaintext."""
+    return max_request_bytes + max_request_bytes // 3 + (64 << 10)
+
+
 def _data_fd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     os.write(fd, data)
@@ -497,31 +543,48 @@ class _Spawn:
         uid: int | None,
         function_dir: Path,
         limits: SandboxLimits,
-        python_args: Callable[[int], list[str]],
+        python_args: Callable[[int, int | None], list[str]],
         *,
         writable: bool = True,
+        services: bool = False,
     ) -> None:
         from cape.enclave import seccomp  # here: a missing libseccomp must fail closed, later
 
         if BWRAP is None:
             raise SandboxError("unavailable", "bubblewrap is not installed")
+        self.services: socket.socket | None = None
         self.channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_sockets = [child_channel]
         self.info_fd, info_w = os.pipe()
         self.err_fd, err_w = os.pipe()
-        child_fds = [child_channel.fileno(), info_w, err_w]
+        child_fds = [info_w, err_w]
         passwd = f"cape:x:{INNER_UID}:{INNER_UID}:cape function:/tmp:/usr/sbin/nologin\n"
         try:
-            child_fds.append(seccomp.program_fd())
-            child_fds.append(_data_fd("worker", _worker_source()))
-            child_fds.append(_data_fd("passwd", passwd.encode()))
-            child_fds.append(_data_fd("group", f"cape:x:{INNER_UID}:\n".encode()))
+            if services:
+                self.services, child_services = socket.socketpair(
+                    socket.AF_UNIX, socket.SOCK_STREAM
+                )
+                child_sockets.append(child_services)
+            seccomp_fd = seccomp.program_fd()
+            child_fds.append(seccomp_fd)
+            worker_fd = _data_fd("worker", _worker_source())
+            child_fds.append(worker_fd)
+            passwd_fd = _data_fd("passwd", passwd.encode())
+            child_fds.append(passwd_fd)
+            group_fd = _data_fd("group", f"cape:x:{INNER_UID}:\n".encode())
+            child_fds.append(group_fd)
+            guest_fds: list[tuple[int, str]] = []
+            for module, text in _guest_sources():
+                guest_fds.append((_data_fd(module, text), f"{GUEST_PATH}/{module}"))
+                child_fds.append(guest_fds[-1][0])
         except BaseException:
-            child_channel.close()
-            for fd in child_fds[1:]:
+            for sock in child_sockets:
+                sock.close()
+            for fd in child_fds:
                 os.close(fd)
             self.close_fds()
             raise
-        _, _, _, seccomp_fd, worker_fd, passwd_fd, group_fd = (str(fd) for fd in child_fds)
+        child_fds += [sock.fileno() for sock in child_sockets]
         argv = [BWRAP, "--unshare-all", "--unshare-user", "--disable-userns"]
         argv += ["--die-with-parent", "--as-pid-1", "--new-session", "--hostname", "cape-sandbox"]
         argv += ["--uid", str(INNER_UID), "--gid", str(INNER_UID), "--clearenv"]
@@ -548,23 +611,35 @@ class _Spawn:
         argv += ["--size", str(limits.tmp_bytes), "--perms", "1777", "--tmpfs", _SHM]
         argv += ["--size", str(limits.tmp_bytes), "--perms", "1777", "--tmpfs", _TMP]
         argv += ["--bind" if writable else "--ro-bind", str(function_dir), FUNCTION_PATH]
-        argv += ["--ro-bind-data", worker_fd, WORKER_PATH]
-        argv += ["--ro-bind-data", passwd_fd, "/etc/passwd"]
-        argv += ["--ro-bind-data", group_fd, "/etc/group"]
+        argv += ["--ro-bind-data", str(worker_fd), WORKER_PATH]
+        for fd, path in guest_fds:
+            argv += ["--ro-bind-data", str(fd), path]
+        argv += ["--ro-bind-data", str(passwd_fd), "/etc/passwd"]
+        argv += ["--ro-bind-data", str(group_fd), "/etc/group"]
         argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
-        argv += ["--chdir", FUNCTION_PATH, "--info-fd", str(child_fds[1]), "--seccomp", seccomp_fd]
-        argv += [layout.python, "-I", "-S", "-B", *python_args(child_fds[0])]
+        argv += ["--chdir", FUNCTION_PATH, "--info-fd", str(info_w), "--seccomp", str(seccomp_fd)]
+        child_services_fd = child_sockets[1].fileno() if services else None
+        argv += [
+            layout.python,
+            "-I",
+            "-S",
+            "-B",
+            *python_args(child_channel.fileno(), child_services_fd),
+        ]
         try:
             self.proc = _SPAWNER.submit(self._popen, argv, uid, child_fds).result()
         except BaseException:
             self.close_fds()
             raise
         finally:
-            child_channel.close()
-            for fd in child_fds[1:]:
+            for sock in child_sockets:
+                sock.close()
+            for fd in child_fds[: -len(child_sockets)]:
                 os.close(fd)
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.channel.setblocking(False)
+        if self.services is not None:
+            self.services.setblocking(False)
 
     @staticmethod
     def _popen(argv: list[str], uid: int | None, fds: list[int]) -> subprocess.Popen[bytes]:
@@ -572,7 +647,7 @@ class _Spawn:
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=fds[2],
+            stderr=fds[1],
             pass_fds=fds,
             env={},
             start_new_session=True,
@@ -595,6 +670,8 @@ class _Spawn:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.channel.close()
+        if self.services is not None:
+            self.services.close()
 
 
 # --- the sandbox ------------------------------------------------------------------------------
@@ -619,10 +696,19 @@ class _ProtocolViolation(Exception):
 class FunctionSandbox:
     """One session's sandboxed worker: ``app.py`` imported once, then one call at a time."""
 
-    def __init__(self, spawn: _Spawn, limits: SandboxLimits, uid: int | None) -> None:
+    def __init__(
+        self,
+        spawn: _Spawn,
+        limits: SandboxLimits,
+        uid: int | None,
+        services: Services | None = None,
+    ) -> None:
         self._spawn = spawn
         self._limits = limits
         self._uid = uid
+        self._services = services
+        # Served until the guest closes its end (only while a call or the load is under way).
+        self._services_open = spawn.services is not None and services is not None
         self._call_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._pid1_fd: int | None = None
@@ -639,9 +725,19 @@ class FunctionSandbox:
 
     @classmethod
     def start(
-        cls, function_dir: Path, *, limits: SandboxLimits = SandboxLimits()
+        cls,
+        function_dir: Path,
+        *,
+        limits: SandboxLimits = SandboxLimits(),
+        services: Services | None = None,
     ) -> FunctionSandbox:
         """Start the worker and import ``app.py`` once (module-level code runs here).
+
+        ``services(op, data) -> bytes`` serves the function's ``cape_encrypt.encrypt`` and
+        ``decrypt`` (``op`` is ``"encrypt"`` or ``"decrypt"``; see the module docstring). It
+        runs in the thread that called ``start`` or ``call``, while that waits for the worker,
+        and must not call back into this sandbox. Without it, ``cape_encrypt`` reports that
+        encryption services are not available in this session.
 
         Raises ``SandboxError("unavailable")`` without isolation (nothing runs),
         ``SandboxError("load")`` when app.py cannot be imported or lacks ``cape_handler``,
@@ -657,25 +753,33 @@ class FunctionSandbox:
             source, original = _place_function_dir(function_dir, uid)
             if original is not None:
                 restore = (source, original)
-            config = {
+            config: dict[str, object] = {
                 "root": FUNCTION_PATH,
                 "limits": limits._rlimits(),
                 "max_input_bytes": limits.max_input_bytes,
                 "max_output_bytes": limits.max_output_bytes,
+                "guest_dir": GUEST_PATH,
+                "services": None,
             }
+
+            def worker_args(fd: int, services_fd: int | None) -> list[str]:
+                if services_fd is not None:
+                    config["services"] = {
+                        "fd": services_fd,
+                        "max_request_bytes": limits.max_input_bytes,
+                        "max_response_bytes": services_response_limit(limits.max_input_bytes),
+                    }
+                return [WORKER_PATH, str(fd), json.dumps(config)]
+
             spawn = _Spawn(
-                _layout(),
-                uid,
-                source,
-                limits,
-                lambda fd: [WORKER_PATH, str(fd), json.dumps(config)],
+                _layout(), uid, source, limits, worker_args, services=services is not None
             )
         except BaseException:
             _UIDS.release(uid)
             if restore is not None:
                 _move_back(*restore)
             raise
-        sandbox = cls(spawn, limits, uid)
+        sandbox = cls(spawn, limits, uid, services)
         sandbox._restore = restore
         try:
             sandbox._handshake()
@@ -809,21 +913,11 @@ class FunctionSandbox:
             self._pid1_fd = os.pidfd_open(pid1)
 
     def _send(self, data: bytes, deadline: float) -> None:
-        sock = self._spawn.channel
-        for chunk in (_HEADER.pack(len(data)), data):
-            view = memoryview(chunk)
-            while view:
-                _wait(sock.fileno(), select.POLLOUT, deadline)
-                try:
-                    sent = sock.send(view, socket.MSG_NOSIGNAL)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    raise _WorkerGone from exc
-                view = view[sent:]
+        _send_all(self._spawn.channel, (_HEADER.pack(len(data)), data), deadline)
 
     def _receive(self, deadline: float) -> tuple[int, bytes]:
         sock = self._spawn.channel
+        self._serve_until_readable(deadline)
         (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size, deadline))
         if length == 0:
             raise _ProtocolViolation("empty frame")
@@ -831,6 +925,77 @@ class FunctionSandbox:
             raise _OutputTooLarge(f" ({length - 1} bytes announced)")
         status = _recv_exact(sock, 1, deadline)[0]
         return status, _recv_exact(sock, length - 1, deadline)
+
+    # -- encryption services
+
+    def _serve_until_readable(self, deadline: float) -> None:
+        """Serve services requests until the channel has something to read (or the deadline)."""
+        services, channel = self._spawn.services, self._spawn.channel
+        while self._services_open and services is not None:
+            poller = select.poll()
+            poller.register(channel.fileno(), select.POLLIN)
+            poller.register(services.fileno(), select.POLLIN)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Timeout
+            ready = dict(poller.poll(remaining * 1000))
+            if channel.fileno() in ready:
+                return
+            if services.fileno() in ready:
+                self._serve_one(services, deadline)
+
+    def _serve_one(self, sock: socket.socket, deadline: float) -> None:
+        """Read one request (nothing beyond the limit), answer it; a closed end stops serving."""
+        limit = self._limits.max_input_bytes
+        try:
+            try:
+                if not sock.recv(1, socket.MSG_PEEK):
+                    raise _WorkerGone
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                raise _WorkerGone from exc
+            (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size, deadline))
+            if length == 0:
+                raise _ProtocolViolation("an empty encryption-services request")
+            if length - 1 > limit:
+                raise _ProtocolViolation(
+                    f"an encryption-services request of {length - 1} bytes, "
+                    f"over the limit of {limit} bytes"
+                )
+            op = _recv_exact(sock, 1, deadline)[0]
+            data = _recv_exact(sock, length - 1, deadline)
+            status, body = self._run_service(op, data)
+            del data
+            _send_all(sock, (_HEADER.pack(len(body) + 1) + bytes((status,)), body), deadline)
+        except _WorkerGone:
+            self._services_open = False  # the function closed its end (or died: the channel says)
+
+    def _run_service(self, op: int, data: bytes) -> tuple[int, bytes]:
+        name = _OPS.get(op)
+        if name is None or self._services is None:
+            return _SERVICE_ERROR, f"unknown encryption-services operation {op}".encode()
+        try:
+            result = self._services(name, data)
+            if not isinstance(result, bytes | bytearray | memoryview):
+                raise TypeError(f"services returned {type(result).__name__}, not bytes")
+        except CapeError as exc:
+            reason = exc.diagnostics().encode("utf-8", "replace")[:_MAX_REASON_BYTES]
+            return _SERVICE_ERROR, reason.decode("utf-8", "ignore").encode()
+        except Exception as exc:
+            log.error("sandbox: the %s service failed with %s", name, type(exc).__name__)
+            return _SERVICE_ERROR, b"internal error"
+        except BaseException:
+            self._terminate("the runtime stopped while serving the function's encryption request")
+            raise
+        limit = services_response_limit(self._limits.max_input_bytes)
+        if len(result) > limit:
+            return (
+                _SERVICE_ERROR,
+                f"the result of {name} is {len(result)} bytes, over the limit of {limit} "
+                "bytes".encode(),
+            )
+        return _SERVICE_OK, bytes(result)
 
     def _fail(self, reason: str, message: str) -> NoReturn:
         self._terminate(message)
@@ -973,6 +1138,20 @@ def _read_some(fd: int, deadline: float, size: int) -> bytes:
         return os.read(fd, size)
     except OSError:
         return b""
+
+
+def _send_all(sock: socket.socket, chunks: tuple[bytes, ...], deadline: float) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            _wait(sock.fileno(), select.POLLOUT, deadline)
+            try:
+                sent = sock.send(view, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise _WorkerGone from exc
+            view = view[sent:]
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:

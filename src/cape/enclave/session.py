@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from cape.crypto import envelope, hpke, stream
-from cape.enclave.keyclient import EnclaveKeyClient
-from cape.enclave.sandbox import FunctionSandbox, SandboxLimits
+from cape.crypto.keys import load_rsa_public_key
+from cape.enclave.keyclient import KMS_TIMEOUT_S, EnclaveKeyClient
+from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
 from cape.enclave.secure_module.base import SecureModule
 from cape.enclave.unpack import unpack_bundle
 from cape.enclave.warm import Lease, WarmPool
@@ -122,6 +123,23 @@ async def _decrypt_input(ctx: _Context, data: bytes) -> bytes:
     return await asyncio.to_thread(stream.decrypt_any, data, unwrapper)
 
 
+def _services(ctx: _Context, loop: asyncio.AbstractEventLoop) -> Services:
+    """``cape_encrypt`` inside the function: encrypt for, and decrypt with, the owner's key."""
+    unwrap = ctx.keys.unwrapper_for(ctx.owner, loop)
+
+    def serve(op: str, data: bytes) -> bytes:
+        if op == "encrypt":
+            der = asyncio.run_coroutine_threadsafe(ctx.keys.public_key(ctx.owner), loop).result(
+                timeout=KMS_TIMEOUT_S
+            )
+            return envelope.encrypt_text(data, load_rsa_public_key(der)).encode("ascii")
+        if op == "decrypt":
+            return stream.decrypt_any(data, unwrap)
+        raise FormatError(f"unknown encryption service {op!r}")
+
+    return serve
+
+
 async def _key_session(ctx: _Context) -> None:
     public_der = await ctx.keys.public_key(ctx.owner)
     document = await asyncio.to_thread(
@@ -191,7 +209,10 @@ async def _cold_lease(ctx: _Context, zip_bytes: bytes) -> Lease:
         limits = ctx.config.bundle_limits
         root = await asyncio.to_thread(unpack_bundle, zip_bytes, holder, limits)
         sandbox = await asyncio.to_thread(
-            FunctionSandbox.start, root, limits=ctx.config.sandbox_limits
+            FunctionSandbox.start,
+            root,
+            limits=ctx.config.sandbox_limits,
+            services=_services(ctx, asyncio.get_running_loop()),
         )
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, holder, True)
@@ -206,7 +227,10 @@ async def _run_session(ctx: _Context, bundle: bytes | None) -> None:
     session_key = hpke.generate_keypair()
     if ctx.pool is not None:
         checksum, lease = await ctx.pool.acquire(
-            ctx.owner, bundle, lambda: _decrypt_input(ctx, bundle)
+            ctx.owner,
+            bundle,
+            lambda: _decrypt_input(ctx, bundle),
+            _services(ctx, asyncio.get_running_loop()),
         )
     else:
         zip_bytes = await _decrypt_input(ctx, bundle)

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cape.enclave.sandbox import FunctionSandbox, SandboxLimits
+from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
 from cape.enclave.unpack import unpack_bundle
 from cape.errors import CapeError
 from cape.formats.bundle import BundleLimits
@@ -54,14 +54,14 @@ class _Entry:
     sessions: int = field(default=0)
 
 
-def _start(source: Path, parent: Path, limits: SandboxLimits) -> Lease:
+def _start(source: Path, parent: Path, limits: SandboxLimits, services: Services) -> Lease:
     """Copy the function into a private directory and start a sandbox on it."""
     holder = Path(tempfile.mkdtemp(prefix="session-", dir=parent))
     try:
         holder.chmod(0o711)  # the sandbox's uid must traverse to its directory
         target = holder / "fn"
         shutil.copytree(source, target, symlinks=True)
-        return Lease(FunctionSandbox.start(target, limits=limits), holder)
+        return Lease(FunctionSandbox.start(target, limits=limits, services=services), holder)
     except BaseException:
         shutil.rmtree(holder, ignore_errors=True)
         raise
@@ -88,9 +88,17 @@ class WarmPool:
         self._lock = asyncio.Lock()
 
     async def acquire(
-        self, owner: str, ciphertext: bytes, decrypt: Callable[[], Awaitable[bytes]]
+        self,
+        owner: str,
+        ciphertext: bytes,
+        decrypt: Callable[[], Awaitable[bytes]],
+        services: Services,
     ) -> tuple[bytes, Lease]:
-        """The function's checksum and a sandbox for one session (the caller releases it)."""
+        """The function's checksum and a sandbox for one session (the caller releases it).
+
+        ``services`` serves ``cape_encrypt`` for the owner; a spare started for an earlier
+        session of the same owner and function carries an equivalent one.
+        """
         key = (owner, hashlib.sha256(ciphertext).digest())
         async with self._lock:
             entry = self._entries.get(key)
@@ -109,9 +117,9 @@ class WarmPool:
                     await asyncio.to_thread(candidate.release)
         if lease is None:
             lease = await asyncio.to_thread(
-                _start, entry.source, self._workdir, self._sandbox_limits
+                _start, entry.source, self._workdir, self._sandbox_limits, services
             )
-        self._refill(entry)
+        self._refill(entry, services)
         return entry.checksum, lease
 
     async def _load(
@@ -132,11 +140,11 @@ class WarmPool:
             await self._discard(evicted)
         return entry
 
-    def _refill(self, entry: _Entry) -> None:
+    def _refill(self, entry: _Entry, services: Services) -> None:
         if not self._spares or entry.spare is not None:
             return
         entry.spare = asyncio.create_task(
-            asyncio.to_thread(_start, entry.source, self._workdir, self._sandbox_limits)
+            asyncio.to_thread(_start, entry.source, self._workdir, self._sandbox_limits, services)
         )
 
     async def _discard(self, entry: _Entry) -> None:

@@ -18,8 +18,15 @@ Channel (a stream socket inherited from the runtime), every frame ``u32be length
 
 Before any of the function's code runs, the worker lowers its resource limits (they are
 inherited by every process the function starts and cannot be raised again: the sandbox holds
-no capabilities), closes every inherited descriptor but the channel, and points fds 0-2 and
-``sys.stdin/stdout/stderr`` at ``/dev/null`` so that printing cannot block or fill memory.
+no capabilities), closes every inherited descriptor but the channel and the services socket,
+and points fds 0-2 and ``sys.stdin/stdout/stderr`` at ``/dev/null`` so that printing cannot
+block or fill memory.
+
+Encryption services: the helper module ``cape_encrypt`` (``cape/enclave/guest/cape_encrypt.py``,
+bound read-only at ``<guest_dir>/cape_encrypt.py``) is loaded and registered in ``sys.modules``
+before app.py, its folder appended to ``sys.path``, and, when the config names a ``services``
+socket (a second inherited stream socket, separate from the channel so that a handler's request
+never interleaves with the call frames), attached to it. The module documents that protocol.
 
 The runtime does not trust anything this process sends: the function runs in this same
 process and could write to the channel itself. The checks here only keep honest functions
@@ -54,6 +61,7 @@ MAX_ERROR_CHARS = 4000
 HEADER = struct.Struct(">I")
 APP_FILE = "app.py"
 HANDLER = "cape_handler"
+GUEST_MODULE = "cape_encrypt"
 
 
 def _set_limits(limits: dict[str, int]) -> None:
@@ -127,6 +135,40 @@ class Channel:
         self._sock.sendall(HEADER.pack(len(body) + 1) + bytes((status,)))
         if body:
             self._sock.sendall(body)
+
+
+def _close_inherited_fds(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
+
+
+def _install_guest(config: dict[str, Any]) -> str | None:
+    """Load ``cape_encrypt`` as the module every import gets; returns an error text or None."""
+    guest_dir: str | None = config.get("guest_dir")
+    if guest_dir is None:
+        return None
+    try:
+        path = os.path.join(guest_dir, GUEST_MODULE + ".py")
+        spec = importlib.util.spec_from_file_location(GUEST_MODULE, path)
+        if spec is None or spec.loader is None:
+            return f"the sandbox's {GUEST_MODULE} helper cannot be loaded"
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        services: dict[str, int] | None = config.get("services")
+        if services is not None:
+            module._attach(
+                services["fd"], services["max_request_bytes"], services["max_response_bytes"]
+            )
+    except MemoryError:
+        raise
+    except Exception as exc:
+        return f"the sandbox's {GUEST_MODULE} helper failed to load: {_describe(exc)}"
+    sys.modules[GUEST_MODULE] = module
+    sys.path.append(guest_dir)  # last: the function's folder and the stdlib come first
+    return None
 
 
 def _find_app(root: str) -> str | None:
@@ -217,17 +259,22 @@ def _serve(channel: Channel, handler: Any, config: dict[str, Any], main_pid: int
 def main(argv: list[str]) -> None:
     fd = int(argv[1])
     config: dict[str, Any] = json.loads(argv[2])
+    services = config.get("services")
     try:
         _set_limits(config["limits"])
-        os.closerange(3, fd)
-        os.closerange(fd + 1, 1 << 16)
+        _close_inherited_fds({fd} if services is None else {fd, services["fd"]})
         _silence_stdio()
     except OSError:
         os._exit(EXIT_SETUP)
     channel = Channel(fd)
     main_pid = os.getpid()
     # A child forked by the function must not talk on the channel; subprocesses close it too.
+    # (cape_encrypt likewise closes the services socket in forked children.)
     os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
+    error = _install_guest(config)
+    if error is not None:
+        channel.send(LOAD_ERROR, error.encode("utf-8", "replace"))
+        return
     handler, error = _load(config["root"])
     if os.getpid() != main_pid:
         os._exit(0)
