@@ -86,9 +86,9 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import NoReturn
 
+from cape._internal.closeable import Closeable
 from cape.errors import CapeError, FunctionError, LimitExceededError, SandboxError
 
 __all__ = [
@@ -693,7 +693,7 @@ class _ProtocolViolation(Exception):
     pass
 
 
-class FunctionSandbox:
+class FunctionSandbox(Closeable):
     """One session's sandboxed worker: ``app.py`` imported once, then one call at a time."""
 
     def __init__(
@@ -802,17 +802,6 @@ class FunctionSandbox:
             if self._restore is not None:
                 _move_back(*self._restore)
             self._finalizer.detach()
-
-    def __enter__(self) -> FunctionSandbox:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def alive(self) -> bool:

@@ -33,6 +33,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from cape._internal.closeable import Closeable
 from cape.crypto.keys import MIN_RSA_BITS, public_key_der
 from cape.errors import (
     CapeError,
@@ -267,7 +268,7 @@ class DataKey:
     ciphertext_for_recipient: bytes = field(repr=False)
 
 
-class KeyService(abc.ABC):
+class KeyService(Closeable, abc.ABC):
     """One RSA-4096 Cape key per owner; data keys go only to attested recipients."""
 
     @abc.abstractmethod
@@ -304,7 +305,7 @@ class KeyService(abc.ABC):
             KeyReleaseDeniedError: the recipient fails the key policy.
         """
 
-    def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless a service holds one
+    def close(self) -> None:
         """Release resources (database connections); the default does nothing."""
 
 

@@ -16,9 +16,9 @@ Failures:
 from __future__ import annotations
 
 import abc
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 
+from cape._internal.closeable import Closeable
 from cape.errors import FormatError, NSMError, SecureModuleError
 from cape.formats.nsm import (
     AttestationRequest,
@@ -47,7 +47,7 @@ __all__ = ["SecureModule"]
 _R = TypeVar("_R", bound=Response)
 
 
-class SecureModule(abc.ABC):
+class SecureModule(Closeable, abc.ABC):
     """A Nitro Secure Module, real or simulated.
 
     Subclasses implement :meth:`process`; everything else is shared. Instances are usable as
@@ -62,19 +62,8 @@ class SecureModule(abc.ABC):
         all; refusals the NSM itself would express come back as an encoded ``Error`` response.
         """
 
-    def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless a module holds a resource
+    def close(self) -> None:
         """Release the module's resources; the default holds none."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- one request/response round trip ----------------------------------------------------
 
