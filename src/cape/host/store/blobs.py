@@ -1,0 +1,242 @@
+"""The blob store: encrypted function bundles, stored as opaque bytes under random keys.
+
+The host only ever stores ciphertext here (DESIGN.md invariant 1); it cannot read what it
+keeps. :class:`DirectoryBlobStore` is the local backend of ``cape serve``:
+
+- a blob lives at ``root/<key[:2]>/<key>``, written first to ``root/.tmp/<random>``, fsynced,
+  renamed into place and the directory fsynced, so a blob is either wholly there and durable
+  or absent — never partial under its key;
+- keys are validated (:data:`KEY_PATTERN`: letters and digits only), so no key can name a
+  path outside the store;
+- directories are 0700 and files 0600: only the service's user reads them.
+
+An S3 backend (production, DESIGN.md "Nitro") fits the same interface: ``put_stream`` as a
+multipart upload (S3 makes an object visible only once complete, which gives the same
+atomicity), ``keys`` as a paginated ``ListObjectsV2`` and ``sweep_temp`` as aborting stale
+multipart uploads. It is not written yet.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import re
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from cape.errors import LimitExceededError
+from cape.host.errors import NotFoundError
+from cape.host.ids import new_id
+
+__all__ = ["CHUNK_BYTES", "KEY_PATTERN", "BlobStore", "DirectoryBlobStore", "check_key"]
+
+KEY_PATTERN: Final = re.compile(r"[A-Za-z0-9]{16,64}")
+"""What a blob key must match in full (our keys are 22-character ids)."""
+
+CHUNK_BYTES: Final = 1 << 20
+"""How much :meth:`BlobStore.put_stream` reads from a file object at a time."""
+
+TEMP_DIR_NAME: Final = ".tmp"
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a valid blob key, else raise ``ValueError``.
+
+    Keys are made by the host, never taken from a request, so a bad one is a bug.
+    """
+    if isinstance(key, str) and key.isascii() and KEY_PATTERN.fullmatch(key):
+        return key
+    raise ValueError("invalid blob key")
+
+
+def _chunks_of(source: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:
+    if isinstance(source, bytes | bytearray | memoryview | str):
+        raise TypeError("pass an iterable of bytes chunks or a binary file, not bytes")
+    read = getattr(source, "read", None)
+    if callable(read):
+        while chunk := read(CHUNK_BYTES):
+            if not isinstance(chunk, bytes):
+                raise TypeError("the file object must be opened in binary mode")
+            yield chunk
+        return
+    for chunk in source:
+        if not isinstance(chunk, bytes | bytearray | memoryview):
+            raise TypeError("chunks must be bytes")
+        yield bytes(chunk)
+
+
+class BlobStore(abc.ABC):
+    """Opaque bytes by key (the ``BlobStore`` seam of DESIGN.md)."""
+
+    @abc.abstractmethod
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes] | BinaryIO, *, max_bytes: int | None = None
+    ) -> int:
+        """Store the concatenated chunks under ``key`` atomically and durably; return the size.
+
+        On return the blob is durable. On any error nothing is stored under ``key``.
+
+        Raises:
+            FileExistsError: ``key`` is taken (keys are never reused).
+            LimitExceededError: more than ``max_bytes`` bytes arrived.
+        """
+
+    def put(self, key: str, data: bytes) -> int:
+        """:meth:`put_stream` for bytes in memory."""
+        return self.put_stream(key, [data])
+
+    @abc.abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """The blob for reading. Raises NotFoundError if absent."""
+
+    def get(self, key: str) -> bytes:
+        """The whole blob. Raises NotFoundError if absent."""
+        with self.open(key) as f:
+            return f.read()
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove the blob durably; True if it existed."""
+
+    @abc.abstractmethod
+    def keys(self) -> Iterator[str]:
+        """Every stored key, in no particular order."""
+
+    @abc.abstractmethod
+    def sweep_temp(self, *, min_age_s: float = 0.0) -> int:
+        """Remove unfinished writes at least ``min_age_s`` old; return how many.
+
+        With the default, call it only while no write is in progress (at startup).
+        """
+
+    @abc.abstractmethod
+    def modified_at(self, key: str) -> float:
+        """When the blob was stored (POSIX seconds). Raises NotFoundError if absent."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.open(key).close()
+        except NotFoundError:
+            return False
+        return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` as a 0700 directory if absent; True if it was created."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return False
+    path.chmod(0o700)  # mkdir's mode is filtered by the umask
+    return True
+
+
+class DirectoryBlobStore(BlobStore):
+    """Blobs as files under ``root`` (created 0700 if absent)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.chmod(0o700)
+        self._temp = self.root / TEMP_DIR_NAME
+        if _private_dir(self._temp):
+            _fsync_dir(self.root)
+
+    def _path(self, key: str) -> Path:
+        key = check_key(key)
+        return self.root / key[:2] / key
+
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes] | BinaryIO, *, max_bytes: int | None = None
+    ) -> int:
+        final = self._path(key)
+        if final.exists():
+            raise FileExistsError(f"blob {key} exists")
+        temp = self._temp / new_id()
+        size = 0
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in _chunks_of(chunks):
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise LimitExceededError("blob size", max_bytes)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if _private_dir(final.parent):
+                _fsync_dir(self.root)
+            os.rename(temp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise
+        return size
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError:
+            raise NotFoundError("no such blob") from None
+
+    def delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def keys(self) -> Iterator[str]:
+        for shard in sorted(self.root.iterdir()):
+            if shard.name == TEMP_DIR_NAME or len(shard.name) != 2 or not shard.is_dir():
+                continue
+            for entry in sorted(shard.iterdir()):
+                name = entry.name
+                if KEY_PATTERN.fullmatch(name) and name[:2] == shard.name:
+                    yield name
+
+    def sweep_temp(self, *, min_age_s: float = 0.0) -> int:
+        removed = 0
+        cutoff = time.time() - min_age_s
+        for entry in self._temp.iterdir():
+            try:
+                info = entry.lstat()
+                if stat.S_ISDIR(info.st_mode) or info.st_mtime > cutoff:
+                    continue
+                entry.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+        if removed:
+            _fsync_dir(self._temp)
+        return removed
+
+    def modified_at(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise NotFoundError("no such blob") from None
+
+    def size(self, key: str) -> int:
+        """The blob's size in bytes. Raises NotFoundError if absent."""
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError("no such blob") from None
