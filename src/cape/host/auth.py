@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from cape._internal.timefile import fsync_dir, utc_now
 from cape.errors import FormatError, KeyFormatError
 from cape.host.errors import AuthError, ForbiddenError, NotFoundError, RateLimitedError
 from cape.host.ids import is_id, new_id
@@ -102,10 +103,6 @@ SIGNING_KEY_PATH: Final = Path("auth") / "signing.key"
 _REQUIRED_CLAIMS: Final = ["iss", "aud", "sub", "jti", "iat", "kind"]
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 # --------------------------------------------------------------------------- records
 
 
@@ -142,14 +139,6 @@ class Principal:
 # --------------------------------------------------------------------------- signing
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
     """Load the signing key, creating it (0600, atomically, directory 0700) if absent."""
     directory = path.parent
@@ -172,7 +161,7 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
                 os.link(temp, path)  # never replaces a key another process just made
         finally:
             temp.unlink()
-        _fsync_dir(directory)
+        fsync_dir(directory)
     mode = path.stat().st_mode
     if mode & 0o077:
         raise RuntimeError(
@@ -450,7 +439,7 @@ class Accounts:
         *,
         hasher: PasswordHasher | None = None,
         limiter: LoginRateLimiter | None = None,
-        clock: Callable[[], dt.datetime] = _utcnow,
+        clock: Callable[[], dt.datetime] = utc_now,
         access_token_ttl: dt.timedelta = ACCESS_TOKEN_TTL,
     ) -> None:
         self._store = store

@@ -50,8 +50,6 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
@@ -59,6 +57,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from cape._internal.timefile import fsync_dir, utc_now
 from cape.crypto.cms import seal_for_recipient
 from cape.crypto.envelope import DEK_SIZE, unwrap_key, wrap_key
 from cape.crypto.keys import CAPE_KEY_BITS, generate_cape_key, public_key_der
@@ -114,10 +113,6 @@ CREATE TABLE IF NOT EXISTS keys (
 _COLUMNS = "owner, key_id, public_der, wrapped_private, policy_json, created_at"
 
 
-def _utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 # --- the master key -----------------------------------------------------------------------
 
 
@@ -160,14 +155,6 @@ def _read_master_key_file(path: Path) -> bytes:
     return data
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _create_master_key_file(path: Path) -> None:
     """Write a new key atomically (temp file, then link); a concurrent winner is kept."""
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -183,7 +170,7 @@ def _create_master_key_file(path: Path) -> None:
         except FileExistsError:
             pass  # another process created it first; use theirs
         else:
-            _fsync_directory(path.parent)
+            fsync_dir(path.parent)
             _log.info("created a new KMS master key at %s", path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -265,7 +252,7 @@ class LocalKeyService(KeyService):
         self._aead = AESGCM(master_key)
         self._root = trusted_root
         self._default_policy = default_policy
-        self._clock: Clock = clock or _utc_now
+        self._clock: Clock = clock or utc_now
         self._lock = threading.Lock()
         self._creation_locks = tuple(threading.Lock() for _ in range(_CREATION_LOCKS))
         self._cache: dict[str, _KeyRecord] = {}
@@ -333,17 +320,6 @@ class LocalKeyService(KeyService):
         with self._lock:
             self._cache.clear()
             self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- KeyService ---------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 
+from cape._internal.timefile import as_utc
 from cape.errors import (
     CertificateExpiredError,
     ChainError,
@@ -63,12 +64,6 @@ def _load_der(der: bytes, what: str) -> x509.Certificate:
             return x509.load_der_x509_certificate(der)
         except (ValueError, CryptographyDeprecationWarning):
             raise FormatError(f"{what} is not a valid DER X.509 certificate") from None
-
-
-def _as_utc(moment: dt.datetime) -> dt.datetime:
-    if moment.tzinfo is None:
-        raise ValueError("check time must be timezone-aware")
-    return moment.astimezone(dt.UTC)
 
 
 def _verify_signature(signed: SignedAttestation, leaf: x509.Certificate) -> None:
@@ -174,7 +169,7 @@ def verify_attestation(
     or :class:`~cape.errors.FormatError` naming the first failed step.
     """
     policy = policy or AttestationPolicy()
-    at = _as_utc(now)
+    at = as_utc(now, "check time")
     signed = data if isinstance(data, SignedAttestation) else parse_attestation(data)  # step 0
     document = signed.document
     leaf = _load_der(document.certificate, "document certificate")

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from cape._internal.timefile import as_utc, utc_now
 from cape.enclave.measure import PCR_BYTES, extend, measure_runtime, simulated_pcrs
 from cape.enclave.secure_module.base import SecureModule
 from cape.errors import FormatError, SecureModuleError
@@ -103,16 +104,6 @@ _INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,32}")
 _MODULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,47}")
 
 Clock = Callable[[], dt.datetime]
-
-
-def _utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _as_utc(moment: dt.datetime) -> dt.datetime:
-    if moment.tzinfo is None:
-        raise ValueError("times must be timezone-aware")
-    return moment.astimezone(dt.UTC)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -236,7 +227,7 @@ class SimulatedAuthority:
         cls, *, now: dt.datetime | None = None, common_name: str = "cape-simulated-root"
     ) -> SimulatedAuthority:
         """A fresh root: self-signed, 30 years, CA without pathLen, like Root-G1."""
-        start = _as_utc(now) if now is not None else _utc_now()
+        start = as_utc(now, "times") if now is not None else utc_now()
         key = _new_key()
         name = _name(common_name)
         certificate = (
@@ -274,7 +265,7 @@ class SimulatedAuthority:
         instance_id: str | None = None,
     ) -> InstanceCredentials:
         """Certify a new host: regional → zonal → instance CA, each ES384, valid from ``now``."""
-        start = _as_utc(now)
+        start = as_utc(now, "times")
         root = self._root_certificate
         if not root.not_valid_before_utc <= start < root.not_valid_after_utc:
             raise SecureModuleError(
@@ -364,7 +355,7 @@ class SimulatedSecureModule(SecureModule):
         debug: bool = False,
     ) -> None:
         self._credentials = credentials
-        self._clock: Clock = clock or _utc_now
+        self._clock: Clock = clock or utc_now
         self._module_id = module_id or f"{credentials.instance_id}-enc{secrets.token_hex(8)}"
         if not _MODULE_ID.fullmatch(self._module_id):
             raise ValueError(
@@ -461,7 +452,7 @@ class SimulatedSecureModule(SecureModule):
             return ErrorResponse("InputTooLarge")
         if request.public_key == b"":
             return ErrorResponse("InvalidArgument")  # a document's public_key is 1..1024 bytes
-        now = _as_utc(self._clock())
+        now = as_utc(self._clock(), "times")
         leaf = self._current_leaf(now)
         document = AttestationDocument(
             module_id=self._module_id,

@@ -50,6 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cape._internal.timefile import utc_now
 from cape.errors import FormatError
 from cape.host.api.errors import BodyTooLargeError, error_response
 from cape.host.auth import (
@@ -76,10 +77,6 @@ PEM_MEDIA_TYPE: Final = "application/x-pem-file"
 _T = TypeVar("_T")
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 @dataclass(frozen=True, slots=True)
 class ApiDeps:
     """What the REST routes need.
@@ -94,7 +91,7 @@ class ApiDeps:
     attestation_root_pem: bytes
     key_documents: Callable[[str], bytes | None]
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    clock: Callable[[], dt.datetime] = field(default=_utcnow)
+    clock: Callable[[], dt.datetime] = field(default=utc_now)
 
 
 # --------------------------------------------------------------------------- helpers

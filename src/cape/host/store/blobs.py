@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from cape._internal.timefile import fsync_dir
 from cape.errors import LimitExceededError
 from cape.host.errors import NotFoundError
 from cape.host.ids import new_id
@@ -125,14 +126,6 @@ class BlobStore(abc.ABC):
         return True
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _private_dir(path: Path) -> bool:
     """Create ``path`` as a 0700 directory if absent; True if it was created."""
     try:
@@ -154,7 +147,7 @@ class DirectoryBlobStore(BlobStore):
         self.root.chmod(0o700)
         self._temp = self.root / TEMP_DIR_NAME
         if _private_dir(self._temp):
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def _path(self, key: str) -> Path:
         key = check_key(key)
@@ -179,9 +172,9 @@ class DirectoryBlobStore(BlobStore):
                 out.flush()
                 os.fsync(out.fileno())
             if _private_dir(final.parent):
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             os.rename(temp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
@@ -200,7 +193,7 @@ class DirectoryBlobStore(BlobStore):
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def keys(self) -> Iterator[str]:
@@ -225,7 +218,7 @@ class DirectoryBlobStore(BlobStore):
                 continue
             removed += 1
         if removed:
-            _fsync_dir(self._temp)
+            fsync_dir(self._temp)
         return removed
 
     def modified_at(self, key: str) -> float:

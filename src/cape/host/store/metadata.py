@@ -58,6 +58,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
+from cape._internal.timefile import utc_now
 from cape.errors import FormatError
 from cape.host.errors import ConflictError, NotFoundError
 from cape.host.ids import is_id, new_id
@@ -489,10 +490,6 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 class SqlMetadataStore(MetadataStore):
     """The metadata store on SQLAlchemy: ``sqlite:///path`` or ``postgresql+psycopg://…``.
 
@@ -504,7 +501,7 @@ class SqlMetadataStore(MetadataStore):
         self,
         url: str,
         *,
-        clock: Callable[[], dt.datetime] = _utcnow,
+        clock: Callable[[], dt.datetime] = utc_now,
         migrate: bool = True,
     ) -> None:
         parsed = make_url(url)
