@@ -85,7 +85,9 @@ class WarmPool:
         self._capacity = capacity
         self._spares = spares
         self._entries: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
-        self._lock = asyncio.Lock()
+        # One lock per function being loaded, so cold loads of different functions (key
+        # service round trip, unpacking) run side by side and one function loads only once.
+        self._loading: dict[tuple[str, bytes], asyncio.Lock] = {}
 
     async def acquire(
         self,
@@ -100,13 +102,11 @@ class WarmPool:
         session of the same owner and function carries an equivalent one.
         """
         key = (owner, hashlib.sha256(ciphertext).digest())
-        async with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = await self._load(key, decrypt)
-            self._entries.move_to_end(key)
-            spare, entry.spare = entry.spare, None
-            entry.sessions += 1
+        entry = self._entries.get(key) or await self._load_once(key, decrypt)
+        # No await between looking up and taking the spare: the event loop makes it atomic.
+        self._entries.move_to_end(key)
+        spare, entry.spare = entry.spare, None
+        entry.sessions += 1
         lease: Lease | None = None
         if spare is not None:
             with contextlib.suppress(CapeError):
@@ -122,9 +122,30 @@ class WarmPool:
         self._refill(entry, services)
         return entry.checksum, lease
 
-    async def _load(
+    async def _load_once(
         self, key: tuple[str, bytes], decrypt: Callable[[], Awaitable[bytes]]
     ) -> _Entry:
+        lock = self._loading.setdefault(key, asyncio.Lock())
+        async with lock:
+            entry = self._entries.get(key)
+            if entry is not None:  # loaded while we waited
+                return entry
+            entry = await self._load(decrypt)
+            existing = self._entries.get(key)
+            if existing is not None:  # a loader under an evicted-and-recreated lock won
+                await self._discard(entry)
+                return existing
+            self._entries[key] = entry
+            evicted = []
+            while len(self._entries) > self._capacity:
+                old_key, old_entry = self._entries.popitem(last=False)
+                self._loading.pop(old_key, None)
+                evicted.append(old_entry)
+        for old in evicted:
+            await self._discard(old)
+        return entry
+
+    async def _load(self, decrypt: Callable[[], Awaitable[bytes]]) -> _Entry:
         zip_bytes = await decrypt()
         checksum = hashlib.sha256(zip_bytes).digest()
         holder = Path(tempfile.mkdtemp(prefix="function-", dir=self._workdir))
@@ -133,12 +154,7 @@ class WarmPool:
         except BaseException:
             shutil.rmtree(holder, ignore_errors=True)
             raise
-        entry = _Entry(checksum=checksum, holder=holder, source=source)
-        self._entries[key] = entry
-        while len(self._entries) > self._capacity:
-            _, evicted = self._entries.popitem(last=False)
-            await self._discard(evicted)
-        return entry
+        return _Entry(checksum=checksum, holder=holder, source=source)
 
     def _refill(self, entry: _Entry, services: Services) -> None:
         if not self._spares or entry.spare is not None:
@@ -155,7 +171,7 @@ class WarmPool:
         await asyncio.to_thread(shutil.rmtree, entry.holder, True)
 
     async def close(self) -> None:
-        async with self._lock:
-            for entry in self._entries.values():
-                await self._discard(entry)
-            self._entries.clear()
+        entries = list(self._entries.values())
+        self._entries.clear()
+        for entry in entries:
+            await self._discard(entry)
