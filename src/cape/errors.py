@@ -29,6 +29,7 @@ __all__ = [
     "NSMError",
     "NonceMismatchError",
     "PCRMismatchError",
+    "RequestRefusedError",
     "SandboxError",
     "SecureModuleError",
     "SignatureError",
@@ -183,4 +184,12 @@ class TransportError(CapeError):
 
     def __init__(self, message: str, *, close_code: int | None = None) -> None:
         self.close_code = close_code
+        super().__init__(message)
+
+
+class RequestRefusedError(CapeError):
+    """The server answered a request or a session upgrade with an error ``status``."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        self.status = status
         super().__init__(message)

@@ -288,6 +288,52 @@ def attestation_verify(
         _fail(exc)
 
 
+@app.command()
+def serve(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Where the platform keeps its state (default $CAPE_DATA_DIR or "
+            "~/.local/share/cape).",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port (0 picks a free one).")
+    ] = 8443,
+    enclaves: Annotated[
+        int, typer.Option("--enclaves", min=1, max=64, help="Enclave processes to run.")
+    ] = 2,
+    idle_timeout: Annotated[
+        float,
+        typer.Option("--idle-timeout", min=60, help="Seconds before an idle session is closed."),
+    ] = 120.0,
+) -> None:
+    """Run the whole platform on this machine: HTTPS/WSS API, key service, enclaves.
+
+    Simulated mode: no hardware guarantee. Prints `Ready: https://HOST:PORT` once it accepts
+    connections and records the URL and CA for this user's `cape` commands. Stop it with
+    Ctrl-C or SIGTERM; sessions in progress finish first.
+    """
+    from cape.platform.serve import ServeConfig, default_data_dir
+    from cape.platform.serve import serve as run_server
+
+    config = ServeConfig(
+        data_dir=data_dir or default_data_dir(),
+        host=host,
+        port=port,
+        enclaves=enclaves,
+        idle_timeout_s=idle_timeout,
+    )
+    try:
+        run_server(config)
+    except CapeError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(CapeError(f"cannot serve: {exc.strerror or exc}"))
+
+
 def main() -> None:
     """Console-script entry point. Commands turn CapeError into ``Error: …`` and exit 1 through
     :func:`_fail`; typer reports usage errors with exit 2."""

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "FrameDecoder",
     "encode_frame",
+    "encode_frame_parts",
     "parse_frame_body",
     "read_frame",
 ]
@@ -76,6 +77,50 @@ def encode_frame(message: Mapping[str, Any]) -> bytes:
     if len(body) > MAX_FRAME_BYTES:
         raise LimitExceededError("channel frame size in bytes", MAX_FRAME_BYTES, len(body))
     return HEADER.pack(len(body)) + body
+
+
+#: Byte strings at least this long are written by reference, not copied into the frame.
+SPLICE_MIN_BYTES = 64 * 1024
+
+
+def _bytes_head(length: int) -> bytes:
+    """The CBOR head of a byte string of ``length`` bytes (major type 2)."""
+    if length < 24:
+        return bytes([0x40 + length])
+    for marker, width in ((0x58, 1), (0x59, 2), (0x5A, 4), (0x5B, 8)):
+        if length < 1 << (8 * width):
+            return bytes([marker]) + length.to_bytes(width, "big")
+    raise ValueError("byte string too long for CBOR")
+
+
+def encode_frame_parts(message: Mapping[str, Any]) -> list[bytes]:
+    """Like :func:`encode_frame`, but a large ``data`` or ``bundle`` value is not copied.
+
+    Returns the pieces to write in order; their concatenation equals ``encode_frame(message)``
+    up to the position of that field in the map (it is encoded last).
+    """
+    big = next(
+        (
+            k
+            for k in ("data", "bundle")
+            if isinstance(message.get(k), bytes) and len(message[k]) >= SPLICE_MIN_BYTES
+        ),
+        None,
+    )
+    if big is None:
+        return [encode_frame(message)]
+    if message.get("t") not in MESSAGE_TYPES:
+        raise ValueError(f"unknown channel message type {message.get('t')!r}")
+    value: bytes = message[big]
+    rest = {k: v for k, v in message.items() if k != big}
+    rest[big] = b""
+    prefix = cbor2.dumps(rest)
+    assert prefix.endswith(b"\x40")
+    head = _bytes_head(len(value))
+    length = len(prefix) - 1 + len(head) + len(value)
+    if length > MAX_FRAME_BYTES:
+        raise LimitExceededError("channel frame size in bytes", MAX_FRAME_BYTES, length)
+    return [HEADER.pack(length) + prefix[:-1] + head, value]
 
 
 def parse_frame_body(body: bytes) -> dict[str, Any]:
@@ -138,8 +183,24 @@ async def read_frame(
     (length,) = HEADER.unpack(header)
     if length > max_frame_bytes:
         raise LimitExceededError("channel frame size in bytes", max_frame_bytes, length)
+    body: bytes
     try:
-        body = await reader.readexactly(length)
+        if length <= SPLICE_MIN_BYTES:
+            body = await reader.readexactly(length)
+        else:
+            # Fill one buffer in place (readexactly would hold the stream's buffer and two
+            # copies of it at once), then freeze it.
+            buffer = bytearray(length)
+            view, filled = memoryview(buffer), 0
+            while filled < length:
+                chunk = await reader.read(min(length - filled, 1 << 20))
+                if not chunk:
+                    raise asyncio.IncompleteReadError(b"", length)
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+            view.release()
+            body = bytes(buffer)
+            del buffer
     except asyncio.IncompleteReadError:
         raise FormatError("channel closed in the middle of a frame") from None
     return parse_frame_body(body)

@@ -14,6 +14,7 @@ __all__ = [
     "ForbiddenError",
     "NotFoundError",
     "RateLimitedError",
+    "UnavailableError",
 ]
 
 
@@ -39,3 +40,7 @@ class NotFoundError(CapeError):
 
 class ConflictError(CapeError):
     """The name is taken, e.g. a username at signup (HTTP 409)."""
+
+
+class UnavailableError(CapeError):
+    """The server cannot take this now (shutting down, no enclave ready): retry (HTTP 503)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cape.errors import CapeError, FormatError, TransportError
-from cape.formats.frames import encode_frame, read_frame
+from cape.formats.frames import encode_frame, encode_frame_parts, read_frame
 
 __all__ = ["EnclaveConnection", "EnclaveLauncher", "HostSession", "SimulatedLauncher"]
 
@@ -42,6 +42,7 @@ Provider = Callable[[], Mapping[str, Any]]
 """Returns the ``credentials`` for a new simulated enclave (the simulated AWS's role)."""
 
 READY_TIMEOUT_S = 60.0
+WRITE_SLICE_BYTES = 1 << 20
 
 
 class HostSession:
@@ -105,15 +106,25 @@ class EnclaveConnection:
         return self._reader_task is not None and not self._reader_task.done()
 
     async def send(self, message: dict[str, Any]) -> None:
-        frame = encode_frame(message)
+        parts = encode_frame_parts(message)
         if self._tap is not None:
-            self._tap("to-enclave", frame)
+            self._tap("to-enclave", b"".join(parts))
         async with self._write_lock:
             try:
-                self._writer.write(frame)
-                await self._writer.drain()
+                for part in parts:
+                    # Large payloads go out in slices, draining between them, so the
+                    # transport never buffers a second copy of a bundle.
+                    view = memoryview(part)
+                    for start in range(0, len(view), WRITE_SLICE_BYTES):
+                        self._writer.write(view[start : start + WRITE_SLICE_BYTES])
+                        await self._writer.drain()
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"the enclave channel is broken: {exc}") from None
+
+    async def wait_closed(self) -> None:
+        """Return once the channel has ended (the enclave exited or was closed)."""
+        if self._reader_task is not None:
+            await asyncio.wait({self._reader_task})
 
     def forget(self, sid: int) -> None:
         self._sessions.pop(sid, None)

@@ -252,6 +252,15 @@ class SimulatedAuthority:
         """The root verifiers pin for this platform."""
         return self._root_certificate
 
+    def private_key_pem(self) -> bytes:
+        """The root key as unencrypted PKCS#8 PEM, for the platform to persist (0600) so
+        that restarts keep the root clients pinned. Nothing else should call this."""
+        return self._root_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
     @property
     def root_pem(self) -> bytes:
         """:attr:`root_certificate` as PEM (what ``cape serve`` publishes)."""

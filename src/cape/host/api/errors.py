@@ -16,6 +16,7 @@ exception (first match in this order)       status  close  extra
 :class:`~cape.host.errors.AuthError`        401     1008   ``WWW-Authenticate: Bearer``
 :class:`~cape.host.errors.NotFoundError`    404     1008
 :class:`~cape.host.errors.ConflictError`    409     1008
+:class:`~cape.host.errors.UnavailableError` 503     1013
 any other :class:`~cape.errors.CapeError`   400     1008
 Starlette ``HTTPException`` (routing)       its own 1008   its headers
 anything else                               500     1011   generic text
@@ -43,12 +44,14 @@ from cape.host.errors import (
     ForbiddenError,
     NotFoundError,
     RateLimitedError,
+    UnavailableError,
 )
 
 __all__ = [
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_POLICY_VIOLATION",
+    "CLOSE_TRY_AGAIN_LATER",
     "EXCEPTION_HANDLERS",
     "INTERNAL_ERROR_TEXT",
     "BodyTooLargeError",
@@ -64,6 +67,7 @@ INTERNAL_ERROR_TEXT: Final = "internal server error"
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_TRY_AGAIN_LATER: Final = 1013
 MAX_CLOSE_REASON_BYTES: Final = 123
 """RFC 6455: a close frame's reason fits in 123 bytes of UTF-8."""
 MAX_ERROR_CHARS: Final = 1000
@@ -83,6 +87,7 @@ _TABLE: Final[tuple[tuple[type[BaseException], int, int], ...]] = (
     (AuthError, 401, CLOSE_POLICY_VIOLATION),
     (NotFoundError, 404, CLOSE_POLICY_VIOLATION),
     (ConflictError, 409, CLOSE_POLICY_VIOLATION),
+    (UnavailableError, 503, CLOSE_TRY_AGAIN_LATER),
     (CapeError, 400, CLOSE_POLICY_VIOLATION),
 )
 

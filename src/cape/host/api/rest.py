@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -64,7 +65,7 @@ from cape.host.auth import (
 from cape.host.errors import AuthError, NotFoundError
 from cape.host.store.blobs import BlobStore
 from cape.host.store.deploys import delete_deploy
-from cape.host.store.metadata import Function, MetadataStore, Token
+from cape.host.store.metadata import Function, MetadataStore, Token, User
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ApiDeps", "create_rest_routes"]
 
@@ -75,6 +76,7 @@ _MAX_EXPIRY_S: Final = 10 * 366 * 24 * 3600
 PEM_MEDIA_TYPE: Final = "application/x-pem-file"
 
 _T = TypeVar("_T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +84,18 @@ class ApiDeps:
     """What the REST routes need.
 
     ``key_documents(username)`` returns the stored attestation document of that user's Cape
-    key, or ``None`` if there is none. ``clock`` is the time tokens are checked at.
+    key, or ``None`` if there is none (it may create the document for an existing user).
+    ``on_signup(user)`` runs after an account is created (``cape serve`` creates the user's
+    key document there); its failure is logged, not reported, since the account exists.
+    ``clock`` is the time tokens are checked at.
     """
 
     store: MetadataStore
     blobs: BlobStore
     accounts: Accounts
     attestation_root_pem: bytes
-    key_documents: Callable[[str], bytes | None]
+    key_documents: Callable[[str], Awaitable[bytes | None]]
+    on_signup: Callable[[User], Awaitable[None]] | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     clock: Callable[[], dt.datetime] = field(default=utc_now)
 
@@ -276,11 +282,17 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
         username, password = _required_str(body, "username"), _required_str(body, "password")
         client = _client(request)
 
-        def run() -> dict[str, Any]:
-            accounts.signup(username, password)
-            return _login(username, password, client)
+        def run() -> tuple[User, dict[str, Any]]:
+            user = accounts.signup(username, password)
+            return user, _login(username, password, client)
 
-        return JSONResponse(await run_in_threadpool(run), status_code=201)
+        user, result = await run_in_threadpool(run)
+        if deps.on_signup is not None:
+            try:
+                await deps.on_signup(user)
+            except Exception:  # the account exists; the hook's work can be redone later
+                logger.warning("post-signup step failed for %s", username, exc_info=True)
+        return JSONResponse(result, status_code=201)
 
     async def login(request: Request) -> Response:
         body = await _json_object(deps, request)
@@ -351,7 +363,7 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
 
     async def user_key(request: Request) -> Response:
         username = request.path_params["username"]
-        document = await run_in_threadpool(deps.key_documents, username)
+        document = await deps.key_documents(username)
         if document is None:
             raise NotFoundError("no key document for that user")
         return JSONResponse({"attestation_document": base64.b64encode(document).decode()})

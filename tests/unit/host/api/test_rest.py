@@ -54,6 +54,10 @@ def monotonic() -> Monotonic:
     return Monotonic()
 
 
+async def _key_documents(username: str) -> bytes | None:
+    return KEY_DOC if username == "alice" else None
+
+
 @pytest.fixture
 def client(
     store: SqlMetadataStore, blobs: DirectoryBlobStore, monotonic: Monotonic
@@ -69,7 +73,7 @@ def client(
         blobs=blobs,
         accounts=accounts,
         attestation_root_pem=ROOT_PEM,
-        key_documents=lambda username: KEY_DOC if username == "alice" else None,
+        key_documents=_key_documents,
         max_body_bytes=1024,
     )
     app = Starlette(routes=create_rest_routes(deps), exception_handlers=dict(EXCEPTION_HANDLERS))

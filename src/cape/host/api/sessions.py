@@ -1,0 +1,480 @@
+"""The websocket routes: key, deploy, run and test sessions relayed to enclaves.
+
+=================================  ====================================================
+route                              session
+=================================  ====================================================
+``/v1/key``                        the caller's key document (their Cape key)
+``/v1/deploy``                     store a function: ``cape:`` bundle → id, checksum
+``/v1/run/{id}``                   run a function by id, many inputs per connection
+``/v1/run/{user}/{name}``          the same, by name (newest deploy of that name)
+``/v1/test``                       HPKE(zip) then inputs; nothing stored
+=================================  ====================================================
+
+Authentication is the subprotocol pair ``cape.runtime``, ``<token>`` (one comma-separated
+header or two header lines; an ``Authorization: Bearer`` header also works). The server
+selects ``cape.runtime`` and never echoes the token. A refused upgrade gets the HTTP status
+and ``{"error": …}`` of :mod:`cape.host.api.errors`.
+
+The key service knows a user by their username (canonical, lower case, never reused: there is
+no account deletion); functions run with their owner's key.
+
+The server reads only what it must: the nonce frame (nonce and optional response key) and,
+on deploy, the function-info frame. Inputs, results and bundles pass through as ciphertext.
+Every client frame gets its reply before the next one is read, so neither a slow client nor
+a slow enclave makes the server buffer more than one message per session (the ASGI server
+stops reading a socket while a message waits). Errors:
+
+- a function error (or a bad ``cape:`` input) is ``{"error": …}`` and the session goes on;
+- a protocol error is ``{"error": …}``, then close 1008; an enclave failure close 1011;
+- an idle session (no frame for ``idle_timeout_s``) is closed with 1000;
+- at shutdown an idle session gets ``{"error": "the server is shutting down"}`` and close
+  1001; a call in progress finishes first, and a deploy in progress is committed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import datetime as dt
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketState
+
+from cape._internal.timefile import utc_now
+from cape.errors import CapeError, FormatError, LimitExceededError, TransportError
+from cape.host.api.errors import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY_VIOLATION,
+    BodyTooLargeError,
+    close_code_for,
+    error_body,
+    error_response,
+)
+from cape.host.auth import Accounts, Principal, authorize_account, authorize_run
+from cape.host.errors import AuthError, NotFoundError, UnavailableError
+from cape.host.ids import is_id
+from cape.host.keydocs import KeyDocuments
+from cape.host.launcher import HostSession, expect
+from cape.host.pool import EnclavePool
+from cape.host.store.blobs import BlobStore
+from cape.host.store.deploys import commit_deploy
+from cape.host.store.metadata import Function, MetadataStore, User, check_function_name
+
+__all__ = ["Lifecycle", "SessionDeps", "create_session_routes"]
+
+log = logging.getLogger("cape.host.sessions")
+
+SUBPROTOCOL: Final = "cape.runtime"
+MAX_NONCE_BYTES: Final = 1024
+MAX_TEXT_FRAME_BYTES: Final = 64 * 1024
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+SHUTDOWN_TEXT: Final = "the server is shutting down"
+
+
+class Lifecycle:
+    """Counts live sessions and tells them when the server starts draining."""
+
+    def __init__(self) -> None:
+        self.draining = asyncio.Event()
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self) -> Any:
+        self.active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Ask sessions to end; wait up to ``timeout_s``. True if all ended."""
+        self.draining.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass
+class SessionDeps:
+    """What the websocket routes need."""
+
+    store: MetadataStore
+    blobs: BlobStore
+    accounts: Accounts
+    pool: EnclavePool
+    key_documents: KeyDocuments
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    idle_timeout_s: float = 120.0
+    max_input_bytes: int = 64 << 20
+    max_bundle_bytes: int = 1_000_000_000
+    clock: Callable[[], dt.datetime] = field(default=utc_now)
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout_s < 60:
+            raise ValueError("the idle timeout may not be below 60 s (pycape expects it)")
+
+
+class _Closed(Exception):
+    """The client went away (or we closed the socket): stop quietly."""
+
+
+class _Idle(Exception):
+    """No frame within the idle timeout."""
+
+
+class _Draining(Exception):
+    """The server is shutting down."""
+
+
+# --------------------------------------------------------------------------- client frames
+
+
+def _token(websocket: WebSocket) -> str:
+    offered: list[str] = list(websocket.scope.get("subprotocols") or [])
+    others = [p for p in offered if p != SUBPROTOCOL]
+    if SUBPROTOCOL in offered and others:
+        return others[0]
+    header = websocket.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    raise AuthError(f"missing token: offer the subprotocols '{SUBPROTOCOL}' and your token")
+
+
+async def _receive(websocket: WebSocket, lifecycle: Lifecycle, timeout_s: float) -> str | bytes:
+    """The next client frame; raises _Closed, _Idle or _Draining instead."""
+    receive = asyncio.ensure_future(websocket.receive())
+    drain = asyncio.ensure_future(lifecycle.draining.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {receive, drain}, timeout=timeout_s, return_when="FIRST_COMPLETED"
+        )
+    finally:
+        drain.cancel()
+    if receive not in done:
+        receive.cancel()
+        with contextlib.suppress(BaseException):
+            await receive
+        raise _Draining() if drain in done else _Idle()
+    message = receive.result()
+    if message["type"] == "websocket.disconnect":
+        raise _Closed()
+    if message.get("bytes") is not None:
+        data: bytes = message["bytes"]
+        return data
+    text: str = message.get("text") or ""
+    return text
+
+
+def _json_message(frame: str | bytes, what: str) -> dict[str, Any]:
+    """``{"message": {...}}`` from a text frame."""
+    if not isinstance(frame, str):
+        raise FormatError(f"expected the {what} as a text frame, got a binary frame")
+    if len(frame) > MAX_TEXT_FRAME_BYTES:
+        raise BodyTooLargeError(f"{what} frame size in bytes", MAX_TEXT_FRAME_BYTES, len(frame))
+    try:
+        parsed = json.loads(frame)
+    except ValueError:
+        raise FormatError(f"the {what} frame is not JSON") from None
+    message = parsed.get("message") if isinstance(parsed, dict) else None
+    if not isinstance(message, dict):
+        raise FormatError(f'the {what} frame must be {{"message": {{...}}}}')
+    return message
+
+
+def _b64_field(message: dict[str, Any], name: str, limit: int) -> bytes | None:
+    value = message.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise FormatError(f"'{name}' must be a base64 string")
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise FormatError(f"'{name}' is not valid base64") from None
+    if len(decoded) > limit:
+        raise LimitExceededError(f"{name} size in bytes", limit, len(decoded))
+    return decoded
+
+
+def _nonce_frame(frame: str | bytes) -> tuple[bytes, bytes | None]:
+    message = _json_message(frame, "nonce")
+    nonce = _b64_field(message, "nonce", MAX_NONCE_BYTES)
+    if nonce is None:
+        raise FormatError("the first frame must carry 'nonce'")
+    return nonce, _b64_field(message, "response_key", 64)
+
+
+def _binary(frame: str | bytes, what: str, limit: int) -> bytes:
+    if not isinstance(frame, bytes):
+        raise FormatError(f"expected the {what} as a binary frame, got a text frame")
+    if len(frame) > limit:
+        raise LimitExceededError(f"{what} size in bytes", limit, len(frame))
+    return frame
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# --------------------------------------------------------------------------- relaying
+
+
+async def _send(websocket: WebSocket, payload: dict[str, Any]) -> None:
+    try:
+        await websocket.send_text(json.dumps(payload, separators=(",", ":")))
+    except (OSError, RuntimeError) as exc:
+        raise _Closed() from exc
+
+
+async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
+    if websocket.application_state == WebSocketState.CONNECTED:
+        with contextlib.suppress(OSError, RuntimeError):
+            await websocket.close(code, reason)
+
+
+async def _attestation(websocket: WebSocket, session: HostSession) -> None:
+    frame = expect(await session.receive(), "attestation")
+    await _send(
+        websocket,
+        {"message": {"type": "attestation_doc", "message": _b64(frame["document"])}},
+    )
+
+
+class _EnclaveSaid(CapeError):
+    """A fatal error frame from the enclave: the session is over."""
+
+
+async def _reply(websocket: WebSocket, session: HostSession) -> bool:
+    """Relay the enclave's answer to one call. False when the enclave ended the session."""
+    message = await session.receive()
+    kind = message["t"]
+    if kind == "result":
+        payload: dict[str, Any] = {"type": "function_result", "message": _b64(message["data"])}
+        if message.get("encrypted"):
+            payload["encrypted"] = True
+        await _send(websocket, {"message": payload})
+        return True
+    if kind == "error":
+        if message.get("fatal"):
+            raise _EnclaveSaid(str(message.get("message", "enclave error")))
+        await _send(websocket, {"error": str(message.get("message", "function error"))})
+        return True
+    if kind == "close":
+        return False
+    raise FormatError(f"unexpected {kind!r} frame from the enclave")
+
+
+async def _serve_calls(
+    websocket: WebSocket, session: HostSession, deps: SessionDeps, *, bundle_first: bool
+) -> None:
+    """run/test: each binary frame is one call and gets exactly one reply, in order."""
+    first = bundle_first
+    while True:
+        try:
+            frame = await _receive(websocket, deps.lifecycle, deps.idle_timeout_s)
+        except _Idle:
+            await _close(websocket, CLOSE_NORMAL, "idle timeout")
+            return
+        limit = deps.max_bundle_bytes if first else deps.max_input_bytes
+        data = _binary(frame, "test bundle" if first else "input", limit)
+        if first:
+            await session.send({"t": "bundle", "data": data})
+            first = False
+            continue
+        await session.send({"t": "input", "data": data})
+        if not await _reply(websocket, session):
+            await _close(websocket, CLOSE_NORMAL)
+            return
+
+
+async def _deploy(
+    websocket: WebSocket, session: HostSession, deps: SessionDeps, owner: User
+) -> None:
+    info = _json_message(
+        await _receive(websocket, deps.lifecycle, deps.idle_timeout_s), "function info"
+    )
+    name = check_function_name(info.get("function_name"))
+    public = info.get("public", False)
+    if not isinstance(public, bool):
+        raise FormatError("'public' must be true or false")
+    bundle = _binary(
+        await _receive(websocket, deps.lifecycle, deps.idle_timeout_s),
+        "bundle",
+        deps.max_bundle_bytes,
+    )
+    await session.send({"t": "bundle", "data": bundle, "name": name, "public": public})
+    deployed = expect(await session.receive(), "deployed")
+    function = await run_in_threadpool(
+        commit_deploy,
+        deps.store,
+        deps.blobs,
+        owner=owner,
+        name=name,
+        checksum=deployed["checksum"],
+        public=public,
+        ciphertext_chunks=[bundle],
+        max_bytes=deps.max_bundle_bytes,
+    )
+    del bundle
+    log.info("deployed function %s (%s/%s)", function.id, owner.username, name)
+    await _send(
+        websocket,
+        {"message": {"id": function.id, "checksum": function.checksum, "name": function.name}},
+    )
+    await _close(websocket, CLOSE_NORMAL)
+
+
+# --------------------------------------------------------------------------- routes
+
+
+Handler = Callable[[WebSocket, Principal], Awaitable[None]]
+
+
+def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
+    """The websocket routes over ``deps`` (see the module docstring)."""
+
+    async def authenticate(websocket: WebSocket) -> Principal:
+        token = _token(websocket)
+        return await run_in_threadpool(deps.accounts.authenticate, token, now=deps.clock())
+
+    def resolve(websocket: WebSocket, principal: Principal) -> Function:
+        params = websocket.path_params
+        if "id" in params:
+            function_id = params["id"]
+            function = deps.store.get_function(function_id) if is_id(function_id) else None
+        else:
+            try:
+                function = deps.store.resolve_function(params["user"], params["name"])
+            except FormatError:
+                function = None
+        if function is None:
+            raise NotFoundError("no such function")
+        authorize_run(principal, function)
+        return function
+
+    async def nonce(websocket: WebSocket) -> tuple[bytes, bytes | None]:
+        return _nonce_frame(await _receive(websocket, deps.lifecycle, deps.idle_timeout_s))
+
+    async def key(websocket: WebSocket, principal: Principal) -> None:
+        authorize_account(principal)
+        nonce_bytes, response_key = await nonce(websocket)
+        async with deps.pool.session(
+            "key", owner=principal.user.username, nonce=nonce_bytes, response_key=response_key
+        ) as session:
+            await _attestation(websocket, session)
+            expect(await session.receive(), "close")
+        await _close(websocket, CLOSE_NORMAL)
+
+    async def deploy(websocket: WebSocket, principal: Principal) -> None:
+        authorize_account(principal)
+        nonce_bytes, response_key = await nonce(websocket)
+        async with deps.pool.session(
+            "deploy", owner=principal.user.username, nonce=nonce_bytes, response_key=response_key
+        ) as session:
+            await _attestation(websocket, session)
+            await _deploy(websocket, session, deps, principal.user)
+
+    async def test(websocket: WebSocket, principal: Principal) -> None:
+        authorize_account(principal)
+        nonce_bytes, response_key = await nonce(websocket)
+        async with deps.pool.session(
+            "test", owner=principal.user.username, nonce=nonce_bytes, response_key=response_key
+        ) as session:
+            await _attestation(websocket, session)
+            await _serve_calls(websocket, session, deps, bundle_first=True)
+
+    def run_handler(function: Function) -> Handler:
+        async def run(websocket: WebSocket, _principal: Principal) -> None:
+            nonce_bytes, response_key = await nonce(websocket)
+            bundle = await run_in_threadpool(deps.blobs.get, function.blob_key)
+            async with deps.pool.session(
+                "run",
+                owner=function.owner_name,
+                nonce=nonce_bytes,
+                response_key=response_key,
+                bundle=bundle,
+                affinity=function.id,
+            ) as session:
+                del bundle
+                await _attestation(websocket, session)
+                await _serve_calls(websocket, session, deps, bundle_first=False)
+
+        return run
+
+    def endpoint(handler: Handler | None) -> Callable[[WebSocket], Awaitable[None]]:
+        async def serve(websocket: WebSocket) -> None:
+            try:
+                if deps.lifecycle.draining.is_set():
+                    raise UnavailableError(SHUTDOWN_TEXT)
+                principal = await authenticate(websocket)
+                chosen = handler
+                if chosen is None:
+                    chosen = run_handler(await run_in_threadpool(resolve, websocket, principal))
+            except Exception as exc:  # refuse the upgrade with the table's status and body
+                await _deny(websocket, exc)
+                return
+            await websocket.accept(subprotocol=SUBPROTOCOL)
+            with deps.lifecycle.track():
+                await _guard(websocket, chosen(websocket, principal))
+
+        return serve
+
+    return [
+        WebSocketRoute("/v1/key", endpoint(key)),
+        WebSocketRoute("/v1/deploy", endpoint(deploy)),
+        WebSocketRoute("/v1/test", endpoint(test)),
+        WebSocketRoute("/v1/run/{id}", endpoint(None)),
+        WebSocketRoute("/v1/run/{user}/{name}", endpoint(None)),
+    ]
+
+
+async def _deny(websocket: WebSocket, exc: Exception) -> None:
+    if "websocket.http.response" in (websocket.scope.get("extensions") or {}):
+        await websocket.send_denial_response(error_response(exc))
+    else:  # the server cannot answer the upgrade with a body: close before accepting
+        code, reason = close_code_for(exc)
+        await websocket.close(code, reason)
+
+
+async def _guard(websocket: WebSocket, work: Awaitable[None]) -> None:
+    """Run one accepted session; every failure becomes an error frame and a close code."""
+    try:
+        await work
+    except _Closed:
+        pass
+    except _Idle:
+        await _close(websocket, CLOSE_NORMAL, "idle timeout")
+    except _Draining:
+        with contextlib.suppress(_Closed):
+            await _send(websocket, {"error": SHUTDOWN_TEXT})
+        await _close(websocket, CLOSE_GOING_AWAY, SHUTDOWN_TEXT)
+    except _EnclaveSaid as exc:
+        with contextlib.suppress(_Closed):
+            await _send(websocket, {"error": str(exc)})
+        await _close(websocket, CLOSE_POLICY_VIOLATION, str(exc)[:120])
+    except TransportError as exc:  # the enclave died or the pool has none
+        with contextlib.suppress(_Closed):
+            await _send(websocket, error_body(exc))
+        await _close(websocket, CLOSE_INTERNAL_ERROR, close_code_for(exc)[1])
+    except Exception as exc:  # the table decides the text and code; unknown → 1011
+        code, reason = close_code_for(exc)
+        with contextlib.suppress(_Closed):
+            await _send(websocket, error_body(exc))
+        await _close(websocket, code, reason)

@@ -1,0 +1,362 @@
+"""``cape serve``: the whole platform on one machine (simulated mode).
+
+One data directory holds everything, created on first start and reused afterwards::
+
+    DIR/tls/ca.pem, ca.key, server.pem, server.key    the local TLS CA and server certificate
+    DIR/attestation/root.pem, root.key                 the simulated attestation root
+    DIR/kms/kms.sqlite3, master.key                    the built-in key service
+    DIR/auth/signing.key                               the token signing key
+    DIR/metadata.sqlite3                               users, functions, token records
+    DIR/blobs/                                         encrypted function bundles
+    DIR/keydocs/                                       stored key attestation documents
+
+Start-up order: files, stores (with the orphan sweep, before anything is served), the key
+service, the enclave pool, then the HTTPS/WSS server. On SIGINT/SIGTERM the server stops
+taking new sessions, lets calls and deploys in progress finish (idle sessions get an error
+frame and close 1001), then stops the enclaves; a second signal stops at once.
+
+**Simulated mode has no hardware guarantee**: whoever controls this machine controls the
+simulated secure module, the key service's master key and the "enclaves".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, TextIO
+
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cape.enclave.secure_module.simulated import SimulatedAuthority
+from cape.errors import CapeError, FormatError, KeyFormatError
+from cape.host.api.app import create_app
+from cape.host.api.rest import ApiDeps
+from cape.host.api.sessions import Lifecycle, SessionDeps
+from cape.host.auth import Accounts, TokenIssuer
+from cape.host.keydocs import KeyDocuments
+from cape.host.launcher import Tap
+from cape.host.pool import EnclavePool
+from cape.host.store.blobs import DirectoryBlobStore
+from cape.host.store.deploys import sweep_orphans
+from cape.host.store.metadata import SqlMetadataStore, User
+from cape.kms.local import load_master_key
+from cape.platform.local import LocalPlatform
+from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, write_private
+from cape.verify.roots import fingerprint
+
+__all__ = [
+    "ServeConfig",
+    "Server",
+    "default_config_dir",
+    "default_data_dir",
+    "load_authority",
+    "serve",
+]
+
+log = logging.getLogger("cape.serve")
+DEFAULT_PORT: Final = 8443
+LOCAL_CONFIG_FILE: Final = "serve.json"
+
+BANNER: Final = """\
+  SIMULATED MODE: no hardware guarantee. The secure module, the key service's master key
+  and the enclaves all run on this machine; whoever controls it can read everything.
+  Use it to develop and test; deploy on AWS Nitro Enclaves for real confidentiality."""
+
+
+def default_data_dir() -> Path:
+    """``$CAPE_DATA_DIR``, else ``$XDG_DATA_HOME/cape``, else ``~/.local/share/cape``."""
+    if value := os.environ.get("CAPE_DATA_DIR"):
+        return Path(value)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cape"
+
+
+def default_config_dir() -> Path:
+    """``$CAPE_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/cape``, else ``~/.config/cape``."""
+    if value := os.environ.get("CAPE_CONFIG_DIR"):
+        return Path(value)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "cape"
+
+
+@dataclass
+class ServeConfig:
+    """What ``cape serve`` takes; the defaults are the command's."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    enclaves: int = 2
+    idle_timeout_s: float = 120.0
+    drain_timeout_s: float = 30.0
+    max_input_bytes: int = 64 << 20
+    max_bundle_bytes: int = 1_000_000_000
+    runtime_args: Sequence[str] = ()
+    extra_env: Mapping[str, str] | None = None
+    record_for_cli: bool = True
+    config_dir: Path = field(default_factory=default_config_dir)
+    log_level: str = "info"
+    tap: Tap | None = None
+    """Test and audit hook: observes every enclave channel frame."""
+
+
+def load_authority(directory: Path) -> SimulatedAuthority:
+    """The simulated attestation root under ``directory``, created on first use."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cert_path, key_path = directory / "root.pem", directory / "root.key"
+    if cert_path.exists() and key_path.exists():
+        mode = key_path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise KeyFormatError(f"{key_path} is readable by other users (mode {mode:o})")
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise KeyFormatError(f"{key_path} is not an EC private key")
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        try:
+            return SimulatedAuthority(key, certificate)
+        except ValueError as exc:
+            raise KeyFormatError(f"{directory}: {exc}") from None
+    authority = SimulatedAuthority.generate()
+    write_private(key_path, authority.private_key_pem())
+    write_private(cert_path, authority.root_pem, 0o644)
+    return authority
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, with a drain step before it closes connections on a signal."""
+
+    def __init__(
+        self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float
+    ) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+        self._drain_timeout_s = drain_timeout_s
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not calling super(): uvicorn would re-raise the signal after shutting down.
+        if self._draining or self._loop is None:
+            self.should_exit = True
+            self.force_exit = self._draining
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        log.info("draining: %d session(s) in progress", self._lifecycle.active)
+        if not await self._lifecycle.drain(self._drain_timeout_s):
+            log.warning("sessions still running after %.0fs; closing them", self._drain_timeout_s)
+        self.should_exit = True
+
+    def request_shutdown(self) -> None:
+        """What a signal does, for callers in the same process (tests, embedding)."""
+        self.handle_exit(signal.SIGTERM, None)
+
+
+class Server:
+    """The assembled platform: use :meth:`running` to start and stop it."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.data_dir = config.data_dir
+        self.url = ""
+        self.lifecycle = Lifecycle()
+        self._uvicorn: _Uvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def root_file(self) -> Path:
+        return self.data_dir / "attestation" / "root.pem"
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Server]:
+        """Start everything and serve until the block ends (or a signal drains it)."""
+        config = self.config
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tls = ensure_tls(self.data_dir / "tls", config.host)
+        authority = load_authority(self.data_dir / "attestation")
+        self.root_fingerprint = fingerprint(authority.root_certificate)
+        store = SqlMetadataStore(f"sqlite:///{self.data_dir / 'metadata.sqlite3'}")
+        blobs = DirectoryBlobStore(self.data_dir / "blobs")
+        swept = await asyncio.to_thread(sweep_orphans, store, blobs)
+        if swept:
+            log.info("removed %d unfinished deploy(s) left by an earlier run", swept)
+        platform = LocalPlatform(
+            self.data_dir / "kms",
+            authority=authority,
+            master_key=load_master_key(self.data_dir / "kms"),
+        )
+        pool = EnclavePool(
+            platform.launcher(
+                extra_env=config.extra_env, tap=config.tap, runtime_args=config.runtime_args
+            ),
+            config.enclaves,
+        )
+        try:
+            await pool.start()
+            accounts = Accounts(store, TokenIssuer.open(self.data_dir))
+            keydocs = KeyDocuments(self.data_dir / "keydocs", store)
+
+            async def key_document(username: str) -> bytes | None:
+                document = await asyncio.to_thread(keydocs.get, username)
+                if document is not None:
+                    return document
+                try:
+                    user = await asyncio.to_thread(store.get_user_by_name, username)
+                except FormatError:
+                    return None
+                return None if user is None else await keydocs.ensure(user, pool)
+
+            async def on_signup(user: User) -> None:
+                await keydocs.ensure(user, pool)
+
+            app = create_app(
+                ApiDeps(
+                    store=store,
+                    blobs=blobs,
+                    accounts=accounts,
+                    attestation_root_pem=authority.root_pem,
+                    key_documents=key_document,
+                    on_signup=on_signup,
+                ),
+                SessionDeps(
+                    store=store,
+                    blobs=blobs,
+                    accounts=accounts,
+                    pool=pool,
+                    key_documents=keydocs,
+                    lifecycle=self.lifecycle,
+                    idle_timeout_s=config.idle_timeout_s,
+                    max_input_bytes=config.max_input_bytes,
+                    max_bundle_bytes=config.max_bundle_bytes,
+                ),
+            )
+            uv_config = uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                ssl_certfile=str(tls.server_cert),
+                ssl_keyfile=str(tls.server_key),
+                ws="websockets-sansio",
+                ws_max_size=config.max_bundle_bytes + (1 << 20),
+                ws_per_message_deflate=False,
+                lifespan="off",
+                log_config=None,
+                log_level=config.log_level,
+                server_header=False,
+                timeout_graceful_shutdown=5,
+            )
+            server = _Uvicorn(uv_config, self.lifecycle, config.drain_timeout_s)
+            self._uvicorn = server
+            task = self._task = asyncio.create_task(server.serve())
+            while not server.started:
+                if task.done():
+                    await task
+                    raise CapeError(
+                        f"the API server could not listen on {config.host}:{config.port}"
+                    )
+                await asyncio.sleep(0.02)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            host = config.host if ":" not in config.host else f"[{config.host}]"
+            if config.host in WILDCARD_HOSTS:
+                host = "127.0.0.1"
+            self.url = f"https://{host}:{port}"
+            if config.record_for_cli:
+                _record_for_cli(config.config_dir, self.url, self.ca_file, self.root_file)
+            try:
+                yield self
+            finally:
+                if not task.done():
+                    server.request_shutdown()
+                await task
+        finally:
+            await pool.close()
+            platform.close()
+            store.close()
+
+    def request_shutdown(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.request_shutdown()
+
+    async def wait(self) -> None:
+        """Return when the server has stopped (after a signal has drained it)."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _record_for_cli(config_dir: Path, url: str, ca_file: Path, root_file: Path) -> None:
+    """Tell the local user's ``cape`` where this server is (``serve.json``, 0600)."""
+    try:
+        _private_dir(config_dir)
+        record = {
+            "url": url,
+            "ca_file": str(ca_file.resolve()),
+            "attestation_root": str(root_file.resolve()),
+        }
+        write_private(config_dir / LOCAL_CONFIG_FILE, json.dumps(record, indent=2).encode())
+    except OSError as exc:
+        log.warning("could not record the server for the CLI in %s: %s", config_dir, exc)
+
+
+def describe(server: Server, out: TextIO) -> None:
+    """The start-up banner and the ``Ready:`` line (the last line, once serving)."""
+    config = server.config
+    print(f"Cape (simulated mode), data directory {server.data_dir}", file=out)
+    print(BANNER, file=out)
+    print(f"  TLS CA:            {server.ca_file}", file=out)
+    print(f"  Attestation root:  {server.root_file}", file=out)
+    print(f"  Root fingerprint:  sha256:{server.root_fingerprint}", file=out)
+    print(f"  Enclaves:          {config.enclaves}", file=out)
+    print(f"Ready: {server.url}", file=out, flush=True)
+
+
+async def _serve(
+    config: ServeConfig, out: TextIO, on_ready: Callable[[Server], None] | None
+) -> None:
+    server = Server(config)
+    async with server.running():
+        describe(server, out)
+        if on_ready is not None:
+            on_ready(server)
+        await server.wait()
+
+
+def serve(
+    config: ServeConfig,
+    *,
+    out: TextIO = sys.stdout,
+    on_ready: Callable[[Server], None] | None = None,
+) -> None:
+    """Run the platform until SIGINT/SIGTERM (blocking)."""
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(_serve(config, out, on_ready))

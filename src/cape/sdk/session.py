@@ -1,0 +1,275 @@
+"""Attested websocket sessions with a Cape server (protocol.md "Sessions").
+
+Every session verifies before it sends anything secret: the attestation document must chain
+to the pinned root, carry this session's nonce, match any pinned PCRs and function checksum,
+and bind this client's response key (``user_data.response_key_sha256``) so that results come
+back sealed to it. Anything else ends the session with a :class:`~cape.errors.CapeError`:
+the client fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import json
+import secrets
+import ssl
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+import websockets
+from cryptography import x509
+from websockets.asyncio.client import ClientConnection
+
+from cape.crypto import hpke
+from cape.errors import (
+    CapeError,
+    ChecksumMismatchError,
+    FormatError,
+    FunctionError,
+    RequestRefusedError,
+    TransportError,
+    VerificationError,
+)
+from cape.formats.attestation import AttestationDocument
+from cape.verify.policy import AttestationPolicy
+from cape.verify.verifier import verify_attestation
+
+__all__ = ["Session", "SessionOptions", "ws_url"]
+
+SUBPROTOCOL: Final = "cape.runtime"
+NONCE_BYTES: Final = 16
+OPEN_TIMEOUT_S: Final = 30.0
+
+
+def ws_url(url: str, path: str) -> str:
+    """``https://host`` + ``/v1/...`` → ``wss://host/v1/...`` (plain http is refused)."""
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://") :].rstrip("/") + path
+    if url.startswith("wss://"):
+        return url.rstrip("/") + path
+    raise FormatError(f"the server URL must use https://, not {url.split(':', 1)[0]}://")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How a session verifies: the pinned root, PCR allow-lists and an expected checksum."""
+
+    root: x509.Certificate
+    ssl_context: ssl.SSLContext
+    pcrs: Mapping[int, Collection[bytes]] = field(default_factory=dict)
+    function_checksum: str | None = None
+    """Expected SHA-256 (hex) of the function's plaintext bundle (run sessions)."""
+    seal_results: bool = True
+    clock: Any = None
+    """Returns the time documents are checked at (default: now, UTC)."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _close_error(exc: websockets.ConnectionClosed) -> CapeError:
+    frame = exc.rcvd
+    if frame is not None and frame.code == 1000 and frame.reason == "idle timeout":
+        return TransportError(
+            "the session was closed after being idle; connect again", close_code=1000
+        )
+    if frame is not None and frame.reason:
+        return TransportError(
+            f"the server closed the session: {frame.reason}", close_code=frame.code
+        )
+    return TransportError("the server closed the session")
+
+
+class Session:
+    """One verified session. Use :meth:`open`; then :meth:`invoke`, :meth:`send_bundle` …"""
+
+    def __init__(
+        self,
+        websocket: ClientConnection,
+        document: AttestationDocument,
+        user_data: dict[str, Any],
+        response_key: hpke.KeyPair | None,
+    ) -> None:
+        self._ws = websocket
+        self.document = document
+        self.user_data = user_data
+        self._response_key = response_key
+
+    @classmethod
+    async def open(cls, url: str, path: str, token: str, options: SessionOptions) -> Session:
+        """Connect, send a fresh nonce (and response key), verify the returned document."""
+        try:
+            websocket = await websockets.connect(
+                ws_url(url, path),
+                subprotocols=[SUBPROTOCOL, token],  # type: ignore[list-item]
+                ssl=options.ssl_context,
+                max_size=None,
+                open_timeout=OPEN_TIMEOUT_S,
+                compression=None,
+            )
+        except websockets.InvalidStatus as exc:
+            raise _refusal(exc) from None
+        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+            raise TransportError(f"cannot reach the Cape server at {url}: {exc}") from None
+        try:
+            return await cls._attest(websocket, options)
+        except BaseException:
+            await websocket.close()
+            raise
+
+    @classmethod
+    async def _attest(cls, websocket: ClientConnection, options: SessionOptions) -> Session:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        response_key = hpke.generate_keypair() if options.seal_results else None
+        start: dict[str, Any] = {"nonce": _b64(nonce)}
+        if response_key is not None:
+            start["response_key"] = _b64(response_key.public_bytes)
+        await websocket.send(json.dumps({"message": start}))
+        message = await _receive_message(websocket)
+        if message.get("type") not in (None, "attestation_doc"):
+            raise FormatError(f"expected an attestation document, got {message.get('type')!r}")
+        raw = _decode_b64(message.get("message"), "attestation document")
+        now = options.clock() if options.clock is not None else dt.datetime.now(dt.UTC)
+        document = verify_attestation(
+            raw,
+            root=options.root,
+            now=now,
+            policy=AttestationPolicy(nonce=nonce, pcrs=options.pcrs),
+        )
+        user_data = _user_data(document)
+        if response_key is not None:
+            bound = _decode_b64(user_data.get("response_key_sha256"), "response key binding")
+            if not hmac.compare_digest(bound, hashlib.sha256(response_key.public_bytes).digest()):
+                raise VerificationError(
+                    "the enclave did not bind this session's response key; refusing to continue"
+                )
+        if options.function_checksum is not None:
+            got = _decode_b64(user_data.get("func_checksum"), "function checksum").hex()
+            want = options.function_checksum.lower()
+            if not hmac.compare_digest(got, want):
+                raise ChecksumMismatchError(
+                    f"function checksum does not match: got {got}, want {want}"
+                )
+        return cls(websocket, document, user_data, response_key)
+
+    async def invoke(self, data: bytes) -> bytes:
+        """Send one input, HPKE-sealed to the attested key; return the function's output."""
+        if self.document.public_key is None:
+            raise VerificationError("the attestation document carries no session key")
+        await self.send_sealed(data)
+        message = await _receive_message(self._ws)
+        if message.get("type") != "function_result":
+            raise FormatError(f"expected a function result, got {message.get('type')!r}")
+        output = _decode_b64(message.get("message"), "function result")
+        if self._response_key is None:
+            return output
+        if message.get("encrypted") is not True:
+            raise VerificationError("the result came back unsealed although sealing was bound")
+        return hpke.open(self._response_key, output)
+
+    async def send_sealed(self, data: bytes) -> None:
+        """One binary frame: ``data`` HPKE-sealed to the document's key."""
+        assert self.document.public_key is not None
+        await self._send(hpke.seal(self.document.public_key, data))
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        await self._send(json.dumps({"message": message}))
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._send(data)
+
+    async def receive(self) -> dict[str, Any]:
+        """The next ``{"message": …}`` (an ``{"error"}`` frame raises FunctionError)."""
+        return await _receive_message(self._ws)
+
+    async def _send(self, frame: str | bytes) -> None:
+        try:
+            await self._ws.send(frame)
+        except websockets.ConnectionClosed as exc:
+            raise _close_error(exc) from None
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+    async def wait_closed(self, timeout_s: float = 5.0) -> None:
+        """Wait for the server to end the session (after a deploy or key session)."""
+        try:
+            await asyncio.wait_for(self._ws.wait_closed(), timeout_s)
+        except TimeoutError:
+            await self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError:
+    response = exc.response
+    text = ""
+    try:
+        body = json.loads(response.body or b"{}")
+        text = str(body.get("error") or body.get("message") or "")
+    except (ValueError, AttributeError):
+        pass
+    status = response.status_code
+    message = f"the server refused the session ({status}): {text or 'no reason given'}"
+    if "token is expired" in text:
+        message += "; log in again"
+    return RequestRefusedError(message, status=status)
+
+
+async def _receive_message(websocket: ClientConnection) -> dict[str, Any]:
+    try:
+        frame = await websocket.recv()
+    except websockets.ConnectionClosed as exc:
+        raise _close_error(exc) from None
+    if not isinstance(frame, str):
+        raise FormatError("expected a text frame from the server")
+    try:
+        parsed = json.loads(frame)
+    except ValueError:
+        raise FormatError("the server sent a frame that is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise FormatError("the server sent a frame that is not a JSON object")
+    if parsed.get("error"):
+        raise FunctionError(str(parsed["error"]))
+    message = parsed.get("message")
+    if not isinstance(message, dict):
+        raise FormatError('expected {"message": {...}} from the server')
+    return message
+
+
+def _decode_b64(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise FormatError(f"the {what} is missing")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise FormatError(f"the {what} is not valid base64") from None
+
+
+def _user_data(document: AttestationDocument) -> dict[str, Any]:
+    if document.user_data is None:
+        return {}
+    try:
+        parsed = json.loads(document.user_data)
+    except ValueError:
+        raise FormatError("the document's user_data is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise FormatError("the document's user_data is not a JSON object")
+    return parsed

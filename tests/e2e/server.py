@@ -1,0 +1,182 @@
+"""A real ``cape serve`` process on loopback, and a client that verifies as the SDK does."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import secrets
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography import x509
+
+from cape.sdk.flows import Deployed, deploy, fetch_key
+from cape.sdk.rest import RestClient
+from cape.sdk.session import Session, SessionOptions
+
+T = TypeVar("T")
+START_TIMEOUT_S = 90.0
+
+
+def zip_app(source: str | bytes, extra: dict[str, bytes] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("app.py", source)
+        for name, data in (extra or {}).items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@dataclass
+class ServeProcess:
+    """``python -m cape.cli.app serve`` in a subprocess; stdout/stderr kept in files."""
+
+    data_dir: Path
+    config_dir: Path
+    log_dir: Path
+    enclaves: int = 2
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    url: str = ""
+
+    def start(self) -> ServeProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = (self.log_dir / "stdout.log").open("ab")
+        err = (self.log_dir / "stderr.log").open("ab")
+        env = {**os.environ, "CAPE_CONFIG_DIR": str(self.config_dir), **self.env}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from cape.cli.app import main; main()",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                "0",
+                "--enclaves",
+                str(self.enclaves),
+                *self.extra_args,
+            ],
+            stdout=out,
+            stderr=err,
+            env=env,
+        )
+        out.close()
+        err.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for line in self.stdout().splitlines():
+                if line.startswith("Ready: "):
+                    self.url = line.removeprefix("Ready: ").strip()
+            if self.url:
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"cape serve exited early:\n{self.stderr()[-3000:]}")
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"cape serve did not become ready:\n{self.stderr()[-3000:]}")
+
+    def stdout(self) -> str:
+        return (self.log_dir / "stdout.log").read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return (self.log_dir / "stderr.log").read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def root(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(
+            (self.data_dir / "attestation" / "root.pem").read_bytes()
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def options(self, **kwargs: Any) -> SessionOptions:
+        return SessionOptions(root=self.root, ssl_context=self.ssl_context(), **kwargs)
+
+    def rest(self, token: str | None = None) -> RestClient:
+        return RestClient(self.url, self.ssl_context(), token)
+
+
+@dataclass
+class User:
+    server: ServeProcess
+    username: str
+    token: str
+
+    @classmethod
+    def signup(cls, server: ServeProcess, prefix: str = "user") -> User:
+        username = f"{prefix}{secrets.token_hex(4)}"
+        rest = server.rest()
+        try:
+            token = rest.signup(username, "correct horse battery")["access_token"]
+        finally:
+            rest.close()
+        return cls(server, username, token)
+
+    def api(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> Any:
+        with self.server.rest(token or self.token) as rest:
+            return rest.request(method, path, body)
+
+    async def deploy(self, source: str | bytes, name: str = "fn", public: bool = False) -> Deployed:
+        key = await fetch_key(self.server.url, self.token, self.server.options())
+        return await deploy(
+            self.server.url,
+            self.token,
+            self.server.options(),
+            zip_app(source),
+            name=name,
+            public=public,
+            key=key,
+        )
+
+    async def session(self, function: str, token: str | None = None, **kwargs: Any) -> Session:
+        from cape.sdk.flows import run_path
+
+        return await Session.open(
+            self.server.url, run_path(function), token or self.token, self.server.options(**kwargs)
+        )
+
+    async def run(
+        self, function: str, data: bytes, token: str | None = None, **kwargs: Any
+    ) -> bytes:
+        session = await self.session(function, token, **kwargs)
+        try:
+            return await session.invoke(data)
+        finally:
+            await session.close()
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(_wrap(coro))
+
+
+async def _wrap(coro: Awaitable[T]) -> T:
+    return await coro
