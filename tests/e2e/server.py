@@ -51,7 +51,10 @@ class ServeProcess:
 
     def start(self) -> ServeProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        out = (self.log_dir / "stdout.log").open("ab")
+        self.url = ""
+        stdout_log = self.log_dir / "stdout.log"
+        offset = stdout_log.stat().st_size if stdout_log.exists() else 0  # logs are appended
+        out = stdout_log.open("ab")
         err = (self.log_dir / "stderr.log").open("ab")
         env = {**os.environ, "CAPE_CONFIG_DIR": str(self.config_dir), **self.env}
         self.process = subprocess.Popen(
@@ -76,7 +79,7 @@ class ServeProcess:
         err.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            for line in self.stdout().splitlines():
+            for line in self.stdout()[offset:].splitlines():
                 if line.startswith("Ready: "):
                     self.url = line.removeprefix("Ready: ").strip()
             if self.url:
