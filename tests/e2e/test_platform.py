@@ -119,3 +119,20 @@ def test_bad_tokens_are_refused_at_the_upgrade(server: ServeProcess) -> None:
     with pytest.raises(RequestRefusedError) as refused:
         run(user.run("A" * 22, b"x"))
     assert refused.value.status == 404
+
+
+def test_pipelined_inputs_get_one_reply_each_in_order(server: ServeProcess) -> None:
+    """A client may send many inputs before reading: the server reads one, relays, replies."""
+    user = User.signup(server)
+    deployed = run(user.deploy(ECHO))
+
+    async def flow() -> list[bytes]:
+        session = await user.session(deployed.id)
+        try:
+            for i in range(40):
+                await session.send_sealed(f"input {i}".encode())
+            return [await session.receive_result() for _ in range(40)]
+        finally:
+            await session.close()
+
+    assert run(flow()) == [f"input {i}".encode() for i in range(40)]

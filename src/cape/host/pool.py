@@ -73,14 +73,14 @@ class EnclavePool:
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             for result in results:
-                if isinstance(result, EnclaveConnection):
+                if not isinstance(result, BaseException):
                     await result.close()
             error = failures[0]
             if isinstance(error, CapeError):
                 raise error
             raise TransportError(f"cannot start the enclave pool: {error}")
         for slot, connection in zip(self._slots, results, strict=True):
-            assert isinstance(connection, EnclaveConnection)
+            assert not isinstance(connection, BaseException)
             slot.connection = connection
             slot.ready.set()
             self._supervisors.append(asyncio.create_task(self._supervise(slot)))

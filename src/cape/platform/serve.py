@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.types import ASGIApp
 
 from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.errors import CapeError, FormatError, KeyFormatError
@@ -110,6 +112,10 @@ class ServeConfig:
     log_level: str = "info"
     tap: Tap | None = None
     """Test and audit hook: observes every enclave channel frame."""
+    wrap_app: Callable[[ASGIApp], ASGIApp] | None = None
+    """Test and audit hook: wraps the API application before uvicorn serves it (e.g. an ASGI
+    middleware that records every websocket message received and sent). Not for production:
+    whatever it wraps in sees every request, token included."""
 
 
 def load_authority(directory: Path) -> SimulatedAuthority:
@@ -194,106 +200,105 @@ class Server:
         """Start everything and serve until the block ends (or a signal drains it)."""
         config = self.config
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tls = ensure_tls(self.data_dir / "tls", config.host)
-        authority = load_authority(self.data_dir / "attestation")
-        self.root_fingerprint = fingerprint(authority.root_certificate)
-        store = SqlMetadataStore(f"sqlite:///{self.data_dir / 'metadata.sqlite3'}")
-        blobs = DirectoryBlobStore(self.data_dir / "blobs")
-        swept = await asyncio.to_thread(sweep_orphans, store, blobs)
-        if swept:
-            log.info("removed %d unfinished deploy(s) left by an earlier run", swept)
-        platform = LocalPlatform(
-            self.data_dir / "kms",
-            authority=authority,
-            master_key=load_master_key(self.data_dir / "kms"),
-        )
-        pool = EnclavePool(
-            platform.launcher(
-                extra_env=config.extra_env, tap=config.tap, runtime_args=config.runtime_args
-            ),
-            config.enclaves,
-        )
-        try:
-            await pool.start()
-            accounts = Accounts(store, TokenIssuer.open(self.data_dir))
-            keydocs = KeyDocuments(self.data_dir / "keydocs", store)
-
-            async def key_document(username: str) -> bytes | None:
-                document = await asyncio.to_thread(keydocs.get, username)
-                if document is not None:
-                    return document
-                try:
-                    user = await asyncio.to_thread(store.get_user_by_name, username)
-                except FormatError:
-                    return None
-                return None if user is None else await keydocs.ensure(user, pool)
-
-            async def on_signup(user: User) -> None:
-                await keydocs.ensure(user, pool)
-
-            app = create_app(
-                ApiDeps(
-                    store=store,
-                    blobs=blobs,
-                    accounts=accounts,
-                    attestation_root_pem=authority.root_pem,
-                    key_documents=key_document,
-                    on_signup=on_signup,
-                ),
-                SessionDeps(
-                    store=store,
-                    blobs=blobs,
-                    accounts=accounts,
-                    pool=pool,
-                    key_documents=keydocs,
-                    lifecycle=self.lifecycle,
-                    idle_timeout_s=config.idle_timeout_s,
-                    max_input_bytes=config.max_input_bytes,
-                    max_bundle_bytes=config.max_bundle_bytes,
-                ),
+        listener = _listen(config.host, config.port)  # fail fast, before starting enclaves
+        with listener:
+            tls = ensure_tls(self.data_dir / "tls", config.host)
+            authority = load_authority(self.data_dir / "attestation")
+            self.root_fingerprint = fingerprint(authority.root_certificate)
+            store = SqlMetadataStore(f"sqlite:///{self.data_dir / 'metadata.sqlite3'}")
+            blobs = DirectoryBlobStore(self.data_dir / "blobs")
+            swept = await asyncio.to_thread(sweep_orphans, store, blobs)
+            if swept:
+                log.info("removed %d unfinished deploy(s) left by an earlier run", swept)
+            platform = LocalPlatform(
+                self.data_dir / "kms",
+                authority=authority,
+                master_key=load_master_key(self.data_dir / "kms"),
             )
-            uv_config = uvicorn.Config(
-                app,
-                host=config.host,
-                port=config.port,
-                ssl_certfile=str(tls.server_cert),
-                ssl_keyfile=str(tls.server_key),
-                ws="websockets-sansio",
-                ws_max_size=config.max_bundle_bytes + (1 << 20),
-                ws_per_message_deflate=False,
-                lifespan="off",
-                log_config=None,
-                log_level=config.log_level,
-                server_header=False,
-                timeout_graceful_shutdown=5,
+            pool = EnclavePool(
+                platform.launcher(
+                    extra_env=config.extra_env, tap=config.tap, runtime_args=config.runtime_args
+                ),
+                config.enclaves,
             )
-            server = _Uvicorn(uv_config, self.lifecycle, config.drain_timeout_s)
-            self._uvicorn = server
-            task = self._task = asyncio.create_task(server.serve())
-            while not server.started:
-                if task.done():
-                    await task
-                    raise CapeError(
-                        f"the API server could not listen on {config.host}:{config.port}"
-                    )
-                await asyncio.sleep(0.02)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            host = config.host if ":" not in config.host else f"[{config.host}]"
-            if config.host in WILDCARD_HOSTS:
-                host = "127.0.0.1"
-            self.url = f"https://{host}:{port}"
-            if config.record_for_cli:
-                _record_for_cli(config.config_dir, self.url, self.ca_file, self.root_file)
             try:
-                yield self
+                await pool.start()
+                accounts = Accounts(store, TokenIssuer.open(self.data_dir))
+                keydocs = KeyDocuments(self.data_dir / "keydocs", store)
+
+                async def key_document(username: str) -> bytes | None:
+                    document = await asyncio.to_thread(keydocs.get, username)
+                    if document is not None:
+                        return document
+                    try:
+                        user = await asyncio.to_thread(store.get_user_by_name, username)
+                    except FormatError:
+                        return None
+                    return None if user is None else await keydocs.ensure(user, pool)
+
+                async def on_signup(user: User) -> None:
+                    await keydocs.ensure(user, pool)
+
+                app = create_app(
+                    ApiDeps(
+                        store=store,
+                        blobs=blobs,
+                        accounts=accounts,
+                        attestation_root_pem=authority.root_pem,
+                        key_documents=key_document,
+                        on_signup=on_signup,
+                    ),
+                    SessionDeps(
+                        store=store,
+                        blobs=blobs,
+                        accounts=accounts,
+                        pool=pool,
+                        lifecycle=self.lifecycle,
+                        idle_timeout_s=config.idle_timeout_s,
+                        max_input_bytes=config.max_input_bytes,
+                        max_bundle_bytes=config.max_bundle_bytes,
+                    ),
+                )
+                served: ASGIApp = app if config.wrap_app is None else config.wrap_app(app)
+                uv_config = uvicorn.Config(
+                    served,
+                    host=config.host,
+                    port=config.port,
+                    ssl_certfile=str(tls.server_cert),
+                    ssl_keyfile=str(tls.server_key),
+                    ws="websockets-sansio",
+                    ws_max_size=config.max_bundle_bytes + (1 << 20),
+                    ws_per_message_deflate=False,
+                    lifespan="off",
+                    log_config=None,
+                    log_level=config.log_level,
+                    server_header=False,
+                    timeout_graceful_shutdown=5,
+                )
+                server = _Uvicorn(uv_config, self.lifecycle, config.drain_timeout_s)
+                self._uvicorn = server
+                task = self._task = asyncio.create_task(server.serve(sockets=[listener]))
+                while not server.started:
+                    if task.done():
+                        raise CapeError(f"the API server did not start: {task.exception()}")
+                    await asyncio.sleep(0.02)
+                port = listener.getsockname()[1]
+                host = config.host if ":" not in config.host else f"[{config.host}]"
+                if config.host in WILDCARD_HOSTS:
+                    host = "127.0.0.1"
+                self.url = f"https://{host}:{port}"
+                if config.record_for_cli:
+                    _record_for_cli(config.config_dir, self.url, self.ca_file, self.root_file)
+                try:
+                    yield self
+                finally:
+                    if not task.done():
+                        server.request_shutdown()
+                    await task
             finally:
-                if not task.done():
-                    server.request_shutdown()
-                await task
-        finally:
-            await pool.close()
-            platform.close()
-            store.close()
+                await pool.close()
+                platform.close()
+                store.close()
 
     def request_shutdown(self) -> None:
         if self._uvicorn is not None:
@@ -303,6 +308,19 @@ class Server:
         """Return when the server has stopped (after a signal has drained it)."""
         if self._task is not None:
             await asyncio.wait({self._task})
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(1024)
+    except OSError as exc:
+        listener.close()
+        raise CapeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener
 
 
 def _private_dir(path: Path) -> Path:

@@ -165,6 +165,10 @@ class Session:
         if self.document.public_key is None:
             raise VerificationError("the attestation document carries no session key")
         await self.send_sealed(data)
+        return await self.receive_result()
+
+    async def receive_result(self) -> bytes:
+        """The reply to the oldest input not yet answered (opened if it was sealed)."""
         message = await _receive_message(self._ws)
         if message.get("type") != "function_result":
             raise FormatError(f"expected a function result, got {message.get('type')!r}")

@@ -61,7 +61,6 @@ from cape.host.api.errors import (
 from cape.host.auth import Accounts, Principal, authorize_account, authorize_run
 from cape.host.errors import AuthError, NotFoundError, UnavailableError
 from cape.host.ids import is_id
-from cape.host.keydocs import KeyDocuments
 from cape.host.launcher import HostSession, expect
 from cape.host.pool import EnclavePool
 from cape.host.store.blobs import BlobStore
@@ -118,7 +117,6 @@ class SessionDeps:
     blobs: BlobStore
     accounts: Accounts
     pool: EnclavePool
-    key_documents: KeyDocuments
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     idle_timeout_s: float = 120.0
     max_input_bytes: int = 64 << 20
