@@ -46,3 +46,24 @@ if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e "$target"
 fi
 rm -f "$log"
 .venv/bin/python -c "import cape" # fail loudly if the install did not work
+
+# The compatibility test (tests/e2e/test_pycape_compat.py) drives our server with the published
+# client, pycape 3.1.1, unmodified. Its pins may clash with ours, so it lives in its own venv.
+PYCAPE_PINS=(pycape==3.1.1 serdio==3.1.1)
+case ",$extras," in *,test,*)
+    if [ ! -x .venv-pycape/bin/python ]; then
+        rm -rf .venv-pycape
+        "$PYTHON" -m venv .venv-pycape
+    fi
+    log="$(mktemp)"  # pins already met: pip changes nothing and asks no index
+    if ! .venv-pycape/bin/python -m pip install -q --disable-pip-version-check \
+        "${PYCAPE_PINS[@]}" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "Error: installing ${PYCAPE_PINS[*]} into .venv-pycape failed" >&2
+        exit 1
+    fi
+    rm -f "$log"
+    .venv-pycape/bin/python -c "import pycape, serdio" # fail loudly if the install did not work
+    ;;
+esac
