@@ -365,6 +365,16 @@ async def _serve(
         await server.wait()
 
 
+class _DenialNoise(logging.Filter):
+    """uvicorn 0.54's websockets-sansio protocol logs "ASGI callable returned without
+    completing handshake" after every *complete* denial response (it never marks those as
+    handled). Our routes always accept or send a full denial, so the line is noise that would
+    bury real errors; drop exactly that message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
 def serve(
     config: ServeConfig,
     *,
@@ -377,4 +387,5 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     asyncio.run(_serve(config, out, on_ready))
