@@ -351,3 +351,78 @@ def test_http_is_refused_by_the_client_and_tls_is_required(server: ServeProcess)
         except (ConnectionResetError, TimeoutError):
             answer = b""
     assert not answer.startswith(b"HTTP/1.1 200")
+
+
+def test_large_bundle_in_chunks_and_cape_style_single_frame(server: ServeProcess) -> None:
+    from cape.crypto import envelope
+    from cape.crypto.keys import load_rsa_public_key
+    from cape.sdk.flows import DEPLOY_CHUNK_BYTES, deploy, fetch_key
+    from tests.e2e.server import zip_app
+
+    user = User.signup(server)
+    source = "def cape_handler(data):\n    return open('payload.bin', 'rb').read()[:8] + data\n"
+    payload = os.urandom(3 * DEPLOY_CHUNK_BYTES + 12345)
+    bundle = zip_app(source, {"payload.bin": payload})
+
+    async def chunked() -> str:
+        key = await fetch_key(server.url, user.token, server.options())
+        deployed = await deploy(
+            server.url, user.token, server.options(), bundle, name="big", key=key
+        )
+        return deployed.id
+
+    function_id = run(chunked())
+    assert run(user.run(function_id, b"!")) == payload[:8] + b"!"
+
+    async def single_frame() -> dict[str, Any]:
+        # What Cape's Go CLI sends: the function info, then the whole bundle in one frame.
+        der = await fetch_key(server.url, user.token, server.options())
+        ws = await _raw_session(server, "/v1/deploy", user.token)
+        await ws.send(json.dumps({"message": {"nonce": base64.b64encode(b"n").decode()}}))
+        await ws.recv()
+        await ws.send(json.dumps({"message": {"function_name": "single", "public": False}}))
+        await ws.send(envelope.encrypt(bundle, der))
+        reply: dict[str, Any] = json.loads(await ws.recv())["message"]
+        await ws.close()
+        return reply
+
+    reply = run(single_frame())
+    assert run(user.run(reply["id"], b"?")) == payload[:8] + b"?"
+    del load_rsa_public_key
+
+
+@pytest.mark.parametrize(
+    ("size", "pieces", "expected"),
+    [
+        ("12", [], "bundle_size"),
+        (0, [], "bundle_size"),
+        (10**12, [], "bundle size"),
+        (10, [b"x" * 11], "bundle chunk size"),
+        (10, [b"x" * 4, "text"], "binary frame"),
+        (10, [b"x" * 10], "cape:"),
+    ],
+)
+def test_bad_chunked_deploys_are_refused_and_leave_nothing(
+    server: ServeProcess, size: object, pieces: list[bytes | str], expected: str
+) -> None:
+    user = User.signup(server)
+
+    async def flow() -> tuple[int | None, list[Any]]:
+        ws = await _raw_session(server, "/v1/deploy", user.token)
+        await ws.send(json.dumps({"message": {"nonce": base64.b64encode(b"n").decode()}}))
+        await ws.recv()
+        info = {"function_name": "chunky", "public": False, "bundle_size": size}
+        await ws.send(json.dumps({"message": info}))
+        for piece in pieces:
+            await ws.send(piece)
+        return await _closed_with(ws)
+
+    code, frames = run(flow())
+    assert code == 1008 and expected in frames[0]["error"], frames
+    assert user.api("GET", "/v1/functions") == []
+    blobs = server.data_dir / "blobs"
+    leftovers = [p for p in blobs.rglob("*") if p.is_file()]
+    listed = sum(
+        len(User(server, "", "").api("GET", "/v1/functions", token=user.token)) for _ in [0]
+    )
+    assert listed == 0 and all(p.parent.name != ".tmp" for p in leftovers)

@@ -124,7 +124,7 @@ class Runtime:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif kind in ("input", "bundle", "close"):
+        elif kind in ("input", "bundle", "chunk", "close"):
             queue = self._sessions.get(sid)
             if queue is not None:
                 queue.put_nowait(message)

@@ -148,6 +148,30 @@ async def _key_session(ctx: _Context) -> None:
     await ctx.reply({"t": "attestation", "document": document})
 
 
+async def _assemble(ctx: _Context, size: object) -> bytes | None:
+    """Collect a bundle sent as ``chunk`` frames into one buffer of the announced size."""
+    limit = ctx.config.bundle_limits.max_bundle_bytes
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise FormatError("bundle 'size' must be a positive integer")
+    if size > limit:
+        raise LimitExceededError("bundle size in bytes", limit, size)
+    buffer = bytearray(size)
+    view, filled = memoryview(buffer), 0
+    while filled < size:
+        message = await ctx.next_frame("chunk")
+        if message is None:
+            return None
+        piece = message.get("data")
+        if not isinstance(piece, bytes) or not piece or filled + len(piece) > size:
+            raise FormatError("bundle chunks must be non-empty and add up to the announced size")
+        view[filled : filled + len(piece)] = piece
+        filled += len(piece)
+    view.release()
+    data = bytes(buffer)
+    del buffer
+    return data
+
+
 async def _deploy_session(ctx: _Context) -> None:
     session_key = hpke.generate_keypair()
     await ctx.reply(
@@ -156,7 +180,12 @@ async def _deploy_session(ctx: _Context) -> None:
     message = await ctx.next_frame("bundle")
     if message is None:
         return
-    data, name, public = message.get("data"), message.get("name"), message.get("public", False)
+    name, public = message.get("name"), message.get("public", False)
+    data = message.get("data")
+    if "size" in message and data is None:
+        data = await _assemble(ctx, message["size"])
+        if data is None:
+            return
     if not isinstance(data, bytes) or not isinstance(name, str) or not isinstance(public, bool):
         raise FormatError("bundle frame needs bytes 'data', str 'name' and bool 'public'")
     if not data.startswith(envelope.PREFIX) and not data.startswith(stream.STREAM_PREFIX):

@@ -14,8 +14,10 @@ Message types (``→`` host to enclave, ``←`` enclave to host):
                         optional ``response_key``; run also carries ``bundle`` (ciphertext)
 ``attestation``    ←    the session's attestation document: ``document``
 ``input``          →    one HPKE-sealed input (run, test): ``data``
-``bundle``         →    deploy: ``data`` (``cape:`` + raw envelope), ``name``, ``public``;
+``bundle``         →    deploy: ``data`` (``cape:`` + raw envelope), ``name``, ``public``,
+                        or ``size`` instead of ``data`` when ``chunk`` frames follow;
                         test: ``data`` (HPKE-sealed zip)
+``chunk``          →    the next ``data`` piece of a deploy bundle announced with ``size``
 ``result``         ←    ``data``, ``encrypted`` (sealed to the client's response key)
 ``deployed``       ←    ``checksum`` (hex), ``name``, ``owner``
 ``error``          ←    ``message``, ``fatal`` (the session is over when true)
@@ -59,6 +61,7 @@ MESSAGE_TYPES = frozenset(
         "attestation",
         "input",
         "bundle",
+        "chunk",
         "result",
         "deployed",
         "error",

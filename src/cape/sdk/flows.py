@@ -14,7 +14,9 @@ from cape.crypto.keys import load_rsa_public_key
 from cape.errors import FormatError
 from cape.sdk.session import Session, SessionOptions
 
-__all__ = ["Deployed", "deploy", "fetch_key", "run_path", "test"]
+__all__ = ["DEPLOY_CHUNK_BYTES", "Deployed", "deploy", "fetch_key", "run_path", "test"]
+
+DEPLOY_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,15 @@ async def deploy(
     ciphertext = envelope.encrypt(bundle, key)
     session = await Session.open(url, "/v1/deploy", token, options)
     try:
-        await session.send_json({"function_name": name, "public": public})
-        await session.send_bytes(ciphertext)
+        # Our extension: announce the size and send chunks, so the server never holds the
+        # whole bundle (Cape's clients send one binary frame; the server takes both).
+        await session.send_json(
+            {"function_name": name, "public": public, "bundle_size": len(ciphertext)}
+        )
+        view = memoryview(ciphertext)
+        for start in range(0, len(view), DEPLOY_CHUNK_BYTES):
+            await session.send_bytes(view[start : start + DEPLOY_CHUNK_BYTES])
+        view.release()
         del ciphertext
         reply: dict[str, Any] = await session.receive()
     finally:

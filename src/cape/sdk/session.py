@@ -187,8 +187,8 @@ class Session:
     async def send_json(self, message: dict[str, Any]) -> None:
         await self._send(json.dumps({"message": message}))
 
-    async def send_bytes(self, data: bytes) -> None:
-        await self._send(data)
+    async def send_bytes(self, data: bytes | memoryview) -> None:
+        await self._send(bytes(data) if isinstance(data, memoryview) else data)
 
     async def receive(self) -> dict[str, Any]:
         """The next ``{"message": …}`` (an ``{"error"}`` frame raises FunctionError)."""

@@ -38,9 +38,11 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import queue
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -60,11 +62,11 @@ from cape.host.api.errors import (
 )
 from cape.host.auth import Accounts, Principal, authorize_account, authorize_run
 from cape.host.errors import AuthError, NotFoundError, UnavailableError
-from cape.host.ids import is_id
+from cape.host.ids import is_id, new_id
 from cape.host.launcher import HostSession, expect
 from cape.host.pool import EnclavePool
 from cape.host.store.blobs import BlobStore
-from cape.host.store.deploys import commit_deploy
+from cape.host.store.deploys import record_deploy
 from cape.host.store.metadata import Function, MetadataStore, User, check_function_name
 
 __all__ = ["Lifecycle", "SessionDeps", "create_session_routes"]
@@ -77,6 +79,8 @@ MAX_TEXT_FRAME_BYTES: Final = 64 * 1024
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 SHUTDOWN_TEXT: Final = "the server is shutting down"
+MAX_CHUNK_BYTES: Final = 8 << 20
+QUEUED_CHUNKS: Final = 2
 
 
 class Lifecycle:
@@ -302,9 +306,57 @@ async def _serve_calls(
             return
 
 
+class _Abort(Exception):
+    """Stops the blob writer thread of a chunked deploy (its temp file is removed)."""
+
+
+def _queued(chunks: queue.Queue[bytes | _Abort | None]) -> Iterator[bytes]:
+    while (item := chunks.get()) is not None:
+        if isinstance(item, _Abort):
+            raise item
+        yield item
+
+
+async def _receive_chunks(
+    websocket: WebSocket,
+    session: HostSession,
+    deps: SessionDeps,
+    size: int,
+    blob_key: str,
+) -> None:
+    """Relay ``size`` bytes of binary frames to the enclave and, through a bounded queue, to
+    the blob writer thread: the server holds a few chunks, never the bundle."""
+    chunks: queue.Queue[bytes | _Abort | None] = queue.Queue(maxsize=QUEUED_CHUNKS)
+    writer = asyncio.ensure_future(
+        asyncio.to_thread(deps.blobs.put_stream, blob_key, _queued(chunks), max_bytes=size)
+    )
+    try:
+        received = 0
+        while received < size:
+            frame = await _receive(websocket, deps.lifecycle, deps.idle_timeout_s)
+            piece = _binary(frame, "bundle chunk", min(MAX_CHUNK_BYTES, size - received))
+            if not piece:
+                raise FormatError("bundle chunks must not be empty")
+            await session.send({"t": "chunk", "data": piece})
+            await asyncio.to_thread(chunks.put, piece)
+            received += len(piece)
+        await asyncio.to_thread(chunks.put, None)
+        await writer
+    except BaseException:
+        if not writer.done():
+            await asyncio.to_thread(chunks.put, _Abort())
+        with contextlib.suppress(Exception):
+            await writer
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(deps.blobs.delete, blob_key)
+        raise
+
+
 async def _deploy(
     websocket: WebSocket, session: HostSession, deps: SessionDeps, owner: User
 ) -> None:
+    """Function info, then the bundle: one binary frame (Cape's protocol), or, when the info
+    announces ``bundle_size`` (our SDK), binary frames of at most 8 MiB adding up to it."""
     info = _json_message(
         await _receive(websocket, deps.lifecycle, deps.idle_timeout_s), "function info"
     )
@@ -312,25 +364,46 @@ async def _deploy(
     public = info.get("public", False)
     if not isinstance(public, bool):
         raise FormatError("'public' must be true or false")
-    bundle = _binary(
-        await _receive(websocket, deps.lifecycle, deps.idle_timeout_s),
-        "bundle",
-        deps.max_bundle_bytes,
-    )
-    await session.send({"t": "bundle", "data": bundle, "name": name, "public": public})
-    deployed = expect(await session.receive(), "deployed")
-    function = await run_in_threadpool(
-        commit_deploy,
-        deps.store,
-        deps.blobs,
-        owner=owner,
-        name=name,
-        checksum=deployed["checksum"],
-        public=public,
-        ciphertext_chunks=[bundle],
-        max_bytes=deps.max_bundle_bytes,
-    )
-    del bundle
+    size = info.get("bundle_size")
+    blob_key = new_id()
+    if size is None:
+        bundle = _binary(
+            await _receive(websocket, deps.lifecycle, deps.idle_timeout_s),
+            "bundle",
+            deps.max_bundle_bytes,
+        )
+        await session.send({"t": "bundle", "data": bundle, "name": name, "public": public})
+        stored: int = await run_in_threadpool(
+            deps.blobs.put_stream, blob_key, [bundle], max_bytes=deps.max_bundle_bytes
+        )
+        del bundle
+    else:
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise FormatError("'bundle_size' must be a positive integer")
+        if size > deps.max_bundle_bytes:
+            raise LimitExceededError("bundle size in bytes", deps.max_bundle_bytes, size)
+        await session.send({"t": "bundle", "size": size, "name": name, "public": public})
+        await _receive_chunks(websocket, session, deps, size, blob_key)
+        stored = size
+    try:
+        deployed = expect(await session.receive(), "deployed")
+        function = await run_in_threadpool(
+            functools.partial(
+                record_deploy,
+                deps.store,
+                deps.blobs,
+                owner=owner,
+                name=name,
+                checksum=deployed["checksum"],
+                public=public,
+                blob_key=blob_key,
+                size=stored,
+            )
+        )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(deps.blobs.delete, blob_key)
+        raise
     log.info("deployed function %s (%s/%s)", function.id, owner.username, name)
     await _send(
         websocket,

@@ -33,7 +33,7 @@ from cape.host.store.metadata import (
     check_function_name,
 )
 
-__all__ = ["commit_deploy", "delete_deploy", "sweep_orphans"]
+__all__ = ["commit_deploy", "delete_deploy", "record_deploy", "sweep_orphans"]
 
 
 def commit_deploy(
@@ -61,18 +61,43 @@ def commit_deploy(
     checksum = check_checksum(checksum)
     blob_key = new_id()
     size = blobs.put_stream(blob_key, ciphertext_chunks, max_bytes=max_bytes)
+    return record_deploy(
+        metadata,
+        blobs,
+        owner=owner,
+        name=name,
+        checksum=checksum,
+        public=public,
+        blob_key=blob_key,
+        size=size,
+    )
+
+
+def record_deploy(
+    metadata: MetadataStore,
+    blobs: BlobStore,
+    *,
+    owner: User,
+    name: str,
+    checksum: str,
+    public: bool,
+    blob_key: str,
+    size: int,
+) -> Function:
+    """The second half of a deploy whose blob is already durable under ``blob_key``: add the
+    row, or remove the blob if the row cannot be added (a crash in between leaves an orphan
+    that :func:`sweep_orphans` removes)."""
     try:
         return metadata.add_function(
             owner_id=owner.id,
-            name=name,
-            checksum=checksum,
+            name=check_function_name(name),
+            checksum=check_checksum(checksum),
             public=public,
             blob_key=blob_key,
             size=size,
         )
     except BaseException:
-        # The row did not commit: the deploy did not happen. (If this delete fails or the
-        # process dies first, the next sweep_orphans removes the blob.)
+        # The row did not commit: the deploy did not happen.
         with contextlib.suppress(OSError):
             blobs.delete(blob_key)
         raise
