@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "kms": {"kms", "verify", "crypto", "formats"},
     "enclave": {"enclave", "verify", "crypto", "formats"},
     "_internal": set(),
-    "platform": {"platform", "host", "kms", "enclave", "verify", "crypto", "formats"},
+    "platform": {"platform", "host", "kms", "enclave", "sdk", "verify", "crypto", "formats"},
 }
 
 

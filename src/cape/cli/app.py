@@ -288,6 +288,62 @@ def attestation_verify(
         _fail(exc)
 
 
+def _account(
+    action: str, username: str, password_stdin: bool, url: str | None, ca_file: Path | None
+) -> None:
+    from cape.sdk import config as client_config
+    from cape.sdk.rest import RestClient
+
+    if not password_stdin:
+        raise UsageError("pass the password on stdin with --password-stdin")
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UsageError("no password on stdin")
+    settings = client_config.resolve(url=url, ca_file=ca_file)
+    with RestClient(settings.url, settings.ssl_context()) as rest:
+        result = (rest.signup if action == "signup" else rest.login)(username, password)
+    path = client_config.save_token(settings.url, result["username"], result["access_token"])
+    stderr.print(
+        f"Logged in as {result['username']} at {settings.url} (token in {path})", markup=False
+    )
+
+
+_URL_HELP = "Server URL (default: CAPE_ENCLAVE_HOST or the local `cape serve`)."
+_CA_HELP = "CA file to trust for TLS (default: CAPE_CA_FILE or the local `cape serve`'s)."
+
+
+@app.command()
+def signup(
+    username: Annotated[str, typer.Option("--username", "-u", help="Account name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
+    ] = False,
+    url: Annotated[str | None, typer.Option("--url", help=_URL_HELP)] = None,
+    ca_file: Annotated[Path | None, typer.Option("--ca-file", help=_CA_HELP)] = None,
+) -> None:
+    """Create an account and log in (the token is saved in the config directory)."""
+    try:
+        _account("signup", username, password_stdin, url, ca_file)
+    except CapeError as exc:
+        _fail(exc)
+
+
+@app.command()
+def login(
+    username: Annotated[str, typer.Option("--username", "-u", help="Account name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
+    ] = False,
+    url: Annotated[str | None, typer.Option("--url", help=_URL_HELP)] = None,
+    ca_file: Annotated[Path | None, typer.Option("--ca-file", help=_CA_HELP)] = None,
+) -> None:
+    """Log in with a username and password (the token is saved in the config directory)."""
+    try:
+        _account("login", username, password_stdin, url, ca_file)
+    except CapeError as exc:
+        _fail(exc)
+
+
 @app.command()
 def serve(
     data_dir: Annotated[

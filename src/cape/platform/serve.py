@@ -56,12 +56,12 @@ from cape.host.store.metadata import SqlMetadataStore, User
 from cape.kms.local import load_master_key
 from cape.platform.local import LocalPlatform
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, write_private
+from cape.sdk.config import config_dir
 from cape.verify.roots import fingerprint
 
 __all__ = [
     "ServeConfig",
     "Server",
-    "default_config_dir",
     "default_data_dir",
     "load_authority",
     "serve",
@@ -85,14 +85,6 @@ def default_data_dir() -> Path:
     return Path(base) / "cape"
 
 
-def default_config_dir() -> Path:
-    """``$CAPE_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/cape``, else ``~/.config/cape``."""
-    if value := os.environ.get("CAPE_CONFIG_DIR"):
-        return Path(value)
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "cape"
-
-
 @dataclass
 class ServeConfig:
     """What ``cape serve`` takes; the defaults are the command's."""
@@ -108,7 +100,7 @@ class ServeConfig:
     runtime_args: Sequence[str] = ()
     extra_env: Mapping[str, str] | None = None
     record_for_cli: bool = True
-    config_dir: Path = field(default_factory=default_config_dir)
+    config_dir: Path = field(default_factory=config_dir)
     log_level: str = "info"
     tap: Tap | None = None
     """Test and audit hook: observes every enclave channel frame."""
