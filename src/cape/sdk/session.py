@@ -132,7 +132,10 @@ class Session:
         start: dict[str, Any] = {"nonce": _b64(nonce)}
         if response_key is not None:
             start["response_key"] = _b64(response_key.public_bytes)
-        await websocket.send(json.dumps({"message": start}))
+        try:
+            await websocket.send(json.dumps({"message": start}))
+        except websockets.ConnectionClosed as exc:
+            raise _close_error(exc) from None
         message = await _receive_message(websocket)
         if message.get("type") not in (None, "attestation_doc"):
             raise FormatError(f"expected an attestation document, got {message.get('type')!r}")
