@@ -53,6 +53,7 @@ __all__ = [
     "Envelope",
     "KeyUnwrapper",
     "decrypt",
+    "decrypt_in_place",
     "encrypt",
     "encrypt_text",
     "key_unwrapper",
@@ -243,13 +244,15 @@ def _looks_like_text(body: bytes | memoryview) -> bool:
     return all(b in _B64_ALPHABET for b in body[:_TEXT_PROBE])
 
 
+def _check_length(length: int, wrapped_key_len: int) -> None:
+    minimum = wrapped_key_len + NONCE_SIZE + TAG_SIZE
+    if length < minimum:
+        raise MalformedEnvelopeError(f"envelope too short: {length} bytes, need at least {minimum}")
+
+
 def _split_raw(raw: bytes | memoryview, wrapped_key_len: int) -> tuple[bytes, bytes, memoryview]:
     """Split a raw envelope into wrapped key, nonce and a zero-copy view of the ciphertext."""
-    minimum = wrapped_key_len + NONCE_SIZE + TAG_SIZE
-    if len(raw) < minimum:
-        raise MalformedEnvelopeError(
-            f"envelope too short: {len(raw)} bytes, need at least {minimum}"
-        )
+    _check_length(len(raw), wrapped_key_len)
     view = memoryview(raw)
     nonce_end = wrapped_key_len + NONCE_SIZE
     return bytes(view[:wrapped_key_len]), bytes(view[wrapped_key_len:nonce_end]), view[nonce_end:]
@@ -278,7 +281,7 @@ def _raw_from(data: bytes | str) -> bytes | memoryview:
     return body
 
 
-def _b64decode(text: bytes) -> bytes:
+def _b64decode(text: bytes | bytearray) -> bytes:
     try:
         return base64.b64decode(text.rstrip(_WHITESPACE), validate=True)
     except (binascii.Error, ValueError):
@@ -327,3 +330,65 @@ def decrypt(data: bytes | str, key: RSAPrivateKey | KeyUnwrapper) -> bytes:
     wrapped, nonce, ciphertext = _split_raw(_raw_from(data), _wrapped_key_len(key))
     dek = unwrap_key(wrapped, key)
     return _open(nonce, ciphertext, dek)
+
+
+def decrypt_in_place(buffer: bytearray, key: RSAPrivateKey | KeyUnwrapper) -> memoryview:
+    """Like :func:`decrypt`, but for a large binary-form envelope held in a ``bytearray``.
+
+    The plaintext is written over the ciphertext inside ``buffer`` (AES-GCM keeps lengths), so
+    at most one copy of the data exists at any time. Returns a view of the plaintext inside
+    ``buffer``; release it before resizing the buffer. The text form cannot be opened in place:
+    it is base64-decoded into a new ``bytearray`` first, and the view points into that one.
+
+    Once the structure checks pass, any failure (a :class:`~cape.errors.DecryptionError`, or an
+    error from the key unwrapper) zeroes the buffer: it may have held unauthenticated plaintext
+    and must not be used.
+
+    Raises:
+        MalformedEnvelopeError: structural problem (prefix, base64, length), as :func:`decrypt`;
+            the buffer is unchanged.
+        DecryptionError: any cryptographic failure (message :data:`DECRYPTION_FAILED`).
+    """
+    if not isinstance(buffer, bytearray):
+        raise TypeError(f"decrypt_in_place needs a bytearray, not {type(buffer).__name__}")
+    # Structure first, on small copies: no view of the buffer outlives an error.
+    if buffer[: len(PREFIX)] != PREFIX:
+        raise MalformedEnvelopeError("not a cape envelope: missing 'cape:' prefix")
+    start = len(PREFIX)
+    if _looks_like_text(bytes(buffer[start : start + _TEXT_PROBE])):
+        buffer = bytearray(_b64decode(buffer[start:]))  # the text form: a decoded copy
+        start = 0
+    wrapped_len = _wrapped_key_len(key)
+    _check_length(len(buffer) - start, wrapped_len)
+    nonce_start = start + wrapped_len
+    wrapped = bytes(buffer[start:nonce_start])
+    nonce = bytes(buffer[nonce_start : nonce_start + NONCE_SIZE])
+    view = memoryview(buffer)
+    ciphertext = view[nonce_start + NONCE_SIZE :]
+    plaintext = view[nonce_start + NONCE_SIZE : len(buffer) - TAG_SIZE]
+    try:
+        dek = unwrap_key(wrapped, key)
+        try:
+            AESGCM(dek).decrypt_into(nonce, ciphertext, None, plaintext)
+        except (InvalidTag, ValueError):
+            raise DecryptionError(DECRYPTION_FAILED) from None
+    except BaseException:
+        plaintext.release()
+        ciphertext.release()
+        _zero(view)
+        view.release()
+        raise
+    ciphertext.release()
+    view.release()
+    return plaintext
+
+
+_ZERO_CHUNK = 1 << 20
+
+
+def _zero(view: memoryview) -> None:
+    """Overwrite ``view`` with zeros, a megabyte at a time (no full-size temporary)."""
+    zeros = bytes(min(_ZERO_CHUNK, len(view)))
+    for offset in range(0, len(view), _ZERO_CHUNK):
+        end = min(offset + _ZERO_CHUNK, len(view))
+        view[offset:end] = zeros[: end - offset]

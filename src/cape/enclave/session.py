@@ -148,8 +148,11 @@ async def _key_session(ctx: _Context) -> None:
     await ctx.reply({"t": "attestation", "document": document})
 
 
-async def _assemble(ctx: _Context, size: object) -> bytes | None:
-    """Collect a bundle sent as ``chunk`` frames into one buffer of the announced size."""
+async def _assemble(ctx: _Context, size: object) -> bytearray | None:
+    """Collect a bundle sent as ``chunk`` frames into one buffer of the announced size.
+
+    The buffer is returned as is (no ``bytes`` copy): a ``cape:`` bundle is decrypted in it.
+    """
     limit = ctx.config.bundle_limits.max_bundle_bytes
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise FormatError("bundle 'size' must be a positive integer")
@@ -167,9 +170,7 @@ async def _assemble(ctx: _Context, size: object) -> bytes | None:
         view[filled : filled + len(piece)] = piece
         filled += len(piece)
     view.release()
-    data = bytes(buffer)
-    del buffer
-    return data
+    return buffer
 
 
 async def _deploy_session(ctx: _Context) -> None:
@@ -186,14 +187,40 @@ async def _deploy_session(ctx: _Context) -> None:
         data = await _assemble(ctx, message["size"])
         if data is None:
             return
-    if not isinstance(data, bytes) or not isinstance(name, str) or not isinstance(public, bool):
+    if (
+        not isinstance(data, bytes | bytearray)
+        or not isinstance(name, str)
+        or not isinstance(public, bool)
+    ):
         raise FormatError("bundle frame needs bytes 'data', str 'name' and bool 'public'")
     if not data.startswith(envelope.PREFIX) and not data.startswith(stream.STREAM_PREFIX):
         raise FormatError("deploy bundle must be 'cape:' + envelope ciphertext")
-    zip_bytes = await _decrypt_input(ctx, data)
-    await asyncio.to_thread(inspect_bundle, zip_bytes, ctx.config.bundle_limits)
-    checksum = hashlib.sha256(zip_bytes).hexdigest()
+    if isinstance(data, bytearray) and not data.startswith(stream.STREAM_PREFIX):
+        checksum = await _open_chunked_bundle(ctx, data)
+    else:
+        zip_bytes = await _decrypt_input(ctx, bytes(data))
+        await asyncio.to_thread(inspect_bundle, zip_bytes, ctx.config.bundle_limits)
+        checksum = hashlib.sha256(zip_bytes).hexdigest()
     await ctx.reply({"t": "deployed", "checksum": checksum, "name": name, "owner": ctx.owner})
+
+
+async def _open_chunked_bundle(ctx: _Context, buffer: bytearray) -> str:
+    """Decrypt a chunked ``cape:`` bundle in its own buffer, validate it; return its checksum.
+
+    Only one copy of the bundle exists at any time: the plaintext overwrites the ciphertext,
+    and the checksum and the zip checks read it through a view.
+    """
+    unwrapper = ctx.keys.unwrapper_for(ctx.owner, asyncio.get_running_loop())
+
+    def open_and_check() -> str:
+        plaintext = envelope.decrypt_in_place(buffer, unwrapper)
+        try:
+            inspect_bundle(plaintext, ctx.config.bundle_limits)
+            return hashlib.sha256(plaintext).hexdigest()
+        finally:
+            plaintext.release()
+
+    return await asyncio.to_thread(open_and_check)
 
 
 async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hpke.KeyPair) -> None:

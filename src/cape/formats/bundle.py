@@ -28,8 +28,12 @@ import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import IO, TYPE_CHECKING
 
 from cape.errors import FormatError, LimitExceededError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = [
     "BundleInfo",
@@ -90,11 +94,73 @@ def _entry_kind(info: zipfile.ZipInfo) -> str:
     return "directory" if info.is_dir() else "file"
 
 
-def open_bundle(data: bytes, limits: BundleLimits) -> zipfile.ZipFile:
+class _ViewReader(io.RawIOBase):
+    """A read-only, seekable file over a memoryview that never copies the whole buffer.
+
+    ``io.BytesIO`` shares memory only with ``bytes``; given a bytearray or memoryview it copies.
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self._pos + offset
+        elif whence == io.SEEK_END:
+            target = len(self._view) + offset
+        else:
+            raise ValueError(f"invalid whence ({whence})")
+        if target < 0:
+            raise ValueError(f"negative seek position {target}")
+        self._pos = target
+        return target
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        self._check_open()
+        with memoryview(buffer) as out, out.cast("B") as target:
+            start = min(self._pos, len(self._view))
+            count = min(len(target), len(self._view) - start)
+            target[:count] = self._view[start : start + count]
+        self._pos = start + count
+        return count
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
+    def close(self) -> None:
+        if not self.closed:
+            self._view.release()
+        super().close()
+
+
+def _reader(data: bytes | memoryview) -> IO[bytes]:
+    if isinstance(data, bytes):
+        return io.BytesIO(data)  # shares the bytes object's memory
+    return io.BufferedReader(_ViewReader(memoryview(data)))
+
+
+def open_bundle(data: bytes | memoryview, limits: BundleLimits) -> zipfile.ZipFile:
+    """Open a bundle's zip without copying it (``data`` may be a view of a larger buffer)."""
     if len(data) > limits.max_bundle_bytes:
         raise LimitExceededError("bundle size in bytes", limits.max_bundle_bytes, len(data))
     try:
-        return zipfile.ZipFile(io.BytesIO(data))
+        return zipfile.ZipFile(_reader(data))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
         raise FormatError(f"bundle is not a valid zip file: {exc}") from None
 
@@ -183,8 +249,12 @@ def _check_handler(source: bytes) -> None:
         raise FormatError("app.py does not define cape_handler at module level")
 
 
-def inspect_bundle(data: bytes, limits: BundleLimits | None = None) -> BundleInfo:
-    """Validate a bundle without writing anything; returns where ``app.py`` is."""
+def inspect_bundle(data: bytes | memoryview, limits: BundleLimits | None = None) -> BundleInfo:
+    """Validate a bundle without writing anything; returns where ``app.py`` is.
+
+    ``data`` may be a memoryview (for example of a buffer decrypted in place): it is read
+    without being copied.
+    """
     limits = limits or BundleLimits()
     with open_bundle(data, limits) as archive:
         entries = _check_entries(archive, limits)

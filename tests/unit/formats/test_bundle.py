@@ -163,3 +163,67 @@ def test_zip_without_file_type_bits_is_fine() -> None:
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("fn/app.py", APP)
     assert inspect_bundle(buffer.getvalue()).root == "fn"
+
+
+# -- memoryview input (a bundle decrypted in place) ---------------------------------------------
+
+
+def _inside(data: bytes) -> tuple[bytearray, memoryview]:
+    """``data`` as a view in the middle of a larger buffer, as after in-place decryption."""
+    buffer = bytearray(b"H" * 37 + data + b"T" * 16)
+    return buffer, memoryview(buffer)[37 : 37 + len(data)]
+
+
+def test_inspects_a_memoryview_like_bytes() -> None:
+    data = make_zip({"fn/app.py": APP, "fn/data.bin": bytes(range(256)) * 64})
+    buffer, view = _inside(data)
+    assert inspect_bundle(view) == inspect_bundle(data)
+    view.release()
+    buffer.clear()  # nothing inspect_bundle made still holds the buffer
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_memoryview_errors_match_bytes(compression: int) -> None:
+    broken = make_zip({"lib.py": b"x = 1\n"}, compression=compression)
+    with pytest.raises(FormatError, match=r"no app\.py"):
+        inspect_bundle(_inside(broken)[1])
+    with pytest.raises(FormatError, match="not a valid zip"):
+        inspect_bundle(_inside(b"PK\x03\x04 definitely not a zip")[1])
+    with pytest.raises(LimitExceededError):
+        inspect_bundle(_inside(make_zip({"app.py": APP}))[1], BundleLimits(max_bundle_bytes=10))
+
+
+def test_memoryview_is_read_without_a_full_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    copies: list[int] = []
+    real = io.BytesIO
+
+    def spy(initial: bytes = b"") -> io.BytesIO:
+        copies.append(len(initial))
+        return real(initial)
+
+    monkeypatch.setattr(io, "BytesIO", spy)
+    _buffer, view = _inside(make_zip({"app.py": APP, "big.bin": bytes(range(256)) * 256}))
+    inspect_bundle(view)
+    assert not [n for n in copies if n >= len(view)]
+
+
+def test_view_reader_seeks_and_reads() -> None:
+    from cape.formats.bundle import _ViewReader
+
+    with _ViewReader(memoryview(b"0123456789")) as reader:
+        assert reader.readable() and reader.seekable()
+        assert reader.read(3) == b"012"
+        assert reader.seek(-2, io.SEEK_END) == 8
+        assert reader.read() == b"89"
+        assert reader.read(5) == b""
+        assert reader.seek(2, io.SEEK_CUR) == 12
+        assert reader.read(1) == b""
+        assert reader.seek(4) == 4 and reader.tell() == 4
+        out = bytearray(3)
+        assert reader.readinto(out) == 3 and out == b"456"
+        with pytest.raises(ValueError):
+            reader.seek(-1)
+        with pytest.raises(ValueError):
+            reader.seek(0, 7)
+    with pytest.raises(ValueError):
+        reader.tell()
