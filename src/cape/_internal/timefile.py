@@ -1,4 +1,4 @@
-"""Small helpers every domain needs: aware UTC times and durable directory updates."""
+"""Small helpers every domain needs: aware UTC times and durable file updates."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import datetime as dt
 import os
 from pathlib import Path
 
-__all__ = ["as_utc", "fsync_dir", "utc_now"]
+__all__ = ["as_utc", "fsync_dir", "utc_now", "write_private"]
 
 
 def utc_now() -> dt.datetime:
@@ -28,3 +28,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically (temp, fsync, rename, fsync dir) at ``mode``."""
+    temp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)

@@ -308,18 +308,31 @@ def _account(
     )
 
 
-_URL_HELP = "Server URL (default: CAPE_ENCLAVE_HOST or the local `cape serve`)."
-_CA_HELP = "CA file to trust for TLS (default: CAPE_CA_FILE or the local `cape serve`'s)."
+_Username = Annotated[str, typer.Option("--username", "-u", help="Account name.")]
+_PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from stdin.")
+]
+_Url = Annotated[
+    str | None,
+    typer.Option(
+        "--url", help="Server URL (default: CAPE_ENCLAVE_HOST or the local `cape serve`)."
+    ),
+]
+_CaFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-file",
+        help="CA file to trust for TLS (default: CAPE_CA_FILE or the local `cape serve`'s).",
+    ),
+]
 
 
 @app.command()
 def signup(
-    username: Annotated[str, typer.Option("--username", "-u", help="Account name.")],
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
-    ] = False,
-    url: Annotated[str | None, typer.Option("--url", help=_URL_HELP)] = None,
-    ca_file: Annotated[Path | None, typer.Option("--ca-file", help=_CA_HELP)] = None,
+    username: _Username,
+    password_stdin: _PasswordStdin = False,
+    url: _Url = None,
+    ca_file: _CaFile = None,
 ) -> None:
     """Create an account and log in (the token is saved in the config directory)."""
     try:
@@ -330,12 +343,10 @@ def signup(
 
 @app.command()
 def login(
-    username: Annotated[str, typer.Option("--username", "-u", help="Account name.")],
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
-    ] = False,
-    url: Annotated[str | None, typer.Option("--url", help=_URL_HELP)] = None,
-    ca_file: Annotated[Path | None, typer.Option("--ca-file", help=_CA_HELP)] = None,
+    username: _Username,
+    password_stdin: _PasswordStdin = False,
+    url: _Url = None,
+    ca_file: _CaFile = None,
 ) -> None:
     """Log in with a username and password (the token is saved in the config directory)."""
     try:

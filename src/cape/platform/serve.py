@@ -37,10 +37,9 @@ from typing import Any, Final, TextIO
 
 import uvicorn
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.types import ASGIApp
 
+from cape._internal.timefile import write_private
 from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.errors import CapeError, FormatError, KeyFormatError
 from cape.host.api.app import create_app
@@ -55,8 +54,8 @@ from cape.host.store.deploys import sweep_orphans
 from cape.host.store.metadata import SqlMetadataStore, User
 from cape.kms.local import load_master_key
 from cape.platform.local import LocalPlatform
-from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, write_private
-from cape.sdk.config import config_dir
+from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
+from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
 
 __all__ = [
@@ -69,7 +68,6 @@ __all__ = [
 
 log = logging.getLogger("cape.serve")
 DEFAULT_PORT: Final = 8443
-LOCAL_CONFIG_FILE: Final = "serve.json"
 
 BANNER: Final = """\
   SIMULATED MODE: no hardware guarantee. The secure module, the key service's master key
@@ -115,12 +113,7 @@ def load_authority(directory: Path) -> SimulatedAuthority:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert_path, key_path = directory / "root.pem", directory / "root.key"
     if cert_path.exists() and key_path.exists():
-        mode = key_path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise KeyFormatError(f"{key_path} is readable by other users (mode {mode:o})")
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KeyFormatError(f"{key_path} is not an EC private key")
+        key = load_ec_private_key(key_path)
         certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
         try:
             return SimulatedAuthority(key, certificate)
@@ -329,7 +322,7 @@ def _record_for_cli(config_dir: Path, url: str, ca_file: Path, root_file: Path) 
             "ca_file": str(ca_file.resolve()),
             "attestation_root": str(root_file.resolve()),
         }
-        write_private(config_dir / LOCAL_CONFIG_FILE, json.dumps(record, indent=2).encode())
+        write_private(config_dir / SERVE_FILE, json.dumps(record, indent=2).encode())
     except OSError as exc:
         log.warning("could not record the server for the CLI in %s: %s", config_dir, exc)
 

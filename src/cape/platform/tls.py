@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -21,10 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cape._internal.timefile import fsync_dir, utc_now
+from cape._internal.timefile import utc_now, write_private
 from cape.errors import KeyFormatError
 
-__all__ = ["TlsFiles", "ensure_tls", "write_private"]
+__all__ = ["TlsFiles", "ensure_tls", "load_ec_private_key"]
 
 CA_LIFETIME: Final = dt.timedelta(days=3650)
 SERVER_LIFETIME: Final = dt.timedelta(days=397)
@@ -55,16 +54,20 @@ class TlsFiles:
         return self.directory / "server.key"
 
 
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` atomically (temp, fsync, rename, fsync dir) with ``mode``."""
-    temp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
-    fsync_dir(path.parent)
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -73,7 +76,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def load_ec_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """An unencrypted PEM EC key that only its owner may read (else KeyFormatError)."""
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise KeyFormatError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it")
@@ -103,17 +107,7 @@ def _new_ca(
         .not_valid_after(now + CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -142,7 +136,7 @@ def _server_ok(
     try:
         certificate = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
         current = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        _load_key(files.server_key)
+        load_ec_private_key(files.server_key)
     except (ValueError, x509.ExtensionNotFound, KeyFormatError):
         return False
     return (
@@ -158,7 +152,7 @@ def ensure_tls(directory: Path, host: str, *, now: dt.datetime | None = None) ->
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     files = TlsFiles(directory)
     if files.ca_cert.exists() and files.ca_key.exists():
-        ca_key = _load_key(files.ca_key)
+        ca_key = load_ec_private_key(files.ca_key)
         ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
         if ca.public_key() != ca_key.public_key():
             raise KeyFormatError(f"{files.ca_key} does not belong to {files.ca_cert}")
@@ -179,17 +173,7 @@ def ensure_tls(directory: Path, host: str, *, now: dt.datetime | None = None) ->
         .not_valid_after(min(now + SERVER_LIFETIME, ca.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(digital_signature=True),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

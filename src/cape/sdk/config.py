@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cape._internal.timefile import write_private
 from cape.errors import CapeError, FormatError
 
-__all__ = ["ClientConfig", "config_dir", "resolve", "save_token"]
+__all__ = ["AUTH_FILE", "SERVE_FILE", "ClientConfig", "config_dir", "resolve", "save_token"]
 
 AUTH_FILE = "auth"
 SERVE_FILE = "serve.json"
@@ -100,11 +101,6 @@ def save_token(url: str, username: str, token: str) -> Path:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)
     path = directory / AUTH_FILE
-    temp = directory / f".{AUTH_FILE}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({"url": url, "username": username, "access_token": token}, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
+    record = {"url": url, "username": username, "access_token": token}
+    write_private(path, json.dumps(record).encode())
     return path

@@ -416,6 +416,7 @@ async def _deploy(
 
 
 Handler = Callable[[WebSocket, Principal], Awaitable[None]]
+Body = Callable[[WebSocket, HostSession, User], Awaitable[None]]
 
 
 def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
@@ -443,33 +444,29 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
     async def nonce(websocket: WebSocket) -> tuple[bytes, bytes | None]:
         return _nonce_frame(await _receive(websocket, deps.lifecycle, deps.idle_timeout_s))
 
-    async def key(websocket: WebSocket, principal: Principal) -> None:
-        authorize_account(principal)
-        nonce_bytes, response_key = await nonce(websocket)
-        async with deps.pool.session(
-            "key", owner=principal.user.username, nonce=nonce_bytes, response_key=response_key
-        ) as session:
-            await _attestation(websocket, session)
-            expect(await session.receive(), "close")
+    def account_session(kind: str, body: Body) -> Handler:
+        """key, deploy, test: the caller's own account (no function-scoped tokens), their key."""
+
+        async def serve(websocket: WebSocket, principal: Principal) -> None:
+            authorize_account(principal)
+            nonce_bytes, response_key = await nonce(websocket)
+            async with deps.pool.session(
+                kind, owner=principal.user.username, nonce=nonce_bytes, response_key=response_key
+            ) as session:
+                await _attestation(websocket, session)
+                await body(websocket, session, principal.user)
+
+        return serve
+
+    async def key(websocket: WebSocket, session: HostSession, _user: User) -> None:
+        expect(await session.receive(), "close")
         await _close(websocket, CLOSE_NORMAL)
 
-    async def deploy(websocket: WebSocket, principal: Principal) -> None:
-        authorize_account(principal)
-        nonce_bytes, response_key = await nonce(websocket)
-        async with deps.pool.session(
-            "deploy", owner=principal.user.username, nonce=nonce_bytes, response_key=response_key
-        ) as session:
-            await _attestation(websocket, session)
-            await _deploy(websocket, session, deps, principal.user)
+    async def deploy(websocket: WebSocket, session: HostSession, user: User) -> None:
+        await _deploy(websocket, session, deps, user)
 
-    async def test(websocket: WebSocket, principal: Principal) -> None:
-        authorize_account(principal)
-        nonce_bytes, response_key = await nonce(websocket)
-        async with deps.pool.session(
-            "test", owner=principal.user.username, nonce=nonce_bytes, response_key=response_key
-        ) as session:
-            await _attestation(websocket, session)
-            await _serve_calls(websocket, session, deps, bundle_first=True)
+    async def test(websocket: WebSocket, session: HostSession, _user: User) -> None:
+        await _serve_calls(websocket, session, deps, bundle_first=True)
 
     def run_handler(function: Function) -> Handler:
         async def run(websocket: WebSocket, _principal: Principal) -> None:
@@ -508,9 +505,9 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
         return serve
 
     return [
-        WebSocketRoute("/v1/key", endpoint(key)),
-        WebSocketRoute("/v1/deploy", endpoint(deploy)),
-        WebSocketRoute("/v1/test", endpoint(test)),
+        WebSocketRoute("/v1/key", endpoint(account_session("key", key))),
+        WebSocketRoute("/v1/deploy", endpoint(account_session("deploy", deploy))),
+        WebSocketRoute("/v1/test", endpoint(account_session("test", test))),
         WebSocketRoute("/v1/run/{id}", endpoint(None)),
         WebSocketRoute("/v1/run/{user}/{name}", endpoint(None)),
     ]
