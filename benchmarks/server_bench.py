@@ -55,6 +55,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from cape.crypto import envelope, hpke
+from cape.crypto.results import ResultChannel
 from cape.sdk.flows import deploy, fetch_key, run_path
 from cape.sdk.rest import RestClient
 from cape.sdk.session import Session, SessionOptions, ws_url
@@ -318,7 +319,13 @@ async def timed(action: Callable[[], Awaitable[object]], repeats: int) -> list[f
 def client_crypto(payload: bytes, repeats: int) -> list[float]:
     """What the SDK itself does per invoke: HPKE-seal the input; parse, decode, open the result."""
     enclave_key, response_key = hpke.generate_keypair(), hpke.generate_keypair()
-    sealed_result = hpke.seal(response_key.public_bytes, payload)
+    channel = ResultChannel.derive(
+        response_key.private_key,  # type: ignore[arg-type]
+        enclave_key.public_bytes,
+        session_public=enclave_key.public_bytes,
+        response_public=response_key.public_bytes,
+    )
+    sealed_result = channel.seal(0, payload)
     frame = json.dumps(
         {
             "message": {
@@ -332,7 +339,7 @@ def client_crypto(payload: bytes, repeats: int) -> list[float]:
         start = time.perf_counter()
         hpke.seal(enclave_key.public_bytes, payload)
         message = json.loads(frame)["message"]
-        hpke.open(response_key, base64.b64decode(message["message"], validate=True))
+        channel.open(0, base64.b64decode(message["message"], validate=True))
         samples.append(time.perf_counter() - start)
     return samples
 

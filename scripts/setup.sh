@@ -67,3 +67,20 @@ case ",$extras," in *,test,*)
     .venv-pycape/bin/python -c "import pycape, serdio" # fail loudly if the install did not work
     ;;
 esac
+
+# The vendoring test (tests/e2e/test_sdk.py) deploys a function whose requirements.txt names
+# msgpack; pip installs it from this local wheelhouse, since tests may not reach an index.
+case ",$extras," in *,test,*)
+    if ! ls .wheelhouse/msgpack-*.whl >/dev/null 2>&1; then
+        log="$(mktemp)"
+        if ! .venv/bin/python -m pip download -q --disable-pip-version-check --only-binary=:all: \
+            --no-deps --dest .wheelhouse "msgpack==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("msgpack"))')" >"$log" 2>&1; then
+            cat "$log" >&2
+            rm -f "$log"
+            echo "Error: downloading the msgpack wheel into .wheelhouse failed" >&2
+            exit 1
+        fi
+        rm -f "$log"
+    fi
+    ;;
+esac

@@ -137,7 +137,7 @@ def test_text_form_is_cape_layout(key: rsa.RSAPrivateKey, key_files: dict[str, P
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["hello"], "--key"),
+        (["hello"], "no server configured"),
         (["hello", "--key", "/no/such/key.der"], "cannot read"),
         (["hello", "--key", "KEYDIR"], "cannot read"),
         (["hello", "--key", "NOTAKEY"], "key"),

@@ -17,6 +17,8 @@ import pytest
 
 from cape.crypto import envelope, hpke, stream
 from cape.crypto.keys import load_rsa_public_key
+from cape.crypto.results import ResultChannel
+from cape.formats.attestation import AttestationDocument
 from cape.host.launcher import expect
 from tests.integration.harness import OWNER, Platform, attested, invoke, requires_enclaves, zip_app
 
@@ -30,6 +32,16 @@ def forms(canary: bytes) -> list[bytes]:
         encoded = base64.b64encode(b"\x00" * shift + canary)
         found.append(encoded[4 : len(encoded) - 4])
     return found
+
+
+def _channel(response: hpke.KeyPair, doc: AttestationDocument) -> ResultChannel:
+    assert doc.public_key is not None
+    return ResultChannel.derive(
+        response.private_key,  # type: ignore[arg-type]
+        doc.public_key,
+        session_public=doc.public_key,
+        response_public=response.public_bytes,
+    )
 
 
 def test_canary_never_reaches_the_host(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -59,13 +71,15 @@ def test_canary_never_reaches_the_host(tmp_path: Path, capfd: pytest.CaptureFixt
                 enclave, platform, "run", bundle=bundle, response_key=response.public_bytes
             )
             outputs = []
-            for data in (
-                canary,
-                envelope.encrypt_text(canary, public).encode(),
-                stream.encrypt_stream_bytes(canary * 1000, public, chunk_size=1024),
+            for sequence, data in enumerate(
+                (
+                    canary,
+                    envelope.encrypt_text(canary, public).encode(),
+                    stream.encrypt_stream_bytes(canary * 1000, public, chunk_size=1024),
+                )
             ):
                 sealed = expect(await invoke(run, doc, data), "result")["data"]
-                outputs.append(hpke.open(response, sealed))
+                outputs.append(_channel(response, doc).open(sequence, sealed))
             await run.close()
 
             test_session, test_doc = await attested(
@@ -75,7 +89,7 @@ def test_canary_never_reaches_the_host(tmp_path: Path, capfd: pytest.CaptureFixt
             sealed_zip = hpke.seal(test_doc.public_key, zip_app(code))
             await test_session.send({"t": "bundle", "data": sealed_zip})
             sealed = expect(await invoke(test_session, test_doc, canary), "result")["data"]
-            outputs.append(hpke.open(response, sealed))
+            outputs.append(_channel(response, test_doc).open(0, sealed))
             await test_session.close()
             return outputs
         finally:

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 
 import cape
-from cape.crypto import envelope, hpke
+from cape.crypto import envelope, hpke, results
 from cape.crypto.keys import load_rsa_public_key
+from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
 from cape.enclave.measure import measure_runtime
+from cape.errors import DecryptionError
 from cape.formats.attestation import AttestationDocument
 from cape.host.launcher import EnclaveConnection, expect
 from tests.integration.harness import (
@@ -37,6 +39,8 @@ from tests.integration.harness import (
 )
 
 pytestmark = requires_enclaves
+
+RAISES_SECRET = b"def cape_handler(x):\n    raise ValueError(b'secret ' + x)\n"
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,56 @@ def test_results_sealed_to_the_clients_response_key(
     bound = base64.b64decode(user_data(doc)["response_key_sha256"])
     assert bound == hashlib.sha256(response.public_bytes).digest()
     assert result["encrypted"] is True and b"for my eyes only" not in result["data"]
-    assert hpke.open(response, result["data"]) == b"for my eyes only"
+    assert doc.public_key is not None
+    channel = ResultChannel.derive(
+        response.private_key,  # type: ignore[arg-type]
+        doc.public_key,
+        session_public=doc.public_key,
+        response_public=response.public_bytes,
+    )
+    assert channel.open(0, result["data"]) == b"for my eyes only"
+    # Bound to its place in the session and to this session's keys: anything else fails.
+    with pytest.raises(DecryptionError):
+        channel.open(1, result["data"])
+    with pytest.raises(DecryptionError):
+        hpke.open(response, result["data"])
+    stranger = ResultChannel.derive(
+        hpke.generate_keypair().private_key,  # type: ignore[arg-type]
+        doc.public_key,
+        session_public=doc.public_key,
+        response_public=response.public_bytes,
+    )
+    with pytest.raises(DecryptionError):
+        stranger.open(0, result["data"])
+
+
+def test_function_errors_are_sealed_when_sealing_is_bound(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    ciphertext, _ = deploy(enclave, platform, RAISES_SECRET)
+    response = hpke.generate_keypair()
+
+    async def flow() -> tuple[AttestationDocument, list[dict[str, Any]]]:
+        session, doc = await attested(
+            enclave, platform, "run", bundle=ciphertext, response_key=response.public_bytes
+        )
+        replies = [await invoke(session, doc, b"first"), await invoke(session, doc, b"second")]
+        await session.close()
+        return doc, replies
+
+    doc, replies = platform.run(flow())
+    assert doc.public_key is not None
+    channel = ResultChannel.derive(
+        response.private_key,  # type: ignore[arg-type]
+        doc.public_key,
+        session_public=doc.public_key,
+        response_public=response.public_bytes,
+    )
+    for sequence, (reply, word) in enumerate(zip(replies, (b"first", b"second"), strict=True)):
+        assert reply["t"] == "error" and not reply["fatal"]
+        assert reply["message"] == SEALED_ERROR_TEXT and word not in repr(reply).encode()
+        details = channel.open(sequence, reply["sealed"], kind=results.ERROR)
+        assert b"ValueError" in details and b"secret " + word in details
 
 
 def test_test_flow_runs_an_unstored_bundle(enclave: EnclaveConnection, platform: Platform) -> None:

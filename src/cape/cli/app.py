@@ -9,19 +9,28 @@ There is deliberately no ``cape decrypt``: only attested enclaves decrypt.
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import io
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NoReturn
 
 import typer
-from rich.console import Console
 
 from cape import __version__
+from cape.cli import account, functions
+from cape.cli.common import (
+    Common,
+    OutputFormat,
+    UsageError,
+    command,
+    emit_json,
+    fail,
+    set_verbose,
+    stderr,
+    stdout,
+)
 from cape.errors import CapeError, FormatError
 from cape.sdk import audit
 from cape.sdk import encrypt as encrypt_sdk
@@ -30,7 +39,7 @@ from cape.verify.roots import describe_root, fingerprint, load_root_certificate_
 
 __all__ = ["app", "main"]
 
-HELP = """Cape: encrypt data for attested enclaves and audit attestation documents.
+HELP = """Cape: deploy Python functions into attested enclaves and run them on encrypted data.
 
 There is no `cape decrypt`: only an attested enclave can decrypt `cape:` data."""
 
@@ -45,39 +54,28 @@ attestation_app = typer.Typer(
     help="Inspect and verify attestation documents.", no_args_is_help=True
 )
 app.add_typer(attestation_app, name="attestation")
-
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-_state = {"verbose": False}
-
-
-class OutputFormat(enum.StrEnum):
-    plain = "plain"
-    json = "json"
-
-
-class UsageError(CapeError):
-    """A combination of arguments that cannot work (exit status 2)."""
+app.add_typer(account.app)
+app.add_typer(functions.app)
 
 
 def _fail(exc: CapeError) -> NoReturn:
-    if _state["verbose"]:
-        traceback.print_exception(exc, file=sys.stderr)
-    stderr.print(f"Error: {exc.diagnostics()}", markup=False)
-    raise typer.Exit(2 if isinstance(exc, UsageError) else 1)
+    fail(exc)
 
 
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks.")] = False,
 ) -> None:
-    _state["verbose"] = verbose
+    set_verbose(verbose)
 
 
-@app.command()
-def version() -> None:
+@command(app, "version")
+def version(common: Common) -> None:
     """Print cape's version."""
-    stdout.print(__version__, markup=False)
+    if common.json:
+        emit_json({"version": __version__})
+    else:
+        stdout.print(__version__, markup=False)
 
 
 def _read_input(data: str | None, file: str | None) -> tuple[BinaryIO, int | None]:
@@ -104,25 +102,32 @@ def _read_input(data: str | None, file: str | None) -> tuple[BinaryIO, int | Non
     return handle, size
 
 
-@app.command()
+@command(app, "encrypt", own_output=True)
 def encrypt(
+    common: Common,
     data: Annotated[
         str | None, typer.Argument(metavar="[INPUT]", help="Text to encrypt (UTF-8).")
     ] = None,
     file: Annotated[
         str | None, typer.Option("-f", "--file", help="Read the input from FILE, or - for stdin.")
     ] = None,
+    username: Annotated[
+        str | None,
+        typer.Option("--username", "-u", help="Encrypt for this user (attested key by name)."),
+    ] = None,
     key: Annotated[
         Path | None,
-        typer.Option(
-            "--key",
-            "-k",
-            help="RSA public key (DER or PEM) to encrypt for, e.g. a cached capekey.pub.der.",
-        ),
+        typer.Option("--key", "-k", help="RSA public key file (DER or PEM) to encrypt for."),
     ] = None,
     output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="Write the ciphertext to this file (default stdout)."),
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="OUT|plain|json",
+            help="Write the ciphertext to file OUT; `plain` or `json` choose the output "
+            "format instead (a file named so: ./json).",
+        ),
     ] = None,
     stream: Annotated[
         bool,
@@ -131,41 +136,89 @@ def encrypt(
 ) -> None:
     """Envelope-encrypt data so that only an attested enclave can read it.
 
-    Prints Cape's text form, `cape:` + base64 (RSA-OAEP-wrapped AES-256-GCM). Inputs over
-    64 MiB, or any input with --stream, use the binary streaming form `cape-stream-v1:`.
-    There is no client-side decrypt.
+    Prints Cape's text form, `cape:` + base64 (RSA-OAEP-wrapped AES-256-GCM), for your own
+    Cape key (cached by `cape key`/`cape login`), another user's (--username) or a key file.
+    Inputs over 64 MiB, or any input with --stream, use the binary streaming form
+    `cape-stream-v1:`. There is no client-side decrypt: only attested enclaves decrypt.
     """
-    try:
-        if key is None:
-            raise UsageError(
-                "--key PUBKEY is required (fetching your account key arrives with login)"
-            )
+    as_json = output is not None and output.lower() == "json"
+    out_path = None if output is None or output.lower() in ("json", "plain") else Path(output)
+    if key is not None and username is not None:
+        raise UsageError("give either --key or --username, not both")
+    if key is not None:
         public_key = encrypt_sdk.load_encryption_key(key)
-        source, size = _read_input(data, file)
-        with source:
-            streaming = stream or (size is not None and size > encrypt_sdk.STREAM_THRESHOLD_BYTES)
-            if output is not None:
-                with encrypt_sdk.atomic_output(output) as sink:
-                    result = encrypt_sdk.encrypt_stream_to(
-                        source, sink, public_key, force_stream=streaming, size_hint=size
-                    )
-                form = "streaming" if result.streaming else "text"
+    else:
+        from cape.crypto.keys import load_rsa_public_key
+
+        public_key = load_rsa_public_key(common.client().key(username=username))
+    source, size = _read_input(data, file)
+    with source:
+        streaming = stream or (size is not None and size > encrypt_sdk.STREAM_THRESHOLD_BYTES)
+        reader = _with_progress(source, size)
+        if out_path is not None:
+            with encrypt_sdk.atomic_output(out_path) as sink:
+                result = encrypt_sdk.encrypt_stream_to(
+                    reader, sink, public_key, force_stream=streaming, size_hint=size
+                )
+            form = "streaming" if result.streaming else "text"
+            if as_json:
+                emit_json({"file": str(out_path), "form": form, "bytes": result.bytes_written})
+            else:
                 stderr.print(
-                    f"Encrypted ({form} form, {result.bytes_written} bytes) to {output}",
+                    f"Encrypted ({form} form, {result.bytes_written} bytes) to {out_path}",
                     markup=False,
                 )
-                return
-            if streaming and sys.stdout.isatty():
-                raise UsageError(
-                    "the streaming form is binary: write it with -o FILE or redirect stdout"
-                )
-            sink = sys.stdout.buffer
-            result = encrypt_sdk.encrypt_stream_to(
-                source, sink, public_key, force_stream=streaming, size_hint=size
+            return
+        if as_json:
+            if streaming:
+                raise UsageError("the streaming form is binary: write it with -o FILE")
+            buffer = io.BytesIO()
+            encrypt_sdk.encrypt_stream_to(reader, buffer, public_key, size_hint=size)
+            emit_json({"ciphertext": buffer.getvalue().decode("ascii").strip(), "form": "text"})
+            return
+        if streaming and sys.stdout.isatty():
+            raise UsageError(
+                "the streaming form is binary: write it with -o FILE or redirect stdout"
             )
-            sink.flush()
-    except CapeError as exc:
-        _fail(exc)
+        encrypt_sdk.encrypt_stream_to(
+            reader, sys.stdout.buffer, public_key, force_stream=streaming, size_hint=size
+        )
+        sys.stdout.flush()
+
+
+class _Counting:
+    """Reads from ``source`` and advances a progress bar."""
+
+    def __init__(self, source: BinaryIO, advance: Any) -> None:
+        self._source = source
+        self._advance = advance
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self._advance(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._source.readinto(buffer)  # type: ignore[attr-defined]
+        self._advance(n or 0)
+        return int(n or 0)
+
+
+def _with_progress(source: BinaryIO, size: int | None) -> BinaryIO:
+    if size is None or size < functions.PROGRESS_MIN_BYTES or not stderr.is_terminal:
+        return source
+    from rich.progress import Progress
+
+    bar = Progress(console=stderr, transient=True)
+    task = bar.add_task("Encrypting", total=size)
+    bar.start()
+
+    def advance(n: int) -> None:
+        bar.advance(task, n)
+        if bar.tasks[0].completed >= size:
+            bar.stop()
+
+    return _Counting(source, advance)  # type: ignore[return-value]
 
 
 def _parse_time(text: str) -> dt.datetime:
@@ -284,73 +337,6 @@ def attestation_verify(
             _render_plain(report)
         if report.error is not None:
             raise report.error
-    except CapeError as exc:
-        _fail(exc)
-
-
-def _account(
-    action: str, username: str, password_stdin: bool, url: str | None, ca_file: Path | None
-) -> None:
-    from cape.sdk import config as client_config
-    from cape.sdk.rest import RestClient
-
-    if not password_stdin:
-        raise UsageError("pass the password on stdin with --password-stdin")
-    password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise UsageError("no password on stdin")
-    settings = client_config.resolve(url=url, ca_file=ca_file)
-    with RestClient(settings.url, settings.ssl_context()) as rest:
-        result = (rest.signup if action == "signup" else rest.login)(username, password)
-    path = client_config.save_token(settings.url, result["username"], result["access_token"])
-    stderr.print(
-        f"Logged in as {result['username']} at {settings.url} (token in {path})", markup=False
-    )
-
-
-_Username = Annotated[str, typer.Option("--username", "-u", help="Account name.")]
-_PasswordStdin = Annotated[
-    bool, typer.Option("--password-stdin", help="Read the password from stdin.")
-]
-_Url = Annotated[
-    str | None,
-    typer.Option(
-        "--url", help="Server URL (default: CAPE_ENCLAVE_HOST or the local `cape serve`)."
-    ),
-]
-_CaFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--ca-file",
-        help="CA file to trust for TLS (default: CAPE_CA_FILE or the local `cape serve`'s).",
-    ),
-]
-
-
-@app.command()
-def signup(
-    username: _Username,
-    password_stdin: _PasswordStdin = False,
-    url: _Url = None,
-    ca_file: _CaFile = None,
-) -> None:
-    """Create an account and log in (the token is saved in the config directory)."""
-    try:
-        _account("signup", username, password_stdin, url, ca_file)
-    except CapeError as exc:
-        _fail(exc)
-
-
-@app.command()
-def login(
-    username: _Username,
-    password_stdin: _PasswordStdin = False,
-    url: _Url = None,
-    ca_file: _CaFile = None,
-) -> None:
-    """Log in with a username and password (the token is saved in the config directory)."""
-    try:
-        _account("login", username, password_stdin, url, ca_file)
     except CapeError as exc:
         _fail(exc)
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cape.crypto import envelope, hpke, stream
+from cape.crypto import envelope, hpke, results, stream
 from cape.crypto.keys import load_rsa_public_key
+from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
 from cape.enclave.keyclient import KMS_TIMEOUT_S, EnclaveKeyClient
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
 from cape.enclave.secure_module.base import SecureModule
@@ -143,7 +144,12 @@ def _services(ctx: _Context, loop: asyncio.AbstractEventLoop) -> Services:
 async def _key_session(ctx: _Context) -> None:
     public_der = await ctx.keys.public_key(ctx.owner)
     document = await asyncio.to_thread(
-        _attest, ctx, hpke.generate_keypair(), {"key": _b64(public_der)}
+        # "owner" (our extension) binds the key to its account, so a host cannot answer a
+        # request for one user's key with another user's document.
+        _attest,
+        ctx,
+        hpke.generate_keypair(),
+        {"key": _b64(public_der), "owner": ctx.owner},
     )
     await ctx.reply({"t": "attestation", "document": document})
 
@@ -224,15 +230,38 @@ async def _open_chunked_bundle(ctx: _Context, buffer: bytearray) -> str:
 
 
 async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hpke.KeyPair) -> None:
+    # Replies are sealed under a key only this enclave and the client can derive (see
+    # crypto/results.py): the host can neither read nor forge them, nor drop or reorder one.
+    channel = (
+        None
+        if ctx.response_key is None
+        else ResultChannel.derive(
+            session_key.private_key,  # type: ignore[arg-type]  # X25519: checked in derive
+            ctx.response_key,
+            session_public=session_key.public_bytes,
+            response_public=ctx.response_key,
+        )
+    )
+    sequence = 0
+
+    async def fail_call(text: str) -> None:
+        nonlocal sequence
+        if channel is None:
+            await ctx.error(text, fatal=False)
+        else:
+            sealed = channel.seal(sequence, text.encode("utf-8"), kind=results.ERROR)
+            await ctx.reply(
+                {"t": "error", "message": SEALED_ERROR_TEXT, "fatal": False, "sealed": sealed}
+            )
+        sequence += 1
+
     while (message := await ctx.next_frame("input")) is not None:
         data = message.get("data")
         if not isinstance(data, bytes):
             raise FormatError("input frame needs bytes 'data'")
         if len(data) > ctx.config.max_input_bytes:
             limit = ctx.config.max_input_bytes
-            await ctx.error(
-                LimitExceededError("input size in bytes", limit).diagnostics(), fatal=False
-            )
+            await fail_call(LimitExceededError("input size in bytes", limit).diagnostics())
             continue
         # A frame that does not open under the session key is a protocol error: fatal.
         plaintext = hpke.open(session_key, data)
@@ -243,13 +272,14 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
             # One bad input (the function raised, an oversized output, a cape: input that
             # does not open or whose key is refused) ends that call, not the session. A dead
             # sandbox (SandboxError) ends the session.
-            await ctx.error(exc.diagnostics(), fatal=False)
+            await fail_call(exc.diagnostics())
             continue
-        if ctx.response_key is not None:
-            sealed = hpke.seal(ctx.response_key, output)
+        if channel is not None:
+            sealed = channel.seal(sequence, output)
             await ctx.reply({"t": "result", "data": sealed, "encrypted": True})
         else:
             await ctx.reply({"t": "result", "data": output, "encrypted": False})
+        sequence += 1
 
 
 async def _attestation(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str]) -> None:

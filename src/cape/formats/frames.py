@@ -20,7 +20,7 @@ Message types (``→`` host to enclave, ``←`` enclave to host):
 ``chunk``          →    the next ``data`` piece of a deploy bundle announced with ``size``
 ``result``         ←    ``data``, ``encrypted`` (sealed to the client's response key)
 ``deployed``       ←    ``checksum`` (hex), ``name``, ``owner``
-``error``          ←    ``message``, ``fatal`` (the session is over when true)
+``error``          ←    ``message``, ``fatal`` (ends the session when true), ``sealed`` (opt.)
 ``close``          ↔    end a session
 ``kms``            ←    a key-service call: ``rid``, ``op`` and its arguments
 ``kms_result``     →    ``rid`` and ``result``, or ``error`` + ``kind``

@@ -82,3 +82,9 @@ class LocalPlatform:
 
     def close(self) -> None:
         self.kms.close()
+
+
+def runtime_pcrs() -> dict[int, bytes]:
+    """PCR0-2 of the enclave runtime this installation would start (what clients pin)."""
+    measurement = measure_runtime()
+    return {0: measurement.pcr0, 1: measurement.pcr1, 2: measurement.pcr2}

@@ -8,6 +8,7 @@ from typing import Any, Final, Self
 import httpx
 
 from cape.errors import FormatError, RequestRefusedError, TransportError
+from cape.formats.runtime import RuntimeTarget
 
 __all__ = ["RestClient"]
 
@@ -67,3 +68,7 @@ class RestClient:
     def attestation_root(self) -> bytes:
         data: bytes = self.request("GET", "/v1/attestation/root")
         return data
+
+    def runtime(self) -> RuntimeTarget:
+        """The enclave's Python, for vendoring requirements (FormatError if malformed)."""
+        return RuntimeTarget.from_json(self.request("GET", "/v1/runtime"))

@@ -28,6 +28,7 @@ from cryptography import x509
 from websockets.asyncio.client import ClientConnection
 
 from cape.crypto import hpke
+from cape.crypto.results import ERROR, ResultChannel
 from cape.errors import (
     CapeError,
     ChecksumMismatchError,
@@ -96,12 +97,14 @@ class Session:
         websocket: ClientConnection,
         document: AttestationDocument,
         user_data: dict[str, Any],
-        response_key: hpke.KeyPair | None,
+        channel: ResultChannel | None,
     ) -> None:
         self._ws = websocket
         self.document = document
         self.user_data = user_data
-        self._response_key = response_key
+        self._channel = channel
+        self._replies = 0
+        """Replies received to inputs so far: the next sealed reply's sequence number."""
 
     @classmethod
     async def open(cls, url: str, path: str, token: str, options: SessionOptions) -> Session:
@@ -148,20 +151,37 @@ class Session:
             policy=AttestationPolicy(nonce=nonce, pcrs=options.pcrs),
         )
         user_data = _user_data(document)
+        channel = None
         if response_key is not None:
+            if "response_key_sha256" not in user_data:
+                raise VerificationError(
+                    "the enclave did not bind this session's response key; refusing to continue"
+                )
             bound = _decode_b64(user_data.get("response_key_sha256"), "response key binding")
             if not hmac.compare_digest(bound, hashlib.sha256(response_key.public_bytes).digest()):
                 raise VerificationError(
                     "the enclave did not bind this session's response key; refusing to continue"
                 )
+            if document.public_key is None:
+                raise VerificationError("the attestation document carries no session key")
+            channel = ResultChannel.derive(
+                response_key.private_key,  # type: ignore[arg-type]  # always X25519 here
+                document.public_key,
+                session_public=document.public_key,
+                response_public=response_key.public_bytes,
+            )
         if options.function_checksum is not None:
+            if "func_checksum" not in user_data:
+                raise ChecksumMismatchError(
+                    "the enclave attests no function checksum, but one was pinned"
+                )
             got = _decode_b64(user_data.get("func_checksum"), "function checksum").hex()
             want = options.function_checksum.lower()
             if not hmac.compare_digest(got, want):
                 raise ChecksumMismatchError(
                     f"function checksum does not match: got {got}, want {want}"
                 )
-        return cls(websocket, document, user_data, response_key)
+        return cls(websocket, document, user_data, channel)
 
     async def invoke(self, data: bytes) -> bytes:
         """Send one input, HPKE-sealed to the attested key; return the function's output."""
@@ -171,20 +191,35 @@ class Session:
         return await self.receive_result()
 
     async def receive_result(self) -> bytes:
-        """The reply to the oldest input not yet answered (opened if it was sealed)."""
-        message = await _receive_message(self._ws)
+        """The reply to the oldest input not yet answered (opened if it was sealed).
+
+        In a sealed session every reply takes the next sequence number, so a reply the host
+        dropped, replayed, reordered or made up does not open.
+        """
+        parsed = await _receive_frame(self._ws)
+        sequence, self._replies = self._replies, self._replies + 1
+        if parsed.get("error"):
+            sealed = parsed.get("sealed")
+            if self._channel is not None and isinstance(sealed, str):
+                details = self._channel.open(
+                    sequence, _decode_b64(sealed, "sealed error"), kind=ERROR
+                )
+                raise FunctionError(details.decode("utf-8", "replace"))
+            raise FunctionError(str(parsed["error"]))
+        message = _message_of(parsed)
         if message.get("type") != "function_result":
             raise FormatError(f"expected a function result, got {message.get('type')!r}")
         output = _decode_b64(message.get("message"), "function result")
-        if self._response_key is None:
+        if self._channel is None:
             return output
         if message.get("encrypted") is not True:
             raise VerificationError("the result came back unsealed although sealing was bound")
-        return hpke.open(self._response_key, output)
+        return self._channel.open(sequence, output)
 
     async def send_sealed(self, data: bytes) -> None:
         """One binary frame: ``data`` HPKE-sealed to the document's key."""
-        assert self.document.public_key is not None
+        if self.document.public_key is None:
+            raise VerificationError("the attestation document carries no session key")
         await self._send(hpke.seal(self.document.public_key, data))
 
     async def send_json(self, message: dict[str, Any]) -> None:
@@ -230,8 +265,8 @@ def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError:
     text = ""
     try:
         body = json.loads(response.body or b"{}")
-        text = str(body.get("error") or body.get("message") or "")
-    except (ValueError, AttributeError):
+        text = str(body.get("error") or body.get("message") or "")[:300]
+    except (ValueError, AttributeError, RecursionError):
         pass
     status = response.status_code
     message = f"the server refused the session ({status}): {text or 'no reason given'}"
@@ -240,7 +275,7 @@ def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError:
     return RequestRefusedError(message, status=status)
 
 
-async def _receive_message(websocket: ClientConnection) -> dict[str, Any]:
+async def _receive_frame(websocket: ClientConnection) -> dict[str, Any]:
     try:
         frame = await websocket.recv()
     except websockets.ConnectionClosed as exc:
@@ -249,10 +284,18 @@ async def _receive_message(websocket: ClientConnection) -> dict[str, Any]:
         raise FormatError("expected a text frame from the server")
     try:
         parsed = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise FormatError("the server sent a frame that is not JSON") from None
     if not isinstance(parsed, dict):
         raise FormatError("the server sent a frame that is not a JSON object")
+    return parsed
+
+
+async def _receive_message(websocket: ClientConnection) -> dict[str, Any]:
+    return _message_of(await _receive_frame(websocket))
+
+
+def _message_of(parsed: dict[str, Any]) -> dict[str, Any]:
     if parsed.get("error"):
         raise FunctionError(str(parsed["error"]))
     message = parsed.get("message")
@@ -275,7 +318,7 @@ def _user_data(document: AttestationDocument) -> dict[str, Any]:
         return {}
     try:
         parsed = json.loads(document.user_data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise FormatError("the document's user_data is not JSON") from None
     if not isinstance(parsed, dict):
         raise FormatError("the document's user_data is not a JSON object")

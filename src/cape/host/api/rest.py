@@ -15,6 +15,8 @@ route                                  result
 ``DELETE /v1/token/{id}``              200 ``{"id"}`` · 404
 ``GET /v1/user/{username}/key``        200 ``{"attestation_document": b64}`` · 404 (no auth)
 ``GET /v1/attestation/root``           the root certificate PEM (no auth)
+``GET /v1/runtime``                    200 ``{"python_version","implementation","abi",
+                                       "platforms"}`` (no auth)
 =====================================  =======================================================
 
 Decisions:
@@ -32,6 +34,8 @@ Decisions:
 - Times are RFC 3339 UTC with whole seconds (``2025-03-01T12:00:00Z``).
 - Bodies are JSON objects of at most :attr:`ApiDeps.max_body_bytes` (64 KiB): larger ones get
   413, anything that is not a JSON object or has wrongly typed fields 400.
+- ``GET /v1/runtime`` describes the enclave's Python (:class:`RuntimeTarget`) so that
+  ``cape deploy`` can vendor ``requirements.txt`` wheels that fit it.
 - Blocking work (argon2, the database) runs in Starlette's thread pool. Nothing here logs
   request bodies, tokens or passwords.
 """
@@ -53,6 +57,7 @@ from starlette.routing import Route
 
 from cape._internal.timefile import utc_now
 from cape.errors import FormatError
+from cape.formats.runtime import RuntimeTarget
 from cape.host.api.errors import BodyTooLargeError, error_response
 from cape.host.auth import (
     Accounts,
@@ -87,7 +92,10 @@ class ApiDeps:
     key, or ``None`` if there is none (it may create the document for an existing user).
     ``on_signup(user)`` runs after an account is created (``cape serve`` creates the user's
     key document there); its failure is logged, not reported, since the account exists.
-    ``clock`` is the time tokens are checked at.
+    ``clock`` is the time tokens are checked at. ``runtime`` is the enclave's Python, which
+    ``GET /v1/runtime`` reports: by default this host's interpreter, which is right in
+    simulated mode, where enclaves run this same interpreter; with Nitro it must come from
+    the enclave image.
     """
 
     store: MetadataStore
@@ -98,6 +106,7 @@ class ApiDeps:
     on_signup: Callable[[User], Awaitable[None]] | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     clock: Callable[[], dt.datetime] = field(default=utc_now)
+    runtime: RuntimeTarget = field(default_factory=RuntimeTarget.local)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -371,6 +380,11 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
     async def attestation_root(_request: Request) -> Response:
         return Response(deps.attestation_root_pem, media_type=PEM_MEDIA_TYPE)
 
+    runtime_json = deps.runtime.to_json()
+
+    async def runtime(_request: Request) -> Response:
+        return JSONResponse(runtime_json)
+
     return [
         Route("/v1/signup", _guarded(signup), methods=["POST"]),
         Route("/v1/login", _guarded(login), methods=["POST"]),
@@ -382,4 +396,5 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
         Route("/v1/token/{id}", _guarded(delete_token), methods=["DELETE"]),
         Route("/v1/user/{username}/key", _guarded(user_key), methods=["GET"]),
         Route("/v1/attestation/root", _guarded(attestation_root), methods=["GET"]),
+        Route("/v1/runtime", _guarded(runtime), methods=["GET"]),
     ]

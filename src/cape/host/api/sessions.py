@@ -276,7 +276,10 @@ async def _reply(websocket: WebSocket, session: HostSession) -> bool:
     if kind == "error":
         if message.get("fatal"):
             raise _EnclaveSaid(str(message.get("message", "enclave error")))
-        await _send(websocket, {"error": str(message.get("message", "function error"))})
+        reply: dict[str, Any] = {"error": str(message.get("message", "function error"))}
+        if isinstance(message.get("sealed"), bytes):  # our extension: details for the client
+            reply["sealed"] = _b64(message["sealed"])
+        await _send(websocket, reply)
         return True
     if kind == "close":
         return False

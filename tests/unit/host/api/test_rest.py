@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from cape.formats.runtime import RuntimeTarget
 from cape.host.api.errors import EXCEPTION_HANDLERS
 from cape.host.api.rest import ApiDeps, create_rest_routes
 from cape.host.auth import Accounts, LoginRateLimiter, TokenIssuer
@@ -381,3 +382,31 @@ def test_attestation_root_route(client: TestClient) -> None:
     assert response.status_code == 200
     assert response.content == ROOT_PEM
     assert response.headers["content-type"].startswith("application/x-pem-file")
+
+
+def test_runtime_route_describes_the_enclave_python_without_auth(client: TestClient) -> None:
+    response = client.get("/v1/runtime")
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"python_version", "implementation", "abi", "platforms"}
+    # The default is this host's interpreter: simulated enclaves run it.
+    assert RuntimeTarget.from_json(body) == RuntimeTarget.local()
+
+
+def test_runtime_route_reports_the_configured_target(
+    store: SqlMetadataStore, blobs: DirectoryBlobStore
+) -> None:
+    target = RuntimeTarget("3.12", "cp", "cp312", ("manylinux_2_28_aarch64", "linux_aarch64"))
+    accounts = Accounts(store, TokenIssuer(Ed25519PrivateKey.generate()))
+    deps = ApiDeps(
+        store=store,
+        blobs=blobs,
+        accounts=accounts,
+        attestation_root_pem=ROOT_PEM,
+        key_documents=_key_documents,
+        runtime=target,
+    )
+    with TestClient(Starlette(routes=create_rest_routes(deps))) as test_client:
+        response = test_client.get("/v1/runtime")
+    assert response.status_code == 200
+    assert RuntimeTarget.from_json(response.json()) == target

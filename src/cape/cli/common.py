@@ -1,0 +1,205 @@
+"""What every ``cape`` command shares: its options, error handling and output.
+
+Every client command takes ``-o/--output plain|json``, ``--url``, ``-t/--token``, ``-v``,
+``--ca-file`` and ``--attestation-root``; :func:`command` adds them to each command's
+signature, so no command can forget one. Results go to stdout, messages to stderr. A failure
+is one line ``Error: …`` on stderr with exit status 1 (2 for bad usage); ``-v`` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import json
+import logging
+import sys
+import traceback
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from cape.errors import CapeError
+
+__all__ = [
+    "Common",
+    "OutputFormat",
+    "UsageError",
+    "command",
+    "emit_json",
+    "fail",
+    "stderr",
+    "stdout",
+]
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"verbose": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OutputFormat(enum.StrEnum):
+    plain = "plain"
+    json = "json"
+
+
+class UsageError(CapeError):
+    """A combination of arguments that cannot work (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Common:
+    """The options every client command takes."""
+
+    output: OutputFormat = OutputFormat.plain
+    url: str | None = None
+    token: str | None = None
+    verbose: bool = False
+    ca_file: Path | None = None
+    attestation_root: Path | None = None
+
+    @property
+    def json(self) -> bool:
+        return self.output is OutputFormat.json
+
+    def client(self, *, seal_results: bool = True) -> Any:
+        """The SDK client these options describe."""
+        from cape.sdk.client import Cape
+
+        return Cape(
+            self.url,
+            token=self.token,
+            ca_file=self.ca_file,
+            attestation_root=self.attestation_root,
+            seal_results=seal_results,
+        )
+
+
+def set_verbose(verbose: bool) -> None:
+    if verbose and not _state["verbose"]:
+        _state["verbose"] = True
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
+
+
+def fail(exc: BaseException) -> NoReturn:
+    if _state["verbose"]:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, CapeError):
+        message = exc.diagnostics()
+    elif isinstance(exc, KeyboardInterrupt):
+        message = "interrupted"
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc} (run with -v for details)"
+    stderr.print(f"Error: {' '.join(message.split())}", markup=False)
+    raise typer.Exit(
+        2 if isinstance(exc, UsageError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
+    )
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "output": (
+        Annotated[
+            OutputFormat,
+            typer.Option("-o", "--output", help="Output format.", case_sensitive=False),
+        ],
+        OutputFormat.plain,
+    ),
+    "url": (
+        Annotated[
+            str | None,
+            typer.Option(
+                "--url", help="Server URL (default: CAPE_ENCLAVE_HOST, presets, local serve)."
+            ),
+        ],
+        None,
+    ),
+    "token": (
+        Annotated[
+            str | None,
+            typer.Option("-t", "--token", help="Token (default: CAPE_TOKEN, then your login)."),
+        ],
+        None,
+    ),
+    "verbose": (
+        Annotated[bool, typer.Option("-v", "--verbose", help="Debug logs and tracebacks.")],
+        False,
+    ),
+    "ca_file": (
+        Annotated[
+            Path | None,
+            typer.Option("--ca-file", help="CA file trusted for TLS (default: CAPE_CA_FILE)."),
+        ],
+        None,
+    ),
+    "attestation_root": (
+        Annotated[
+            Path | None,
+            typer.Option(
+                "--attestation-root",
+                help="Pinned attestation root (default: CAPE_ATTESTATION_ROOT, pinned root).",
+            ),
+        ],
+        None,
+    ),
+}
+
+
+def command(
+    app: typer.Typer, name: str | None = None, *, own_output: bool = False
+) -> Callable[[F], F]:
+    """Register ``fn(common: Common, …)`` as a command with the shared options added.
+
+    With ``own_output`` the command declares ``-o`` itself (``cape encrypt``, where ``-o``
+    also names an output file) and receives it as its own parameter.
+    """
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+            if p.name != "common"
+        ]
+        shared = [
+            inspect.Parameter(
+                key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+            )
+            for key, (annotation, default) in _OPTIONS.items()
+            if not (own_output and key == "output")
+        ]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            shared = [key for key in _OPTIONS if not (own_output and key == "output")]
+            values = {key: kwargs.pop(key) for key in shared if key in kwargs}
+            common = Common(**values)
+            set_verbose(common.verbose)
+            try:
+                return fn(common, **kwargs)
+            except typer.Exit:
+                raise
+            except (Exception, KeyboardInterrupt) as exc:  # every failure is one line
+                fail(exc)
+
+        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=parameters, return_annotation=None
+        )
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        app.command(name)(wrapper)
+        return fn
+
+    return decorate

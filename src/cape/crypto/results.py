@@ -1,0 +1,97 @@
+"""The sealed-results channel (protocol.md, "Our extension: results sealed to the client").
+
+Sealing results with HPKE base mode to the client's response key hides them from the host
+but proves nothing about their origin: the response key travels in the clear, so the host
+could seal a forged result to it. Results are therefore sealed under a key only the client and
+the attested enclave can derive:
+
+    shared = X25519(enclave session key, client response key)        (either side's private half)
+    key    = HKDF-SHA256(shared, salt = none,
+                         info = "cape-results-v1" ‖ session public key ‖ response public key)
+    reply n (0, 1, 2, … in the session) = ChaCha20-Poly1305(key, nonce = n as 12 bytes big-endian,
+                                                              aad = "result" or "error")
+
+The session key is the one in the attestation document, so a result that opens came from
+the enclave that document describes; the counter makes dropped, replayed or reordered replies
+fail to open. Every reply to an input (result or function error) takes the next number. All
+primitives come from ``cryptography``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from cape.crypto.envelope import DECRYPTION_FAILED
+from cape.errors import DecryptionError, KeyFormatError, MalformedEnvelopeError
+
+__all__ = ["ERROR", "INFO", "RESULT", "SEALED_ERROR_TEXT", "ResultChannel"]
+
+INFO: Final = b"cape-results-v1"
+_TAG = 16
+_MAX_SEQUENCE = (1 << 96) - 1
+RESULT: Final = b"result"
+ERROR: Final = b"error"
+#: What the host sees (and relays as ``{"error"}``) when a call fails in a sealed session; the
+#: real message travels sealed beside it.
+SEALED_ERROR_TEXT: Final = "the function call failed (the details are sealed to the client)"
+
+
+def _public(data: bytes, what: str) -> x25519.X25519PublicKey:
+    try:
+        return x25519.X25519PublicKey.from_public_bytes(bytes(data))
+    except ValueError:
+        raise KeyFormatError(f"the {what} is not an X25519 public key") from None
+
+
+class ResultChannel:
+    """One session's result key; ``seal``/``open`` take the reply's sequence number."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+
+    @classmethod
+    def derive(
+        cls,
+        private_key: x25519.X25519PrivateKey,
+        peer_public: bytes,
+        *,
+        session_public: bytes,
+        response_public: bytes,
+    ) -> ResultChannel:
+        """Either side: its own private key, the other's public key, both public keys."""
+        if not isinstance(private_key, x25519.X25519PrivateKey):
+            raise KeyFormatError("sealed results need an X25519 session key")
+        try:
+            shared = private_key.exchange(_public(peer_public, "peer key"))
+        except ValueError:  # a low-order point gives the all-zero secret
+            raise KeyFormatError("unusable X25519 key for sealed results") from None
+        key = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=None,
+            info=INFO + bytes(session_public) + bytes(response_public),
+        ).derive(shared)
+        return cls(key)
+
+    @staticmethod
+    def _nonce(sequence: int) -> bytes:
+        if not 0 <= sequence <= _MAX_SEQUENCE:
+            raise ValueError("sequence number out of range")
+        return sequence.to_bytes(12, "big")
+
+    def seal(self, sequence: int, data: bytes, *, kind: bytes = RESULT) -> bytes:
+        return self._aead.encrypt(self._nonce(sequence), bytes(data), kind)
+
+    def open(self, sequence: int, data: bytes, *, kind: bytes = RESULT) -> bytes:
+        if len(data) < _TAG:
+            raise MalformedEnvelopeError("a sealed result is shorter than its tag")
+        try:
+            return self._aead.decrypt(self._nonce(sequence), bytes(data), kind)
+        except InvalidTag:
+            raise DecryptionError(DECRYPTION_FAILED) from None

@@ -1,0 +1,828 @@
+"""The Python SDK: ``from cape import Cape``.
+
+:class:`AsyncCape` is the implementation (every network call is a coroutine);
+:class:`Cape` offers the same calls synchronously and, like pycape, also from async code: a
+call made while an event loop runs in the calling thread returns an awaitable instead. For
+typed async code use ``cape.aio``, the :class:`AsyncCape` behind a :class:`Cape`.
+
+Every session verifies before anything secret leaves this process (see
+:mod:`cape.sdk.session`): the attestation document must chain to the pinned root and carry
+this session's nonce, pinned PCRs and checksum, and results are sealed to a response key bound
+into the document. Keys fetched by user name must come in a document that names that user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hmac
+import json
+import os
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+from cape import serdio
+from cape.crypto import envelope
+from cape.crypto.keys import load_rsa_public_key, public_key_der
+from cape.errors import CapeError, FormatError, VerificationError
+from cape.sdk import config as client_config
+from cape.sdk import flows
+from cape.sdk.bundle import Bundle, build_bundle
+from cape.sdk.function_ref import FunctionRef
+from cape.sdk.rest import RestClient
+from cape.sdk.session import Session, SessionOptions
+from cape.verify.policy import AttestationPolicy, pcr_allow_list
+from cape.verify.roots import fingerprint, load_root_certificate, load_root_certificate_file
+from cape.verify.verifier import verify_archived_attestation
+
+__all__ = [
+    "AsyncCape",
+    "Cape",
+    "CreatedToken",
+    "Deployed",
+    "FunctionInfo",
+    "FunctionRef",
+    "PcrPins",
+    "TokenInfo",
+    "UntrustedRootError",
+]
+
+T = TypeVar("T")
+
+#: PCR pins as pycape takes them (``{"0": ["hex", …]}``) or as ``{0: [bytes, …]}``.
+PcrPins = Mapping[int | str, Iterable[str | bytes]]
+TOKEN_FILE_MAX: Final = 4096
+
+
+class UntrustedRootError(VerificationError):
+    """No attestation root is pinned for this server yet."""
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A function just deployed: its id, the checksum the enclave measured, ``user/name``."""
+
+    id: str
+    checksum: str
+    name: str
+    vendored: tuple[str, ...] = ()
+
+    @property
+    def function_ref(self) -> FunctionRef:
+        return FunctionRef(
+            id=self.id, name=self.name if "/" in self.name else None, checksum=self.checksum
+        )
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    id: str
+    name: str
+    created_at: str
+    checksum: str | None
+    public: bool
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    name: str
+    description: str
+    created_at: str
+    expires_at: str | None
+    last_used: str | None
+    function_id: str | None
+
+
+@dataclass(frozen=True)
+class CreatedToken:
+    """A new token. ``token`` is shown once; the server keeps only its metadata."""
+
+    id: str
+    token: str
+
+
+def _pcr_pins(pcrs: PcrPins | None) -> dict[int, frozenset[bytes]]:
+    if not pcrs:
+        return {}
+    pins: list[tuple[int, bytes]] = []
+    for index, values in pcrs.items():
+        try:
+            number = int(index)
+        except ValueError:
+            raise FormatError(f"PCR index {index!r} is not a number") from None
+        if isinstance(values, str | bytes):
+            values = [values]
+        for value in values:
+            try:
+                raw = bytes.fromhex(value) if isinstance(value, str) else bytes(value)
+            except ValueError:
+                raise FormatError(f"PCR{number} value {value!r} is not hex") from None
+            pins.append((number, raw))
+    try:
+        return pcr_allow_list(pins)
+    except ValueError as exc:
+        raise FormatError(str(exc)) from None
+
+
+def _function_id(text: str) -> str:
+    ref = FunctionRef.parse(text)
+    if ref.id is None:
+        raise FormatError(f"{text!r} is a name; this needs the function's id (see `cape list`)")
+    return ref.id
+
+
+def _load_token(token: str | os.PathLike[str]) -> str:
+    """A token string, or the contents of a token file (pycape accepts both)."""
+    if isinstance(token, os.PathLike) or (
+        len(token) < TOKEN_FILE_MAX and "." not in token.strip("./") and Path(token).is_file()
+    ):
+        try:
+            return Path(token).read_text().strip()
+        except OSError as exc:
+            raise FormatError(f"cannot read the token file {token}: {exc.strerror}") from None
+    if not token.strip():
+        raise FormatError("the token is empty")
+    return token.strip()
+
+
+class AsyncCape:
+    """A client of one Cape server (async).
+
+    Settings not passed here come from the environment, ``cape config`` and ``cape login``
+    (see :mod:`cape.sdk.config`). ``attestation_root`` pins the root certificate documents
+    must chain to; without it the root pinned for this server (``cape login --trust-root``
+    or :meth:`trust_root`) or the local ``cape serve``'s is used.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        attestation_root: str | os.PathLike[str] | None = None,
+        seal_results: bool = True,
+    ) -> None:
+        self.settings = client_config.resolve(
+            url=url,
+            ca_file=Path(ca_file) if ca_file is not None else None,
+            attestation_root=Path(attestation_root) if attestation_root is not None else None,
+            token=token,
+        )
+        self.seal_results = seal_results
+        self._ssl = self.settings.ssl_context()
+        self._root: x509.Certificate | None = None
+        self._session: Session | None = None
+
+    @property
+    def url(self) -> str:
+        return self.settings.url
+
+    # -- trust ---------------------------------------------------------------------------
+
+    def root(self) -> x509.Certificate:
+        """The pinned attestation root for this server."""
+        if self._root is None:
+            path = self.settings.attestation_root
+            if path is None:
+                raise UntrustedRootError(
+                    f"no attestation root is pinned for {self.url}: run `cape login "
+                    "--trust-root SHA256` with the fingerprint the operator gives you, or "
+                    "pass --attestation-root FILE"
+                )
+            self._root = load_root_certificate_file(path)
+        return self._root
+
+    def _rest(self, token: str | None = None) -> RestClient:
+        return RestClient(self.url, self._ssl, token)
+
+    async def server_root(self) -> x509.Certificate:
+        """The root the server offers (NOT trusted: check its fingerprint out of band)."""
+
+        def fetch() -> bytes:
+            with self._rest() as rest:
+                return rest.attestation_root()
+
+        return load_root_certificate(await asyncio.to_thread(fetch))
+
+    async def trust_root(self, expected_fingerprint: str) -> x509.Certificate:
+        """Fetch the server's root, require its SHA-256 fingerprint, and pin it for this URL."""
+        want = expected_fingerprint.replace(":", "").strip().lower()
+        cert = await self.server_root()
+        got = fingerprint(cert)
+        if not hmac.compare_digest(got, want):
+            raise VerificationError(
+                f"the server's attestation root has fingerprint {got}, not {want}; not pinned"
+            )
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        client_config.write_config_file(
+            client_config.pinned_root_path(self.url), cert.public_bytes(Encoding.PEM)
+        )
+        self._root = cert
+        return cert
+
+    def _options(self, pcrs: PcrPins | None = None, checksum: str | None = None) -> SessionOptions:
+        return SessionOptions(
+            root=self.root(),
+            ssl_context=self._ssl,
+            pcrs=_pcr_pins(pcrs),
+            function_checksum=checksum,
+            seal_results=self.seal_results,
+        )
+
+    def token(self, token: str | os.PathLike[str] | None = None) -> str:
+        """A token string from ``token`` (string or file), else the configured login."""
+        if token is not None:
+            return _load_token(token)
+        return self.settings.require_token()
+
+    def function(
+        self, identifier: str | os.PathLike[str] | FunctionRef, *, checksum: str | None = None
+    ) -> FunctionRef:
+        """A :class:`FunctionRef` from an id, ``user/name``, a JSON file, or a FunctionRef."""
+        if isinstance(identifier, FunctionRef):
+            if checksum is None or identifier.checksum == checksum.lower():
+                return identifier
+            if identifier.checksum is not None:
+                raise FormatError("the checksum given conflicts with the FunctionRef's checksum")
+            return FunctionRef(identifier.id, identifier.name, checksum)
+        if isinstance(identifier, os.PathLike) or (
+            identifier.endswith(".json") and Path(identifier).is_file()
+        ):
+            return FunctionRef.from_json(identifier)
+        return FunctionRef.parse(identifier, checksum=checksum)
+
+    # -- accounts --------------------------------------------------------------------------
+
+    async def signup(self, username: str, password: str, *, save: bool = True) -> str:
+        """Create an account; returns (and by default saves) its login token."""
+        return await self._account("signup", username, password, save)
+
+    async def login(self, username: str, password: str, *, save: bool = True) -> str:
+        """Log in; returns (and by default saves) the token."""
+        return await self._account("login", username, password, save)
+
+    async def _account(self, action: str, username: str, password: str, save: bool) -> str:
+        def call() -> dict[str, Any]:
+            with self._rest() as rest:
+                return (rest.signup if action == "signup" else rest.login)(username, password)
+
+        result = await asyncio.to_thread(call)
+        token = result.get("access_token")
+        name = result.get("username", username)
+        if not isinstance(token, str) or not isinstance(name, str):
+            raise FormatError("the server's login answer carries no token")
+        if save:
+            client_config.save_token(self.url, name, token)
+        self.settings = client_config.ClientConfig(
+            self.url, self.settings.ca_file, self.settings.attestation_root, token, name
+        )
+        return token
+
+    # -- keys and encryption ---------------------------------------------------------------
+
+    async def key(
+        self,
+        *,
+        username: str | None = None,
+        key_path: str | os.PathLike[str] | None = None,
+        pcrs: PcrPins | None = None,
+        refresh: bool = False,
+    ) -> bytes:
+        """A Cape key (DER SubjectPublicKeyInfo): one's own, or ``username``'s.
+
+        Cached in the config directory (or ``key_path``) after an attested fetch; a cached
+        key is returned as is unless ``refresh``.
+        """
+        if username is not None and key_path is not None:
+            raise FormatError("give either username or key_path, not both")
+        path = Path(key_path) if key_path is not None else client_config.cached_key_path(username)
+        if not refresh and path.is_file():
+            try:
+                der = path.read_bytes()
+            except OSError as exc:
+                raise FormatError(f"cannot read the cached key {path}: {exc.strerror}") from None
+            return public_key_der(load_rsa_public_key(der))
+        if key_path is not None and username is None and self.settings.token is None:
+            raise FormatError(f"no key at {path}")
+        if username is not None:
+            public = await self._user_key(username, pcrs)
+        else:
+            public = await flows.fetch_key(
+                self.url, self.token(), self._options(pcrs), owner=self.settings.username
+            )
+        der = public_key_der(public)
+        if key_path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(der)
+        else:
+            client_config.write_config_file(path, der)
+        return der
+
+    async def _user_key(self, username: str, pcrs: PcrPins | None) -> RSAPublicKey:
+        client_config.check_username(username)
+        root = self.root()  # before any network call: no pinned root, no request
+
+        def fetch() -> Any:
+            with self._rest() as rest:
+                return rest.request("GET", f"/v1/user/{username}/key")
+
+        answer = await asyncio.to_thread(fetch)
+        encoded = answer.get("attestation_document") if isinstance(answer, dict) else None
+        if not isinstance(encoded, str):
+            raise FormatError("the server's key answer carries no attestation document")
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise FormatError("the key document is not valid base64") from None
+        # A stored document: verified at its own timestamp (it may be months old).
+        document = verify_archived_attestation(
+            raw, root=root, policy=AttestationPolicy(pcrs=_pcr_pins(pcrs))
+        )
+        try:
+            user_data = json.loads(document.user_data or b"{}")
+        except ValueError:
+            raise FormatError("the key document's user_data is not JSON") from None
+        if not isinstance(user_data, dict):
+            raise FormatError("the key document's user_data is not a JSON object")
+        return flows.key_from_user_data(user_data, username)
+
+    async def encrypt(
+        self,
+        input: bytes,
+        *,
+        username: str | None = None,
+        key: bytes | None = None,
+        key_path: str | os.PathLike[str] | None = None,
+    ) -> bytes:
+        """``cape:`` + base64 envelope of ``input`` for one's own key or ``username``'s."""
+        der = key if key is not None else await self.key(username=username, key_path=key_path)
+        return envelope.encrypt_text(bytes(input), load_rsa_public_key(der)).encode("ascii")
+
+    # -- functions ---------------------------------------------------------------------------
+
+    async def connect(
+        self,
+        function_ref: str | os.PathLike[str] | FunctionRef,
+        token: str | os.PathLike[str] | None = None,
+        pcrs: PcrPins | None = None,
+    ) -> None:
+        """Open a verified session with the function's enclave (one at a time)."""
+        ref = self.function(function_ref)
+        await self.close()
+        self._session = await Session.open(
+            self.url, ref.path, self.token(token), self._options(pcrs, ref.checksum)
+        )
+
+    async def invoke(
+        self,
+        *args: Any,
+        serde_hooks: Any = None,
+        use_serdio: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Call the connected function. Without serdio, one ``bytes`` argument, bytes back."""
+        if self._session is None:
+            raise CapeError("not connected: call connect() first")
+        hooks = serdio.bundle_hooks(serde_hooks) if serde_hooks is not None else None
+        if hooks is not None or use_serdio:
+            data = serdio.serialize(*args, encoder=hooks.encoder if hooks else None, **kwargs)
+        else:
+            if kwargs or len(args) != 1 or not isinstance(args[0], bytes | bytearray):
+                raise TypeError("without use_serdio, invoke takes exactly one bytes argument")
+            data = bytes(args[0])
+        output = await self._session.invoke(data)
+        if hooks is not None or use_serdio:
+            return serdio.deserialize(output, decoder=hooks.decoder if hooks else None)
+        return output
+
+    async def run(
+        self,
+        function_ref: str | os.PathLike[str] | FunctionRef,
+        token: str | os.PathLike[str] | None = None,
+        *args: Any,
+        pcrs: PcrPins | None = None,
+        serde_hooks: Any = None,
+        use_serdio: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """connect + invoke + close (pycape's signature)."""
+        await self.connect(function_ref, token, pcrs)
+        try:
+            return await self.invoke(
+                *args, serde_hooks=serde_hooks, use_serdio=use_serdio, **kwargs
+            )
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the current function session, if any."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def build(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        vendor: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> Bundle:
+        """Zip a function folder deterministically (vendoring requirements.txt)."""
+        source = Path(path)
+        target = None
+        if vendor and source.is_dir() and (source / "requirements.txt").is_file():
+
+            def runtime() -> Any:
+                with self._rest() as rest:
+                    return rest.runtime()
+
+            target = await asyncio.to_thread(runtime)
+        return await asyncio.to_thread(
+            build_bundle, source, vendor=vendor, target=target, progress=progress
+        )
+
+    async def deploy(
+        self,
+        path: str | os.PathLike[str] | Bundle,
+        *,
+        name: str | None = None,
+        public: bool = False,
+        token: str | os.PathLike[str] | None = None,
+        pcrs: PcrPins | None = None,
+        vendor: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Deployed:
+        """Deploy a folder or zip: encrypted to one's own attested key, sent to an enclave."""
+        bundle = path if isinstance(path, Bundle) else await self.build(path, vendor=vendor)
+        chosen = name or bundle.source.name.split(".", 1)[0]
+        token_text = self.token(token)
+        if token is None and self.settings.username is not None:
+            public_key = load_rsa_public_key(await self.key(pcrs=pcrs))  # the login's, cached
+        else:
+            public_key = await flows.fetch_key(self.url, token_text, self._options(pcrs))
+        done = await flows.deploy(
+            self.url,
+            token_text,
+            self._options(pcrs),
+            bundle.data,
+            name=chosen,
+            public=public,
+            key=public_key,
+            progress=progress,
+        )
+        owner = self.settings.username if token is None else None
+        full = f"{owner}/{done.name}" if owner and "/" not in done.name else done.name
+        return Deployed(done.id, done.checksum, full, bundle.vendored)
+
+    async def test(
+        self,
+        path: str | os.PathLike[str] | Bundle,
+        input: bytes,
+        *,
+        token: str | os.PathLike[str] | None = None,
+        pcrs: PcrPins | None = None,
+        vendor: bool = True,
+    ) -> bytes:
+        """Run a folder or zip once on ``input`` without storing it."""
+        bundle = path if isinstance(path, Bundle) else await self.build(path, vendor=vendor)
+        results = await flows.test(
+            self.url, self.token(token), self._options(pcrs), bundle.data, [bytes(input)]
+        )
+        return results[0]
+
+    # -- management (REST) -------------------------------------------------------------------
+
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: Any = None
+    ) -> Any:
+        token_text = self.token(token)
+
+        def call() -> Any:
+            with self._rest(token_text) as rest:
+                return rest.request(method, path, body)
+
+        return await asyncio.to_thread(call)
+
+    async def functions(
+        self, *, limit: int = 50, offset: int = 0, token: str | None = None
+    ) -> list[FunctionInfo]:
+        """One's deployed functions, newest first."""
+        rows = await self._call("GET", f"/v1/functions?limit={limit}&offset={offset}", None, token)
+        if not isinstance(rows, list):
+            raise FormatError("the server's function list is not a list")
+        try:
+            return [
+                FunctionInfo(
+                    str(r["id"]),
+                    str(r["name"]),
+                    str(r["created_at"]),
+                    r.get("checksum"),
+                    bool(r.get("public", False)),
+                )
+                for r in rows
+            ]
+        except (KeyError, TypeError):
+            raise FormatError("the server's function list is malformed") from None
+
+    async def delete_function(self, function_id: str, *, token: str | None = None) -> None:
+        await self._call("DELETE", f"/v1/functions/{_function_id(function_id)}", None, token)
+
+    async def create_token(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        function: str | None = None,
+        expiry: dt.timedelta | None = None,
+        token: str | None = None,
+    ) -> CreatedToken:
+        """A personal access token, optionally scoped to one function and expiring."""
+        body: dict[str, Any] = {"name": name, "description": description}
+        if function is not None:
+            body["function_id"] = _function_id(function)
+        if expiry is not None:
+            seconds = int(expiry.total_seconds())
+            if seconds <= 0:
+                raise FormatError("a token expiry must be positive")
+            body["expiry"] = seconds
+        answer = await self._call("POST", "/v1/token", body, token)
+        if not isinstance(answer, dict) or not isinstance(answer.get("token"), str):
+            raise FormatError("the server's token answer is malformed")
+        return CreatedToken(id=str(answer.get("id")), token=answer["token"])
+
+    async def tokens(self, *, token: str | None = None) -> list[TokenInfo]:
+        rows = await self._call("GET", "/v1/tokens", None, token)
+        if not isinstance(rows, list):
+            raise FormatError("the server's token list is not a list")
+        try:
+            return [
+                TokenInfo(
+                    str(r["id"]),
+                    str(r["name"]),
+                    str(r.get("description") or ""),
+                    str(r["created_at"]),
+                    r.get("expiry"),
+                    r.get("last_used"),
+                    r.get("function_id"),
+                )
+                for r in rows
+            ]
+        except (KeyError, TypeError):
+            raise FormatError("the server's token list is malformed") from None
+
+    async def delete_token(self, token_id: str, *, token: str | None = None) -> None:
+        await self._call("DELETE", f"/v1/token/{token_id}", None, token)
+
+
+class _Portal:
+    """One background event loop that runs every :class:`Cape`'s coroutines.
+
+    Websocket sessions belong to the loop that opened them, so sync calls and async calls
+    (from whatever loop the caller runs) all execute here.
+    """
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def loop(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="cape-sdk", daemon=True)
+                thread.start()
+                cls._loop = loop
+            return cls._loop
+
+    @classmethod
+    def call(cls, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        loop = cls.loop()
+        if running is loop:
+            coro.close()
+            raise CapeError("a Cape method was called from inside its own event loop")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        if running is not None:
+            return asyncio.wrap_future(future)  # type: ignore[return-value]
+        return future.result()
+
+
+class Cape:
+    """The synchronous face of :class:`AsyncCape` (same arguments, same methods).
+
+    ``with Cape() as cape: cape.run("user/fn", None, b"input")``. Called from async code,
+    each network method returns an awaitable (pycape's behaviour); ``cape.aio`` is the typed
+    async client.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        attestation_root: str | os.PathLike[str] | None = None,
+        seal_results: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        self.aio = AsyncCape(
+            url,
+            token=token,
+            ca_file=ca_file,
+            attestation_root=attestation_root,
+            seal_results=seal_results,
+        )
+        self.verbose = verbose
+
+    @property
+    def url(self) -> str:
+        return self.aio.url
+
+    def function(
+        self, identifier: str | os.PathLike[str] | FunctionRef, *, checksum: str | None = None
+    ) -> FunctionRef:
+        return self.aio.function(identifier, checksum=checksum)
+
+    def token(self, token: str | os.PathLike[str] | None = None) -> str:
+        return self.aio.token(token)
+
+    def root(self) -> x509.Certificate:
+        return self.aio.root()
+
+    def server_root(self) -> x509.Certificate:
+        return _Portal.call(self.aio.server_root())
+
+    def trust_root(self, expected_fingerprint: str) -> x509.Certificate:
+        return _Portal.call(self.aio.trust_root(expected_fingerprint))
+
+    def signup(self, username: str, password: str, *, save: bool = True) -> str:
+        return _Portal.call(self.aio.signup(username, password, save=save))
+
+    def login(self, username: str, password: str, *, save: bool = True) -> str:
+        return _Portal.call(self.aio.login(username, password, save=save))
+
+    def key(
+        self,
+        *,
+        username: str | None = None,
+        key_path: str | os.PathLike[str] | None = None,
+        pcrs: PcrPins | None = None,
+        refresh: bool = False,
+    ) -> bytes:
+        return _Portal.call(
+            self.aio.key(username=username, key_path=key_path, pcrs=pcrs, refresh=refresh)
+        )
+
+    def encrypt(
+        self,
+        input: bytes,
+        *,
+        username: str | None = None,
+        key: bytes | None = None,
+        key_path: str | os.PathLike[str] | None = None,
+    ) -> bytes:
+        return _Portal.call(self.aio.encrypt(input, username=username, key=key, key_path=key_path))
+
+    def connect(
+        self,
+        function_ref: str | os.PathLike[str] | FunctionRef,
+        token: str | os.PathLike[str] | None = None,
+        pcrs: PcrPins | None = None,
+    ) -> None:
+        return _Portal.call(self.aio.connect(function_ref, token, pcrs))
+
+    def invoke(
+        self, *args: Any, serde_hooks: Any = None, use_serdio: bool = False, **kwargs: Any
+    ) -> Any:
+        return _Portal.call(
+            self.aio.invoke(*args, serde_hooks=serde_hooks, use_serdio=use_serdio, **kwargs)
+        )
+
+    def run(
+        self,
+        function_ref: str | os.PathLike[str] | FunctionRef,
+        token: str | os.PathLike[str] | None = None,
+        *args: Any,
+        pcrs: PcrPins | None = None,
+        serde_hooks: Any = None,
+        use_serdio: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        return _Portal.call(
+            self.aio.run(
+                function_ref,
+                token,
+                *args,
+                pcrs=pcrs,
+                serde_hooks=serde_hooks,
+                use_serdio=use_serdio,
+                **kwargs,
+            )
+        )
+
+    def close(self) -> None:
+        return _Portal.call(self.aio.close())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def build(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        vendor: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> Bundle:
+        return _Portal.call(self.aio.build(path, vendor=vendor, progress=progress))
+
+    def deploy(
+        self,
+        path: str | os.PathLike[str] | Bundle,
+        *,
+        name: str | None = None,
+        public: bool = False,
+        token: str | os.PathLike[str] | None = None,
+        pcrs: PcrPins | None = None,
+        vendor: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Deployed:
+        return _Portal.call(
+            self.aio.deploy(
+                path,
+                name=name,
+                public=public,
+                token=token,
+                pcrs=pcrs,
+                vendor=vendor,
+                progress=progress,
+            )
+        )
+
+    def test(
+        self,
+        path: str | os.PathLike[str] | Bundle,
+        input: bytes,
+        *,
+        token: str | os.PathLike[str] | None = None,
+        pcrs: PcrPins | None = None,
+        vendor: bool = True,
+    ) -> bytes:
+        return _Portal.call(self.aio.test(path, input, token=token, pcrs=pcrs, vendor=vendor))
+
+    def functions(
+        self, *, limit: int = 50, offset: int = 0, token: str | None = None
+    ) -> list[FunctionInfo]:
+        return _Portal.call(self.aio.functions(limit=limit, offset=offset, token=token))
+
+    def delete_function(self, function_id: str, *, token: str | None = None) -> None:
+        return _Portal.call(self.aio.delete_function(function_id, token=token))
+
+    def create_token(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        function: str | None = None,
+        expiry: dt.timedelta | None = None,
+        token: str | None = None,
+    ) -> CreatedToken:
+        return _Portal.call(
+            self.aio.create_token(
+                name, description=description, function=function, expiry=expiry, token=token
+            )
+        )
+
+    def tokens(self, *, token: str | None = None) -> list[TokenInfo]:
+        return _Portal.call(self.aio.tokens(token=token))
+
+    def delete_token(self, token_id: str, *, token: str | None = None) -> None:
+        return _Portal.call(self.aio.delete_token(token_id, token=token))
