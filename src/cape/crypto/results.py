@@ -68,7 +68,7 @@ class ResultChannel:
         if not isinstance(private_key, x25519.X25519PrivateKey):
             raise KeyFormatError("sealed results need an X25519 session key")
         try:
-            shared = private_key.exchange(_public(peer_public, "peer key"))
+            shared = private_key.exchange(_public(peer_public, "session or response key"))
         except ValueError:  # a low-order point gives the all-zero secret
             raise KeyFormatError("unusable X25519 key for sealed results") from None
         key = HKDF(
@@ -90,7 +90,7 @@ class ResultChannel:
 
     def open(self, sequence: int, data: bytes, *, kind: bytes = RESULT) -> bytes:
         if len(data) < _TAG:
-            raise MalformedEnvelopeError("a sealed result is shorter than its tag")
+            raise MalformedEnvelopeError("a sealed reply is shorter than its tag")
         try:
             return self._aead.decrypt(self._nonce(sequence), bytes(data), kind)
         except InvalidTag:
