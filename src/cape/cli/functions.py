@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -186,17 +187,26 @@ def list_functions(
     if not functions:
         stderr.print("No functions deployed.", markup=False)
         return
-    table = Table("#", "Name", "ID", "Checksum", "Public", "Created At")
+    table = Table("#", "Name")
+    table.add_column("ID", no_wrap=True, min_width=22)
+    table.add_column("Checksum", no_wrap=True)
+    table.add_column("Public")
+    table.add_column("Created At", no_wrap=True)
     for number, f in enumerate(functions, start=offset + 1):
         table.add_row(
-            str(number),
-            f.name,
-            f.id,
-            (f.checksum or "")[:16],
-            "yes" if f.public else "no",
-            f.created_at,
-        )
+            str(number), f.name, f.id, (f.checksum or "")[:12], "yes" if f.public else "no",
+            _when(f.created_at),
+        )  # fmt: skip
     stdout.print(table)
+
+
+def _when(stamp: str) -> str:
+    """An RFC 3339 time as Cape's CLI showed it, in local time ("Jan 02 2006 15:04")."""
+    try:
+        moment = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    return moment.astimezone().strftime("%b %d %Y %H:%M")
 
 
 @command(app, "delete")

@@ -203,17 +203,19 @@ class AsyncCape:
             self._root = load_root_certificate_file(path)
         return self._root
 
-    def _rest(self, token: str | None = None) -> RestClient:
-        return RestClient(self.url, self._ssl, token)
+    async def _rest(self, call: Callable[[RestClient], T], token: str | None = None) -> T:
+        """Run one blocking REST exchange in a worker thread."""
+
+        def run() -> T:
+            with RestClient(self.url, self._ssl, token) as rest:
+                return call(rest)
+
+        return await asyncio.to_thread(run)
 
     async def server_root(self) -> x509.Certificate:
         """The root the server offers (NOT trusted: check its fingerprint out of band)."""
 
-        def fetch() -> bytes:
-            with self._rest() as rest:
-                return rest.attestation_root()
-
-        return load_root_certificate(await asyncio.to_thread(fetch))
+        return load_root_certificate(await self._rest(RestClient.attestation_root))
 
     async def trust_root(self, expected_fingerprint: str) -> x509.Certificate:
         """Fetch the server's root, require its SHA-256 fingerprint, and pin it for this URL."""
@@ -274,11 +276,9 @@ class AsyncCape:
         return await self._account("login", username, password, save)
 
     async def _account(self, action: str, username: str, password: str, save: bool) -> str:
-        def call() -> dict[str, Any]:
-            with self._rest() as rest:
-                return (rest.signup if action == "signup" else rest.login)(username, password)
-
-        result = await asyncio.to_thread(call)
+        result = await self._rest(
+            lambda rest: (rest.signup if action == "signup" else rest.login)(username, password)
+        )
         token = result.get("access_token")
         name = result.get("username", username)
         if not isinstance(token, str) or not isinstance(name, str):
@@ -334,11 +334,7 @@ class AsyncCape:
         client_config.check_username(username)
         root = self.root()  # before any network call: no pinned root, no request
 
-        def fetch() -> Any:
-            with self._rest() as rest:
-                return rest.request("GET", f"/v1/user/{username}/key")
-
-        answer = await asyncio.to_thread(fetch)
+        answer = await self._rest(lambda rest: rest.request("GET", f"/v1/user/{username}/key"))
         encoded = answer.get("attestation_document") if isinstance(answer, dict) else None
         if not isinstance(encoded, str):
             raise FormatError("the server's key answer carries no attestation document")
@@ -454,12 +450,7 @@ class AsyncCape:
         source = Path(path)
         target = None
         if vendor and source.is_dir() and (source / "requirements.txt").is_file():
-
-            def runtime() -> Any:
-                with self._rest() as rest:
-                    return rest.runtime()
-
-            target = await asyncio.to_thread(runtime)
+            target = await self._rest(RestClient.runtime)
         return await asyncio.to_thread(
             build_bundle, source, vendor=vendor, target=target, progress=progress
         )
@@ -518,13 +509,7 @@ class AsyncCape:
     async def _call(
         self, method: str, path: str, body: dict[str, Any] | None = None, token: Any = None
     ) -> Any:
-        token_text = self.token(token)
-
-        def call() -> Any:
-            with self._rest(token_text) as rest:
-                return rest.request(method, path, body)
-
-        return await asyncio.to_thread(call)
+        return await self._rest(lambda rest: rest.request(method, path, body), self.token(token))
 
     async def functions(
         self, *, limit: int = 50, offset: int = 0, token: str | None = None
