@@ -47,7 +47,10 @@ def pcr_option(values: list[str] | None) -> dict[int, list[bytes]]:
     pins: dict[int, list[bytes]] = {}
     for text in values or []:
         for part in text.split(","):
-            index, value = parse_pcr_pin(part.strip())
+            try:
+                index, value = parse_pcr_pin(part.strip())
+            except CapeError as exc:
+                raise UsageError(f"--pcr: {exc.diagnostics()}") from None
             pins.setdefault(index, []).append(value)
     return pins
 
@@ -153,10 +156,12 @@ def key(
     """Print your Cape key (PEM), fetched from an attested enclave and cached."""
     from cape.crypto.keys import load_rsa_public_key, public_key_pem
 
-    der = common.client().key(username=username, pcrs=pcr_option(pcr), refresh=refresh)
+    cape = common.client()
+    der = cape.key(username=username, pcrs=pcr_option(pcr), refresh=refresh)
     pem = public_key_pem(load_rsa_public_key(der)).decode("ascii")
     if common.json:
-        emit_json({"username": username, "pem": pem, "sha256": hashlib.sha256(der).hexdigest()})
+        owner = username or cape.aio.settings.username
+        emit_json({"username": owner, "pem": pem, "sha256": hashlib.sha256(der).hexdigest()})
     else:
         sys.stdout.write(pem)
 

@@ -27,6 +27,7 @@ from cape.cli.common import (
     command,
     emit_json,
     fail,
+    quiet_stdout,
     set_verbose,
     stderr,
     stdout,
@@ -388,6 +389,27 @@ def serve(
 
 
 def main() -> None:
-    """Console-script entry point. Commands turn CapeError into ``Error: …`` and exit 1 through
-    :func:`_fail`; typer reports usage errors with exit 2."""
-    app(prog_name="cape")
+    """Console-script entry point.
+
+    Commands turn every failure into one ``Error: …`` line and exit 1 (see
+    :mod:`cape.cli.common`); bad usage is one ``Error: …`` line too, with exit status 2. A
+    reader that goes away (``cape key | head -1``) ends the command quietly.
+    """
+    try:
+        code = app(prog_name="cape", standalone_mode=False)
+    except BrokenPipeError:
+        quiet_stdout()
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports a command killed by it
+    except Exception as exc:
+        show = getattr(exc, "format_message", None)
+        exit_code = getattr(exc, "exit_code", None)
+        if not callable(show) or not isinstance(exit_code, int):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `cape token`: typer showed the help
+            sys.exit(2)
+        command = " ".join(sys.argv[1:2]) or "COMMAND"
+        stderr.print(
+            f"Error: {' '.join(str(show()).split())} (see `cape {command} -h`)", markup=False
+        )
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 import traceback
 import typing
@@ -34,11 +35,13 @@ __all__ = [
     "command",
     "emit_json",
     "fail",
+    "quiet_stdout",
     "stderr",
     "stdout",
 ]
 
-stdout = Console(highlight=False, soft_wrap=True)
+# Piped output is not cut at 80 columns: scripts and people copy ids out of tables.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"verbose": False}
 
@@ -88,7 +91,17 @@ def set_verbose(verbose: bool) -> None:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
 
 
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null after its reader went away, so exiting flushes nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def fail(exc: BaseException) -> NoReturn:
+    if isinstance(exc, BrokenPipeError):
+        quiet_stdout()
+        raise typer.Exit(141)
     if _state["verbose"]:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, CapeError):

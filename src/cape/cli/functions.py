@@ -151,7 +151,10 @@ def run(
     """Run a deployed function on one input (sealed to the attested enclave)."""
     payload = read_input(data, file)
     cape = common.client()
-    ref = cape.function(function, checksum=function_checksum)
+    try:
+        ref = cape.function(function, checksum=function_checksum)
+    except FormatError as exc:
+        raise UsageError(exc.diagnostics()) from None
     output: bytes = cape.run(ref, None, payload, pcrs=pcr_option(pcr))
     _render_output(common, output, newline=True)
 
