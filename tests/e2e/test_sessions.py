@@ -332,7 +332,7 @@ def test_sigterm_lets_a_call_finish_and_tells_idle_sessions(tmp_path: Path) -> N
     result, told = run(flow())
     assert result == b"slow:x"
     assert "shutting down" in told
-    assert server.process.wait(60) == 0
+    assert server.process.wait(60) == 0, server.stderr()[-3000:]
     assert enclaves and not _alive(enclaves)
 
 
