@@ -38,6 +38,7 @@ from cryptography import x509
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cape.crypto import envelope, stream
+from cape.errors import FunctionError
 from cape.platform.serve import ServeConfig, Server
 from cape.sdk import flows as sdk
 from cape.sdk.flows import Deployed, deploy, fetch_key, run_path
@@ -58,7 +59,13 @@ LOGGERS: Final = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asg
 def canary_bundle(canary: bytes) -> bytes:
     """A zip whose app.py holds the canary. Stored, not deflated: a leaked plaintext bundle
     then shows the canary as it is, so the search would find it."""
-    code = b"SECRET = %r\ndef cape_handler(data):\n    return SECRET + b'|' + data\n" % canary
+    code = (
+        b"SECRET = %r\n"
+        b"def cape_handler(data):\n"
+        b"    if data.startswith(b'raise:'):\n"
+        b"        raise ValueError(data)\n"
+        b"    return SECRET + b'|' + data\n" % canary
+    )
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("app.py", code)
@@ -127,6 +134,10 @@ async def carry_canary(
     try:
         for data in inputs:
             outputs.append(await session.invoke(data))
+        # A function error quoting its input: sealed to the client like a result.
+        with pytest.raises(FunctionError) as raised:
+            await session.invoke(b"raise:" + canary)
+        assert canary.decode() in str(raised.value)
     finally:
         await session.close()
     session = await Session.open(url, run_path(f"{username}/canary"), token, options)
