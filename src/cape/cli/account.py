@@ -77,10 +77,22 @@ def _account(
         stderr.print(f"Pinned the attestation root {cert.subject.rfc4514_string()}", markup=False)
     (cape.signup if action == "signup" else cape.login)(username, password)
     stderr.print(f"Logged in as {username} at {cape.url}", markup=False)
+    fp = ""
     try:
         cape.root()
     except CapeError:
         fp = hashlib.sha256(_der(cape.server_root())).hexdigest()
+        if sys.stdin.isatty() and not password_stdin:
+            prompt = (
+                f"The attestation root of {cape.url} has SHA-256 fingerprint\n  {fp}\n"
+                "Does it match the one your operator published? Pin it"
+            )
+            if typer.confirm(prompt, default=False, err=True):
+                cape.trust_root(fp)
+                stderr.print("Pinned.", markup=False)
+    try:
+        cape.root()
+    except CapeError:
         stderr.print(
             f"Note: the attestation root of {cape.url} is not pinned yet; its fingerprint is "
             f"{fp}. Check it with the operator, then run `cape login --trust-root {fp}`.",
