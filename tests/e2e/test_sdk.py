@@ -81,6 +81,9 @@ def test_sync_client_whole_product(server: ServeProcess, config_dir: Path, tmp_p
     assert client.build(copy).checksum == deployed.checksum  # deterministic zip
 
     assert client.run(deployed.id, None, b"hi") == b"echo:hi"
+    facts = client.aio.last_attestation
+    assert facts is not None and facts.function_checksum == deployed.checksum
+    assert facts.root_sha256 == fingerprint(server.root) and len(facts.pcrs[0]) == 96
     by_name = FunctionRef(name=deployed.name, checksum=deployed.checksum)
     assert client.run(by_name, None, b"yo") == b"echo:yo"
     ciphertext = client.encrypt(b"secret")

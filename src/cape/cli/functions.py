@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -124,13 +124,20 @@ def deploy(
         )
 
 
-def _render_output(common: Common, output: bytes, newline: bool) -> None:
+def _render_output(common: Common, output: bytes, newline: bool, attested: Any = None) -> None:
+    """Plain: the output bytes. JSON: the output, and what the session verified (run)."""
     if common.json:
         try:
             text: str | None = output.decode("utf-8")
         except UnicodeDecodeError:
             text = None
-        emit_json({"output": text, "output_base64": base64.b64encode(output).decode()})
+        result: dict[str, Any] = {
+            "output": text,
+            "output_base64": base64.b64encode(output).decode(),
+        }
+        if attested is not None:
+            result["attestation"] = attested.to_json()
+        emit_json(result)
         return
     sys.stdout.buffer.write(output + (b"\n" if newline else b""))
     sys.stdout.flush()
@@ -156,7 +163,8 @@ def run(
     except FormatError as exc:
         raise UsageError(exc.diagnostics()) from None
     output: bytes = cape.run(ref, None, payload, pcrs=pcr_option(pcr))
-    _render_output(common, output, newline=True)
+    attested = cape.aio.last_attestation
+    _render_output(common, output, newline=True, attested=attested)
 
 
 @command(app, "test")

@@ -46,6 +46,7 @@ from cape.verify.verifier import verify_archived_attestation
 
 __all__ = [
     "AsyncCape",
+    "Attested",
     "Cape",
     "CreatedToken",
     "Deployed",
@@ -81,6 +82,26 @@ class Deployed:
         return FunctionRef(
             id=self.id, name=self.name if "/" in self.name else None, checksum=self.checksum
         )
+
+
+@dataclass(frozen=True)
+class Attested:
+    """What the last verified session's attestation document established."""
+
+    root_sha256: str
+    module_id: str
+    issued_at: str
+    pcrs: dict[int, str]
+    function_checksum: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root_sha256": self.root_sha256,
+            "module_id": self.module_id,
+            "issued_at": self.issued_at,
+            "pcrs": {str(i): v for i, v in self.pcrs.items()},
+            "function_checksum": self.function_checksum,
+        }
 
 
 @dataclass(frozen=True)
@@ -183,6 +204,8 @@ class AsyncCape:
         self._ssl = self.settings.ssl_context()
         self._root: x509.Certificate | None = None
         self._session: Session | None = None
+        self.last_attestation: Attested | None = None
+        """The facts the most recent function session verified (kept after close)."""
 
     @property
     def url(self) -> str:
@@ -377,8 +400,21 @@ class AsyncCape:
         """Open a verified session with the function's enclave (one at a time)."""
         ref = self.function(function_ref)
         await self.close()
-        self._session = await Session.open(
+        self._session = session = await Session.open(
             self.url, ref.path, self.token(token), self._options(pcrs, ref.checksum)
+        )
+        checksum = session.user_data.get("func_checksum")
+        try:
+            checksum_hex = base64.b64decode(checksum, validate=True).hex() if checksum else None
+        except (binascii.Error, ValueError, TypeError):
+            checksum_hex = None
+        document = session.document
+        self.last_attestation = Attested(
+            root_sha256=fingerprint(self.root()),
+            module_id=document.module_id,
+            issued_at=document.issued_at.isoformat(),
+            pcrs={i: document.pcrs[i].hex() for i in (0, 1, 2) if i in document.pcrs},
+            function_checksum=checksum_hex,
         )
 
     async def invoke(
