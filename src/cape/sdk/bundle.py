@@ -7,8 +7,8 @@ A folder becomes a zip whose bytes depend only on the files' relative paths and 
 - every entry has the timestamp 1980-01-01 00:00:00, mode ``0o644`` (Unix), deflate at level
   :data:`COMPRESS_LEVEL` (stored instead when deflate would exceed the enclave's compression
   ratio limit), and no extra fields or comments;
-- ``__pycache__/``, ``.git/``, ``*.pyc`` and ``.DS_Store`` are left out; symlinks and special
-  files are refused (never followed).
+- ``__pycache__/``, VCS folders (``.git/`` …), tool caches (``.mypy_cache/`` …), ``*.pyc``
+  and ``.DS_Store`` are left out; symlinks and special files are refused (never followed).
 
 Deflate output depends on the zlib the interpreter links: machines with the same zlib (stock
 zlib 1.2/1.3 everywhere we know of) give the same bytes; a zlib-ng build may not.
@@ -67,7 +67,9 @@ REQUIREMENTS: Final = "requirements.txt"
 ZIP_EPOCH: Final = (1980, 1, 1, 0, 0, 0)
 FILE_MODE: Final = stat.S_IFREG | 0o644
 _UNIX: Final = 3
-_SKIP_DIRS: Final = frozenset({"__pycache__", ".git"})
+_SKIP_DIRS: Final = frozenset(
+    {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+)
 _SKIP_FILES: Final = frozenset({".DS_Store"})
 _SKIP_SUFFIXES: Final = (".pyc",)
 _CACHE_FORMAT: Final = 1
@@ -384,7 +386,9 @@ def _load_manifest(entry: Path) -> tuple[str, ...] | None:
 
 def _install(folder: Path, target: RuntimeTarget, site: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in _PIP_LOCATION_ENV}
-    command = pip_command(target, site, folder / REQUIREMENTS)
+    # Absolute paths: pip runs in the folder, so a relative `cape deploy DIR` (or cache
+    # directory) would otherwise be looked up relative to DIR itself.
+    command = pip_command(target, site.absolute(), folder.absolute() / REQUIREMENTS)
     try:
         result = subprocess.run(
             command,

@@ -125,6 +125,7 @@ def test_caches_and_vcs_data_are_left_out(app: Path) -> None:
             "lib/__pycache__/util.cpython-311.pyc": b"x",
             "lib/stale.pyc": b"x",
             ".git/HEAD": b"ref: refs/heads/main\n",
+            ".mypy_cache/3.11/app.data.json": b"{}",
             ".git/objects/ab/cdef": b"x",
             ".DS_Store": b"x",
             "lib/.DS_Store": b"x",
