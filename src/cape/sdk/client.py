@@ -569,6 +569,7 @@ class AsyncCape:
             raise FormatError("the server's function list is malformed") from None
 
     async def delete_function(self, function_id: str, *, token: str | None = None) -> None:
+        """Delete one of your functions by id (its stored bundle goes with it)."""
         await self._call("DELETE", f"/v1/functions/{_function_id(function_id)}", None, token)
 
     async def create_token(
@@ -595,6 +596,7 @@ class AsyncCape:
         return CreatedToken(id=str(answer.get("id")), token=answer["token"])
 
     async def tokens(self, *, token: str | None = None) -> list[TokenInfo]:
+        """Your personal access tokens' metadata (never the tokens themselves)."""
         rows = await self._call("GET", "/v1/tokens", None, token)
         if not isinstance(rows, list):
             raise FormatError("the server's token list is not a list")
@@ -615,6 +617,7 @@ class AsyncCape:
             raise FormatError("the server's token list is malformed") from None
 
     async def delete_token(self, token_id: str, *, token: str | None = None) -> None:
+        """Delete a token by id; it stops working at once."""
         await self._call("DELETE", f"/v1/token/{token_id}", None, token)
 
 
