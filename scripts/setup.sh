@@ -68,19 +68,36 @@ case ",$extras," in *,test,*)
     ;;
 esac
 
-# The vendoring test (tests/e2e/test_sdk.py) deploys a function whose requirements.txt names
-# msgpack; pip installs it from this local wheelhouse, since tests may not reach an index.
+# The vendoring tests deploy functions whose requirements.txt pip installs from this local
+# wheelhouse, since tests may not reach an index: msgpack for tests/e2e/test_sdk.py, and
+# examples/image-classification's requirements (onnxruntime, numpy and what they pull in) for
+# tests/e2e/test_example_images.py. Binary wheels for this interpreter, as `cape deploy` takes.
+wheelhouse_get() {  # wheelhouse_get WHAT PIP-DOWNLOAD-ARGS...
+    local what="$1" log
+    shift
+    log="$(mktemp)"
+    if ! .venv/bin/python -m pip download -q --disable-pip-version-check --only-binary=:all: \
+        --dest .wheelhouse "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "Error: downloading $what into .wheelhouse failed" >&2
+        exit 1
+    fi
+    rm -f "$log"
+}
 case ",$extras," in *,test,*)
     if ! ls .wheelhouse/msgpack-*.whl >/dev/null 2>&1; then
-        log="$(mktemp)"
-        if ! .venv/bin/python -m pip download -q --disable-pip-version-check --only-binary=:all: \
-            --no-deps --dest .wheelhouse "msgpack==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("msgpack"))')" >"$log" 2>&1; then
-            cat "$log" >&2
-            rm -f "$log"
-            echo "Error: downloading the msgpack wheel into .wheelhouse failed" >&2
-            exit 1
-        fi
-        rm -f "$log"
+        wheelhouse_get "the msgpack wheel" --no-deps \
+            "msgpack==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("msgpack"))')"
+    fi
+    # Fetched again only when the requirements (or the interpreter) change: a stamp records
+    # what the wheelhouse was last completed for.
+    requirements=examples/image-classification/requirements.txt
+    stamp=".wheelhouse/.image-classification.stamp"
+    want="$(sha256sum "$requirements" | cut -d' ' -f1) $(.venv/bin/python -c 'import sys; print(sys.implementation.cache_tag)')"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        wheelhouse_get "the wheels of $requirements" -r "$requirements"
+        echo "$want" >"$stamp"
     fi
     ;;
 esac

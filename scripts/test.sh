@@ -2,7 +2,7 @@
 # Set everything up and run the whole test suite: lint, types, tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,docs  # docs: mkdocs, for the docs build below
+bash scripts/setup.sh test,docs,examples  # docs: mkdocs; examples: numpy, pillow
 echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "== mypy --strict" && .venv/bin/mypy
 # The hook scripts/gen_reference.py generates the CLI and SDK reference pages during the build;

@@ -1,0 +1,95 @@
+"""README's first command, exactly as written, does the product's main job and cleans up."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import requires_enclaves
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMIT_S = 300
+
+
+def first_readme_command() -> str:
+    """The first line of the first ```bash block in README.md."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.DOTALL)
+    assert block is not None, "README.md has no bash block"
+    line = block.group(1).splitlines()[0]
+    return line.split("#", 1)[0].strip()
+
+
+def _processes_mentioning(marker: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+@pytest.fixture
+def demo_tmp() -> Iterator[Path]:
+    """A TMPDIR of our own for the demo's throwaway directory. Under /tmp and 0755 (not
+    pytest's 0700 tree): sandboxed functions run as their own user and must reach their
+    files there."""
+    path = Path(tempfile.mkdtemp(prefix="cape-demo-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@requires_enclaves
+def test_the_first_readme_command_runs_the_demo(demo_tmp: Path) -> None:
+    tmp_path = demo_tmp
+    command = first_readme_command()
+    assert command == "bash scripts/demo.sh"
+    wheelhouse = ROOT / ".wheelhouse"
+    if not any(wheelhouse.glob("onnxruntime-*.whl")) and not os.environ.get("CI"):
+        pytest.skip("no .wheelhouse with onnxruntime (bash scripts/setup.sh test fills it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPE_", "PIP_"))}
+    env["TMPDIR"] = str(tmp_path)  # the demo's throwaway directory lands here
+    start = time.monotonic()
+    done = subprocess.run(
+        command,
+        shell=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+        check=False,
+    )
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    out = done.stdout
+    assert elapsed < LIMIT_S
+    for step in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== Done"):
+        assert step in out, out
+    assert "SIMULATED" in out and re.search(r"Ready: https://127\.0\.0\.1:\d+", out)
+    assert re.search(r"Function ID +➜  [A-Za-z0-9]{22}", out)
+    assert re.search(r"cape:[A-Za-z0-9+/=]{40,}… \(\d+ bytes of cape: ciphertext\)", out)
+    top = re.findall(r"digit (\d)\s+(\d+\.\d\d)%", out)
+    assert len(top) == 3 and top[0][0] == "7", out  # the image is a 7
+    assert float(top[0][1]) > float(top[1][1]) >= float(top[2][1])
+    assert re.search(r"root fingerprint +sha256:[0-9a-f]{64}", out)
+    assert re.search(r"PCR0 +[0-9a-f]{96}", out)
+    assert re.search(r"function checksum +[0-9a-f]{64}", out)
+    assert "stopped cleanly" in out
+    # Nothing left behind: no server or enclave process, no throwaway directory.
+    assert not _processes_mentioning(str(tmp_path)), _processes_mentioning(str(tmp_path))
+    assert not list(tmp_path.glob("cape-demo.*"))
