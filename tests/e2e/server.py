@@ -183,3 +183,23 @@ def run(coro: Awaitable[T]) -> T:
 
 async def _wrap(coro: Awaitable[T]) -> T:
     return await coro
+
+
+WHEELHOUSE = Path(__file__).resolve().parents[2] / ".wheelhouse"
+
+
+def use_wheelhouse(patch: Any, cache_dir: Path, wheel: str) -> None:
+    """Let pip install only from the local wheelhouse (tests never reach an index).
+
+    ``bash scripts/setup.sh test`` fills it; without ``wheel`` there the test skips, or fails
+    under CI, where its absence is a setup bug. ``patch`` is a ``pytest.MonkeyPatch``.
+    """
+    import pytest
+
+    if not any(WHEELHOUSE.glob(f"{wheel}-*.whl")):
+        if os.environ.get("CI"):
+            pytest.fail(f"no {wheel} wheel in .wheelhouse: run `bash scripts/setup.sh test`")
+        pytest.skip(f"no {wheel} wheel in .wheelhouse (bash scripts/setup.sh test fills it)")
+    patch.setenv("PIP_NO_INDEX", "1")
+    patch.setenv("PIP_FIND_LINKS", str(WHEELHOUSE))
+    patch.setenv("CAPE_CACHE_DIR", str(cache_dir))

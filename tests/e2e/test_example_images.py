@@ -28,11 +28,10 @@ import pytest
 
 from cape.errors import FunctionError
 from cape.sdk.client import Cape, Deployed
-from tests.e2e.server import ServeProcess
+from tests.e2e.server import ServeProcess, use_wheelhouse
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "image-classification"
-WHEELHOUSE = ROOT / ".wheelhouse"
 SAMPLES = sorted(EXAMPLE.glob("images/digit-*.png"))
 INPUT_BYTES = 256
 
@@ -126,18 +125,12 @@ def _model_input(path: Path) -> bytes:
 def deployed(
     server: ServeProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Cape, Deployed]]:
-    if not any(WHEELHOUSE.glob("onnxruntime-*.whl")):
-        if os.environ.get("CI"):
-            pytest.fail("run `bash scripts/setup.sh test` to fill .wheelhouse")
-        pytest.skip("no onnxruntime in .wheelhouse (bash scripts/setup.sh test fills it)")
     base = tmp_path_factory.mktemp("image-classification")
     with pytest.MonkeyPatch.context() as patch:
+        use_wheelhouse(patch, base / "cache", "onnxruntime")
         patch.setenv("CAPE_CONFIG_DIR", str(base / "config"))
         for name in ("CAPE_ENCLAVE_HOST", "CAPE_URL", "CAPE_CA_FILE", "CAPE_TOKEN"):
             patch.delenv(name, raising=False)
-        patch.setenv("PIP_NO_INDEX", "1")
-        patch.setenv("PIP_FIND_LINKS", str(WHEELHOUSE))
-        patch.setenv("CAPE_CACHE_DIR", str(base / "cache"))
         patch.chdir(ROOT)  # as in the README: a path relative to the checkout
         client = Cape(
             server.url,

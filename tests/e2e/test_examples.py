@@ -20,11 +20,10 @@ import pytest
 from cape import serdio
 from cape.errors import FunctionError
 from cape.sdk.client import Cape, Deployed
-from tests.e2e.server import ServeProcess, User
+from tests.e2e.server import ServeProcess, User, use_wheelhouse
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-WHEELHOUSE = ROOT / ".wheelhouse"
 NAMES = ("echo", "isprime", "mean", "encrypt-helper", "sentiment")
 
 Deploy = Callable[[str], Deployed]
@@ -186,13 +185,7 @@ def test_mean_ships_an_up_to_date_serdio() -> None:
 
 
 def test_mean(client: Cape, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not any(WHEELHOUSE.glob("msgpack-*.whl")):
-        if os.environ.get("CI"):
-            pytest.fail("run `bash scripts/setup.sh test` to fill .wheelhouse")
-        pytest.skip("no .wheelhouse (bash scripts/setup.sh test fills it)")
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(WHEELHOUSE))
-    monkeypatch.setenv("CAPE_CACHE_DIR", str(tmp_path / "cache"))
+    use_wheelhouse(monkeypatch, tmp_path / "cache", "msgpack")
     fn = client.deploy(EXAMPLES / "mean")
     assert any(name.lower().startswith("msgpack") for name in fn.vendored)
 

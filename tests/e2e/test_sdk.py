@@ -25,14 +25,13 @@ from cape.errors import (
 )
 from cape.sdk.client import AsyncCape, Cape, FunctionRef, UntrustedRootError
 from cape.verify.roots import fingerprint
-from tests.e2e.server import ServeProcess, User
+from tests.e2e.server import ServeProcess, User, use_wheelhouse
 
 ECHO = "def cape_handler(x):\n    return b'echo:' + x\n"
 COUNTER = (
     "calls = []\ndef cape_handler(x):\n    calls.append(x)\n    return str(len(calls)).encode()\n"
 )
 RAISES = "def cape_handler(x):\n    raise ValueError('no thanks')\n"
-WHEELHOUSE = Path(__file__).resolve().parents[2] / ".wheelhouse"
 
 
 @pytest.fixture
@@ -233,13 +232,7 @@ def test_import_cape_stays_light() -> None:
 def test_serdio_function_with_vendored_requirements(
     server: ServeProcess, config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not any(WHEELHOUSE.glob("msgpack-*.whl")):
-        if os.environ.get("CI"):
-            pytest.fail("run `bash scripts/setup.sh test` to fill .wheelhouse")
-        pytest.skip("no .wheelhouse (bash scripts/setup.sh test fills it)")
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(WHEELHOUSE))
-    monkeypatch.setenv("CAPE_CACHE_DIR", str(tmp_path / "cache"))
+    use_wheelhouse(monkeypatch, tmp_path / "cache", "msgpack")
     from cape import serdio
     from cape.cli.functions import SERDIO_APP
 
