@@ -240,12 +240,18 @@ def test_deploy_run_test_list_delete(account: Account, tmp_path: Path) -> None:
 
     assert ok(account("run", first["ID"], "hello there")).stdout_bytes == b"hello there\n"
     as_json = account("run", first["ID"], "héllo", "-o", "json").json()
+    attested = as_json.pop("attestation")
     assert as_json == {"output": "héllo", "output_base64": _b64("héllo".encode())}
+    # What the client verified before sending: this function's code, under the local root.
+    assert attested["function_checksum"] == first["Checksum"]
+    pcrs = account("pcrs", "-o", "json").json()
+    assert attested["pcrs"]["0"] == pcrs["PCR0"] and len(attested["root_sha256"]) == 64
     by_name = account("run", second.name, "by name", "--function-checksum", second.checksum)
     assert ok(by_name).stdout_bytes == b"by name\n"
     binary = tmp_path / "input.bin"
     binary.write_bytes(b"\x00\xff binary")
     from_file = account("run", first["ID"], "-f", str(binary), "-o", "json").json()
+    from_file.pop("attestation")
     assert from_file == {"output": None, "output_base64": _b64(b"\x00\xff binary")}
     piped = ok(account("run", first["ID"], "-f", "-", stdin=b"from stdin"))
     assert piped.stdout_bytes == b"from stdin\n"
