@@ -1,25 +1,35 @@
 """Cold start and call cost of the function sandbox (cape.enclave.sandbox).
 
-Usage: ``python benchmarks/sandbox_bench.py [--quick] [--repeats N]``
+Usage: ``python benchmarks/sandbox_bench.py [--quick] [--repeats N] [--json PATH]``
 
-Figures, each the median (and best) of N runs, ``time.perf_counter``:
+Figures, each the median of N runs (``time.perf_counter``) beside a reference measured in the
+same run:
 
 - *probe*: the first ``check_isolation()`` of a process (one real sandbox; on hosts whose
-  interpreter lives in a private directory it also mirrors the standard library once).
-- *cold start*: ``FunctionSandbox.start`` → first result, for an echo function; then the same
-  split into start (bubblewrap + interpreter + import of app.py) and first call.
-- *call*: round trip of one call on a warm sandbox, for 1 KiB, 1 MiB and 16 MiB inputs.
+  interpreter lives in a private directory it also mirrors the standard library once), against
+  a bare process start.
+- *cold start*: ``FunctionSandbox.start`` → first result, for an echo function, against a bare
+  ``python -I -S -c pass`` (the interpreter and flags the sandbox runs, without bubblewrap,
+  namespaces, seccomp or the worker); then the same split into start (bubblewrap + interpreter
+  + import of app.py) and first call.
+- *call*: round trip of one call on a warm sandbox, for 1 KiB, 1 MiB and 16 MiB inputs, against
+  the same bytes echoed by a plain (unsandboxed) Python child over a Unix socket pair with a
+  length prefix.
 - *numpy cold start* (full run only, when the host has numpy to copy): the same for a
-  function whose bundle vendors numpy and imports it at module level.
+  function whose bundle vendors numpy and imports it at module level, against echo's.
 
+``--json PATH`` also writes the figures and the raw samples (``benchmarks/_results.py``).
 Needs bubblewrap; prints why and exits 0 without it (it is a benchmark, not a test).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -27,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _results import Results, Series
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, check_isolation
 from cape.errors import SandboxError
 
@@ -38,7 +49,26 @@ NUMPY_APP = (
     "def cape_handler(data):\n"
     "    return str(np.frombuffer(data, dtype=np.uint8).sum())\n"
 )
+#: The interpreter the sandbox runs (the venv's base), for the references.
+PYTHON = os.path.realpath(sys.executable)
 LIMITS = SandboxLimits(max_input_bytes=64 * MIB, max_output_bytes=64 * MIB)
+SIZES = ((KIB, "1 KiB"), (MIB, "1 MiB"), (16 * MIB, "16 MiB"))
+#: The reference for a call: a plain child echoing length-prefixed messages on a socket.
+PLAIN_ECHO = """
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+def read(n):
+    buf = bytearray(n); view = memoryview(buf); got = 0
+    while got < n:
+        k = s.recv_into(view[got:])
+        if not k: raise SystemExit
+        got += k
+    return buf
+while True:
+    n = int.from_bytes(read(8), "big")
+    data = read(n)
+    s.sendall(n.to_bytes(8, "big")); s.sendall(data)
+"""
 
 
 def _timed(repeats: int, run: Callable[[], float | None]) -> list[float]:
@@ -47,9 +77,9 @@ def _timed(repeats: int, run: Callable[[], float | None]) -> list[float]:
 
 def _fmt(label: str, samples: list[float]) -> str:
     if not samples:
-        return f"{label:<44} n/a"
+        return f"{label:<48} n/a"
     return (
-        f"{label:<44} median {statistics.median(samples) * 1e3:8.2f} ms"
+        f"{label:<48} median {statistics.median(samples) * 1e3:8.2f} ms"
         f"   best {min(samples) * 1e3:8.2f} ms   (n={len(samples)})"
     )
 
@@ -70,52 +100,173 @@ def _cold_start(directory: Path) -> tuple[float, float]:
     return started - began, done - started
 
 
+def _bare_start() -> float:
+    began = time.perf_counter()
+    subprocess.run([PYTHON, "-I", "-S", "-c", "pass"], check=True)
+    return time.perf_counter() - began
+
+
+class PlainEcho:
+    """An unsandboxed Python child echoing length-prefixed messages over a socket pair."""
+
+    def __init__(self) -> None:
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with child:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-I", "-S", "-c", PLAIN_ECHO, str(child.fileno())],
+                pass_fds=[child.fileno()],
+            )
+
+    def _read(self, n: int) -> bytearray:
+        buffer = bytearray(n)
+        view, got = memoryview(buffer), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if not k:
+                raise RuntimeError("the plain echo child went away")
+            got += k
+        return buffer
+
+    def call(self, data: bytes) -> bytes:
+        self.sock.sendall(len(data).to_bytes(8, "big"))
+        self.sock.sendall(data)
+        return bytes(self._read(int.from_bytes(self._read(8), "big")))
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait(timeout=10)
+
+
+def _round_trips(call: Callable[[bytes], bytes], data: bytes, repeats: int) -> list[float]:
+    call(data)  # first call of this size (buffers, page faults) not counted
+
+    def one() -> float:
+        t = time.perf_counter()
+        call(data)
+        return time.perf_counter() - t
+
+    return _timed(repeats, one)
+
+
+def _ms(samples: list[float]) -> list[float]:
+    return [s * 1e3 for s in samples]
+
+
+def _figure(
+    results: Results, group: str, name: str, samples: list[float], reference: str, ref: list[float]
+) -> None:
+    if samples and ref:
+        results.figure(
+            group,
+            name,
+            statistics.median(samples) * 1e3,
+            "ms",
+            reference=reference,
+            reference_value=statistics.median(ref) * 1e3,
+            higher_is_better=False,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, no numpy run")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json", type=Path, help="also write the results (_results.Results)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 20)
+    results = Results("sandbox", quick=args.quick)
 
     began = time.perf_counter()
     try:
         check_isolation()
     except SandboxError as exc:
         print(f"sandbox unavailable, nothing to measure: {exc.diagnostics()}")
+        results.notes.append(f"skipped: sandbox unavailable ({exc.diagnostics()})")
+        results.write(args.json)
         return 0
-    print(_fmt("probe (first check_isolation)", [time.perf_counter() - began]))
+    probe = [time.perf_counter() - began]
+    print(_fmt("probe (first check_isolation)", probe))
+    _bare_start()  # page cache warm for the reference, as it is for the sandbox after the probe
+    bare = _timed(repeats, _bare_start)
+    print(_fmt("bare process start (python -I -S -c pass)", bare))
+    _figure(
+        results,
+        "cold start",
+        "probe: first check_isolation() (once per process)",
+        probe,
+        "bare process start, p50",
+        bare,
+    )
 
     root = Path(tempfile.mkdtemp(prefix="cape-sandbox-bench-"))
     root.chmod(0o711)
     try:
         echo = _function(root, "echo", ECHO)
         splits = [_cold_start(echo) for _ in range(repeats)]
-        print(_fmt("cold start: start -> first result (echo)", [a + b for a, b in splits]))
+        cold = [a + b for a, b in splits]
+        print(_fmt("cold start: start -> first result (echo)", cold))
         print(_fmt("  of which start (incl. import of app.py)", [a for a, _ in splits]))
         print(_fmt("  of which first call", [b for _, b in splits]))
-        with FunctionSandbox.start(echo, limits=LIMITS) as box:
-            for size, label in ((KIB, "1 KiB"), (MIB, "1 MiB"), (16 * MIB, "16 MiB")):
-                data = b"\xa5" * size
-
-                def one_call(data: bytes = data) -> float:
-                    t = time.perf_counter()
-                    box.call(data)
-                    return time.perf_counter() - t
-
-                print(_fmt(f"call round trip, warm sandbox, {label}", _timed(repeats, one_call)))
+        _figure(
+            results,
+            "cold start",
+            "echo: FunctionSandbox.start → first result, p50",
+            cold,
+            "bare `python -I -S -c pass` process start, p50",
+            bare,
+        )
+        if results.figures:
+            results.figures[-1].note = (
+                f"start {statistics.median([a for a, _ in splits]) * 1e3:.2f} ms "
+                f"+ first call {statistics.median([b for _, b in splits]) * 1e3:.2f} ms"
+            )
+        results.series += [
+            Series("cold start", "echo: start → first result", "ms", _ms(cold)),
+            Series("cold start", "bare python -I -S -c pass", "ms", _ms(bare)),
+        ]
+        plain = PlainEcho()
+        try:
+            with FunctionSandbox.start(echo, limits=LIMITS) as box:
+                for size, label in SIZES:
+                    data = b"\xa5" * size
+                    boxed = _round_trips(box.call, data, repeats)
+                    reference = _round_trips(plain.call, data, repeats)
+                    print(_fmt(f"call round trip, warm sandbox, {label}", boxed))
+                    print(_fmt(f"  plain child over a socket pair, {label}", reference))
+                    _figure(
+                        results,
+                        "call",
+                        f"warm call round trip, {label}, p50",
+                        boxed,
+                        f"plain unsandboxed child echo over a socket pair, {label}, p50",
+                        reference,
+                    )
+                    results.series += [
+                        Series("call", f"sandbox call, {label}", "ms", _ms(boxed)),
+                        Series("call", f"plain child echo, {label}", "ms", _ms(reference)),
+                    ]
+        finally:
+            plain.close()
         if not args.quick:
-            _numpy(root, repeats)
+            _numpy(root, repeats, cold, results)
+        else:
+            results.notes.append("quick run: numpy cold start skipped")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    for f in results.figures:
+        if f.ratio is not None:
+            print(f"-> {f.name}: {f.value:.2f} ms = {f.ratio:.2f}x {f.reference}")
+    results.write(args.json)
     return 0
 
 
-def _numpy(root: Path, repeats: int) -> None:
+def _numpy(root: Path, repeats: int, echo_cold: list[float], results: Results) -> None:
     """Vendor a host copy of numpy into the bundle, as ``pip install --target`` would."""
     places = {sysconfig.get_paths()["purelib"], _base_purelib()}
     package = next((Path(p) / "numpy" for p in places if (Path(p) / "numpy").is_dir()), None)
     if package is None:
         print("numpy cold start: no numpy on this host to vendor; skipped")
+        results.notes.append("numpy cold start skipped: no numpy on this host to vendor")
         return
     directory = _function(root, "numpy", NUMPY_APP)
     shutil.copytree(package, directory / "numpy")
@@ -123,8 +274,18 @@ def _numpy(root: Path, repeats: int) -> None:
     if libs.is_dir():
         shutil.copytree(libs, directory / "numpy.libs")
     splits = [_cold_start(directory) for _ in range(max(3, repeats // 4))]
-    print(_fmt("numpy cold start -> first result", [a + b for a, b in splits]))
+    cold = [a + b for a, b in splits]
+    print(_fmt("numpy cold start -> first result", cold))
     print(_fmt("  of which start (incl. import numpy)", [a for a, _ in splits]))
+    _figure(
+        results,
+        "cold start",
+        "numpy function: FunctionSandbox.start → first result, p50",
+        cold,
+        "echo cold start, p50",
+        echo_cold,
+    )
+    results.series.append(Series("cold start", "numpy: start → first result", "ms", _ms(cold)))
 
 
 def _base_purelib() -> str:

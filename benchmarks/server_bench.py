@@ -1,26 +1,38 @@
 """Platform figures through a real ``cape serve`` process over TLS on loopback.
 
-In one run, against one server subprocess (2 simulated enclaves):
+In one run, against one server subprocess (2 simulated enclaves) and, as the reference, a
+plain websocket server on the same stack: a second subprocess running uvicorn with the same
+settings (TLS with the same certificate files, ``ws="websockets-sansio"``, no per-message
+deflate) and Starlette routes that echo binary frames (``/echo``) or count them (``/sink``),
+driven by the same ``websockets`` client:
 
-1. warm invoke latency of an echo function (one attested session, many sequential invokes
+1. **deploy** of a 1 MiB and a 100 MiB bundle (zip of incompressible data + ``app.py``,
+   stored uncompressed), sent as the SDK sends it (announced size, 1 MiB chunks) and as Cape's
+   clients do (one binary frame): wall time beside a plain upload of the same bytes in the
+   same frames, and the peak resident memory above idle of the server process and of the
+   enclave process that took it (``VmHWM`` after resetting it through
+   ``/proc/<pid>/clear_refs``), as multiples of the bundle size (goal: ≤ 1.2x, one copy);
+2. **warm invoke** latency of an echo function (one attested session, many sequential invokes
    after a warm-up; 1 KiB, 64 KiB and 1 MiB inputs), with results sealed (the SDK default) and
-   not, beside a plain websocket echo on the same stack without enclave or HPKE: a second
-   subprocess running uvicorn with the same settings (TLS with the same certificate files,
-   ``ws="websockets-sansio"``, no per-message deflate) and a Starlette ``WebSocketRoute`` that
-   echoes binary frames, driven by the same ``websockets`` client. Each row also gives the CPU
+   not, beside the plain echo of the same bytes (goal: p50 and p99 ≤ 2x the echo's), measured
+   in alternating rounds so that background load hits both alike. Each row also gives the CPU
    time per call of the client, the server and the enclaves with their sandboxes (from
    ``/proc``), and the client's HPKE/base64/JSON work is timed alone, so the overhead can be
    placed;
-2. sessions per second with 16 concurrent clients (each: open an attested session, one
-   invoke, close), the error count, and the CPU each session costs per process kind;
-3. a 100 MiB deploy (zip of incompressible data + ``app.py``, stored uncompressed), sent as
-   the SDK sends it (announced size, 1 MiB chunks) and as Cape's clients do (one binary
-   frame): wall time, and the peak resident memory above idle of the server process and of
-   the enclave process that took it (``VmHWM`` after resetting it through
-   ``/proc/<pid>/clear_refs``), as multiples of the bundle size.
+3. the same warm invoke (1 KiB, 64 KiB) with **pycape 3.1.1** as the client: a subprocess in
+   ``.venv-pycape`` connects once and times each ``cape.invoke`` itself (skipped, with a note,
+   without that venv; ``bash scripts/setup.sh test`` makes it);
+4. **throughput** with 1, 4, 16 and 64 concurrent clients (``--quick``: 1 and 4): completed
+   runs per second, where a run is what ``cape run`` does (open a websocket, verify the
+   attestation document, one sealed 1 KiB invoke, close), over the wall time from the first
+   run's start to the last one's end; every client runs its runs back to back. Beside it, the
+   same number of plain runs (connect, echo 1 KiB, close) at the same concurrency; failed runs
+   are counted and shown (goal: 0 errors), and warnings the server logged meanwhile are shown.
 
-Run: ``.venv/bin/python benchmarks/server_bench.py [--quick]`` (needs root and bubblewrap, as
-simulated enclaves do; ``--quick`` is a seconds-long smoke run with a 1 MiB bundle).
+Run: ``.venv/bin/python benchmarks/server_bench.py [--quick] [--json PATH]`` (needs root and
+bubblewrap, as simulated enclaves do; ``--quick`` is a seconds-long smoke run with a 1 MiB
+bundle). ``--json`` also writes the figures, the raw latency samples and the curves as a
+:class:`_results.Results` (benchmark ``server``).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -46,7 +59,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,17 +67,56 @@ import websockets
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from _results import Curve, Results, Series
 from cape.crypto import envelope, hpke
 from cape.crypto.results import ResultChannel
-from cape.sdk.flows import deploy, fetch_key, run_path
+from cape.host.pool import WAIT_FOR_ENCLAVE_S
+from cape.sdk.flows import DEPLOY_CHUNK_BYTES, deploy, fetch_key, run_path
 from cape.sdk.rest import RestClient
-from cape.sdk.session import Session, SessionOptions, ws_url
+from cape.sdk.session import OPEN_TIMEOUT_S, Session, SessionOptions, ws_url
 
 ECHO: Final = "def cape_handler(data):\n    return data\n"
 READY_TIMEOUT_S: Final = 60.0
-CONCURRENT_CLIENTS: Final = 16
 KIB: Final = 1024
 MIB: Final = 1024 * 1024
+ROOT: Final = Path(__file__).resolve().parents[1]
+PYCAPE_PYTHON: Final = ROOT / ".venv-pycape" / "bin" / "python"
+PYCAPE_TIMEOUT_S: Final = 300
+INVOKE_GOAL: Final = 2.0  # warm invoke <= 2x the plain echo
+MEMORY_GOAL: Final = 1.2  # deploy peak above idle <= 1.2x the bundle
+RUN: Final = "connect, verify, one sealed 1 KiB invoke, close"
+PLAIN_RUN: Final = "plain websocket run: connect, echo 1 KiB, close"
+
+# Runs in .venv-pycape (imports nothing of ours): pycape exactly as published, with our
+# attestation root (``cape._root_cert``) and TLS trust from SSL_CERT_FILE, as
+# tests/e2e/pycape_driver.py drives it. Input: JSON on stdin; output: seconds per invoke.
+PYCAPE_DRIVER: Final = """
+import json, os, pathlib, sys, time
+from pycape import Cape
+
+args = json.load(sys.stdin)
+cape = Cape(url=args["url"])
+cape._root_cert = pathlib.Path(args["root_pem"]).read_bytes()
+samples = {}
+started = time.perf_counter()
+cape.connect(args["function"], args["token"])
+connect_s = time.perf_counter() - started
+try:
+    for size, warmup, repeats in args["sizes"]:
+        payload = os.urandom(size)
+        for _ in range(warmup):
+            assert cape.invoke(payload) == payload
+        timed = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = cape.invoke(payload)
+            timed.append(time.perf_counter() - start)
+            assert result == payload
+        samples[str(size)] = timed
+finally:
+    cape.close()
+json.dump({"connect_s": connect_s, "samples": samples}, sys.stdout)
+"""
 
 
 @dataclass(frozen=True)
@@ -72,8 +124,36 @@ class Options:
     quick: bool
     invokes: int  # timed invokes at 1 KiB (fewer for the larger sizes)
     warmup: int
-    sessions_per_client: int
-    bundle_bytes: int
+    rounds: int  # the timed invokes come in this many alternating rounds (cape, plain, …)
+    clients: tuple[int, ...]  # concurrency levels of the throughput section
+    runs_per_level: int  # at least this many runs per level, spread over its clients
+    min_runs_per_client: int
+    bundle_sizes: tuple[int, ...]
+    pycape_invokes: int
+
+
+QUICK: Final = Options(
+    quick=True,
+    invokes=20,
+    warmup=3,
+    rounds=1,
+    clients=(1, 4),
+    runs_per_level=8,
+    min_runs_per_client=2,
+    bundle_sizes=(MIB,),
+    pycape_invokes=20,
+)
+FULL: Final = Options(
+    quick=False,
+    invokes=1000,
+    warmup=100,
+    rounds=5,
+    clients=(1, 4, 16, 64),
+    runs_per_level=320,
+    min_runs_per_client=3,
+    bundle_sizes=(MIB, 100 * MIB),
+    pycape_invokes=1000,
+)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -84,15 +164,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def p50(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def p99(values: list[float]) -> float:
+    return percentile(values, 0.99)
+
+
 def summary(name: str, samples: list[float], unit: str = "ms") -> str:
     scale = 1000.0 if unit == "ms" else 1_000_000.0
     values = [v * scale for v in samples]
-    p50, p99 = statistics.median(values), percentile(values, 0.99)
-    return f"  {name:<56} p50 {p50:9.1f} {unit}   p99 {p99:9.1f} {unit}   (n={len(values)})"
+    return (
+        f"  {name:<56} p50 {p50(values):9.1f} {unit}   p99 {p99(values):9.1f} {unit}"
+        f"   (n={len(values)})"
+    )
 
 
 def size_label(size: int) -> str:
     return f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
+
+
+def ms(samples: list[float]) -> list[float]:
+    return [value * 1000.0 for value in samples]
 
 
 def cpu_model() -> str:
@@ -103,6 +197,19 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.machine()
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``seconds`` (``/proc/stat``): other work, before a run."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total, idle = sample()
+    time.sleep(seconds)
+    total_after, idle_after = sample()
+    return 1.0 - (idle_after - idle) / max(1, total_after - total)
 
 
 def met(ok: bool) -> str:
@@ -142,6 +249,14 @@ class Child:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def stderr_size(self) -> int:
+        return self.stderr_path.stat().st_size
+
+    def stderr_since(self, offset: int) -> str:
+        with self.stderr_path.open("rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+
     def stop(self) -> None:
         if self.process.poll() is not None:
             return
@@ -166,7 +281,7 @@ def start_plain_echo(base: Path) -> Child:
 
 
 def plain_echo_server(data_dir: Path) -> None:
-    """The baseline: uvicorn as ``cape serve`` configures it, echoing binary frames."""
+    """The reference: uvicorn as ``cape serve`` configures it; ``/echo`` and ``/sink``."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
@@ -182,9 +297,24 @@ def plain_echo_server(data_dir: Path) -> None:
             if data is not None:
                 await websocket.send_bytes(data)
 
+    async def sink(websocket: WebSocket) -> None:
+        """Counts binary frames' bytes; a text frame ``done`` gets the count back."""
+        await websocket.accept()
+        received = 0
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is not None:
+                received += len(data)
+            elif message.get("text") == "done":
+                await websocket.send_text(str(received))
+                received = 0
+
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     config = uvicorn.Config(
-        Starlette(routes=[WebSocketRoute("/echo", echo)]),
+        Starlette(routes=[WebSocketRoute("/echo", echo), WebSocketRoute("/sink", sink)]),
         host="127.0.0.1",
         port=0,
         ssl_certfile=str(data_dir / "tls" / "server.pem"),
@@ -275,6 +405,22 @@ def enclave_pids(server_pid: int) -> list[int]:
     return sorted(pids)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time used so far by the threads of ``pids`` (``schedstat``, nanosecond resolution)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total / 1e9
+
+
 # --------------------------------------------------------------------------- client side
 
 
@@ -284,13 +430,22 @@ class Client:
     echo_url: str
     token: str
     options: SessionOptions
-    server_pid: int
-    echo_pid: int
+    server: Child
+    echo: Child
+    data_dir: Path
     function: str = ""
 
     async def session(self, *, seal_results: bool = True) -> Session:
         options = dataclasses.replace(self.options, seal_results=seal_results)
         return await Session.open(self.url, run_path(self.function), self.token, options)
+
+    async def plain(self, path: str) -> websockets.ClientConnection:
+        return await websockets.connect(
+            ws_url(self.echo_url, path),
+            ssl=self.options.ssl_context,
+            max_size=None,
+            compression=None,
+        )
 
 
 def signup(url: str, ssl_context: ssl.SSLContext) -> str:
@@ -344,58 +499,84 @@ def client_crypto(payload: bytes, repeats: int) -> list[float]:
     return samples
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time used so far by the threads of ``pids`` (``schedstat``, nanosecond resolution)."""
-    total = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-    return total / 1e9
+@dataclass
+class Meter:
+    """Latency samples of one action, and the CPU it cost per process group, over rounds."""
+
+    action: Callable[[], Awaitable[object]]
+    groups: dict[str, list[int]]
+    samples: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    async def run(self, repeats: int) -> None:
+        before = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+        client_before = time.process_time()
+        self.samples += await timed(self.action, repeats)
+        for name, pids in self.groups.items():
+            self.cpu[name] = self.cpu.get(name, 0.0) + cpu_seconds(pids) - before[name]
+        self.cpu["client"] = self.cpu.get("client", 0.0) + time.process_time() - client_before
+
+    def cpu_line(self) -> str:
+        parts = ", ".join(
+            f"{name} {seconds / len(self.samples) * 1e6:.0f}" for name, seconds in self.cpu.items()
+        )
+        return f"      CPU us per call: {parts}"
 
 
-async def measured(
-    action: Callable[[], Awaitable[object]], repeats: int, groups: dict[str, list[int]]
-) -> tuple[list[float], dict[str, float]]:
-    """Latency samples, and CPU seconds per call of this process and of each group of pids."""
-    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
-    client_before = time.process_time()
-    samples = await timed(action, repeats)
-    cpu = {name: (cpu_seconds(pids) - before[name]) / repeats for name, pids in groups.items()}
-    cpu["client"] = (time.process_time() - client_before) / repeats
-    return samples, cpu
+@dataclass
+class Invokes:
+    """What the warm invoke section measured, for the pycape section's reference."""
+
+    ours: dict[int, list[float]] = field(default_factory=dict)
+    plain: dict[int, list[float]] = field(default_factory=dict)
 
 
-def cpu_line(cpu: dict[str, float]) -> str:
-    parts = ", ".join(f"{name} {seconds * 1e6:.0f}" for name, seconds in cpu.items())
-    return f"      CPU us per call: {parts}"
+def invoke_figures(
+    results: Results,
+    who: str,
+    label: str,
+    samples: list[float],
+    plain: list[float],
+    *,
+    goal: bool,
+    note: str | None = None,
+) -> list[float]:
+    """p50 and p99 figures beside the plain echo's; returns the two ratios."""
+    ratios = []
+    for name, stat in (("p50", p50), ("p99", p99)):
+        value, reference = stat(samples) * 1000, stat(plain) * 1000
+        ratios.append(value / reference)
+        results.figure(
+            "warm invoke",
+            f"{who} warm invoke {name}, {label}",
+            value,
+            "ms",
+            reference=f"plain websocket echo {name}",
+            reference_value=reference,
+            higher_is_better=False,
+            goal=f"<= {INVOKE_GOAL:g}x plain echo" if goal else None,
+            goal_met=value <= INVOKE_GOAL * reference if goal else None,
+            note=note,
+        )
+    return ratios
 
 
-async def latency_section(client: Client, options: Options) -> list[str]:
-    lines = [
-        "warm invoke latency: one connection, sequential calls, client in this process; CPU is",
-        "per call, from /proc (server = the cape serve or plain echo process)",
-    ]
+async def latency_section(client: Client, options: Options, results: Results) -> Invokes:
+    print(
+        "warm invoke latency: one connection, sequential calls, client in this process, in "
+        f"{options.rounds} alternating round(s); CPU is per call, from /proc (server = the cape "
+        "serve or plain echo process)"
+    )
     sizes = [(KIB, options.invokes), (64 * KIB, options.invokes // 4)]
-    sizes.append((MIB, max(3, options.invokes // 20)))
-    ratios: dict[int, float] = {}
+    sizes.append((MIB, max(3, options.invokes // 10)))
+    measured = Invokes()
+    goals: list[tuple[str, float, float]] = []
     sealed = await client.session()
     unsealed = await client.session(seal_results=False)
-    echo = await websockets.connect(
-        ws_url(client.echo_url, "/echo"),
-        ssl=client.options.ssl_context,
-        max_size=None,
-        compression=None,
-    )
+    echo = await client.plain("/echo")
     await asyncio.sleep(0.3)  # let the warm pool start its spare sandboxes before measuring
-    cape_groups = {"server": [client.server_pid], "enclaves+sandboxes": []}
-    plain_groups = {"server": [client.echo_pid]}
+    cape_groups = {"server": [client.server.pid], "enclaves+sandboxes": []}
+    plain_groups = {"server": [client.echo.pid]}
     try:
         for size, repeats in sizes:
             payload = os.urandom(size)
@@ -410,89 +591,313 @@ async def latency_section(client: Client, options: Options) -> list[str]:
                 await echo.send(payload)
                 assert await echo.recv() == payload
 
+            warmup = max(2, options.warmup * repeats // options.invokes)
             for action in (invoke, invoke_unsealed, plain):
-                await timed(action, options.warmup)
-            cape_groups["enclaves+sandboxes"] = descendants(client.server_pid)
-            cape_samples, cape_cpu = await measured(invoke, repeats, cape_groups)
-            unsealed_samples, unsealed_cpu = await measured(invoke_unsealed, repeats, cape_groups)
-            plain_samples, plain_cpu = await measured(plain, repeats, plain_groups)
-            ratios[size] = statistics.median(cape_samples) / statistics.median(plain_samples)
-            label = size_label(size)
-            lines += [
-                summary(f"{label} cape invoke (SDK default: result sealed)", cape_samples, "us"),
-                cpu_line(cape_cpu),
-                summary(f"{label} cape invoke, result not sealed", unsealed_samples, "us"),
-                cpu_line(unsealed_cpu),
-                summary(f"{label} plain websocket echo (same uvicorn + TLS)", plain_samples, "us"),
-                cpu_line(plain_cpu),
-                summary(
-                    f"{label} client HPKE seal + open, base64, JSON (alone)",
-                    client_crypto(payload, repeats),
-                    "us",
-                ),
-                f"  {label} ratio: sealed invoke / plain echo (p50)  {ratios[size]:.2f}x",
+                await timed(action, warmup)
+            cape_groups["enclaves+sandboxes"] = descendants(client.server.pid)
+            meters = [
+                Meter(invoke, cape_groups),
+                Meter(invoke_unsealed, cape_groups),
+                Meter(plain, plain_groups),
             ]
+            rounds = min(options.rounds, repeats)
+            for index in range(rounds):
+                share = repeats * (index + 1) // rounds - repeats * index // rounds
+                for meter in meters:
+                    await meter.run(share)
+            ours, not_sealed, reference = (meter.samples for meter in meters)
+            measured.ours[size], measured.plain[size] = ours, reference
+            label = size_label(size)
+            ratio_p50, ratio_p99 = invoke_figures(
+                results, "cape", label, ours, reference, goal=True
+            )
+            goals.append((label, ratio_p50, ratio_p99))
+            for who, samples in (("cape (SDK, sealed)", ours), ("plain websocket echo", reference)):
+                results.series.append(Series(f"warm invoke, {label}", who, "ms", ms(samples)))
+            print(
+                "\n".join(
+                    [
+                        summary(f"{label} cape invoke (SDK default: result sealed)", ours, "us"),
+                        meters[0].cpu_line(),
+                        summary(f"{label} cape invoke, result not sealed", not_sealed, "us"),
+                        meters[1].cpu_line(),
+                        summary(
+                            f"{label} plain websocket echo (same uvicorn + TLS)", reference, "us"
+                        ),
+                        meters[2].cpu_line(),
+                        summary(
+                            f"{label} client HPKE seal + open, base64, JSON (alone)",
+                            client_crypto(payload, min(repeats, 200)),
+                            "us",
+                        ),
+                        f"  {label} sealed invoke / plain echo: p50 {ratio_p50:.2f}x, "
+                        f"p99 {ratio_p99:.2f}x",
+                    ]
+                ),
+                flush=True,
+            )
     finally:
         for closing in (sealed, unsealed):
             await closing.close()
         await echo.close()
-    lines.append(
-        f"  goal: warm 1 KiB invoke <= 2x plain echo: {met(ratios[KIB] <= 2.0)} "
-        f"({ratios[KIB]:.2f}x)"
-    )
-    return lines
+    for label, ratio_p50, ratio_p99 in goals:
+        print(
+            f"  goal: warm {label} invoke <= {INVOKE_GOAL:g}x plain echo: "
+            f"p50 {met(ratio_p50 <= INVOKE_GOAL)} ({ratio_p50:.2f}x), "
+            f"p99 {met(ratio_p99 <= INVOKE_GOAL)} ({ratio_p99:.2f}x)"
+        )
+    return measured
 
 
-async def sessions_section(client: Client, options: Options) -> list[str]:
-    payload = os.urandom(KIB)
-    samples: list[float] = []
-    errors: list[str] = []
+async def pycape_section(
+    client: Client, options: Options, measured: Invokes, results: Results
+) -> None:
+    print("warm invoke with pycape 3.1.1 as the client (a subprocess in .venv-pycape)")
+    if not PYCAPE_PYTHON.exists():
+        note = f"pycape figures skipped: {PYCAPE_PYTHON} is missing (bash scripts/setup.sh test)"
+        print(f"  {note}")
+        results.notes.append(note)
+        return
+    sizes = [(KIB, options.pycape_invokes), (64 * KIB, options.pycape_invokes // 4)]
+    args = {
+        "url": client.url,
+        "token": client.token,
+        "function": client.function,
+        "root_pem": str(client.data_dir / "attestation" / "root.pem"),
+        "sizes": [
+            [size, max(2, options.warmup * repeats // options.invokes), repeats]
+            for size, repeats in sizes
+        ],
+    }
+    with tempfile.TemporaryDirectory(prefix="cape-bench-pycape-") as home:
+        ca_file = str(client.data_dir / "tls" / "ca.pem")
+        env = {  # nothing inherited: no CAPE_DEV_DISABLE_SSL, no real HOME or config
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": home,
+            "XDG_CONFIG_HOME": str(Path(home) / ".config"),
+            "SSL_CERT_FILE": ca_file,
+            "REQUESTS_CA_BUNDLE": ca_file,
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [str(PYCAPE_PYTHON), "-c", PYCAPE_DRIVER],
+            input=json.dumps(args),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=home,
+            timeout=PYCAPE_TIMEOUT_S,
+            check=False,
+        )
+    if done.returncode != 0:
+        note = f"pycape run FAILED (exit {done.returncode}): {done.stderr.strip()[-500:]}"
+        print(f"  {note}", file=sys.stderr)
+        results.notes.append(note)
+        return
+    output = json.loads(done.stdout)
+    print(f"  pycape connect (attested session set-up): {output['connect_s'] * 1000:.1f} ms")
+    for size, _ in sizes:
+        samples: list[float] = output["samples"][str(size)]
+        label, plain, ours = size_label(size), measured.plain[size], measured.ours[size]
+        sdk = f"cape's SDK: p50 {p50(ours) * 1000:.3g} ms, p99 {p99(ours) * 1000:.3g} ms"
+        ratio_p50, ratio_p99 = invoke_figures(
+            results, "pycape 3.1.1", label, samples, plain, goal=False, note=sdk
+        )
+        results.series.append(Series(f"warm invoke, {label}", "pycape 3.1.1", "ms", ms(samples)))
+        print(summary(f"{label} pycape invoke (timed in the subprocess)", samples, "us"))
+        print(
+            f"  {label} pycape invoke / plain echo: p50 {ratio_p50:.2f}x, p99 {ratio_p99:.2f}x; "
+            f"/ cape SDK invoke p50 {p50(samples) / p50(ours):.2f}x"
+        )
 
+
+@dataclass
+class Level:
+    """One concurrency level: every client does ``per_client`` runs back to back."""
+
+    clients: int
+    per_client: int
+    wall: float = 0.0
+    samples: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def attempted(self) -> int:
+        return self.clients * self.per_client
+
+    @property
+    def rate(self) -> float:
+        return len(self.samples) / self.wall
+
+
+async def load(level: Level, run: Callable[[], Awaitable[None]]) -> Level:
     async def one_client() -> None:
-        for _ in range(options.sessions_per_client):
+        for _ in range(level.per_client):
             start = time.perf_counter()
             try:
-                session = await client.session()
-                try:
-                    assert await session.invoke(payload) == payload
-                finally:
-                    await session.close()
+                await run()
             except Exception as exc:  # counted and shown, not fatal to the benchmark
-                errors.append(f"{type(exc).__name__}: {exc}"[:160])
+                level.errors.append(f"{type(exc).__name__}: {exc}"[:200])
             else:
-                samples.append(time.perf_counter() - start)
+                level.samples.append(time.perf_counter() - start)
 
-    enclaves = enclave_pids(client.server_pid)
-    server_before = cpu_seconds([client.server_pid])
-    own_before = cpu_seconds(enclaves)
-    tree_before = tree_cpu_seconds(client.server_pid, include_root=False)
-    client_before = time.process_time()
     began = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(CONCURRENT_CLIENTS)))
-    wall = time.perf_counter() - began
-    own = cpu_seconds(enclaves) - own_before
-    cpu = {
-        "server": cpu_seconds([client.server_pid]) - server_before,
-        "enclave runtimes": own,
-        "sandboxes (start + call)": tree_cpu_seconds(client.server_pid, include_root=False)
-        - tree_before
-        - own,
-        "client": time.process_time() - client_before,
+    await asyncio.gather(*(one_client() for _ in range(level.clients)))
+    level.wall = time.perf_counter() - began
+    return level
+
+
+def server_warnings(text: str) -> list[str]:
+    keys = ("WARNING", "ERROR", "CRITICAL", "Traceback")
+    return [line for line in text.splitlines() if any(key in line for key in keys)]
+
+
+async def throughput_section(client: Client, options: Options, results: Results) -> None:
+    print(f"throughput: completed runs per second (a run: {RUN}, as `cape run` does), each of")
+    print("N clients doing its runs back to back; beside it the same plain runs (connect, echo")
+    print("1 KiB, close) at the same concurrency; CPU is per completed run")
+    payload = os.urandom(KIB)
+
+    async def cape_run() -> None:
+        session = await client.session()
+        try:
+            assert await session.invoke(payload) == payload
+        finally:
+            await session.close()
+
+    async def plain_run() -> None:
+        websocket = await client.plain("/echo")
+        try:
+            await websocket.send(payload)
+            assert await websocket.recv() == payload
+        finally:
+            await websocket.close()
+
+    await load(Level(2, 2), cape_run)  # warm-up
+    reference = "throughput, plain websocket reference"  # own plots: 10-50x the scale
+    curves = {
+        key: Curve(group, name, "concurrent clients", y_label, [])
+        for key, group, name, y_label in (
+            ("rate", "throughput", f"cape run ({RUN})", "completed runs/s"),
+            ("p50", "throughput", "cape run p50", "run latency (ms)"),
+            ("p99", "throughput", "cape run p99", "run latency (ms)"),
+            ("plain rate", reference, PLAIN_RUN, "completed runs/s"),
+            ("plain p50", reference, "plain websocket run p50", "run latency (ms)"),
+        )
     }
-    total = CONCURRENT_CLIENTS * options.sessions_per_client
-    lines = [
-        f"sessions, {CONCURRENT_CLIENTS} concurrent clients (open attested session, one 1 KiB "
-        "invoke, close)",
-        f"  {total} sessions in {wall:.2f} s: {len(samples) / wall:.1f} sessions/s, "
-        f"{len(errors)} error(s)",
-    ]
-    if samples:
-        lines.append(summary("per session (connect, verify, invoke, close)", samples))
-        parts = ", ".join(f"{name} {seconds / total * 1e3:.1f}" for name, seconds in cpu.items())
-        lines.append(f"      CPU ms per session: {parts}")
-    for text in sorted(set(errors))[:5]:
-        lines.append(f"  error: {text}")
-    return lines
+    row = f"  {'clients':>7} {'runs':>6} {'wall s':>7} {'runs/s':>8} {'plain/s':>8} {'ratio':>6}"
+    print(
+        row + f" {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'encl. %':>7}   "
+        "CPU ms per run"
+    )
+    troubles: list[str] = []
+    slowest = 0.0
+    for clients in options.clients:
+        per_client = max(options.min_runs_per_client, math.ceil(options.runs_per_level / clients))
+        gc.collect()
+        await asyncio.sleep(0.3)  # let the previous level's sessions and sandboxes wind down
+        log_offset = client.server.stderr_size()
+        server_pid = client.server.pid
+        enclaves = enclave_pids(server_pid)
+        server_before, own_before = cpu_seconds([server_pid]), cpu_seconds(enclaves)
+        tree_before = tree_cpu_seconds(server_pid, include_root=False)
+        per_enclave = [tree_cpu_seconds(pid) for pid in enclaves]
+        client_before = time.process_time()
+        ours = await load(Level(clients, per_client), cape_run)
+        per_enclave = [
+            tree_cpu_seconds(pid) - b for pid, b in zip(enclaves, per_enclave, strict=True)
+        ]
+        own = cpu_seconds(enclaves) - own_before
+        cpu = {
+            "server": cpu_seconds([server_pid]) - server_before,
+            "enclave runtimes": own,
+            "sandboxes": tree_cpu_seconds(server_pid, include_root=False) - tree_before - own,
+            "client": time.process_time() - client_before,
+        }
+        warnings = server_warnings(client.server.stderr_since(log_offset))
+        plain = await load(Level(clients, per_client), plain_run)
+        done = max(1, len(ours.samples))
+        cpu_text = ", ".join(f"{name} {seconds / done * 1e3:.1f}" for name, seconds in cpu.items())
+        split = "/".join(f"{100 * x / max(sum(per_enclave), 1e-9):.0f}" for x in per_enclave)
+        latency = ms(ours.samples) or [math.nan]
+        print(
+            f"  {clients:>7} {ours.attempted:>6} {ours.wall:>7.2f} {ours.rate:>8.1f} "
+            f"{plain.rate:>8.1f} {ours.rate / plain.rate:>6.3f} {len(ours.errors):>6} "
+            f"{p50(latency):>8.1f} {p99(latency):>8.1f} {max(latency):>8.1f} {split:>7}   "
+            f"{cpu_text}",
+            flush=True,
+        )
+        slowest = max(slowest, max(latency))
+        results.figure(
+            "throughput",
+            f"completed runs/s, {clients} concurrent client{'s' * (clients > 1)}",
+            ours.rate,
+            "runs/s",
+            reference=f"plain websocket runs/s, {clients} client{'s' * (clients > 1)}",
+            reference_value=plain.rate,
+            note=(
+                f"{len(ours.samples)}/{ours.attempted} runs; p50 {p50(latency):.0f} ms; "
+                f"enclaves' share of enclave + sandbox CPU {split} %"
+            ),
+        )
+        results.figure(
+            "throughput",
+            f"errors, {clients} concurrent client{'s' * (clients > 1)}",
+            len(ours.errors),
+            "errors",
+            reference="runs attempted",
+            reference_value=ours.attempted,
+            higher_is_better=False,
+            goal="0 errors",
+            goal_met=not ours.errors,
+            note=ours.errors[0] if ours.errors else None,
+        )
+        if ours.samples:
+            results.series.append(
+                Series(
+                    "run latency",
+                    f"cape run, {clients} client{'s' * (clients > 1)}",
+                    "ms",
+                    ms(ours.samples),
+                )
+            )
+        for key, value in (
+            ("rate", ours.rate),
+            ("plain rate", plain.rate),
+            ("p50", p50(latency)),
+            ("p99", p99(latency)),
+            ("plain p50", p50(ms(plain.samples) or [math.nan])),
+        ):
+            if not math.isnan(value):
+                curves[key].points.append((float(clients), value))
+        for kind, errors in (("cape", ours.errors), ("plain", plain.errors)):
+            for text in sorted(set(errors))[:5]:
+                troubles.append(f"{clients} clients, {kind} error (x{errors.count(text)}): {text}")
+        for line in warnings[:5]:
+            troubles.append(f"{clients} clients, server log: {line[:200]}")
+        if len(warnings) > 5:
+            troubles.append(f"{clients} clients, server log: … {len(warnings) - 5} more")
+    results.curves += curves.values()
+    results.notes.append(
+        f"throughput: a run is {RUN} (what `cape run` does); runs/s = completed runs / wall time "
+        "of the level, each client doing its runs back to back; the load generator shares the "
+        "machine's CPUs with the server and the enclaves"
+    )
+    for line in troubles:
+        print(f"  {line}")
+        results.notes.append(f"throughput: {line}")
+    if not troubles:
+        print("  no errors, and no warnings in the server's log")
+    margin = (
+        f"the slowest run took {slowest / 1000:.1f} s (the SDK gives the websocket opening "
+        f"{OPEN_TIMEOUT_S:.0f} s, the server waits up to {WAIT_FOR_ENCLAVE_S:.0f} s for a live "
+        "enclave)"
+    )
+    print(f"  {margin}; encl. % = each enclave's share of the enclave and sandbox CPU")
+    results.notes.append(f"throughput: {margin}")
+    total_errors = sum(int(f.value) for f in results.figures if f.name.startswith("errors, "))
+    print(f"  goal: 0 errors under load: {met(total_errors == 0)} ({total_errors})")
 
 
 async def deploy_one_frame(
@@ -510,71 +915,129 @@ async def deploy_one_frame(
         await session.wait_closed()
 
 
-async def deploy_section(client: Client, server: Child, options: Options) -> list[str]:
-    bundle = zip_bundle({"app.py": ECHO.encode(), "data.bin": os.urandom(options.bundle_bytes)})
+async def plain_upload(client: Client, data: bytes, frame_bytes: int) -> float:
+    """Seconds to connect, send ``data`` in frames of ``frame_bytes``, get the count, close."""
+    start = time.perf_counter()
+    websocket = await client.plain("/sink")
+    try:
+        for offset in range(0, len(data), frame_bytes):
+            await websocket.send(data[offset : offset + frame_bytes])
+        await websocket.send("done")
+        assert int(await websocket.recv()) == len(data)
+    finally:
+        await websocket.close()
+    return time.perf_counter() - start
+
+
+async def deploy_section(client: Client, options: Options, results: Results) -> None:
     key = await fetch_key(client.url, client.token, client.options)
-    enclaves = enclave_pids(server.pid)
-    checksum = hashlib.sha256(bundle).hexdigest()
-
-    async def chunked() -> str:
-        deployed = await deploy(
-            client.url, client.token, client.options, bundle, name="big", key=key
-        )
-        return deployed.checksum
-
-    async def one_frame() -> str:
-        return str((await deploy_one_frame(client, bundle, key, "big1"))["checksum"])
-
-    mb = len(bundle) / MIB
-    lines = [
-        f"deploy of a {mb:.1f} MiB bundle (stored zip of random data + app.py), peak resident",
-        "memory above idle (VmHWM after clear_refs) as a multiple of the bundle, and what stays",
-        f"  {'client sends':<26}{'wall':>8}{'server peak':>20}{'enclave peak':>20}"
-        f"{'retained srv/encl':>22}",
-    ]
-    multiples: dict[str, tuple[float, float]] = {}
-    for label, action in (
-        ("chunks (SDK, 1 MiB)", chunked),
-        ("one frame (Cape clients)", one_frame),
-    ):
-        gc.collect()
-        await asyncio.sleep(0.3)  # let earlier sessions settle
-        pids = [server.pid, *enclaves]
-        idle = {}
-        for pid in pids:
-            reset_peak(pid)
-            idle[pid] = proc_status(pid)["VmRSS"]
-        start = time.perf_counter()
-        assert await action() == checksum
-        wall = time.perf_counter() - start
-        await asyncio.sleep(0.3)
-        status = {pid: proc_status(pid) for pid in pids}
-        peak = {pid: status[pid]["VmHWM"] - idle[pid] for pid in pids}
-        busiest = max(enclaves, key=lambda pid: peak[pid])  # the enclave that took the deploy
-        kept = [(status[pid]["VmRSS"] - idle[pid]) / MIB for pid in (server.pid, busiest)]
-        multiples[label] = (peak[server.pid] / len(bundle), peak[busiest] / len(bundle))
-        server_x, enclave_x = multiples[label]
-        lines.append(
-            f"  {label:<26}{wall:>6.2f} s"
-            f"{peak[server.pid] / MIB:>9.1f} MiB {server_x:4.2f}x"
-            f"{peak[busiest] / MIB:>9.1f} MiB {enclave_x:4.2f}x"
-            f"{kept[0]:>10.1f} /{kept[1]:>5.1f} MiB"
-        )
-    server_x, enclave_x = multiples["chunks (SDK, 1 MiB)"]
-    lines.append(
-        f"  goal (SDK deploy): peak above idle <= 1.2x bundle: server {met(server_x <= 1.2)} "
-        f"({server_x:.2f}x), enclave {met(enclave_x <= 1.2)} ({enclave_x:.2f}x)"
+    server_pid = client.server.pid
+    enclaves = enclave_pids(server_pid)
+    print(
+        "deploy (stored zip of random data + app.py): wall time beside a plain upload of the same "
+        "bytes in the same\nframes (connect, send, acknowledge, close; no encryption), and peak "
+        "resident memory above idle\n(VmHWM after clear_refs) as a multiple of the bundle, the "
+        "plain server's peak for the upload, and\nwhat stays"
     )
-    return lines
+    print(
+        f"  {'bundle':>8} {'client sends':<26}{'wall':>8}{'plain':>8}{'server peak':>20}"
+        f"{'enclave peak':>20}{'plain peak':>12}{'retained srv/encl':>22}"
+    )
+    verdicts: list[str] = []
+    for size in options.bundle_sizes:
+        bundle = zip_bundle({"app.py": ECHO.encode(), "data.bin": os.urandom(size)})
+        checksum = hashlib.sha256(bundle).hexdigest()
+        label = size_label(size)
+        mib = len(bundle) / MIB
+
+        async def chunked(bundle: bytes = bundle, size: int = size) -> str:
+            deployed = await deploy(
+                client.url, client.token, client.options, bundle, name=f"chunks{size}", key=key
+            )
+            return deployed.checksum
+
+        async def one_frame(bundle: bytes = bundle, size: int = size) -> str:
+            return str((await deploy_one_frame(client, bundle, key, f"frame{size}"))["checksum"])
+
+        for mode, action, frame_bytes in (
+            ("chunks (SDK, 1 MiB)", chunked, DEPLOY_CHUNK_BYTES),
+            ("one frame (Cape clients)", one_frame, len(bundle)),
+        ):
+            echo_pid = client.echo.pid
+            reset_peak(echo_pid)
+            echo_idle = proc_status(echo_pid)["VmRSS"]
+            reference = await plain_upload(client, bundle, frame_bytes)
+            plain_peak = (proc_status(echo_pid)["VmHWM"] - echo_idle) / MIB
+            gc.collect()
+            await asyncio.sleep(0.3)  # let earlier sessions settle
+            pids = [server_pid, *enclaves]
+            idle = {}
+            for pid in pids:
+                reset_peak(pid)
+                idle[pid] = proc_status(pid)["VmRSS"]
+            start = time.perf_counter()
+            assert await action() == checksum
+            wall = time.perf_counter() - start
+            await asyncio.sleep(0.3)
+            status = {pid: proc_status(pid) for pid in pids}
+            peak = {pid: (status[pid]["VmHWM"] - idle[pid]) / MIB for pid in pids}
+            busiest = max(enclaves, key=lambda pid: peak[pid])  # the enclave that took the deploy
+            kept = [(status[pid]["VmRSS"] - idle[pid]) / MIB for pid in (server_pid, busiest)]
+            server_x, enclave_x = peak[server_pid] / mib, peak[busiest] / mib
+            print(
+                f"  {label:>8} {mode:<26}{wall:>6.2f} s{reference:>6.2f} s"
+                f"{peak[server_pid]:>9.1f} MiB {server_x:4.2f}x"
+                f"{peak[busiest]:>9.1f} MiB {enclave_x:4.2f}x"
+                f"{plain_peak:>8.1f} MiB"
+                f"{kept[0]:>10.1f} /{kept[1]:>5.1f} MiB",
+                flush=True,
+            )
+            name = f"deploy {label}, {mode}"
+            results.figure(
+                "deploy",
+                f"{name}: wall",
+                wall,
+                "s",
+                reference="plain websocket upload of the same bytes",
+                reference_value=reference,
+                higher_is_better=False,
+            )
+            for who, value, multiple in (
+                ("server", peak[server_pid], server_x),
+                ("enclave", peak[busiest], enclave_x),
+            ):
+                results.figure(
+                    "deploy",
+                    f"{name}: {who} peak memory above idle",
+                    value,
+                    "MiB",
+                    reference="bundle size",
+                    reference_value=mib,
+                    higher_is_better=False,
+                    goal=f"<= {MEMORY_GOAL:g}x one bundle copy",
+                    goal_met=multiple <= MEMORY_GOAL,
+                    note=f"{value - mib:+.1f} MiB beside one copy"
+                    + (
+                        f"; plain websocket server: {plain_peak:.1f} MiB" if who == "server" else ""
+                    ),
+                )
+            verdicts.append(
+                f"  goal ({label}, {mode}): peak above idle <= {MEMORY_GOAL:g}x bundle: "
+                f"server {met(server_x <= MEMORY_GOAL)} ({server_x:.2f}x), "
+                f"enclave {met(enclave_x <= MEMORY_GOAL)} ({enclave_x:.2f}x)"
+            )
+        del bundle
+    print("\n".join(verdicts))
 
 
-async def run_all(server: Child, echo: Child, base: Path, options: Options) -> list[str]:
+async def run_all(server: Child, echo: Child, base: Path, options: Options) -> Results:
+    results = Results("server", options.quick)
     data_dir = base / "data"
     ssl_context = ssl.create_default_context(cafile=str(data_dir / "tls" / "ca.pem"))
     root = x509.load_pem_x509_certificate((data_dir / "attestation" / "root.pem").read_bytes())
     session_options = SessionOptions(root=root, ssl_context=ssl_context)
     token = await asyncio.to_thread(signup, server.url, ssl_context)
-    client = Client(server.url, echo.url, token, session_options, server.pid, echo.pid)
+    client = Client(server.url, echo.url, token, session_options, server, echo, data_dir)
     key = await fetch_key(server.url, token, session_options)
     deployed = await deploy(
         server.url,
@@ -585,40 +1048,60 @@ async def run_all(server: Child, echo: Child, base: Path, options: Options) -> l
         key=key,
     )
     client.function = deployed.id
-    lines = await latency_section(client, options)
-    lines += [""] + await sessions_section(client, options)
-    lines += [""] + await deploy_section(client, server, options)
-    return lines
+    durations: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        durations[name], clock = time.monotonic() - clock, time.monotonic()
+        print(flush=True)
+
+    # Deploys first: their memory peaks are cleanest before the load has grown the heaps.
+    await deploy_section(client, options, results)
+    lap("deploy")
+    measured = await latency_section(client, options, results)
+    lap("warm invoke")
+    await pycape_section(client, options, measured, results)
+    lap("pycape")
+    await throughput_section(client, options, results)
+    lap("throughput")
+    text = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in durations.items())
+    print(f"section durations: {text}")
+    results.notes.append(f"section durations: {text}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="tiny counts, 1 MiB bundle")
+    parser.add_argument("--json", type=Path, help="also write the results here (JSON)")
     parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server is not None:
         plain_echo_server(args.echo_server)
         return 0
+    options = QUICK if args.quick else FULL
     if os.geteuid() != 0 or shutil.which("bwrap") is None:
-        print(
-            "server benchmark skipped: simulated enclaves need root and bubblewrap", file=sys.stderr
-        )
+        reason = "server benchmark skipped: simulated enclaves need root and bubblewrap"
+        print(reason, file=sys.stderr)
+        Results("server", options.quick, notes=[reason]).write(args.json)
         return 0
-    options = (
-        Options(quick=True, invokes=20, warmup=3, sessions_per_client=1, bundle_bytes=MIB)
-        if args.quick
-        else Options(
-            quick=False, invokes=1000, warmup=100, sessions_per_client=20, bundle_bytes=100 * MIB
-        )
+    load_before, busy_before = os.getloadavg()[0], cpu_busy()
+    began = time.monotonic()
+    print(f"cape serve (simulated mode, 2 enclaves), TLS on loopback{' (quick)' * options.quick}")
+    print(
+        f"machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}, "
+        f"1-min load average {load_before:.1f} before the run, CPUs {busy_before:.0%} busy in "
+        "the second before it\n",
+        flush=True,
     )
-    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="cape-server-bench-") as tmp:
         base = Path(tmp)
         server = start_cape(base)
         try:
             echo = start_plain_echo(base)
             try:
-                lines = asyncio.run(run_all(server, echo, base, options))
+                results = asyncio.run(run_all(server, echo, base, options))
             finally:
                 echo.stop()
         except BaseException:
@@ -626,12 +1109,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             server.stop()
-    print(f"cape serve (simulated mode, 2 enclaves), TLS on loopback{' (quick)' * options.quick}")
-    print(
-        f"machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}, "
-        f"1-min load average {load:.1f} before the run"
+    elapsed = time.monotonic() - began
+    cpus = os.cpu_count() or 1
+    if busy_before > 0.25:
+        busy = (
+            f"the machine was busy ({busy_before:.0%} of {cpus} CPUs in the second before the "
+            "run): other work shared the CPUs, so the figures, p99 above all, include "
+            "interference"
+        )
+        print(busy)
+        results.notes.append(busy)
+    results.notes.append(
+        f"machine: {cpus} CPUs, {busy_before:.0%} busy in the second before the run; 1-min "
+        f"load average {load_before:.1f} before the run, "
+        f"{os.getloadavg()[0]:.1f} after; {elapsed:.0f} s in all; cape serve with 2 simulated "
+        "enclaves, client, server and reference server on the same machine"
     )
-    print("\n".join(lines))
+    print(f"total {elapsed:.1f} s; 1-min load average {os.getloadavg()[0]:.1f} after the run")
+    results.write(args.json)
     return 0
 
 
