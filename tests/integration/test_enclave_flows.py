@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -308,6 +309,59 @@ def test_cached_function_is_not_released_under_another_owner(
     assert platform.run(flow(OWNER))["t"] == "attestation"  # cached now
     relabelled = platform.run(flow("bob"))
     assert relabelled["t"] == "error" and relabelled["fatal"]
+
+
+def test_a_warm_function_runs_by_its_hash_alone(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    """Hash-first runs: the host names the stored ciphertext by SHA-256 and sends the bytes
+    only when asked; whatever it sends must match the name."""
+    ciphertext, _ = deploy(enclave, platform, COUNTER + b"# hash-first\n")
+    digest = hashlib.sha256(ciphertext).digest()
+
+    async def by_hash(send: bytes | None) -> list[dict[str, Any]]:
+        nonce = secrets.token_bytes(16)
+        session = await enclave.open_session("run", owner=OWNER, nonce=nonce, bundle_sha256=digest)
+        frames = [await session.receive()]
+        if frames[0]["t"] == "need_bundle" and send is not None:
+            await session.send({"t": "bundle", "data": send})
+            frames.append(await session.receive())
+        if frames[-1]["t"] == "attestation":
+            doc = platform.verify(frames[-1]["document"], nonce)
+            frames.append(expect(await invoke(session, doc, b"x"), "result"))
+        await session.close()
+        return frames
+
+    cold = platform.run(by_hash(ciphertext))  # not held yet: the enclave asks for the bytes
+    assert [f["t"] for f in cold] == ["need_bundle", "attestation", "result"]
+    warm = platform.run(by_hash(None))  # held warm now: no bytes travel
+    assert [f["t"] for f in warm] == ["attestation", "result"]
+    assert warm[-1]["data"] == b"1:x"  # a fresh sandbox for the session
+
+    other_digest = hashlib.sha256(b"never deployed").digest()
+
+    async def wrong_bytes() -> list[dict[str, Any]]:
+        session = await enclave.open_session(
+            "run", owner=OWNER, nonce=b"n", bundle_sha256=other_digest
+        )
+        first = await session.receive()
+        await session.send({"t": "bundle", "data": ciphertext})  # not what the hash names
+        second = await session.receive()
+        await session.close()
+        return [first, second]
+
+    asked, refused = platform.run(wrong_bytes())
+    assert asked["t"] == "need_bundle"
+    assert refused["t"] == "error" and refused["fatal"] and "SHA-256" in refused["message"]
+
+    async def bad_hash() -> dict[str, Any]:
+        session = await enclave.open_session("run", owner=OWNER, nonce=b"n", bundle_sha256=b"x")
+        reply = await session.receive()
+        await session.close()
+        return reply
+
+    reply = platform.run(bad_hash())
+    assert reply["t"] == "error" and reply["fatal"] and "32 bytes" in reply["message"]
 
 
 def test_many_concurrent_sessions(enclave: EnclaveConnection, platform: Platform) -> None:

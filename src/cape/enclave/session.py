@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import shutil
@@ -306,20 +307,55 @@ async def _cold_lease(ctx: _Context, zip_bytes: bytes) -> Lease:
     return Lease(sandbox, holder)
 
 
-async def _run_session(ctx: _Context, bundle: bytes | None) -> None:
-    """run: the host brings the stored ciphertext; the document carries its checksum."""
+async def _stored_bundle(ctx: _Context, bundle: object, digest: object) -> bytes:
+    """The run's stored ciphertext: sent with ``open``, or asked for now (``need_bundle``).
+
+    A host that names the ciphertext by its SHA-256 sends the bytes only when this enclave
+    does not hold the function warm; whatever arrives must match the name.
+    """
+    if bundle is None:
+        await ctx.reply({"t": "need_bundle"})
+        message = await ctx.next_frame("bundle")
+        bundle = None if message is None else message.get("data")
     if not isinstance(bundle, bytes):
         raise FormatError("run session needs the stored bundle")
+    if isinstance(digest, bytes) and not hmac.compare_digest(
+        hashlib.sha256(bundle).digest(), digest
+    ):
+        raise FormatError("the stored bundle does not match its announced SHA-256")
+    return bundle
+
+
+async def _run_session(ctx: _Context, bundle: object, digest: object = None) -> None:
+    """run: the host brings the stored ciphertext, or first only its SHA-256 (``bundle_sha256``)
+    so that a function this enclave holds warm costs no transfer; the document carries the
+    function's checksum."""
+    if digest is not None and (not isinstance(digest, bytes) or len(digest) != 32):
+        raise FormatError("bundle_sha256 must be 32 bytes")
+    if bundle is None and digest is None:
+        raise FormatError("run session needs the stored bundle or its SHA-256")
     session_key = hpke.generate_keypair()
     if ctx.pool is not None:
+        fetched: list[bytes] = []
+
+        async def decrypt() -> bytes:  # only when the function is not warm
+            fetched.append(await _stored_bundle(ctx, bundle, digest))
+            return await _decrypt_input(ctx, fetched[0])
+
+        if isinstance(digest, bytes):
+            name = digest
+        elif isinstance(bundle, bytes):
+            name = hashlib.sha256(bundle).digest()
+        else:
+            raise FormatError("run session needs the stored bundle")
         checksum, lease = await ctx.pool.acquire(
-            ctx.owner,
-            bundle,
-            lambda: _decrypt_input(ctx, bundle),
-            _services(ctx, asyncio.get_running_loop()),
+            ctx.owner, name, decrypt, _services(ctx, asyncio.get_running_loop())
         )
+        fetched.clear()
     else:
-        zip_bytes = await _decrypt_input(ctx, bundle)
+        stored = await _stored_bundle(ctx, bundle, digest)
+        zip_bytes = await _decrypt_input(ctx, stored)
+        del stored
         checksum = hashlib.sha256(zip_bytes).digest()
         lease = await _cold_lease(ctx, zip_bytes)
         del zip_bytes
@@ -369,7 +405,7 @@ async def run_session(
         elif kind == "deploy":
             await _deploy_session(ctx)
         elif kind == "run":
-            await _run_session(ctx, message.get("bundle"))
+            await _run_session(ctx, message.get("bundle"), message.get("bundle_sha256"))
         else:
             await _test_session(ctx)
         await send({"t": "close", "sid": sid})

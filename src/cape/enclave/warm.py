@@ -92,16 +92,18 @@ class WarmPool:
     async def acquire(
         self,
         owner: str,
-        ciphertext: bytes,
+        ciphertext_sha256: bytes,
         decrypt: Callable[[], Awaitable[bytes]],
         services: Services,
     ) -> tuple[bytes, Lease]:
         """The function's checksum and a sandbox for one session (the caller releases it).
 
-        ``services`` serves ``cape_encrypt`` for the owner; a spare started for an earlier
-        session of the same owner and function carries an equivalent one.
+        Functions are held by (owner, SHA-256 of the stored ciphertext); ``decrypt`` is called
+        only when this one is not held (it may fetch the ciphertext first, and must check it
+        against the hash). ``services`` serves ``cape_encrypt`` for the owner; a spare started
+        for an earlier session of the same owner and function carries an equivalent one.
         """
-        key = (owner, hashlib.sha256(ciphertext).digest())
+        key = (owner, ciphertext_sha256)
         entry = self._entries.get(key) or await self._load_once(key, decrypt)
         # No await between looking up and taking the spare: the event loop makes it atomic.
         self._entries.move_to_end(key)

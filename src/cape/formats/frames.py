@@ -61,6 +61,7 @@ MESSAGE_TYPES = frozenset(
         "attestation",
         "input",
         "bundle",
+        "need_bundle",
         "chunk",
         "result",
         "deployed",

@@ -176,8 +176,10 @@ class EnclaveConnection:
         nonce: bytes,
         response_key: bytes | None = None,
         bundle: bytes | None = None,
+        bundle_sha256: bytes | None = None,
     ) -> HostSession:
-        """Open a session; the caller then reads the ``attestation`` frame from it."""
+        """Open a session; the caller then reads the ``attestation`` frame from it (for a run
+        opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first)."""
         if not self.alive:
             raise TransportError("the enclave is not running")
         sid = next(self._ids)
@@ -194,6 +196,8 @@ class EnclaveConnection:
             message["response_key"] = response_key
         if bundle is not None:
             message["bundle"] = bundle
+        if bundle_sha256 is not None:
+            message["bundle_sha256"] = bundle_sha256
         await self.send(message)
         return session
 

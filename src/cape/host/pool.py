@@ -169,6 +169,7 @@ class EnclavePool:
         nonce: bytes,
         response_key: bytes | None = None,
         bundle: bytes | None = None,
+        bundle_sha256: bytes | None = None,
         affinity: str | None = None,
     ) -> AsyncIterator[HostSession]:
         """Open a session on a live enclave; closes it (and frees the slot) on exit."""
@@ -178,7 +179,12 @@ class EnclavePool:
         slot.sessions += 1
         try:
             session = await connection.open_session(
-                kind, owner=owner, nonce=nonce, response_key=response_key, bundle=bundle
+                kind,
+                owner=owner,
+                nonce=nonce,
+                response_key=response_key,
+                bundle=bundle,
+                bundle_sha256=bundle_sha256,
             )
             try:
                 yield session

@@ -39,9 +39,11 @@ import binascii
 import contextlib
 import datetime as dt
 import functools
+import hashlib
 import json
 import logging
 import queue
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -83,6 +85,7 @@ MAX_CHUNK_BYTES: Final = 8 << 20
 #: Chunks a single-frame (Cape client) bundle is cut into for the enclave: small enough that
 #: the enclave's transient frame copies stay a few percent of a 100 MiB bundle.
 ENCLAVE_CHUNK_BYTES: Final = 1 << 20
+DIGEST_CACHE_SIZE: Final = 4096
 QUEUED_CHUNKS: Final = 2
 
 
@@ -129,10 +132,19 @@ class SessionDeps:
     max_input_bytes: int = 64 << 20
     max_bundle_bytes: int = 1_000_000_000
     clock: Callable[[], dt.datetime] = field(default=utc_now)
+    bundle_digests: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
+    """SHA-256 of stored ciphertexts by blob key, learnt on a function's first run (blobs are
+    immutable: a redeploy gets a new key)."""
 
     def __post_init__(self) -> None:
         if self.idle_timeout_s < 60:
             raise ValueError("the idle timeout may not be below 60 s (pycape expects it)")
+
+    def remember_digest(self, blob_key: str, digest: bytes) -> None:
+        self.bundle_digests[blob_key] = digest
+        self.bundle_digests.move_to_end(blob_key)
+        while len(self.bundle_digests) > DIGEST_CACHE_SIZE:
+            self.bundle_digests.popitem(last=False)
 
 
 class _Closed(Exception):
@@ -254,8 +266,10 @@ async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
             await websocket.close(code, reason)
 
 
-async def _attestation(websocket: WebSocket, session: HostSession) -> None:
-    frame = expect(await session.receive(), "attestation")
+async def _attestation(
+    websocket: WebSocket, session: HostSession, frame: dict[str, Any] | None = None
+) -> None:
+    frame = expect(frame if frame is not None else await session.receive(), "attestation")
     await _send(
         websocket,
         {"message": {"type": "attestation_doc", "message": _b64(frame["document"])}},
@@ -487,17 +501,31 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
     def run_handler(function: Function) -> Handler:
         async def run(websocket: WebSocket, _principal: Principal) -> None:
             nonce_bytes, response_key = await nonce(websocket)
-            bundle = await run_in_threadpool(deps.blobs.get, function.blob_key)
+            # The enclave is told the stored ciphertext's SHA-256 and asks for the bytes only
+            # when it does not hold the function warm; the first run reads them to learn it.
+            digest = deps.bundle_digests.get(function.blob_key)
+            bundle = None
+            if digest is None:
+                bundle = await run_in_threadpool(deps.blobs.get, function.blob_key)
+                digest = hashlib.sha256(bundle).digest()
+                deps.remember_digest(function.blob_key, digest)
             async with deps.pool.session(
                 "run",
                 owner=function.owner_name,
                 nonce=nonce_bytes,
                 response_key=response_key,
                 bundle=bundle,
+                bundle_sha256=digest,
                 affinity=function.id,
             ) as session:
                 del bundle
-                await _attestation(websocket, session)
+                frame = await session.receive()
+                if frame["t"] == "need_bundle":
+                    stored = await run_in_threadpool(deps.blobs.get, function.blob_key)
+                    await session.send({"t": "bundle", "data": stored})
+                    del stored
+                    frame = await session.receive()
+                await _attestation(websocket, session, frame)
                 await _serve_calls(websocket, session, deps, bundle_first=False)
 
         return run
