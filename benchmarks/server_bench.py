@@ -474,12 +474,7 @@ async def timed(action: Callable[[], Awaitable[object]], repeats: int) -> list[f
 def client_crypto(payload: bytes, repeats: int) -> list[float]:
     """What the SDK itself does per invoke: HPKE-seal the input; parse, decode, open the result."""
     enclave_key, response_key = hpke.generate_keypair(), hpke.generate_keypair()
-    channel = ResultChannel.derive(
-        response_key.private_key,  # type: ignore[arg-type]
-        enclave_key.public_bytes,
-        session_public=enclave_key.public_bytes,
-        response_public=response_key.public_bytes,
-    )
+    channel = ResultChannel.for_client(response_key, enclave_key.public_bytes)
     sealed_result = channel.seal(0, payload)
     frame = json.dumps(
         {

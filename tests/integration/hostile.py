@@ -31,7 +31,6 @@ from typing import Any, Final, Self
 
 import websockets
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
@@ -107,14 +106,7 @@ def echo(data: bytes) -> bytes:
 
 def session_channel(session_key: hpke.KeyPair, response_public: bytes) -> ResultChannel:
     """The enclave side of a session's result channel."""
-    private = session_key.private_key
-    assert isinstance(private, x25519.X25519PrivateKey)
-    return ResultChannel.derive(
-        private,
-        response_public,
-        session_public=session_key.public_bytes,
-        response_public=response_public,
-    )
+    return ResultChannel.for_enclave(session_key, response_public)
 
 
 def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:

@@ -36,12 +36,7 @@ def forms(canary: bytes) -> list[bytes]:
 
 def _channel(response: hpke.KeyPair, doc: AttestationDocument) -> ResultChannel:
     assert doc.public_key is not None
-    return ResultChannel.derive(
-        response.private_key,  # type: ignore[arg-type]
-        doc.public_key,
-        session_public=doc.public_key,
-        response_public=response.public_bytes,
-    )
+    return ResultChannel.for_client(response, doc.public_key)
 
 
 def test_canary_never_reaches_the_host(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

@@ -146,12 +146,7 @@ def test_results_sealed_to_the_clients_response_key(
     assert bound == hashlib.sha256(response.public_bytes).digest()
     assert result["encrypted"] is True and b"for my eyes only" not in result["data"]
     assert doc.public_key is not None
-    channel = ResultChannel.derive(
-        response.private_key,  # type: ignore[arg-type]
-        doc.public_key,
-        session_public=doc.public_key,
-        response_public=response.public_bytes,
-    )
+    channel = ResultChannel.for_client(response, doc.public_key)
     assert channel.open(0, result["data"]) == b"for my eyes only"
     # Bound to its place in the session and to this session's keys: anything else fails.
     with pytest.raises(DecryptionError):
@@ -184,12 +179,7 @@ def test_function_errors_are_sealed_when_sealing_is_bound(
 
     doc, replies = platform.run(flow())
     assert doc.public_key is not None
-    channel = ResultChannel.derive(
-        response.private_key,  # type: ignore[arg-type]
-        doc.public_key,
-        session_public=doc.public_key,
-        response_public=response.public_bytes,
-    )
+    channel = ResultChannel.for_client(response, doc.public_key)
     for sequence, (reply, word) in enumerate(zip(replies, (b"first", b"second"), strict=True)):
         assert reply["t"] == "error" and not reply["fatal"]
         assert reply["message"] == SEALED_ERROR_TEXT and word not in repr(reply).encode()

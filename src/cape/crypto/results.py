@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cape.crypto.envelope import DECRYPTION_FAILED
+from cape.crypto.hpke import KeyPair
 from cape.errors import DecryptionError, KeyFormatError, MalformedEnvelopeError
 
 __all__ = ["ERROR", "INFO", "RESULT", "SEALED_ERROR_TEXT", "ResultChannel"]
@@ -78,6 +79,26 @@ class ResultChannel:
             info=INFO + bytes(session_public) + bytes(response_public),
         ).derive(shared)
         return cls(key)
+
+    @classmethod
+    def for_client(cls, response_key: KeyPair, session_public: bytes) -> ResultChannel:
+        """The client's side: its response key pair and the attested session key."""
+        return cls.derive(
+            response_key.private_key,  # type: ignore[arg-type]  # checked in derive
+            session_public,
+            session_public=session_public,
+            response_public=response_key.public_bytes,
+        )
+
+    @classmethod
+    def for_enclave(cls, session_key: KeyPair, response_public: bytes) -> ResultChannel:
+        """The enclave's side: its session key pair and the client's response key."""
+        return cls.derive(
+            session_key.private_key,  # type: ignore[arg-type]  # checked in derive
+            response_public,
+            session_public=session_key.public_bytes,
+            response_public=response_public,
+        )
 
     @staticmethod
     def _nonce(sequence: int) -> bytes:

@@ -236,12 +236,7 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
     channel = (
         None
         if ctx.response_key is None
-        else ResultChannel.derive(
-            session_key.private_key,  # type: ignore[arg-type]  # X25519: checked in derive
-            ctx.response_key,
-            session_public=session_key.public_bytes,
-            response_public=ctx.response_key,
-        )
+        else ResultChannel.for_enclave(session_key, ctx.response_key)
     )
     sequence = 0
 

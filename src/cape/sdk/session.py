@@ -164,12 +164,7 @@ class Session:
                 )
             if document.public_key is None:
                 raise VerificationError("the attestation document carries no session key")
-            channel = ResultChannel.derive(
-                response_key.private_key,  # type: ignore[arg-type]  # always X25519 here
-                document.public_key,
-                session_public=document.public_key,
-                response_public=response_key.public_bytes,
-            )
+            channel = ResultChannel.for_client(response_key, document.public_key)
         if options.function_checksum is not None:
             if "func_checksum" not in user_data:
                 raise ChecksumMismatchError(

@@ -12,18 +12,8 @@ from cape.errors import DecryptionError, KeyFormatError, MalformedEnvelopeError
 
 def _pair() -> tuple[ResultChannel, ResultChannel, hpke.KeyPair, hpke.KeyPair]:
     session, response = hpke.generate_keypair(), hpke.generate_keypair()
-    enclave = ResultChannel.derive(
-        session.private_key,  # type: ignore[arg-type]
-        response.public_bytes,
-        session_public=session.public_bytes,
-        response_public=response.public_bytes,
-    )
-    client = ResultChannel.derive(
-        response.private_key,  # type: ignore[arg-type]
-        session.public_bytes,
-        session_public=session.public_bytes,
-        response_public=response.public_bytes,
-    )
+    enclave = ResultChannel.for_enclave(session, response.public_bytes)
+    client = ResultChannel.for_client(response, session.public_bytes)
     return enclave, client, session, response
 
 
