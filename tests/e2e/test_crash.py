@@ -313,6 +313,17 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
 
         for name, output in run(run_all()):
             assert output == f"ping {name}".encode(), name
+        # What the killed servers and their enclaves left in the temp directory (enclave work
+        # directories, sandbox support directories) was swept once this server ran enclaves.
+        assert server.process is not None
+        live = {server.process.pid, *enclaves.pids()}
+        leftovers = [
+            path.name
+            for path in enclave_tmp.iterdir()
+            if (found := re.fullmatch(r"cape-(?:enclave|sandbox)-p(\d+)-.*", path.name))
+            and int(found.group(1)) not in live
+        ]
+        assert not leftovers, f"stale temp directories: {leftovers}"
     finally:
         code = server.stop()
     assert code == 0, server.stderr()[-3000:]

@@ -89,6 +89,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cape._internal.closeable import Closeable
+from cape._internal.tempdirs import private_tempdir
 from cape.errors import CapeError, FunctionError, LimitExceededError, SandboxError
 
 __all__ = [
@@ -299,7 +300,7 @@ class _Support:
     def root(self) -> Path:
         with self._lock:
             if self._root is None:
-                root = Path(tempfile.mkdtemp(prefix="cape-sandbox-"))
+                root = private_tempdir("cape-sandbox-")  # a killed runtime's are swept here
                 root.chmod(0o711)
                 (root / "empty").mkdir(mode=0o555)
                 (root / "empty").chmod(0o555)

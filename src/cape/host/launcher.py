@@ -21,11 +21,11 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cape._internal.tempdirs import private_tempdir
 from cape.errors import CapeError, FormatError, TransportError
 from cape.formats.frames import encode_frame, encode_frame_parts, read_frame
 
@@ -282,7 +282,7 @@ class SimulatedLauncher(EnclaveLauncher):
 
     async def start(self) -> EnclaveConnection:
         host_end, enclave_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        workdir = Path(tempfile.mkdtemp(prefix="cape-enclave-"))
+        workdir = private_tempdir("cape-enclave-")  # a killed server's are swept here
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAPE_")}
         env.update(self._extra_env)
         try:
