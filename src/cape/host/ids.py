@@ -7,26 +7,17 @@ about 2**131, so ids are unguessable and never collide in practice. pycape treat
 
 from __future__ import annotations
 
-import re
 import secrets
 import string
+
+from cape.formats.names import ID_LENGTH, ID_PATTERN, is_id
 
 __all__ = ["ID_ALPHABET", "ID_LENGTH", "ID_PATTERN", "is_id", "new_id"]
 
 ID_ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase
 """The 62 characters an id is made of (shortuuid's alphabet plus the look-alikes)."""
 
-ID_LENGTH = 22
-
-ID_PATTERN = re.compile(r"[A-Za-z0-9]{22}")
-"""What an id matches in full."""
-
 
 def new_id() -> str:
     """A fresh id: 22 characters, each drawn uniformly from :data:`ID_ALPHABET`."""
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
-
-
-def is_id(value: object) -> bool:
-    """Whether ``value`` is a string shaped like an id (ASCII only, exactly 22 characters)."""
-    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None

@@ -354,7 +354,7 @@ class AsyncCape:
         return der
 
     async def _user_key(self, username: str, pcrs: PcrPins | None) -> RSAPublicKey:
-        client_config.check_username(username)
+        username = client_config.check_username(username)  # the server's canonical form
         root = self.root()  # before any network call: no pinned root, no request
 
         answer = await self._rest(lambda rest: rest.request("GET", f"/v1/user/{username}/key"))

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from cape._internal.timefile import write_private
 from cape.errors import CapeError, FormatError
+from cape.formats import names
 
 __all__ = [
     "AUTH_FILE",
@@ -56,8 +57,6 @@ PRESETS: Final = {
     "ca_file": "CA certificate file trusted for TLS; env CAPE_CA_FILE",
     "attestation_root": "pinned attestation root certificate file; env CAPE_ATTESTATION_ROOT",
 }
-
-_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def config_dir() -> Path:
@@ -216,9 +215,11 @@ def clear_login() -> list[Path]:
 
 
 def check_username(username: str) -> str:
-    if not _USERNAME.fullmatch(username):
-        raise FormatError(f"{username!r} is not a valid user name")
-    return username
+    """The account name in the server's canonical form (it also names a cache folder)."""
+    try:
+        return names.check_username(username)
+    except FormatError:
+        raise FormatError(f"{username!r} is not a valid user name") from None
 
 
 def cached_key_path(username: str | None = None) -> Path:

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from cape.errors import FormatError
+from cape.formats.names import CHECKSUM_PATTERN, is_id
 
 __all__ = ["FunctionRef"]
-
-ID_LENGTH: Final = 22
-_ID = re.compile(r"^[A-Za-z0-9]{22}$")
-_CHECKSUM = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclass(frozen=True)
@@ -37,14 +33,14 @@ class FunctionRef:
     def __post_init__(self) -> None:
         if self.id is None and self.name is None:
             raise FormatError("a function reference needs an id or a 'user/name'")
-        if self.id is not None and not _ID.fullmatch(self.id):
+        if self.id is not None and not is_id(self.id):
             raise FormatError(f"{self.id!r} is not a function id (22 letters and digits)")
         if self.name is not None:
             user, sep, function = self.name.partition("/")
             if not sep or not user or not function or "/" in function:
                 raise FormatError(f"a function name looks like 'user/name', not {self.name!r}")
         if self.checksum is not None:
-            if not _CHECKSUM.fullmatch(self.checksum):
+            if not CHECKSUM_PATTERN.fullmatch(self.checksum.lower()):
                 raise FormatError("a function checksum is 64 hex digits (SHA-256)")
             object.__setattr__(self, "checksum", self.checksum.lower())
 
@@ -69,7 +65,7 @@ class FunctionRef:
         """``"user/name"`` or a 22-character id."""
         if "/" in text:
             return cls(name=text, checksum=checksum)
-        if _ID.fullmatch(text):
+        if is_id(text):
             return cls(id=text, checksum=checksum)
         raise FormatError(f"{text!r} is neither a function id (22 characters) nor 'user/name'")
 

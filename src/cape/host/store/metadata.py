@@ -26,7 +26,6 @@ from __future__ import annotations
 import abc
 import datetime as dt
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,8 +59,16 @@ from sqlalchemy.types import TypeDecorator
 
 from cape._internal.timefile import utc_now
 from cape.errors import FormatError
+from cape.formats.names import (
+    FUNCTION_NAME_PATTERN,
+    USERNAME_PATTERN,
+    check_checksum,
+    check_function_name,
+    check_username,
+    is_id,
+)
 from cape.host.errors import ConflictError, NotFoundError
-from cape.host.ids import is_id, new_id
+from cape.host.ids import new_id
 
 __all__ = [
     "FUNCTION_NAME_PATTERN",
@@ -82,14 +89,6 @@ __all__ = [
     "check_username",
     "migration_config",
 ]
-
-USERNAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,38}")
-"""What a (lower-cased) username must match in full."""
-
-FUNCTION_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""What a function name must match in full."""
-
-_CHECKSUM_PATTERN: Final = re.compile(r"[0-9a-f]{64}")
 
 TOKEN_KINDS: Final = frozenset({"access", "pat"})
 """``access``: issued by login, short-lived; ``pat``: a personal access token."""
@@ -146,49 +145,6 @@ class Token:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def check_username(username: object) -> str:
-    """Return the canonical (lower-case) form of ``username``.
-
-    Raises:
-        FormatError: not a string matching :data:`USERNAME_PATTERN` once lower-cased.
-    """
-    if isinstance(username, str):
-        canonical = username.lower()
-        if canonical.isascii() and USERNAME_PATTERN.fullmatch(canonical):
-            return canonical
-    shown = repr(username)[:60] if isinstance(username, str) else type(username).__name__
-    raise FormatError(
-        f"invalid username {shown}: use 1-39 characters of a-z, 0-9, '_' and '-', "
-        "starting with a letter or digit"
-    )
-
-
-def check_function_name(name: object) -> str:
-    """Return ``name`` if it is a valid function name.
-
-    Raises:
-        FormatError: not a string matching :data:`FUNCTION_NAME_PATTERN`.
-    """
-    if isinstance(name, str) and name.isascii() and FUNCTION_NAME_PATTERN.fullmatch(name):
-        return name
-    shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
-    raise FormatError(
-        f"invalid function name {shown}: use 1-64 characters of A-Z, a-z, 0-9, '.', '_' "
-        "and '-', starting with a letter or digit"
-    )
-
-
-def check_checksum(checksum: object) -> str:
-    """Return ``checksum`` as lower-case hex if it is a SHA-256 digest in hex.
-
-    Raises:
-        FormatError: anything else.
-    """
-    if isinstance(checksum, str) and _CHECKSUM_PATTERN.fullmatch(checksum.lower()):
-        return checksum.lower()
-    raise FormatError("invalid checksum: expected a SHA-256 digest as 64 hex digits")
 
 
 def check_token_name(name: object, description: object = "") -> tuple[str, str]:
