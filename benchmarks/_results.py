@@ -13,11 +13,23 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Curve", "Figure", "Results", "Series"]
+__all__ = ["Curve", "Figure", "Results", "Series", "timed"]
+
+
+async def timed(action: Callable[[], Awaitable[object]], repeats: int) -> list[float]:
+    """Seconds each of ``repeats`` sequential awaits of ``action()`` took."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await action()
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
 @dataclass

@@ -47,14 +47,14 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from _results import Results, Series
+from _results import Results, Series, timed
 from cape.crypto import envelope, hpke
 from cape.crypto.cms import open_for_recipient, seal_for_recipient
 from cape.crypto.keys import generate_cape_key, load_rsa_public_key, public_key_der
@@ -197,15 +197,6 @@ class Bench:
         app.check(output)
         await session.close()
         return ready - start, done - start
-
-
-async def timed(action: Callable[[], Awaitable[object]], repeats: int) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        await action()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def check_echo(payload: bytes) -> Callable[[bytes], None]:

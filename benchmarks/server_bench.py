@@ -67,7 +67,7 @@ import websockets
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from _results import Curve, Results, Series
+from _results import Curve, Results, Series, timed
 from cape.crypto import envelope, hpke
 from cape.crypto.results import ResultChannel
 from cape.host.pool import WAIT_FOR_ENCLAVE_S
@@ -460,15 +460,6 @@ def zip_bundle(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             archive.writestr(name, data)
     return buffer.getvalue()
-
-
-async def timed(action: Callable[[], Awaitable[object]], repeats: int) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        await action()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def client_crypto(payload: bytes, repeats: int) -> list[float]:

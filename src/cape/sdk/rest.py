@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 from typing import Any, Final, Self
 
@@ -13,6 +14,25 @@ from cape.formats.runtime import RuntimeTarget
 __all__ = ["RestClient"]
 
 TIMEOUT_S: Final = 30.0
+
+
+def refusal_text(body: bytes | bytearray) -> str | None:
+    """The ``error`` (or ``message``) of a JSON refusal body, at most 300 characters; ``None``
+    when the body is not a JSON object (however deep or malformed)."""
+    try:
+        parsed = json.loads(body or b"{}")
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    return str(parsed.get("error") or parsed.get("message") or "")[:300]
+
+
+def refused(message: str, text: str, status: int) -> RequestRefusedError:
+    """A refusal, with the re-login hint when the server says the token expired."""
+    if "token is expired" in text:
+        message += "; log in again"
+    return RequestRefusedError(message, status=status)
 
 
 class RestClient:
@@ -44,14 +64,11 @@ class RestClient:
             if response.headers.get("content-type", "").startswith("application/json"):
                 return response.json()
             return response.content
-        try:
-            text = str(response.json().get("error") or response.json().get("message") or "")
-        except (ValueError, AttributeError):
+        text = refusal_text(response.content)
+        if text is None:
             text = response.text[:200]
-        message = f"{text or 'request failed'} (HTTP {response.status_code})"
-        if "token is expired" in text:
-            message += "; log in again"
-        raise RequestRefusedError(message, status=response.status_code)
+        status = response.status_code
+        raise refused(f"{text or 'request failed'} (HTTP {status})", text, status)
 
     def signup(self, username: str, password: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request(

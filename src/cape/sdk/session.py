@@ -39,6 +39,7 @@ from cape.errors import (
     VerificationError,
 )
 from cape.formats.attestation import AttestationDocument
+from cape.sdk.rest import refusal_text, refused
 from cape.verify.policy import AttestationPolicy
 from cape.verify.verifier import verify_attestation
 
@@ -256,18 +257,10 @@ class Session:
 
 
 def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError:
-    response = exc.response
-    text = ""
-    try:
-        body = json.loads(response.body or b"{}")
-        text = str(body.get("error") or body.get("message") or "")[:300]
-    except (ValueError, AttributeError, RecursionError):
-        pass
-    status = response.status_code
+    status = exc.response.status_code
+    text = refusal_text(exc.response.body or b"") or ""
     message = f"the server refused the session ({status}): {text or 'no reason given'}"
-    if "token is expired" in text:
-        message += "; log in again"
-    return RequestRefusedError(message, status=status)
+    return refused(message, text, status)
 
 
 async def _receive_frame(websocket: ClientConnection) -> dict[str, Any]:
