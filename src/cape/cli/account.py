@@ -6,13 +6,14 @@ import datetime as dt
 import hashlib
 import re
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from cape.cli.common import Common, UsageError, command, emit_json, stderr, stdout
 from cape.errors import CapeError
+from cape.verify.roots import fingerprint
 
 __all__ = ["app", "parse_duration"]
 
@@ -81,7 +82,7 @@ def _account(
     try:
         cape.root()
     except CapeError:
-        fp = hashlib.sha256(_der(cape.server_root())).hexdigest()
+        fp = fingerprint(cape.server_root())
         if sys.stdin.isatty() and not password_stdin:
             prompt = (
                 f"The attestation root of {cape.url} has SHA-256 fingerprint\n  {fp}\n"
@@ -111,13 +112,6 @@ def _account(
             key_ok = False
     if common.json:
         emit_json({"username": username, "url": cape.url, "key_cached": key_ok})
-
-
-def _der(cert: Any) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    data: bytes = cert.public_bytes(Encoding.DER)
-    return data
 
 
 @command(app, "signup")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, NoReturn
@@ -27,6 +26,7 @@ from cape.cli.common import (
     command,
     emit_json,
     fail,
+    open_input_file,
     quiet_stdout,
     set_verbose,
     stderr,
@@ -91,16 +91,7 @@ def _read_input(data: str | None, file: str | None) -> tuple[BinaryIO, int | Non
         if file is None and sys.stdin.isatty():
             raise UsageError("nothing to encrypt: give INPUT, -f FILE, or pipe data to stdin")
         return sys.stdin.buffer, None
-    path = Path(file)
-    try:
-        handle = path.open("rb")
-        size = os.fstat(handle.fileno()).st_size
-    except OSError as exc:
-        raise FormatError(f"cannot read {file}: {exc.strerror}") from None
-    if path.is_dir():
-        handle.close()
-        raise FormatError(f"cannot read {file}: is a directory")
-    return handle, size
+    return open_input_file(file)
 
 
 @command(app, "encrypt", own_output=True)

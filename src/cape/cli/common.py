@@ -21,12 +21,12 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, BinaryIO, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
-from cape.errors import CapeError
+from cape.errors import CapeError, FormatError
 
 __all__ = [
     "Common",
@@ -35,6 +35,7 @@ __all__ = [
     "command",
     "emit_json",
     "fail",
+    "open_input_file",
     "quiet_stdout",
     "stderr",
     "stdout",
@@ -114,6 +115,19 @@ def fail(exc: BaseException) -> NoReturn:
     raise typer.Exit(
         2 if isinstance(exc, UsageError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
     )
+
+
+def open_input_file(file: str) -> tuple[BinaryIO, int]:
+    """``-f FILE`` opened for reading, with its size; one-line errors for what cannot be read."""
+    path = Path(file)
+    if path.is_dir():
+        raise FormatError(f"cannot read {file}: is a directory")
+    try:
+        handle = path.open("rb")
+        size = os.fstat(handle.fileno()).st_size
+    except OSError as exc:
+        raise FormatError(f"cannot read {file}: {exc.strerror}") from None
+    return handle, size
 
 
 def emit_json(value: Any) -> None:

@@ -15,7 +15,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from cape.cli.account import pcr_option
-from cape.cli.common import Common, UsageError, command, emit_json, stderr, stdout
+from cape.cli.common import (
+    Common,
+    UsageError,
+    command,
+    emit_json,
+    open_input_file,
+    stderr,
+    stdout,
+)
 from cape.errors import FormatError
 
 __all__ = ["app", "read_input"]
@@ -48,13 +56,9 @@ def read_input(data: str | None, file: str | None) -> bytes:
         raise UsageError("no input: give INPUT, -f FILE, or -f - for stdin")
     if file == "-":
         return sys.stdin.buffer.read()
-    path = Path(file)
-    if path.is_dir():
-        raise FormatError(f"cannot read {file}: is a directory")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise FormatError(f"cannot read {file}: {exc.strerror}") from None
+    handle, _ = open_input_file(file)
+    with handle:
+        return handle.read()
 
 
 @contextmanager
