@@ -37,6 +37,8 @@ export interface CapeOptions {
   pcrs?: PcrPins;
   /** Your username, so your own key document must name you (set by signup/login). */
   username?: string;
+  /** The time documents are checked at (default: now). */
+  clock?: () => Date;
   /** Override the websocket opener (tests). */
   opener?: Opener;
 }
@@ -127,6 +129,7 @@ export class Cape {
   private rootPromise: Promise<Root> | null = null;
   private readonly pcrs: Map<number, Uint8Array[]>;
   private readonly opener: Opener;
+  private readonly clock: (() => Date) | undefined;
   private session: Session | null = null;
 
   constructor(options: CapeOptions) {
@@ -143,6 +146,7 @@ export class Cape {
     this.username = options.username ? checkUsername(options.username) : null;
     this.pcrs = pcrAllowList(options.pcrs);
     this.opener = options.opener ?? openSocket;
+    this.clock = options.clock;
   }
 
   /** The pinned root (fetched once and checked when pinned by fingerprint). */
@@ -180,6 +184,7 @@ export class Cape {
     for (const [index, values] of pcrAllowList(pcrs)) merged.set(index, values);
     const options: SessionOptions = { root: await this.root(), pcrs: merged, opener: this.opener };
     if (checksum !== undefined) options.checksum = checksum;
+    if (this.clock !== undefined) options.clock = this.clock;
     return options;
   }
 
@@ -329,10 +334,10 @@ export class Cape {
   }
 
   /** Deploy a zip (see `buildBundle` in `@cape/sdk/node` for folders): sent as chunks. */
-  async deploy(options: { zip: Uint8Array; name: string; public?: boolean }): Promise<Deployed> {
+  async deploy(options: { zip: Uint8Array; name: string; public?: boolean; key?: Uint8Array }): Promise<Deployed> {
     if (!FUNCTION_NAME.test(options.name)) throw new FormatError(`invalid function name ${JSON.stringify(options.name.slice(0, 60))}`);
     const checksum = toHex(await sha256(options.zip));
-    const key = await this.capeKey({});
+    const key = await this.capeKey(options.key !== undefined ? { key: options.key } : {});
     const ciphertext = await encryptBinary(options.zip, key);
     const session = await Session.open(this.url, "/v1/deploy", this.requireToken(), await this.options());
     let reply: Record<string, unknown>;
@@ -346,7 +351,8 @@ export class Cape {
       await session.waitClosed();
     }
     if (reply.checksum !== checksum) {
-      throw new FormatError(`the enclave reports checksum ${String(reply.checksum)}, but the bundle's is ${checksum}`);
+      const reported = reply.checksum === undefined || reply.checksum === null ? "None" : String(reply.checksum);
+      throw new FormatError(`the enclave reports checksum ${reported}, but the bundle's is ${checksum}`);
     }
     if (typeof reply.id !== "string") throw new FormatError("the deploy reply carries no function id");
     return { id: reply.id, checksum, name: String(reply.name ?? options.name) };
@@ -382,13 +388,20 @@ export class Cape {
   }
 }
 
+/** A value as Python's repr shows it (messages read the same from either SDK). */
+function pyRepr(value: unknown): string {
+  if (value === undefined || value === null) return "None";
+  if (typeof value === "string") return `'${value}'`;
+  return JSON.stringify(value).replaceAll('"', "'");
+}
+
 /** The RSA key a key document carries, checked to belong to `owner` (when known). */
 export async function keyFromUserData(userData: Record<string, unknown>, owner: string | null): Promise<Uint8Array> {
   const encoded = userData.key;
   if (typeof encoded !== "string") throw new FormatError("the key document carries no key");
   if (owner !== null && userData.owner !== owner) {
     throw new VerificationError(
-      `the key document is for ${JSON.stringify(userData.owner ?? null)}, not ${JSON.stringify(owner)}; refusing it`,
+      `the key document is for ${pyRepr(userData.owner)}, not ${pyRepr(owner)}; refusing it`,
     );
   }
   const der = b64decodeStrict(encoded);

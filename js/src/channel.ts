@@ -17,7 +17,7 @@ import { hkdf } from "@noble/hashes/hkdf.js";
 import { sha256 } from "@noble/hashes/sha2.js";
 
 import { concat, utf8 } from "./bytes.js";
-import { DecryptionError, KeyFormatError } from "./errors.js";
+import { DecryptionError, KeyFormatError, MalformedEnvelopeError } from "./errors.js";
 
 export const DECRYPTION_FAILED = "decryption failed: wrong key or corrupted ciphertext";
 const INFO = utf8("cape-results-v1");
@@ -84,7 +84,7 @@ export class ResultChannel {
   }
 
   open(sequence: number, data: Uint8Array, kind: Uint8Array = RESULT): Uint8Array {
-    if (data.length < TAG) throw new DecryptionError("a sealed reply is shorter than its tag");
+    if (data.length < TAG) throw new MalformedEnvelopeError("a sealed reply is shorter than its tag");
     try {
       return chacha20poly1305(this.key, ResultChannel.nonce(sequence), kind).decrypt(data);
     } catch {

@@ -10,7 +10,10 @@
  * All primitives are WebCrypto's.
  */
 
-import { b64encode, buf, concat, randomBytes, subtle, utf8 } from "./bytes.js";
+import "reflect-metadata";
+import { PublicKey } from "@peculiar/x509";
+
+import { b64encode, buf, concat, fromUtf8, randomBytes, subtle, utf8 } from "./bytes.js";
 import { KeyFormatError } from "./errors.js";
 
 export const PREFIX = "cape:";
@@ -28,16 +31,28 @@ export class CapeKey {
     readonly key: CryptoKey,
   ) {}
 
-  static async fromDer(der: Uint8Array): Promise<CapeKey> {
+  /** From DER (or PEM) SubjectPublicKeyInfo; KeyFormatError unless RSA of >= 2048 bits. */
+  static async fromDer(data: Uint8Array): Promise<CapeKey> {
+    const text = fromUtf8(data.subarray(0, 64)).trimStart();
+    const isPem = text.startsWith("-----BEGIN");
+    let spki: PublicKey;
+    try {
+      spki = new PublicKey(isPem ? fromUtf8(data) : buf(data));
+    } catch {
+      throw new KeyFormatError(
+        `not a valid ${isPem ? "PEM" : "DER"} public key (expected SubjectPublicKeyInfo)`,
+      );
+    }
+    const kind = spki.algorithm.name;
+    if (!kind.startsWith("RSA")) throw new KeyFormatError(`expected an RSA public key, got ${kind}`);
+    const der = new Uint8Array(spki.rawData);
     let key: CryptoKey;
     try {
       key = await subtle().importKey("spki", buf(der), { name: "RSA-OAEP", hash: "SHA-256" }, true, [
         "encrypt",
       ]);
     } catch {
-      throw new KeyFormatError(
-        "not a valid DER public key (expected an RSA SubjectPublicKeyInfo)",
-      );
+      throw new KeyFormatError("not a valid DER public key (expected SubjectPublicKeyInfo)");
     }
     const bits = (key.algorithm as RsaHashedKeyAlgorithm).modulusLength;
     if (bits < MIN_RSA_BITS) {

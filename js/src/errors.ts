@@ -22,6 +22,9 @@ export class LimitExceededError extends CapeError {}
 /** A ciphertext (or a sealed reply) that does not open. One message for every crypto failure. */
 export class DecryptionError extends CapeError {}
 
+/** A ciphertext or sealed reply that is structurally wrong (too short, bad prefix) before any crypto. */
+export class MalformedEnvelopeError extends DecryptionError {}
+
 /** An attestation document, signature, binding or checksum failed a check. */
 export class VerificationError extends CapeError {}
 

@@ -81,6 +81,9 @@ function userDataOf(document: AttestationDocument): Json {
 
 export class Session {
   private replies = 0;
+  /** Sends, and reads of replies, in call order: concurrent invoke() calls pipeline safely. */
+  private sendChain: Promise<unknown> = Promise.resolve();
+  private replyChain: Promise<unknown> = Promise.resolve();
 
   private constructor(
     private readonly connection: Connection,
@@ -143,9 +146,12 @@ export class Session {
   }
 
   /** Send one input sealed to the attested key; the function's output (opened if sealed). */
-  async invoke(data: Uint8Array): Promise<Uint8Array> {
-    await this.sendSealed(data);
-    return this.receiveResult();
+  invoke(data: Uint8Array): Promise<Uint8Array> {
+    const sent = this.sendChain.then(() => this.sendSealed(data));
+    this.sendChain = sent.catch(() => undefined);
+    const reply = Promise.all([sent, this.replyChain]).then(() => this.receiveResult());
+    this.replyChain = reply.catch(() => undefined);
+    return reply;
   }
 
   async receiveResult(): Promise<Uint8Array> {

@@ -16,12 +16,16 @@ NODE_TIMEOUT_S = 600.0
 
 
 def require_built_sdk() -> str:
-    """The ``node`` executable; skip when Node or the built SDK is absent (CI builds it)."""
+    """The ``node`` executable. Without Node or the built SDK the test skips, unless
+    ``CAPE_REQUIRE_JS=1`` (scripts/test.sh sets it after building js/): then it fails."""
     node = shutil.which("node")
-    if node is None:
-        pytest.skip("Node.js is not installed")
-    if not (JS_DIR / "dist" / "index.js").is_file():
-        pytest.skip("the JavaScript SDK is not built (cd js && npm ci && npm run build)")
+    built = (JS_DIR / "dist" / "index.js").is_file()
+    if node is None or not built:
+        why = "Node.js is not installed" if node is None else "js/ is not built"
+        if os.environ.get("CAPE_REQUIRE_JS") == "1":
+            pytest.fail(f"{why}, but CAPE_REQUIRE_JS=1 (cd js && npm ci && npm run build)")
+        pytest.skip(f"{why} (cd js && npm ci && npm run build)")
+    assert node is not None
     return node
 
 
@@ -40,7 +44,8 @@ def run_node_tests(files: list[str], env: dict[str, str], expect_pass: int) -> s
     )
     output = result.stdout + result.stderr
     counts = {
-        name: int(value) for name, value in re.findall(r"^# (pass|fail|skipped|todo) (\d+)$", output, re.M)
+        name: int(value)
+        for name, value in re.findall(r"^# (pass|fail|skipped|todo) (\d+)$", output, re.M)
     }
     assert result.returncode == 0, output[-8000:]
     assert counts.get("fail") == 0 and counts.get("skipped", 0) == 0, output[-8000:]
