@@ -2,7 +2,7 @@
 // assets. The websocket opener is swapped for the browser's, and the build fails if any
 // Node-only module (node:*, ws) would end up in the bundle.
 import { build } from "esbuild";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -22,12 +22,13 @@ const browserTransport = {
 export async function bundle(entry, outfile) {
   const result = await build({
     entryPoints: [join(root, entry)],
-    outfile: join(root, outfile),
+    outfile: outfile.startsWith("/") ? outfile : join(root, outfile),
     bundle: true,
     format: "esm",
     platform: "browser",
     target: ["es2022"],
     minify: true,
+    keepNames: true, // error classes keep their names (error.name) in the bundle
     legalComments: "eof",
     metafile: true,
     logLevel: "warning",
@@ -43,4 +44,17 @@ if (import.meta.url === `file://${process.argv[1]}`) {
   mkdirSync(join(root, "dist", "browser"), { recursive: true });
   await bundle("src/index.ts", "dist/browser/cape.js");
   writeFileSync(join(root, "dist", "browser", "README"), "The browser build of the Cape SDK (one ES module).\n");
+}
+
+/** The console: bundle console/console.ts and copy its page and style next to it. */
+export async function buildConsole(outDir) {
+  mkdirSync(outDir, { recursive: true });
+  await bundle("console/console.ts", join(outDir, "console.js"));
+  for (const name of ["index.html", "console.css"]) copyFileSync(join(root, "console", name), join(outDir, name));
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  // The console ships inside the Python package (pip install needs no Node); a test checks
+  // that the shipped files equal a fresh build.
+  await buildConsole(process.env.CAPE_CONSOLE_OUT ?? join(root, "..", "src", "cape", "host", "console", "static"));
 }
