@@ -1,4 +1,7 @@
 /**
+ * X25519 is WebCrypto's (Node >= 20, current browsers); ChaCha20-Poly1305 and HKDF for the
+ * result channel are @noble's, as WebCrypto has no ChaCha20-Poly1305.
+ *
  * Session cryptography: HPKE base mode (DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
  * ChaCha20-Poly1305) for inputs sealed to the attested enclave, and the sealed-results channel
  * of Python's `cape.crypto.results` (docs/protocol.md "Sealed results"):
@@ -9,14 +12,12 @@
  */
 
 import { Chacha20Poly1305 } from "@hpke/chacha20poly1305";
-import { CipherSuite, HkdfSha256 } from "@hpke/core";
-import { DhkemX25519HkdfSha256 } from "@hpke/dhkem-x25519";
+import { CipherSuite, DhkemX25519HkdfSha256, HkdfSha256 } from "@hpke/core";
 import { chacha20poly1305 } from "@noble/ciphers/chacha.js";
-import { x25519 } from "@noble/curves/ed25519.js";
 import { hkdf } from "@noble/hashes/hkdf.js";
 import { sha256 } from "@noble/hashes/sha2.js";
 
-import { concat, utf8 } from "./bytes.js";
+import { buf, concat, subtle, utf8 } from "./bytes.js";
 import { DecryptionError, KeyFormatError, MalformedEnvelopeError } from "./errors.js";
 
 export const DECRYPTION_FAILED = "decryption failed: wrong key or corrupted ciphertext";
@@ -44,26 +45,32 @@ export async function hpkeSeal(sessionPublic: Uint8Array, data: Uint8Array): Pro
 }
 
 export interface ResponseKey {
-  secretKey: Uint8Array;
+  privateKey: CryptoKey;
   publicKey: Uint8Array;
 }
 
-export function generateResponseKey(): ResponseKey {
-  const secretKey = x25519.utils.randomSecretKey();
-  return { secretKey, publicKey: x25519.getPublicKey(secretKey) };
+export async function generateResponseKey(): Promise<ResponseKey> {
+  const pair = (await subtle().generateKey({ name: "X25519" }, false, ["deriveBits"])) as CryptoKeyPair;
+  const publicKey = new Uint8Array(await subtle().exportKey("raw", pair.publicKey));
+  return { privateKey: pair.privateKey, publicKey };
 }
 
 /** The client's side of one session's result channel. */
 export class ResultChannel {
   private constructor(private readonly key: Uint8Array) {}
 
-  static forClient(response: ResponseKey, sessionPublic: Uint8Array): ResultChannel {
-    if (sessionPublic.length !== 32) {
+  static async forClient(response: ResponseKey, sessionPublic: Uint8Array): Promise<ResultChannel> {
+    let peer: CryptoKey;
+    try {
+      if (sessionPublic.length !== 32) throw new Error();
+      peer = await subtle().importKey("raw", buf(sessionPublic), { name: "X25519" }, false, []);
+    } catch {
       throw new KeyFormatError("the session or response key is not an X25519 public key");
     }
     let shared: Uint8Array;
     try {
-      shared = x25519.getSharedSecret(response.secretKey, sessionPublic);
+      // WebCrypto refuses a low-order point (an all-zero shared secret)
+      shared = new Uint8Array(await subtle().deriveBits({ name: "X25519", public: peer }, response.privateKey, 256));
     } catch {
       throw new KeyFormatError("unusable X25519 key for sealed results");
     }

@@ -106,7 +106,7 @@ export class Session {
 
   private static async attest(connection: Connection, options: SessionOptions): Promise<Session> {
     const nonce = randomBytes(NONCE_BYTES);
-    const responseKey: ResponseKey | null = options.sealResults === false ? null : generateResponseKey();
+    const responseKey: ResponseKey | null = options.sealResults === false ? null : await generateResponseKey();
     const start: Json = { nonce: b64encode(nonce) };
     if (responseKey !== null) start.response_key = b64encode(responseKey.publicKey);
     await connection.send(JSON.stringify({ message: start }));
@@ -130,7 +130,7 @@ export class Session {
       if (document.publicKey === null) {
         throw new VerificationError("the attestation document carries no session key");
       }
-      channel = ResultChannel.forClient(responseKey, document.publicKey);
+      channel = await ResultChannel.forClient(responseKey, document.publicKey);
     }
     if (options.checksum !== undefined) {
       if (!("func_checksum" in userData)) {
