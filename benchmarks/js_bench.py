@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -26,12 +28,11 @@ import tempfile
 from pathlib import Path
 
 from _results import Results, timed
-from server_bench import start_cape, zip_bundle
-
 from cape.sdk.flows import deploy, fetch_key, run_path
 from cape.sdk.rest import RestClient
 from cape.sdk.session import Session, SessionOptions
 from cape.verify.roots import load_root_certificate_file
+from server_bench import start_cape, zip_bundle
 
 HERE = Path(__file__).resolve().parent
 JS_DIST = HERE.parent / "js" / "dist" / "index.js"
@@ -94,7 +95,7 @@ async def python_invokes(
             data = bytes([7]) * size
             for _ in range(5):
                 await session.invoke(data)
-            out[size] = await timed(lambda data=data: session.invoke(data), repeats)
+            out[size] = await timed(functools.partial(session.invoke, data), repeats)
     finally:
         await session.close()
     return out
@@ -110,8 +111,6 @@ def invoke_section(results: Results, quick: bool) -> None:
         base = Path(tmp)
         server = start_cape(base)
         try:
-            import ssl
-
             ca = base / "data" / "tls" / "ca.pem"
             root_pem = base / "data" / "attestation" / "root.pem"
             context = ssl.create_default_context(cafile=str(ca))
@@ -143,9 +142,8 @@ def invoke_section(results: Results, quick: bool) -> None:
         py_samples = [s * 1000 for s in python[size]]
         for stat, pick in (("p50", statistics.median), ("p99", _p99)):
             value, reference = pick(node_samples), pick(py_samples)
-            print(
-                f"warm invoke {size_label(size)} {stat}: node {value:.2f} ms, python {reference:.2f} ms"
-            )
+            label = f"warm invoke {size_label(size)} {stat}"
+            print(f"{label}: node {value:.2f} ms, python {reference:.2f} ms")
             results.figure(
                 "js invoke",
                 f"Node warm invoke {size_label(size)} {stat}",
