@@ -37,11 +37,15 @@ def test_shipped_console_equals_a_fresh_build(tmp_path: Path) -> None:
         timeout=300,
     )
     fresh = sorted(p.name for p in tmp_path.iterdir())
-    assert fresh == sorted(p.name for p in SHIPPED.iterdir()) == [
-        "console.css",
-        "console.js",
-        "index.html",
-    ]
+    assert (
+        fresh
+        == sorted(p.name for p in SHIPPED.iterdir())
+        == [
+            "console.css",
+            "console.js",
+            "index.html",
+        ]
+    )
     for name in fresh:
         assert (tmp_path / name).read_bytes() == (SHIPPED / name).read_bytes(), (
             f"{name} differs from a fresh build: run `npm run build` in js/ and commit"
