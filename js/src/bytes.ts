@@ -37,12 +37,30 @@ export function fromHex(text: string): Uint8Array | null {
   return out;
 }
 
+/** Native base64 where the runtime has it: Node's Buffer, or Uint8Array.toBase64/fromBase64. */
+interface NativeBase64 {
+  Buffer?: {
+    from(data: string, encoding: string): Uint8Array;
+    from(data: ArrayBuffer, offset: number, length: number): Uint8Array & { toString(encoding: string): string };
+  };
+}
+const native = globalThis as unknown as NativeBase64;
+const uint8 = Uint8Array as unknown as {
+  fromBase64?: (text: string) => Uint8Array;
+  prototype: { toBase64?: () => string };
+};
+
 /** Standard base64 with padding. */
 export function b64encode(data: Uint8Array): string {
+  if (native.Buffer !== undefined) {
+    return native.Buffer.from(data.buffer as ArrayBuffer, data.byteOffset, data.length).toString("base64");
+  }
+  const withNative = data as Uint8Array & { toBase64?: () => string };
+  if (typeof withNative.toBase64 === "function") return withNative.toBase64();
   const step = 0x8000;
   const parts: string[] = [];
   for (let i = 0; i < data.length; i += step) {
-    parts.push(String.fromCharCode.apply(null, Array.from(data.subarray(i, i + step))));
+    parts.push(String.fromCharCode.apply(null, data.subarray(i, i + step) as unknown as number[]));
   }
   return btoa(parts.join(""));
 }
@@ -52,6 +70,8 @@ const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$
 /** Strict standard base64 (Python's `b64decode(validate=True)`); `null` when invalid. */
 export function b64decodeStrict(text: string): Uint8Array | null {
   if (!BASE64.test(text)) return null;
+  if (native.Buffer !== undefined) return new Uint8Array(native.Buffer.from(text, "base64"));
+  if (typeof uint8.fromBase64 === "function") return uint8.fromBase64(text);
   const binary = atob(text);
   const out = new Uint8Array(binary.length);
   for (let i = 0; i < binary.length; i++) out[i] = binary.charCodeAt(i);

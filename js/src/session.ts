@@ -109,7 +109,12 @@ export class Session {
     const responseKey: ResponseKey | null = options.sealResults === false ? null : await generateResponseKey();
     const start: Json = { nonce: b64encode(nonce) };
     if (responseKey !== null) start.response_key = b64encode(responseKey.publicKey);
-    await connection.send(JSON.stringify({ message: start }));
+    try {
+      await connection.send(JSON.stringify({ message: start }));
+    } catch (error) {
+      // A server that refuses at once sends {"error"} and closes: report its reason.
+      if (!connection.hasPending()) throw error;
+    }
     const message = messageOf(parseFrame(await connection.recv()));
     if (message.type !== undefined && message.type !== null && message.type !== "attestation_doc") {
       throw new FormatError(`expected an attestation document, got ${JSON.stringify(message.type)}`);

@@ -93,6 +93,11 @@ export class Connection {
     return connection;
   }
 
+  /** Whether frames the server sent are waiting to be read (e.g. an error before its close). */
+  hasPending(): boolean {
+    return this.frames.length > 0;
+  }
+
   recv(): Promise<Frame> {
     const frame = this.frames.shift();
     if (frame !== undefined) return Promise.resolve(frame);
