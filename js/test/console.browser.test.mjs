@@ -117,10 +117,16 @@ test("run the function on a file, encrypted in the page; the result and attestat
   await shot("run");
 });
 
-test("typed text runs too, encrypted or as pasted ciphertext", live, async () => {
+test("typed text runs too: encrypted in the page, only sealed to the enclave, or as pasted ciphertext", live, async () => {
   await page.check("input[name=source][value=text]");
-  await page.fill("#run-text", `typed ${canary}`);
   await page.fill("#run-checksum", "");
+  await page.uncheck("#run-encrypt"); // the input is then protected by the HPKE seal alone
+  await page.fill("#run-text", `sealed only ${canary}`);
+  await page.click("#run-form button[type=submit]");
+  assert.equal(await settled("Running"), "");
+  assert.equal(await page.textContent("#run-result"), `echo:sealed only ${canary}`);
+  await page.check("#run-encrypt");
+  await page.fill("#run-text", `typed ${canary}`);
   await page.click("#run-form button[type=submit]");
   assert.equal(await settled("Running"), "");
   assert.equal(await page.textContent("#run-result"), `echo:typed ${canary}`);
