@@ -8,6 +8,8 @@
 import { Cape, CapeError } from "../src/index.js";
 
 const STORAGE = "cape-console";
+/** Files larger than this are encrypted in the stream form (as `cape encrypt` does). */
+const STREAM_ABOVE = 64 << 20;
 
 interface Saved {
   token: string;
@@ -229,13 +231,25 @@ function start(): void {
     event.preventDefault();
     void guarded("Encrypting", async () => {
       const file = input("encrypt-file").files?.[0];
-      const data = await readInput("encrypt-text", "encrypt-file", file !== undefined);
       const username = input("encrypt-user").value.trim();
-      const ciphertext = await client().encrypt(data, username ? { username } : {});
-      (input("encrypt-output") as unknown as HTMLTextAreaElement).value = ciphertext;
+      const options = username ? { username } : {};
       const link = $("encrypt-download") as HTMLAnchorElement;
+      const output = input("encrypt-output") as unknown as HTMLTextAreaElement;
+      let blob: Blob;
+      if (file !== undefined && file.size > STREAM_ABOVE) {
+        // Large files: cape-stream-v1, read and sealed a chunk at a time (binary form only)
+        const pieces: Uint8Array<ArrayBuffer>[] = [];
+        for await (const piece of client().encryptStream(file, options)) pieces.push(piece as Uint8Array<ArrayBuffer>);
+        blob = new Blob(pieces, { type: "application/octet-stream" });
+        output.value = `(${blob.size} bytes of binary cape-stream-v1: use the download link)`;
+      } else {
+        const data = await readInput("encrypt-text", "encrypt-file", file !== undefined);
+        const ciphertext = await client().encrypt(data, options);
+        output.value = ciphertext;
+        blob = new Blob([ciphertext], { type: "text/plain" });
+      }
       if (link.href) URL.revokeObjectURL(link.href);
-      link.href = URL.createObjectURL(new Blob([ciphertext], { type: "text/plain" }));
+      link.href = URL.createObjectURL(blob);
       link.hidden = false;
     }, encryptForm);
   });
