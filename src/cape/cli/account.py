@@ -176,8 +176,9 @@ _DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> dt.timedelta:
-    """``300s``, ``1h``, ``1h30m``, ``7d`` (Go-style, plus days) → a positive timedelta."""
+def parse_duration(text: str, option: str = "--expiry") -> dt.timedelta:
+    """``300s``, ``1h``, ``1h30m``, ``7d`` (Go-style, plus days) → a positive timedelta;
+    errors name ``option``."""
     cleaned = text.strip().lower()
     pos, seconds = 0, 0.0
     for match in _DURATION.finditer(cleaned):
@@ -186,9 +187,9 @@ def parse_duration(text: str) -> dt.timedelta:
         seconds += int(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if not cleaned or pos != len(cleaned):
-        raise UsageError(f"--expiry {text!r} is not a duration like 300s, 1h, 1h30m or 7d")
+        raise UsageError(f"{option} {text!r} is not a duration like 300s, 1h, 1h30m or 7d")
     if seconds < 1:
-        raise UsageError("--expiry must be at least one second")
+        raise UsageError(f"{option} must be at least one second")
     return dt.timedelta(seconds=seconds)
 
 
