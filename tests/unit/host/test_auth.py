@@ -624,7 +624,7 @@ def test_owner_runs_private_others_only_public(
     authorize_run(mine, private)
     authorize_run(mine, public)
     authorize_run(theirs, public)
-    with pytest.raises(NotFoundError, match="^no such function$") as hidden:
+    with pytest.raises(NotFoundError, match=r"^no such function$") as hidden:
         authorize_run(theirs, private)
     assert not isinstance(hidden.value, ForbiddenError)
 
@@ -639,11 +639,11 @@ def test_others_private_functions_look_missing_to_every_kind_of_token(
     unscoped = _principal(accounts, accounts.create_token(bob, "b"))
     scoped = _principal(accounts, accounts.create_token(bob, "s", function_id=bobs_own.id))
     for principal in (unscoped, scoped):
-        with pytest.raises(NotFoundError, match="^no such function$"):
+        with pytest.raises(NotFoundError, match=r"^no such function$"):
             authorize_run(principal, private)
-    with pytest.raises(NotFoundError, match="^no such function$"):
+    with pytest.raises(NotFoundError, match=r"^no such function$"):
         authorize_owner(unscoped, private)
-    with pytest.raises(NotFoundError, match="^no such function$"):
+    with pytest.raises(NotFoundError, match=r"^no such function$"):
         accounts.create_token(bob, "x", function_id=private.id)
 
 

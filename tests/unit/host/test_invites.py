@@ -99,7 +99,11 @@ def test_an_invite_is_stored_as_a_hash_only(invites: Invites, db_path: Path) -> 
     assert created.code.encode() not in raw
     assert hash_invite_code(created.code).encode() in raw
     (listed,) = invites.list()
-    assert (listed.id, listed.note, listed.state(now=T0)) == (created.invite.id, "for bob", "unused")
+    assert (listed.id, listed.note, listed.state(now=T0)) == (
+        created.invite.id,
+        "for bob",
+        "unused",
+    )
     assert listed.expires_at == T0 + dt.timedelta(days=7)
 
 
