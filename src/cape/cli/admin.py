@@ -11,19 +11,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
 from cape._internal.timefile import utc_now
 from cape.cli.account import parse_duration
 from cape.cli.common import OutputFormat, UsageError, emit_json, fail, stderr, stdout
 from cape.errors import CapeError
 from cape.host.signup import DEFAULT_INVITE_TTL, Invites
-from cape.host.store.invites import Invite, InviteStore
-from cape.host.store.metadata import SqlMetadataStore
+
+if TYPE_CHECKING:  # SQLAlchemy and the store load only when an admin command runs
+    from cape.host.store.invites import Invite
 
 __all__ = ["app"]
 
@@ -54,6 +53,8 @@ _Output = Annotated[
 @contextlib.contextmanager
 def _invites(data_dir: Path | None) -> Iterator[Invites]:
     """The invites of the server whose data directory is ``data_dir`` (which must exist)."""
+    from cape.host.store.invites import InviteStore
+    from cape.host.store.metadata import SqlMetadataStore
     from cape.platform.serve import default_data_dir
 
     directory = data_dir or default_data_dir()
@@ -70,6 +71,8 @@ def _invites(data_dir: Path | None) -> Iterator[Invites]:
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
     """Every failure as one ``Error:`` line (the client commands get this from ``command``)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         yield
     except CapeError as exc:
@@ -143,6 +146,8 @@ def invite_list(data_dir: _DataDir = None, output: _Output = OutputFormat.plain)
         if not listed:
             stderr.print("No invites.", markup=False)
             return
+        from rich.table import Table
+
         table = Table("id", "state", "created", "expires", "used by", "note", box=None)
         for invite in listed:
             table.add_row(

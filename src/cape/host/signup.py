@@ -26,11 +26,13 @@ import enum
 import hashlib
 import secrets
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cape.errors import FormatError
 from cape.host.errors import NotFoundError, SignupRefusedError
-from cape.host.store.invites import Invite, InviteStore
+
+if TYPE_CHECKING:  # the CLI imports this module; SQLAlchemy loads only when a store is used
+    from cape.host.store.invites import Invite, InviteStore
 
 __all__ = [
     "DEFAULT_INVITE_TTL",
