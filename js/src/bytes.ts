@@ -12,6 +12,11 @@ export function fromUtf8(data: Uint8Array): string {
   return new TextDecoder("utf-8").decode(data);
 }
 
+/** UTF-8 that must be valid (Python's `bytes.decode()`); throws TypeError otherwise. */
+export function fromUtf8Strict(data: Uint8Array): string {
+  return new TextDecoder("utf-8", { fatal: true }).decode(data);
+}
+
 export function concat(...parts: Uint8Array[]): Uint8Array {
   let length = 0;
   for (const part of parts) length += part.length;

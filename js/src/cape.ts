@@ -5,7 +5,8 @@
  * that the server's `/v1/attestation/root` must match); without one, nothing is attempted.
  */
 
-import { b64decodeStrict, fromUtf8, sha256, toHex, utf8 } from "./bytes.js";
+import { b64decodeStrict, fromUtf8Strict, sha256, toHex, utf8 } from "./bytes.js";
+import { parseJson, pyRepr } from "./pyjson.js";
 import {
   CapeKey,
   type StreamSource,
@@ -239,7 +240,7 @@ export class Cape {
     const document = await verifyArchivedAttestation(raw, root, { pcrs: merged });
     let userData: unknown;
     try {
-      userData = JSON.parse(document.userData === null ? "{}" : fromUtf8(document.userData));
+      userData = parseJson(document.userData?.length ? fromUtf8Strict(document.userData) : "{}");
     } catch {
       throw new FormatError("the key document's user_data is not JSON");
     }
@@ -386,13 +387,6 @@ export class Cape {
   async deleteToken(id: string): Promise<void> {
     await this.rest.request("DELETE", `/v1/token/${checkId(id, "token")}`, this.requireToken());
   }
-}
-
-/** A value as Python's repr shows it (messages read the same from either SDK). */
-function pyRepr(value: unknown): string {
-  if (value === undefined || value === null) return "None";
-  if (typeof value === "string") return `'${value}'`;
-  return JSON.stringify(value).replaceAll('"', "'");
 }
 
 /** The RSA key a key document carries, checked to belong to `owner` (when known). */

@@ -1,6 +1,7 @@
 /** The REST half of the protocol (docs/protocol.md "REST"): bearer-authenticated JSON calls. */
 
 import { FormatError, TransportError } from "./errors.js";
+import { parseJson } from "./pyjson.js";
 import { refusalText, refused } from "./transport/socket.js";
 
 export const TIMEOUT_MS = 30_000;
@@ -36,7 +37,7 @@ export class Rest {
     if (response.ok) {
       if ((response.headers.get("content-type") ?? "").startsWith("application/json")) {
         try {
-          return JSON.parse(content);
+          return parseJson(content);
         } catch {
           throw new FormatError("the server sent a response that is not JSON");
         }

@@ -8,7 +8,7 @@
  */
 
 import type { AttestationDocument } from "./attestation.js";
-import { b64encode, decodeB64Field, equalBytes, fromUtf8, randomBytes, sha256, toHex } from "./bytes.js";
+import { b64encode, decodeB64Field, equalBytes, fromUtf8, fromUtf8Strict, randomBytes, sha256, toHex } from "./bytes.js";
 import { ERROR, type ResponseKey, ResultChannel, generateResponseKey, hpkeSeal } from "./channel.js";
 import {
   ChecksumMismatchError,
@@ -17,6 +17,7 @@ import {
   TransportError,
   VerificationError,
 } from "./errors.js";
+import { parseJson, pyRepr, pyStr, pyTruthy } from "./pyjson.js";
 import { Connection, type Opener } from "./transport/socket.js";
 import { type Root, verifyAttestation } from "./verify.js";
 
@@ -46,7 +47,7 @@ function parseFrame(frame: string | Uint8Array): Json {
   if (typeof frame !== "string") throw new FormatError("expected a text frame from the server");
   let parsed: unknown;
   try {
-    parsed = JSON.parse(frame);
+    parsed = parseJson(frame);
   } catch {
     throw new FormatError("the server sent a frame that is not JSON");
   }
@@ -57,7 +58,7 @@ function parseFrame(frame: string | Uint8Array): Json {
 }
 
 function messageOf(parsed: Json): Json {
-  if (parsed.error) throw new FunctionError(String(parsed.error));
+  if (pyTruthy(parsed.error)) throw new FunctionError(pyStr(parsed.error));
   const message = parsed.message;
   if (message === null || typeof message !== "object" || Array.isArray(message)) {
     throw new FormatError('expected {"message": {...}} from the server');
@@ -69,7 +70,7 @@ function userDataOf(document: AttestationDocument): Json {
   if (document.userData === null) return {};
   let parsed: unknown;
   try {
-    parsed = JSON.parse(fromUtf8(document.userData));
+    parsed = parseJson(fromUtf8Strict(document.userData));
   } catch {
     throw new FormatError("the document's user_data is not JSON");
   }
@@ -117,7 +118,7 @@ export class Session {
     }
     const message = messageOf(parseFrame(await connection.recv()));
     if (message.type !== undefined && message.type !== null && message.type !== "attestation_doc") {
-      throw new FormatError(`expected an attestation document, got ${JSON.stringify(message.type)}`);
+      throw new FormatError(`expected an attestation document, got ${pyRepr(message.type)}`);
     }
     const raw = decodeB64Field(message.message, "attestation document");
     const now = options.clock ? options.clock() : new Date();
@@ -162,17 +163,17 @@ export class Session {
   async receiveResult(): Promise<Uint8Array> {
     const parsed = parseFrame(await this.connection.recv());
     const sequence = this.replies++;
-    if (parsed.error) {
+    if (pyTruthy(parsed.error)) {
       const sealed = parsed.sealed;
       if (this.channel !== null && typeof sealed === "string") {
         const details = this.channel.open(sequence, decodeB64Field(sealed, "sealed error"), ERROR);
         throw new FunctionError(fromUtf8(details));
       }
-      throw new FunctionError(String(parsed.error));
+      throw new FunctionError(pyStr(parsed.error));
     }
     const message = messageOf(parsed);
     if (message.type !== "function_result") {
-      throw new FormatError(`expected a function result, got ${JSON.stringify(message.type ?? null)}`);
+      throw new FormatError(`expected a function result, got ${pyRepr(message.type)}`);
     }
     const output = decodeB64Field(message.message, "function result");
     if (this.channel === null) return output;

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import functools
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,6 +375,51 @@ def _cases(pki: Pki, other_pki: Pki) -> list[Case]:
     return cases
 
 
+#: Odd replies to an input (raw frame text), which the JS client must read exactly as the
+#: Python client does: the Python SDK meets each first, and the JS case expects what it did
+#: (error class and message, or the replies it accepted). Deep nesting, non-string errors and
+#: Python's truthiness (an empty ``error`` is no error) are where JSON.parse, String() and JS's
+#: truthiness differ from json.loads, str() and Python's.
+ODD_REPLIES: dict[str, str] = {
+    "deep-json": '{"message": {"type": ' + "[" * 100_000 + "]" * 100_000 + "}}",
+    "deep-error": '{"error": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "error-object": json.dumps({"error": {"code": 7, "why": 'it\'s "quoted"\n'}}),
+    "error-list": json.dumps({"error": ["busy", None, True, 1.5]}),
+    "error-empty-list": json.dumps(
+        {"error": [], "message": {"type": "function_result", "message": "aGk="}}
+    ),
+    "error-zero": json.dumps({"error": 0, "message": {"type": "nope"}}),
+    "type-not-a-string": json.dumps({"message": {"type": ["x", None, False, {"k": "v"}]}}),
+    "message-not-an-object": json.dumps({"message": "hi"}),
+}
+
+
+def _odd_reply(frame: str) -> Script:
+    async def body(enclave: Enclave) -> None:
+        await enclave.open_frame()
+        enclave.record.sent.append(frame)
+        await enclave.ws.send(frame)
+        await enclave.serve_inputs()
+
+    return corpus._relay(body)
+
+
+def _as_python_reads_it(name: str, frame: str, tls: TlsFiles, pki: Pki) -> Case:
+    """The case for the JS client: what the Python client made of ``frame``."""
+    got: list[corpus.Reply] = []
+    client = corpus.recording_client(corpus.options(tls, pki), [b"hello"], got)
+    outcome = corpus.attack(HostileServer(tls, pki, _odd_reply(frame)), client)
+    error = outcome.error
+    return Case(
+        f"odd-{name}",
+        _odd_reply(frame),
+        client="record",
+        expect=None if error is None else type(error),
+        match="" if error is None else f"^{re.escape(str(error))}$",
+        accepted=corpus._shown(got),
+    )
+
+
 #: Refused upgrades and a foreign subprotocol: (status, body, expected message).
 REFUSALS: dict[str, tuple[int, str, str]] = {
     "refused-expired": (
@@ -383,6 +429,8 @@ REFUSALS: dict[str, tuple[int, str, str]] = {
     ),
     "refused-message": (403, '{"message": "forbidden"}', r"\(403\): forbidden"),
     "refused-not-json": (500, "<html>not json</html>", r"\(500\): no reason given"),
+    "refused-error-object": (403, '{"error": {"why": "no"}}', r"\(403\): \{'why': 'no'\}$"),
+    "refused-empty-error": (403, '{"error": [], "message": "m"}', r"\(403\): m$"),
     "refused-deep-json": (
         401,
         "[" * 100_000,
@@ -436,7 +484,8 @@ def test_js_client_refuses_every_hostile_server(tls: TlsFiles, tmp_path: Path) -
     require_built_sdk()
     pki, other_pki = Pki.generate(), Pki.generate()
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cases = {case.id: case for case in _cases(pki, other_pki)}
+    odd = [_as_python_reads_it(name, frame, tls, pki) for name, frame in ODD_REPLIES.items()]
+    cases = {case.id: case for case in [*_cases(pki, other_pki), *odd]}
     specs = [case.to_json(rsa_key) for case in cases.values()]
     for name, (_, _, match) in REFUSALS.items():
         specs.append(

@@ -6,6 +6,7 @@
  */
 
 import { CapeError, RequestRefusedError, TransportError } from "../errors.js";
+import { parseJson, pyStr, pyTruthy } from "../pyjson.js";
 
 export const SUBPROTOCOL = "cape.runtime";
 export const OPEN_TIMEOUT_MS = 30_000;
@@ -31,14 +32,14 @@ export type Opener = (url: string, protocols: string[], events: SocketEvents) =>
 export function refusalText(body: string): string | null {
   let parsed: unknown;
   try {
-    parsed = JSON.parse(body || "{}");
+    parsed = parseJson(body || "{}");
   } catch {
     return null;
   }
   if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) return null;
   const object = parsed as Record<string, unknown>;
-  const text = object.error || object.message || "";
-  return (typeof text === "string" ? text : JSON.stringify(text)).slice(0, 300);
+  const text = [object.error, object.message].find(pyTruthy) ?? "";
+  return pyStr(text).slice(0, 300);
 }
 
 export function refused(message: string, text: string, status: number): RequestRefusedError {
