@@ -81,6 +81,29 @@ test("cape-stream-v1: header layout, chunking and the final flag, opened with no
   await assert.rejects(async () => { for await (const _ of encryptStream(new Uint8Array(1), key, 100)); }, RangeError);
 });
 
+test("cape-stream-v1: bounded memory, the source is read at most two chunks ahead of the output", async () => {
+  const key = await CapeKey.fromDer(der);
+  const chunk = 1024;
+  const piece = 300; // pieces that straddle chunk boundaries
+  let read = 0;
+  async function* source() {
+    for (let i = 0; i < 2000; i++) { // ~600 KiB, about 600 chunks
+      read += piece;
+      yield new Uint8Array(piece);
+    }
+  }
+  let pieces = 0;
+  let ahead = 0;
+  for await (const out of encryptStream(source(), key, chunk)) {
+    if (pieces++ === 0) continue; // the header
+    const sealedSoFar = (pieces - 1) * chunk;
+    ahead = Math.max(ahead, read - sealedSoFar);
+    assert.equal(out.length, Math.min(chunk, 2000 * piece - (pieces - 2) * chunk) + 16);
+  }
+  assert.equal(pieces, 1 + Math.ceil((2000 * piece) / chunk));
+  assert.ok(ahead <= 2 * chunk + piece, `read ${ahead} bytes ahead of the output`);
+});
+
 test("attestation parsing is strict: garbage and wrong shapes are FormatErrors", () => {
   for (const bad of [new Uint8Array(0), new Uint8Array([0x84]), new Uint8Array([0x80]), new Uint8Array(20000)]) {
     assert.throws(() => parseAttestation(bad), FormatError);
