@@ -24,6 +24,8 @@ CHROMIUM = os.environ.get("CAPE_CHROMIUM", "/usr/bin/chromium")
 BROWSER_TESTS = 10
 #: Where the browser test leaves its screenshots (docs/console.md describes them).
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "console-screenshots"
+#: The screens it saves: the ones scripts/console_screenshots.py (SHOTS) puts on that page.
+SCREENS = {"login.png", "functions.png", "encrypt.png", "run.png", "tokens.png"}
 
 
 def test_shipped_console_equals_a_fresh_build(tmp_path: Path) -> None:
@@ -91,4 +93,4 @@ def test_console_flow_in_chromium(server: ServeProcess) -> None:
         "CAPE_SCREENSHOT_DIR": str(SCREENSHOTS),
     }
     run_node_tests(["test/console.browser.test.mjs"], env, expect_pass=BROWSER_TESTS)
-    assert {p.name for p in SCREENSHOTS.glob("*.png")} >= {"login.png", "functions.png", "run.png"}
+    assert {p.name for p in SCREENSHOTS.glob("*.png")} >= SCREENS
