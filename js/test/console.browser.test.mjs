@@ -3,7 +3,7 @@
 // deployed function). The whole flow, and what the page sends: no request body and no
 // websocket frame may contain the plaintext canary.
 import assert from "node:assert/strict";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 
@@ -134,6 +134,23 @@ test("typed text runs too: encrypted in the page, only sealed to the enclave, or
   await page.click("#run-form button[type=submit]");
   assert.equal(await settled("Running"), "");
   assert.equal(await page.textContent("#run-result"), `echo:file ${canary}`);
+});
+
+test("encrypt text for another user (their verified key); an unknown user is an error", live, async () => {
+  await page.setInputFiles("#encrypt-file", []);
+  await page.fill("#encrypt-user", env.CAPE_OTHER_USERNAME);
+  await page.fill("#encrypt-text", `for another ${canary}`);
+  await page.click("#encrypt-form button[type=submit]");
+  assert.equal(await settled("Encrypting"), "");
+  const ciphertext = await page.inputValue("#encrypt-output");
+  assert.match(ciphertext, /^cape:[A-Za-z0-9+/]+=*$/);
+  // tests/e2e/test_console.py runs it through the other user's function, with their token
+  writeFileSync(join(env.CAPE_OUT_DIR, "for-other.txt"), ciphertext);
+  await page.fill("#encrypt-user", "nobody-by-this-name");
+  await page.click("#encrypt-form button[type=submit]");
+  assert.match(await settled("Encrypting"), /\S/);
+  await page.fill("#encrypt-user", "");
+  await page.fill("#encrypt-text", "");
 });
 
 test("a scoped token runs the function; once revoked, the next call is refused", live, async () => {

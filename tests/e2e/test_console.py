@@ -21,7 +21,7 @@ ECHO = "def cape_handler(x):\n    return b'echo:' + x\n"
 CANARY = "console-canary-9c41d2"
 PASSWORD = "correct horse battery"  # what tests.e2e.server.User.signup sets
 CHROMIUM = os.environ.get("CAPE_CHROMIUM", "/usr/bin/chromium")
-BROWSER_TESTS = 10
+BROWSER_TESTS = 11
 #: Where the browser test leaves its screenshots (docs/console.md describes them).
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "console-screenshots"
 #: The screens it saves: the ones scripts/console_screenshots.py (SHOTS) puts on that page.
@@ -72,7 +72,7 @@ def test_console_is_served_with_strict_headers(server: ServeProcess) -> None:
             assert "cape_handler" not in refused.text and "[project]" not in refused.text
 
 
-def test_console_flow_in_chromium(server: ServeProcess) -> None:
+def test_console_flow_in_chromium(server: ServeProcess, tmp_path: Path) -> None:
     require_built_sdk()
     if not (JS_DIR / "node_modules" / "playwright-core").is_dir() or shutil.which(CHROMIUM) is None:
         if os.environ.get("CAPE_REQUIRE_JS") == "1":
@@ -81,6 +81,8 @@ def test_console_flow_in_chromium(server: ServeProcess) -> None:
     user = User.signup(server, "console")
     deployed = run(user.deploy(ECHO, name="echo"))
     run(user.deploy(ECHO, name="doomed"))
+    other = User.signup(server, "consoleother")
+    other_echo = run(other.deploy(ECHO, name="echo"))
     env = {
         "CAPE_URL": server.url,
         "CAPE_ROOT_SHA256": fingerprint(server.root),
@@ -91,6 +93,11 @@ def test_console_flow_in_chromium(server: ServeProcess) -> None:
         "CAPE_CANARY": CANARY,
         "CAPE_CHROMIUM": CHROMIUM,
         "CAPE_SCREENSHOT_DIR": str(SCREENSHOTS),
+        "CAPE_OTHER_USERNAME": other.username,
+        "CAPE_OUT_DIR": str(tmp_path),
     }
     run_node_tests(["test/console.browser.test.mjs"], env, expect_pass=BROWSER_TESTS)
     assert {p.name for p in SCREENSHOTS.glob("*.png")} >= SCREENS
+    # What the page encrypted for the other user opens in their function, run with their token.
+    for_other = (tmp_path / "for-other.txt").read_bytes()
+    assert run(other.run(other_echo.id, for_other)) == b"echo:for another " + CANARY.encode()
