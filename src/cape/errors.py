@@ -21,6 +21,7 @@ __all__ = [
     "DocumentTimestampError",
     "FormatError",
     "FunctionError",
+    "KeyAnswerError",
     "KeyFormatError",
     "KeyNotFoundError",
     "KeyReleaseDeniedError",
@@ -141,6 +142,11 @@ class NSMError(SecureModuleError):
 
 class KeyReleaseDeniedError(CapeError):
     """The key service refused to release key material; names the failed check, never keys."""
+
+
+class KeyAnswerError(VerificationError):
+    """A key-service answer relayed by the host is not signed by the key service the enclave
+    was measured with (substituted, forged, or replayed from another request)."""
 
 
 class KeyNotFoundError(CapeError):

@@ -3,7 +3,10 @@
 Every release asks the secure module for a fresh attestation document whose ``public_key`` is
 this enclave process's ephemeral RSA-2048 key (the KMS ``Recipient``). The key service checks
 the document and answers with CMS ``CiphertextForRecipient``, which only this process can open.
-The host relays the request and the answer but can read neither.
+The host relays the request and the answer but can read neither, and cannot forge or replay
+an answer: every request carries a fresh challenge and every answer must carry the key
+service's signature over request and result, checked against the identity key the runtime was
+started with and measured into PCR16 (:mod:`cape.crypto.keyanswers`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cape.crypto.cms import open_for_recipient
 from cape.crypto.envelope import DEK_SIZE, KeyUnwrapper
+from cape.crypto.keyanswers import (
+    CHALLENGE_BYTES,
+    IDENTITY_PCR,
+    identity_measurement,
+    load_identity_public_key,
+    verify_answer,
+)
 from cape.crypto.keys import public_key_der
 from cape.enclave.secure_module.base import SecureModule
 from cape.errors import (
@@ -43,7 +53,12 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class EnclaveKeyClient:
     """Key-service calls from inside the enclave; answers arrive through :meth:`resolve`."""
 
-    def __init__(self, module: SecureModule, send: Send) -> None:
+    def __init__(self, module: SecureModule, send: Send, *, identity: bytes) -> None:
+        """``identity``: the key service's raw Ed25519 public key. It is measured here, before
+        any document is made: PCR16 is extended with it and locked."""
+        self._identity = load_identity_public_key(identity)
+        module.extend_pcr(IDENTITY_PCR, identity_measurement(identity))
+        module.lock_pcr(IDENTITY_PCR)
         self._module = module
         self._send = send
         self._recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -60,7 +75,7 @@ class EnclaveKeyClient:
             kind = _ERRORS.get(str(message.get("kind")), CapeError)
             future.set_exception(kind(str(message["error"])))
         else:
-            future.set_result(message.get("result"))
+            future.set_result((message.get("result"), message.get("sig")))
 
     def fail_all(self, reason: str) -> None:
         """The channel is gone: every waiting call fails."""
@@ -73,13 +88,16 @@ class EnclaveKeyClient:
         rid = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
-        await self._send({"t": "kms", "rid": rid, "op": op, **arguments})
+        request = {"op": op, **arguments, "challenge": os.urandom(CHALLENGE_BYTES)}
+        await self._send({"t": "kms", "rid": rid, **request})
         try:
-            return await asyncio.wait_for(future, KMS_TIMEOUT_S)
+            result, signature = await asyncio.wait_for(future, KMS_TIMEOUT_S)
         except TimeoutError:
             raise TransportError("the key service did not answer in time") from None
         finally:
             self._pending.pop(rid, None)
+        verify_answer(self._identity, request, result, signature)
+        return result
 
     def _recipient_document(self) -> bytes:
         return self._module.attestation(public_key=self._recipient_spki, nonce=os.urandom(16))

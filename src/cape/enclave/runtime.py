@@ -20,9 +20,11 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cape.crypto.keyanswers import IDENTITY_PCR
 from cape.enclave.keyclient import EnclaveKeyClient
 from cape.enclave.measure import measure_runtime, simulated_pcrs
 from cape.enclave.provision import decode_credentials
@@ -49,9 +51,11 @@ class Runtime:
         writer: asyncio.StreamWriter,
         config: SessionConfig,
         *,
+        kms_identity: bytes,
         nitro: bool = False,
     ) -> None:
         self._nitro = nitro
+        self._kms_identity = kms_identity
         self._reader = reader
         self._writer = writer
         self._config = config
@@ -88,7 +92,10 @@ class Runtime:
         else:
             module, pcrs = await self._provision_simulated()
         self._module = module
-        self._keys = await asyncio.to_thread(EnclaveKeyClient, module, self.send)
+        self._keys = await asyncio.to_thread(
+            partial(EnclaveKeyClient, module, self.send, identity=self._kms_identity)
+        )
+        pcrs[IDENTITY_PCR] = module.describe_pcr(IDENTITY_PCR).data  # measured just now
         await self.send({"t": "ready", "pcrs": pcrs})
 
     async def _provision_simulated(self) -> tuple[SecureModule, dict[int, bytes]]:
@@ -177,10 +184,12 @@ def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
     return sock
 
 
-async def _amain(sock: socket.socket, config: SessionConfig, *, nitro: bool) -> None:
+async def _amain(
+    sock: socket.socket, config: SessionConfig, *, nitro: bool, kms_identity: bytes
+) -> None:
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     try:
-        await Runtime(reader, writer, config, nitro=nitro).serve()
+        await Runtime(reader, writer, config, nitro=nitro, kms_identity=kms_identity).serve()
     finally:
         writer.close()
 
@@ -194,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         "--nitro", action="store_true", help="use /dev/nsm instead of the simulated module"
     )
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument(
+        "--kms-identity",
+        type=bytes.fromhex,
+        required=True,
+        metavar="HEX",
+        help="the key service's Ed25519 public key (measured into PCR16)",
+    )
     parser.add_argument("--private-tmpfs", action="store_true")
     parser.add_argument(
         "--no-warm-pool", action="store_true", help="decrypt, unpack and start per session"
@@ -211,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             sandbox_limits=SandboxLimits(call_timeout_s=args.call_timeout),
             warm_pool=not args.no_warm_pool,
         )
-        asyncio.run(_amain(_channel_socket(args.fd, args.vsock), config, nitro=args.nitro))
+        sock = _channel_socket(args.fd, args.vsock)
+        asyncio.run(_amain(sock, config, nitro=args.nitro, kms_identity=args.kms_identity))
     except CapeError as exc:
         log.error("%s", exc.diagnostics())
         return 1

@@ -1,8 +1,10 @@
 """Answer the enclave's key-service frames with a :class:`KeyService` (the vsock-proxy role).
 
 The host relays ``kms`` frames here unchanged; what comes back is public (a public key) or
-encrypted to the enclave (CMS ``CiphertextForRecipient``). Errors become a ``kind`` the
-enclave maps back to the same exception type, with text that never holds key material.
+encrypted to the enclave (CMS ``CiphertextForRecipient``), and signed with the key service's
+identity (:mod:`cape.crypto.keyanswers`) so the host relaying it can neither substitute nor
+replay it. Errors become a ``kind`` the enclave maps back to the same exception type, with
+text that never holds key material.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from cape.crypto.keyanswers import AnswerSigner
 from cape.errors import (
     CapeError,
     DecryptionError,
@@ -37,8 +40,20 @@ def _owner(message: dict[str, Any]) -> str:
     return owner
 
 
-def serve_kms_request(service: KeyService, message: dict[str, Any]) -> dict[str, Any]:
-    """One ``kms`` frame in, ``{"result": …}`` or ``{"error": text, "kind": …}`` out."""
+def serve_kms_request(
+    service: KeyService, message: dict[str, Any], *, signer: AnswerSigner
+) -> dict[str, Any]:
+    """One ``kms`` frame in, ``{"result": …, "sig": …}`` or ``{"error": text, "kind": …}`` out."""
+    reply = _answer(service, message)
+    if "result" in reply:
+        try:
+            reply["sig"] = signer.sign(message, reply["result"])
+        except CapeError as exc:
+            return {"error": exc.diagnostics(), "kind": "error"}
+    return reply
+
+
+def _answer(service: KeyService, message: dict[str, Any]) -> dict[str, Any]:
     op = message.get("op")
     try:
         if op == "get_public_key":
