@@ -26,6 +26,7 @@ from typing import Any
 
 from cape.crypto.keyanswers import IDENTITY_PCR
 from cape.enclave.keyclient import EnclaveKeyClient
+from cape.enclave.listen import accept_channel
 from cape.enclave.measure import measure_runtime, simulated_pcrs
 from cape.enclave.provision import decode_credentials
 from cape.enclave.sandbox import SandboxLimits
@@ -51,7 +52,7 @@ class Runtime:
         writer: asyncio.StreamWriter,
         config: SessionConfig,
         *,
-        kms_identity: bytes,
+        kms_identity: bytes | None,
         nitro: bool = False,
     ) -> None:
         self._nitro = nitro
@@ -82,7 +83,20 @@ class Runtime:
         if message["t"] in ("close", "error") and (message["t"] == "close" or message.get("fatal")):
             self._sessions.pop(message.get("sid", 0), None)
 
+    async def _configure(self) -> bytes:
+        """The key service identity from the host's ``configure`` frame (for images with a
+        fixed command line); it is measured into PCR16 like one given on the command line."""
+        message = await read_frame(self._reader)
+        if message is None or message["t"] != "configure":
+            raise FormatError("the first channel frame must be 'configure'")
+        identity = message.get("kms_identity")
+        if not isinstance(identity, bytes):
+            raise FormatError("the 'configure' frame lacks bytes 'kms_identity'")
+        return identity
+
     async def _provision(self) -> None:
+        if self._kms_identity is None:
+            self._kms_identity = await self._configure()
         if self._nitro:
             # Inside a real Nitro Enclave the hardware measured us and holds the signing key:
             # there is nothing to provision, and the PCRs are read back from the NSM.
@@ -93,7 +107,7 @@ class Runtime:
             module, pcrs = await self._provision_simulated()
         self._module = module
         self._keys = await asyncio.to_thread(
-            partial(EnclaveKeyClient, module, self.send, identity=self._kms_identity)
+            partial(EnclaveKeyClient, module, self.send, identity=self._kms_identity or b"")
         )
         pcrs[IDENTITY_PCR] = module.describe_pcr(IDENTITY_PCR).data  # measured just now
         await self.send({"t": "ready", "pcrs": pcrs})
@@ -172,10 +186,13 @@ def _mount_private_tmpfs(workdir: Path) -> None:
     )
 
 
-def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
-    """The channel: an inherited Unix socket (simulated) or a vsock connection (Nitro)."""
+def _channel_socket(fd: int | None, vsock: str | None, listen: str | None) -> socket.socket:
+    """The channel: an inherited Unix socket (simulated), a vsock connection, or the one
+    connection accepted on ``listen`` (Nitro, :mod:`cape.enclave.listen`)."""
     if fd is not None:
         return socket.socket(fileno=fd)
+    if listen is not None:
+        return accept_channel(listen)
     if vsock is None:
         raise ValueError("either an inherited fd or a vsock address is required")
     cid_text, _, port_text = vsock.partition(":")
@@ -185,7 +202,7 @@ def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
 
 
 async def _amain(
-    sock: socket.socket, config: SessionConfig, *, nitro: bool, kms_identity: bytes
+    sock: socket.socket, config: SessionConfig, *, nitro: bool, kms_identity: bytes | None
 ) -> None:
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     try:
@@ -194,21 +211,29 @@ async def _amain(
         writer.close()
 
 
+def _identity_argument(value: str) -> bytes | None:
+    return None if value == "channel" else bytes.fromhex(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cape-enclave-runtime")
     channel = parser.add_mutually_exclusive_group(required=True)
     channel.add_argument("--fd", type=int, help="inherited channel socket (simulated mode)")
     channel.add_argument("--vsock", metavar="CID:PORT", help="host vsock address (Nitro)")
+    channel.add_argument(
+        "--listen", metavar="vsock:PORT|unix:PATH", help="accept the host's channel (Nitro)"
+    )
     parser.add_argument(
         "--nitro", action="store_true", help="use /dev/nsm instead of the simulated module"
     )
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument(
         "--kms-identity",
-        type=bytes.fromhex,
+        type=_identity_argument,
         required=True,
-        metavar="HEX",
-        help="the key service's Ed25519 public key (measured into PCR16)",
+        metavar="HEX|channel",
+        help="the key service's Ed25519 public key, or 'channel': from the host's first "
+        "frame (either way measured into PCR16)",
     )
     parser.add_argument("--private-tmpfs", action="store_true")
     parser.add_argument(
@@ -227,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             sandbox_limits=SandboxLimits(call_timeout_s=args.call_timeout),
             warm_pool=not args.no_warm_pool,
         )
-        sock = _channel_socket(args.fd, args.vsock)
+        sock = _channel_socket(args.fd, args.vsock, args.listen)
         asyncio.run(_amain(sock, config, nitro=args.nitro, kms_identity=args.kms_identity))
     except CapeError as exc:
         log.error("%s", exc.diagnostics())

@@ -8,6 +8,8 @@ vsock on Nitro.
 Message types (``→`` host to enclave, ``←`` enclave to host):
 
 =================  ===  ==========================================================================
+``configure``      →    first frame when the runtime was started with ``--kms-identity
+                        channel`` (Nitro images): ``kms_identity``, measured into PCR16
 ``provision``      →    simulated mode only: ``credentials`` for the simulated secure module
 ``ready``          ←    the runtime is serving: ``pcrs`` (index → bytes) it measured
 ``open``           →    new session: ``kind`` (run, deploy, test, key), ``owner``, ``nonce``,
@@ -22,8 +24,9 @@ Message types (``→`` host to enclave, ``←`` enclave to host):
 ``deployed``       ←    ``checksum`` (hex), ``name``, ``owner``
 ``error``          ←    ``message``, ``fatal`` (ends the session when true), ``sealed`` (opt.)
 ``close``          ↔    end a session
-``kms``            ←    a key-service call: ``rid``, ``op`` and its arguments
-``kms_result``     →    ``rid`` and ``result``, or ``error`` + ``kind``
+``kms``            ←    a key-service call: ``rid``, ``op``, its arguments, ``challenge``
+``kms_result``     →    ``rid``, ``result`` and ``sig`` (the key service's signature over
+                        request and result), or ``error`` + ``kind``
 =================  ===  ==========================================================================
 """
 
@@ -55,6 +58,7 @@ MAX_FRAME_BYTES = 1_100_000_000
 
 MESSAGE_TYPES = frozenset(
     {
+        "configure",
         "provision",
         "ready",
         "open",

@@ -1,0 +1,467 @@
+"""Start the runtime as AWS Nitro Enclaves: ``nitro-cli`` for the lifecycle, vsock for the channel.
+
+:class:`NitroLauncher` is the second :class:`~cape.host.launcher.EnclaveLauncher`: the pool,
+its affinity and its restart logic are the same as in simulated mode. For each enclave it
+
+1. picks a free enclave CID and runs ``nitro-cli run-enclave --eif-path … --cpu-count …
+   --memory … --enclave-cid …`` (JSON answer: the ``EnclaveID``);
+2. connects to the runtime inside, which listens on a vsock port (the image's command line is
+   ``python -m cape.enclave.runtime --listen vsock:PORT --nitro --kms-identity channel``),
+   retrying until it accepts;
+3. sends the ``configure`` frame (the key service's identity, which the runtime measures into
+   PCR16), then relays frames with the same :class:`~cape.host.launcher.EnclaveConnection`
+   as the simulated launcher;
+4. watches the enclave with ``nitro-cli describe-enclaves`` and closes the channel when it is
+   gone (so the pool starts another); closing a connection runs ``nitro-cli
+   terminate-enclave --enclave-id …``.
+
+The socket family is a seam (:class:`ChannelFamily`): :class:`VsockFamily` (``AF_VSOCK``,
+production) and :class:`UnixFamily` (``AF_UNIX``, one socket file per CID, for tests). Both
+carry the same framed channel.
+
+:func:`preflight` gives one clear line when ``nitro-cli``, the allocator's CPUs or memory, or
+``/dev/vsock`` are missing, before anything starts.
+
+**Needs real hardware (not exercised on the development machine):** ``nitro-cli`` talking to
+the Nitro hypervisor, :class:`VsockFamily` connections, and the allocator's sysfs files on a
+parent instance. The tests run this module against a fake ``nitro-cli`` on ``PATH`` that
+starts the real runtime as a local process (``tests/fakes/nitro_cli.py``), over
+:class:`UnixFamily`; docs/mocks.md lists what that leaves unverified and ``cape doctor``
+checks it on a real parent.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import shutil
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cape.errors import CapeError, TransportError
+from cape.host.launcher import (
+    EnclaveConnection,
+    EnclaveLauncher,
+    KmsProxy,
+    Provider,
+    Tap,
+)
+
+__all__ = [
+    "ChannelFamily",
+    "EnclaveInfo",
+    "NitroCli",
+    "NitroError",
+    "NitroLauncher",
+    "NitroSettings",
+    "UnixFamily",
+    "VsockFamily",
+    "allocator_resources",
+    "preflight",
+    "runtime_command",
+]
+
+log = logging.getLogger("cape.host.nitro")
+
+DEFAULT_PORT: Final = 5005
+"""The vsock port the runtime listens on inside the enclave."""
+FIRST_CID: Final = 16
+"""Enclave CIDs handed out from here (0-3 are reserved; the AWS examples use 16)."""
+CLI_TIMEOUT_S: Final = 120.0
+CONNECT_TIMEOUT_S: Final = 60.0
+WATCH_INTERVAL_S: Final = 5.0
+_ERROR_LINE = re.compile(r"\[\s*E\d+\s*\].*")
+
+
+class NitroError(CapeError):
+    """``nitro-cli`` or the parent instance cannot run an enclave (one line, what to fix)."""
+
+
+@dataclass(frozen=True)
+class NitroSettings:
+    """What every enclave of one pool is started with."""
+
+    eif: Path
+    cpu_count: int = 2
+    memory_mib: int = 2048
+    port: int = DEFAULT_PORT
+    first_cid: int = FIRST_CID
+    debug_mode: bool = False
+    """``--debug-mode``: the console is readable and PCR0-2 are zero (no key is released)."""
+
+    def __post_init__(self) -> None:
+        if self.cpu_count < 1 or self.memory_mib < 64:
+            raise ValueError("an enclave needs at least 1 CPU and 64 MiB of memory")
+        if not 3 < self.first_cid < 0xFFFFFFFF:
+            raise ValueError("enclave CIDs start above 3")
+
+
+@dataclass(frozen=True)
+class EnclaveInfo:
+    """One entry of ``describe-enclaves`` (or the answer of ``run-enclave``)."""
+
+    enclave_id: str
+    cid: int
+    state: str
+
+    @classmethod
+    def from_json(cls, value: object) -> EnclaveInfo:
+        if not isinstance(value, dict):
+            raise NitroError("nitro-cli answered something other than an enclave description")
+        enclave_id, cid = value.get("EnclaveID"), value.get("EnclaveCID")
+        if not isinstance(enclave_id, str) or not isinstance(cid, int):
+            raise NitroError("nitro-cli's enclave description lacks EnclaveID or EnclaveCID")
+        return cls(enclave_id, cid, str(value.get("State", "RUNNING")).upper())
+
+
+class NitroCli:
+    """``nitro-cli`` subcommands, JSON answers parsed, failures as one-line :class:`NitroError`.
+
+    *Needs real hardware*: the real tool talks to ``/dev/nitro_enclaves``.
+    """
+
+    def __init__(self, executable: str = "nitro-cli") -> None:
+        self.executable = executable
+
+    async def _run(self, *args: str) -> Any:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self.executable,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise NitroError(f"cannot run {self.executable}: {exc.strerror or exc}") from None
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise NitroError(
+                f"nitro-cli {args[0]} did not finish in {CLI_TIMEOUT_S:.0f}s"
+            ) from None
+        if process.returncode != 0:
+            raise NitroError(f"nitro-cli {args[0]} failed: {_error_line(err or out)}")
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise NitroError(f"nitro-cli {args[0]} did not answer JSON") from None
+
+    async def run_enclave(self, settings: NitroSettings, cid: int) -> EnclaveInfo:
+        args = [
+            "run-enclave",
+            "--eif-path",
+            str(settings.eif),
+            "--cpu-count",
+            str(settings.cpu_count),
+            "--memory",
+            str(settings.memory_mib),
+            "--enclave-cid",
+            str(cid),
+        ]
+        if settings.debug_mode:
+            args.append("--debug-mode")
+        return EnclaveInfo.from_json(await self._run(*args))
+
+    async def describe_enclaves(self) -> list[EnclaveInfo]:
+        answer = await self._run("describe-enclaves")
+        if not isinstance(answer, list):
+            raise NitroError("nitro-cli describe-enclaves did not answer a list")
+        return [EnclaveInfo.from_json(item) for item in answer]
+
+    async def terminate_enclave(self, enclave_id: str) -> None:
+        await self._run("terminate-enclave", "--enclave-id", enclave_id)
+
+
+def _error_line(output: bytes) -> str:
+    """nitro-cli's own error line (``[ E26 ] Insufficient memory requested…``) if any."""
+    text = output.decode("utf-8", "replace")
+    match = _ERROR_LINE.search(text)
+    if match is not None:
+        return match.group(0).strip()[:300]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no error message"
+
+
+class ChannelFamily(abc.ABC):
+    """How the host reaches the runtime listening in enclave ``cid`` on ``port``."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise :class:`NitroError` when this family cannot be used on this machine."""
+
+    @abc.abstractmethod
+    def connect(self, cid: int, port: int) -> socket.socket:
+        """A connected stream socket (``OSError`` while the runtime is not listening yet)."""
+
+
+class VsockFamily(ChannelFamily):
+    """``AF_VSOCK`` to ``(cid, port)``. *Needs real hardware* (``/dev/vsock``)."""
+
+    def __init__(self, device: Path = Path("/dev/vsock")) -> None:
+        self.device = device
+
+    def check(self) -> None:
+        if not hasattr(socket, "AF_VSOCK"):
+            raise NitroError("this Python has no AF_VSOCK support")
+        if not self.device.exists():
+            raise NitroError(
+                f"{self.device} is missing: this is not an enclave-enabled parent instance "
+                "(or the vsock driver is not loaded)"
+            )
+
+    def connect(self, cid: int, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        try:
+            sock.connect((cid, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+class UnixFamily(ChannelFamily):
+    """``AF_UNIX`` to ``directory/<cid>.sock`` (the port is not used): the tests' stand-in."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, cid: int) -> Path:
+        return self.directory / f"{cid}.sock"
+
+    def check(self) -> None:
+        if not self.directory.is_dir():
+            raise NitroError(f"{self.directory} is not a directory")
+
+    def connect(self, cid: int, port: int) -> socket.socket:
+        del port
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.path(cid)))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+def _cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def allocator_resources(sysfs: Path = Path("/sys")) -> tuple[int, int]:
+    """CPUs and MiB of huge pages the Nitro allocator has set aside, read from sysfs.
+
+    The allocator service (``nitro-enclaves-allocator``) offlines the CPUs listed in
+    ``module/nitro_enclaves/parameters/ne_cpus`` and reserves huge pages
+    (``kernel/mm/hugepages/hugepages-<N>kB/nr_hugepages``). *Needs real hardware*: on
+    other machines the module is absent, which is reported as :class:`NitroError`.
+    """
+    ne_cpus = sysfs / "module" / "nitro_enclaves" / "parameters" / "ne_cpus"
+    try:
+        cpus = len(_cpu_list(ne_cpus.read_text()))
+    except FileNotFoundError:
+        raise NitroError(
+            "the nitro_enclaves kernel module is not loaded (no ne_cpus): install "
+            "aws-nitro-enclaves-cli and start nitro-enclaves-allocator"
+        ) from None
+    except ValueError:
+        raise NitroError(f"{ne_cpus} does not hold a CPU list") from None
+    memory_kib = 0
+    for pages in sorted((sysfs / "kernel" / "mm" / "hugepages").glob("hugepages-*kB")):
+        size = re.fullmatch(r"hugepages-(\d+)kB", pages.name)
+        if size is None:
+            continue
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            memory_kib += int(size.group(1)) * int((pages / "nr_hugepages").read_text())
+    return cpus, memory_kib // 1024
+
+
+def preflight(
+    settings: NitroSettings,
+    enclaves: int,
+    family: ChannelFamily,
+    *,
+    nitro_cli: str = "nitro-cli",
+    sysfs: Path = Path("/sys"),
+) -> None:
+    """Check that ``enclaves`` enclaves of ``settings`` can start here; one line each if not.
+
+    Raises:
+        NitroError: nitro-cli is not on ``PATH``, the EIF is missing, the allocator set aside
+            too few CPUs or too little memory, or the channel family cannot be used.
+    """
+    if shutil.which(nitro_cli) is None:
+        raise NitroError(
+            f"{nitro_cli} is not on PATH: install aws-nitro-enclaves-cli on the parent instance"
+        )
+    if not settings.eif.is_file():
+        raise NitroError(f"enclave image {settings.eif} does not exist")
+    cpus, memory = allocator_resources(sysfs)
+    need_cpus, need_memory = enclaves * settings.cpu_count, enclaves * settings.memory_mib
+    if cpus < need_cpus:
+        raise NitroError(
+            f"the Nitro allocator set aside {cpus} CPUs; {enclaves} enclave(s) of "
+            f"{settings.cpu_count} need {need_cpus} (cpu_count in "
+            "/etc/nitro_enclaves/allocator.yaml)"
+        )
+    if memory < need_memory:
+        raise NitroError(
+            f"the Nitro allocator set aside {memory} MiB; {enclaves} enclave(s) of "
+            f"{settings.memory_mib} MiB need {need_memory} MiB (memory_mib in "
+            "/etc/nitro_enclaves/allocator.yaml)"
+        )
+    family.check()
+
+
+class _NitroConnection(EnclaveConnection):
+    """An enclave connection that terminates its enclave when it closes."""
+
+    def __init__(self, *args: Any, cli: NitroCli, info: EnclaveInfo, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cli = cli
+        self.info = info
+        self._watcher: asyncio.Task[None] | None = None
+
+    def watch(self, interval: float) -> None:
+        self._watcher = asyncio.create_task(self._watch(interval))
+
+    async def _watch(self, interval: float) -> None:
+        """Close the channel once ``describe-enclaves`` no longer lists a running enclave."""
+        while self.alive:
+            await asyncio.sleep(interval)
+            try:
+                running = {
+                    e.enclave_id for e in await self.cli.describe_enclaves() if e.state == "RUNNING"
+                }
+            except NitroError as exc:
+                log.warning("cannot describe enclaves: %s", exc)
+                continue
+            if self.info.enclave_id not in running:
+                log.warning("enclave %s is no longer running", self.info.enclave_id)
+                self._writer.close()
+                return
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        try:
+            await super().close()
+        finally:
+            try:
+                await self.cli.terminate_enclave(self.info.enclave_id)
+            except NitroError as exc:
+                log.warning("enclave %s: %s", self.info.enclave_id, exc)
+
+
+class NitroLauncher(EnclaveLauncher):
+    """Starts enclaves from ``settings.eif`` with ``nitro-cli``; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: NitroSettings,
+        *,
+        kms: KmsProxy,
+        kms_identity: bytes,
+        family: ChannelFamily | None = None,
+        cli: NitroCli | None = None,
+        provision: Provider | None = None,
+        tap: Tap | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        watch_interval_s: float = WATCH_INTERVAL_S,
+    ) -> None:
+        """``provision`` is for tests only: a fake ``nitro-cli`` runs the runtime with the
+        simulated secure module, which needs its credentials; a real enclave needs none."""
+        self.settings = settings
+        self._kms = kms
+        self._identity = kms_identity
+        self.family = family or VsockFamily()
+        self.cli = cli or NitroCli()
+        self._provision = provision
+        self._tap = tap
+        self._connect_timeout = connect_timeout_s
+        self._watch_interval = watch_interval_s
+        self._cids: set[int] = set()
+
+    def _take_cid(self) -> int:
+        cid = self.settings.first_cid
+        while cid in self._cids:
+            cid += 1
+        self._cids.add(cid)
+        return cid
+
+    async def _connect(self, cid: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        while True:
+            try:
+                return await asyncio.to_thread(self.family.connect, cid, self.settings.port)
+            except OSError as exc:
+                if loop.time() >= deadline:
+                    raise TransportError(
+                        f"the enclave (CID {cid}) did not accept a channel on port "
+                        f"{self.settings.port} within {self._connect_timeout:.0f}s: {exc}"
+                    ) from None
+                await asyncio.sleep(0.2)
+
+    async def start(self) -> EnclaveConnection:
+        cid = self._take_cid()
+        try:
+            info = await self.cli.run_enclave(self.settings, cid)
+        except BaseException:
+            self._cids.discard(cid)
+            raise
+        try:
+            sock = await self._connect(info.cid)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+        except BaseException:
+            self._cids.discard(cid)
+            with contextlib.suppress(NitroError):
+                await self.cli.terminate_enclave(info.enclave_id)
+            raise
+        connection = _NitroConnection(
+            reader, writer, self._kms, None, self._tap, cli=self.cli, info=info
+        )
+        connection.on_close(lambda: self._cids.discard(cid))
+        try:
+            await connection.send({"t": "configure", "kms_identity": self._identity})
+            await connection.start(self._provision() if self._provision else None)
+        except (CapeError, TimeoutError) as exc:
+            await connection.close()
+            if isinstance(exc, TimeoutError):
+                raise TransportError("the enclave did not become ready in time") from None
+            raise
+        connection.watch(self._watch_interval)
+        log.info("enclave %s started (CID %d)", info.enclave_id, info.cid)
+        return connection
+
+
+def runtime_command(settings: NitroSettings) -> Sequence[str]:
+    """The runtime's command line inside the image (what the EIF's entrypoint must run)."""
+    return (
+        "python3",
+        "-m",
+        "cape.enclave.runtime",
+        "--listen",
+        f"vsock:{settings.port}",
+        "--nitro",
+        "--kms-identity",
+        "channel",
+        "--workdir",
+        "/run/cape",
+    )
