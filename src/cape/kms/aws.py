@@ -334,7 +334,8 @@ class AwsKeyService(KeyService):
         response = self._call("GetPublicKey", owner, KeyId=metadata.key_id)
         public_der = response.get("PublicKey")
         if (
-            response.get("KeySpec") != KEY_SPEC
+            # KeySpec, or its deprecated twin CustomerMasterKeySpec (all moto sends)
+            response.get("KeySpec", response.get("CustomerMasterKeySpec")) != KEY_SPEC
             or KEY_ENCRYPTION_ALGORITHM not in response.get("EncryptionAlgorithms", ())
             or not isinstance(public_der, bytes)
         ):
