@@ -10,23 +10,32 @@ calls with signed answers, attestation — is the real thing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cape.crypto.keyanswers import IDENTITY_PCR, identity_pcr
+from cape.crypto.keyanswers import (
+    IDENTITY_PCR,
+    aws_kms_measurement,
+    identity_pcr,
+    measured_pcr,
+)
+from cape.enclave.awskeys import AwsKmsConfig
 from cape.host.launcher import expect
 from cape.host.nitro import NitroError, NitroLauncher, NitroSettings, UnixFamily
 from cape.host.pool import EnclavePool
+from cape.kms.base import KeyPolicy
 from tests.fakes import nitro_cli
+from tests.fakes.moto_kms import moto_kms
 from tests.integration.harness import Platform
 
 
@@ -50,11 +59,12 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
     platform.close()
 
 
-def _image(state: Path, *, listen: bool = True) -> Path:
+def _image(state: Path, *, listen: bool = True, extra: Sequence[str] = ()) -> Path:
     """The fake EIF: the runtime's command, listening on the Unix socket of its CID."""
     argv = [sys.executable, "-m", "cape.enclave.runtime"]
     argv += ["--listen", f"unix:{state}/{{cid}}.sock"] if listen else ["--fd", "0"]
     argv += ["--kms-identity", "channel", "--workdir", f"{state}/work-{{cid}}", "--no-warm-pool"]
+    argv += extra
     eif = state / "cape.eif"
     eif.write_text(json.dumps({"argv": argv}))
     return eif
@@ -62,10 +72,11 @@ def _image(state: Path, *, listen: bool = True) -> Path:
 
 def _launcher(platform: Platform, state: Path, **kwargs: Any) -> NitroLauncher:
     settings = NitroSettings(eif=kwargs.pop("eif", None) or _image(state), memory_mib=512)
+    configure = kwargs.pop("configure", lambda: {"kms_identity": platform.identity.public_bytes})
     return NitroLauncher(
         settings,
         kms=platform._kms,
-        kms_identity=platform.identity.public_bytes,
+        configure=configure,
         family=UnixFamily(state),
         provision=platform._provision,
         **kwargs,
@@ -197,3 +208,64 @@ def test_a_runtime_that_never_listens_is_terminated(platform: Platform, fake: Pa
         platform.run(launcher.start())
     assert [call[0] for call in _calls(fake)] == ["run-enclave", "terminate-enclave"]
     assert _enclaves(fake) == []
+
+
+def test_aws_kms_mode_calls_kms_from_the_enclave(platform: Platform, fake: Path) -> None:
+    """``--kms aws``: the runtime calls (moto's) KMS itself with the configured account, roles
+    and policy; the host relays no key-service call; the configuration is in PCR16."""
+    with moto_kms() as (port, credentials):
+        config = AwsKmsConfig(
+            region="us-east-1",
+            account_id="123456789012",
+            admin_role_arn="arn:aws:iam::123456789012:role/cape-admin",
+            enclave_role_arn="arn:aws:iam::123456789012:role/cape-enclave",
+            policy=KeyPolicy(pcrs={0: frozenset({bytes(range(48))})}),
+        )
+        relayed: list[dict[str, Any]] = []
+
+        def kms(message: dict[str, Any]) -> dict[str, Any]:
+            relayed.append(message)
+            return platform._kms(message)
+
+        def configure() -> dict[str, Any]:
+            return {
+                "aws_kms": config.to_frame(),
+                "credentials": {
+                    "AccessKeyId": credentials.access_key_id,
+                    "SecretAccessKey": credentials.secret_access_key,
+                },
+            }
+
+        image = _image(
+            fake, extra=["--kms-connect", f"tcp:127.0.0.1:{port}", "--kms-insecure-http"]
+        )
+        launcher = _launcher(platform, fake, eif=image, configure=configure)
+        launcher._kms = kms
+
+        async def flow() -> tuple[Mapping[int, bytes], bytes]:
+            pool = EnclavePool(launcher, 1)
+            await pool.start()
+            try:
+                nonce = secrets.token_bytes(16)
+                async with pool.session("key", owner="alice", nonce=nonce) as session:
+                    frame = expect(await session.receive(), "attestation")
+                document = platform.verify(frame["document"], nonce)
+                assert document.user_data is not None
+                key = base64.b64decode(json.loads(document.user_data)["key"])
+                return document.pcrs, key
+            finally:
+                await pool.close()
+
+        pcrs, key = platform.run(flow())
+        import boto3
+
+        kms_client = boto3.client(
+            "kms",
+            region_name="us-east-1",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id=credentials.access_key_id,
+            aws_secret_access_key=credentials.secret_access_key,
+        )
+        assert kms_client.get_public_key(KeyId="alias/cape/alice")["PublicKey"] == key
+    assert relayed == []
+    assert pcrs[IDENTITY_PCR] == measured_pcr(aws_kms_measurement(config.canonical()))

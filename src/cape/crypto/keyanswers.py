@@ -42,9 +42,11 @@ __all__ = [
     "IDENTITY_PCR",
     "SIGNED_REQUEST_FIELDS",
     "AnswerSigner",
+    "aws_kms_measurement",
     "identity_measurement",
     "identity_pcr",
     "load_identity_public_key",
+    "measured_pcr",
     "verify_answer",
 ]
 
@@ -60,6 +62,7 @@ the challenge does its job)."""
 
 _DOMAIN: Final = "cape-kms-answer-v1"
 _IDENTITY_LABEL: Final = b"cape-kms-identity-v1\x00"
+_AWS_LABEL: Final = b"cape-kms-aws-v1\x00"
 _PCR_BYTES: Final = 48
 _SIGNATURE_BYTES: Final = 64
 
@@ -80,10 +83,22 @@ def identity_measurement(public_key: bytes) -> bytes:
     return hashlib.sha384(_IDENTITY_LABEL + public_key).digest()
 
 
+def aws_kms_measurement(configuration: bytes) -> bytes:
+    """What an enclave using AWS KMS itself extends :data:`IDENTITY_PCR` with: SHA-384 of a
+    label and its canonical KMS configuration (region, account, roles, key policy), so a host
+    cannot point it at another account's keys unnoticed."""
+    return hashlib.sha384(_AWS_LABEL + configuration).digest()
+
+
 def identity_pcr(public_key: bytes) -> bytes:
     """The value of :data:`IDENTITY_PCR` in an enclave trusting ``public_key``: one NSM
     extension of a zero PCR, ``SHA384(0^48 || identity_measurement(public_key))``."""
-    return hashlib.sha384(bytes(_PCR_BYTES) + identity_measurement(public_key)).digest()
+    return measured_pcr(identity_measurement(public_key))
+
+
+def measured_pcr(measurement: bytes) -> bytes:
+    """A zero PCR extended once with ``measurement`` (the NSM's ``SHA384(pcr || data)``)."""
+    return hashlib.sha384(bytes(_PCR_BYTES) + measurement).digest()
 
 
 def _statement(request: Mapping[str, Any], result: object) -> bytes:

@@ -241,8 +241,9 @@ class KmsClient:
         return parsed
 
 
-def tls_context(cafile: str) -> ssl.SSLContext:
-    """Certificate-checking TLS for KMS, trusting only the CA bundle inside the image."""
+def tls_context(cafile: str | None) -> ssl.SSLContext:
+    """Certificate-checking TLS for KMS, trusting only ``cafile`` (default: the system store,
+    which inside an enclave is the CA bundle in the image)."""
     context = ssl.create_default_context(cafile=cafile)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

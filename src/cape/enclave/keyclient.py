@@ -57,7 +57,12 @@ class EnclaveKeyClient:
         """``identity``: the key service's raw Ed25519 public key. It is measured here, before
         any document is made: PCR16 is extended with it and locked."""
         self._identity = load_identity_public_key(identity)
-        module.extend_pcr(IDENTITY_PCR, identity_measurement(identity))
+        self._setup(module, send, identity_measurement(identity))
+
+    def _setup(self, module: SecureModule, send: Send, measurement: bytes) -> None:
+        """Measure the key-service configuration into PCR16 (then lock it) and make this
+        process's recipient key."""
+        module.extend_pcr(IDENTITY_PCR, measurement)
         module.lock_pcr(IDENTITY_PCR)
         self._module = module
         self._send = send

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from cape.crypto.keyanswers import IDENTITY_PCR
+from cape.enclave.awskeys import AwsEnclaveKeyClient, key_client
+from cape.enclave.awskms import AwsCredentials
 from cape.enclave.keyclient import EnclaveKeyClient
 from cape.enclave.listen import accept_channel
 from cape.enclave.measure import measure_runtime, simulated_pcrs
@@ -54,9 +56,11 @@ class Runtime:
         *,
         kms_identity: bytes | None,
         nitro: bool = False,
+        kms_options: dict[str, Any] | None = None,
     ) -> None:
         self._nitro = nitro
         self._kms_identity = kms_identity
+        self._kms_options = kms_options or {}
         self._reader = reader
         self._writer = writer
         self._config = config
@@ -83,20 +87,16 @@ class Runtime:
         if message["t"] in ("close", "error") and (message["t"] == "close" or message.get("fatal")):
             self._sessions.pop(message.get("sid", 0), None)
 
-    async def _configure(self) -> bytes:
-        """The key service identity from the host's ``configure`` frame (for images with a
-        fixed command line); it is measured into PCR16 like one given on the command line."""
+    async def _configure(self) -> dict[str, Any]:
+        """The host's ``configure`` frame, for images with a fixed command line: the key
+        service's identity or the AWS KMS configuration, measured into PCR16 either way."""
         message = await read_frame(self._reader)
         if message is None or message["t"] != "configure":
             raise FormatError("the first channel frame must be 'configure'")
-        identity = message.get("kms_identity")
-        if not isinstance(identity, bytes):
-            raise FormatError("the 'configure' frame lacks bytes 'kms_identity'")
-        return identity
+        return message
 
     async def _provision(self) -> None:
-        if self._kms_identity is None:
-            self._kms_identity = await self._configure()
+        configure = await self._configure() if self._kms_identity is None else None
         if self._nitro:
             # Inside a real Nitro Enclave the hardware measured us and holds the signing key:
             # there is nothing to provision, and the PCRs are read back from the NSM.
@@ -107,7 +107,14 @@ class Runtime:
             module, pcrs = await self._provision_simulated()
         self._module = module
         self._keys = await asyncio.to_thread(
-            partial(EnclaveKeyClient, module, self.send, identity=self._kms_identity or b"")
+            partial(
+                key_client,
+                module,
+                self.send,
+                identity=self._kms_identity,
+                configure=configure,
+                **self._kms_options,
+            )
         )
         pcrs[IDENTITY_PCR] = module.describe_pcr(IDENTITY_PCR).data  # measured just now
         await self.send({"t": "ready", "pcrs": pcrs})
@@ -127,6 +134,8 @@ class Runtime:
         kind, sid = message["t"], message["sid"]
         if kind == "kms_result":
             self._keys.resolve(message)
+        elif kind == "credentials" and isinstance(self._keys, AwsEnclaveKeyClient):
+            self._keys.update_credentials(AwsCredentials.from_json(message.get("credentials")))
         elif kind == "open":
             if sid in self._sessions or sid == 0:
                 raise FormatError(f"session {sid} is already open or invalid")
@@ -202,11 +211,19 @@ def _channel_socket(fd: int | None, vsock: str | None, listen: str | None) -> so
 
 
 async def _amain(
-    sock: socket.socket, config: SessionConfig, *, nitro: bool, kms_identity: bytes | None
+    sock: socket.socket,
+    config: SessionConfig,
+    *,
+    nitro: bool,
+    kms_identity: bytes | None,
+    kms_options: dict[str, Any],
 ) -> None:
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     try:
-        await Runtime(reader, writer, config, nitro=nitro, kms_identity=kms_identity).serve()
+        runtime = Runtime(
+            reader, writer, config, nitro=nitro, kms_identity=kms_identity, kms_options=kms_options
+        )
+        await runtime.serve()
     finally:
         writer.close()
 
@@ -235,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the key service's Ed25519 public key, or 'channel': from the host's first "
         "frame (either way measured into PCR16)",
     )
+    parser.add_argument("--kms-connect", metavar="tcp:HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--kms-insecure-http", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--private-tmpfs", action="store_true")
     parser.add_argument(
         "--no-warm-pool", action="store_true", help="decrypt, unpack and start per session"
@@ -253,7 +272,19 @@ def main(argv: list[str] | None = None) -> int:
             warm_pool=not args.no_warm_pool,
         )
         sock = _channel_socket(args.fd, args.vsock, args.listen)
-        asyncio.run(_amain(sock, config, nitro=args.nitro, kms_identity=args.kms_identity))
+        kms_options = {
+            "kms_connect": args.kms_connect,  # tests: moto instead of vsock-proxy
+            "kms_insecure_http": args.kms_insecure_http,
+        }
+        asyncio.run(
+            _amain(
+                sock,
+                config,
+                nitro=args.nitro,
+                kms_identity=args.kms_identity,
+                kms_options=kms_options,
+            )
+        )
     except CapeError as exc:
         log.error("%s", exc.diagnostics())
         return 1

@@ -9,7 +9,9 @@ Message types (``→`` host to enclave, ``←`` enclave to host):
 
 =================  ===  ==========================================================================
 ``configure``      →    first frame when the runtime was started with ``--kms-identity
-                        channel`` (Nitro images): ``kms_identity``, measured into PCR16
+                        channel`` (Nitro images): ``kms_identity`` or ``aws_kms`` (with
+                        ``credentials``), measured into PCR16
+``credentials``    →    renewed AWS credentials for an enclave calling AWS KMS itself
 ``provision``      →    simulated mode only: ``credentials`` for the simulated secure module
 ``ready``          ←    the runtime is serving: ``pcrs`` (index → bytes) it measured
 ``open``           →    new session: ``kind`` (run, deploy, test, key), ``owner``, ``nonce``,
@@ -59,6 +61,7 @@ MAX_FRAME_BYTES = 1_100_000_000
 MESSAGE_TYPES = frozenset(
     {
         "configure",
+        "credentials",
         "provision",
         "ready",
         "open",

@@ -40,7 +40,7 @@ import logging
 import re
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -77,6 +77,11 @@ FIRST_CID: Final = 16
 CLI_TIMEOUT_S: Final = 120.0
 CONNECT_TIMEOUT_S: Final = 60.0
 WATCH_INTERVAL_S: Final = 5.0
+RENEW_INTERVAL_S: Final = 900.0
+"""Instance-role credentials last about 6 hours; the enclave gets fresh ones every 15 min."""
+
+Configure = Callable[[], Mapping[str, Any]]
+"""Fields of a ``configure`` (or ``credentials``) frame for an enclave."""
 _ERROR_LINE = re.compile(r"\[\s*E\d+\s*\].*")
 
 
@@ -336,9 +341,23 @@ class _NitroConnection(EnclaveConnection):
         self.cli = cli
         self.info = info
         self._watcher: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
 
     def watch(self, interval: float) -> None:
         self._watcher = asyncio.create_task(self._watch(interval))
+
+    def renew(self, renew: Configure, interval: float) -> None:
+        self._renewer = asyncio.create_task(self._renew(renew, interval))
+
+    async def _renew(self, renew: Configure, interval: float) -> None:
+        """Send fresh AWS credentials now and then (they authenticate; they cannot decrypt)."""
+        while self.alive:
+            await asyncio.sleep(interval)
+            try:
+                fields = await asyncio.to_thread(renew)
+                await self.send({**fields, "t": "credentials"})
+            except (CapeError, OSError) as exc:
+                log.warning("enclave %s: cannot renew credentials: %s", self.info.enclave_id, exc)
 
     async def _watch(self, interval: float) -> None:
         """Close the channel once ``describe-enclaves`` no longer lists a running enclave."""
@@ -357,9 +376,10 @@ class _NitroConnection(EnclaveConnection):
                 return
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, self._renewer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         try:
             await super().close()
         finally:
@@ -377,19 +397,27 @@ class NitroLauncher(EnclaveLauncher):
         settings: NitroSettings,
         *,
         kms: KmsProxy,
-        kms_identity: bytes,
+        configure: Configure,
         family: ChannelFamily | None = None,
         cli: NitroCli | None = None,
         provision: Provider | None = None,
         tap: Tap | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         watch_interval_s: float = WATCH_INTERVAL_S,
+        renew: Configure | None = None,
+        renew_interval_s: float = RENEW_INTERVAL_S,
     ) -> None:
-        """``provision`` is for tests only: a fake ``nitro-cli`` runs the runtime with the
+        """``configure`` returns the ``configure`` frame's fields for a new enclave: the
+        built-in key service's ``kms_identity``, or ``aws_kms`` and ``credentials`` (then
+        ``renew`` gives fresh ``credentials`` every ``renew_interval_s``).
+
+        ``provision`` is for tests only: a fake ``nitro-cli`` runs the runtime with the
         simulated secure module, which needs its credentials; a real enclave needs none."""
         self.settings = settings
         self._kms = kms
-        self._identity = kms_identity
+        self._configure = configure
+        self._renew = renew
+        self._renew_interval = renew_interval_s
         self.family = family or VsockFamily()
         self.cli = cli or NitroCli()
         self._provision = provision
@@ -439,7 +467,7 @@ class NitroLauncher(EnclaveLauncher):
         )
         connection.on_close(lambda: self._cids.discard(cid))
         try:
-            await connection.send({"t": "configure", "kms_identity": self._identity})
+            await connection.send({**self._configure(), "t": "configure"})
             await connection.start(self._provision() if self._provision else None)
         except (CapeError, TimeoutError) as exc:
             await connection.close()
@@ -447,6 +475,8 @@ class NitroLauncher(EnclaveLauncher):
                 raise TransportError("the enclave did not become ready in time") from None
             raise
         connection.watch(self._watch_interval)
+        if self._renew is not None:
+            connection.renew(self._renew, self._renew_interval)
         log.info("enclave %s started (CID %d)", info.enclave_id, info.cid)
         return connection
 

@@ -40,8 +40,9 @@ from cape.enclave.awskms import AwsCredentials, KmsClient, KmsRequestError, tls_
 from cape.errors import FormatError, KeyNotFoundError
 from cape.kms.aws import AwsKeyService, AwsKMSError
 from cape.kms.base import KeyPolicy, Recipient
+from tests.fakes.moto_kms import moto_kms
 
-moto_server = pytest.importorskip("moto.moto_server.threaded_moto_server")
+pytest.importorskip("moto.moto_server.threaded_moto_server")
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -53,36 +54,9 @@ def _connect_to(port: int) -> Callable[[], socket.socket]:
 
 
 @pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, AwsCredentials]]:
-    """moto's server on loopback, checking SigV4 for an IAM user allowed kms:*."""
-    import boto3
-    import moto.settings
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    port = server.get_host_and_port()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    admin = {"aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}
-    iam = boto3.client("iam", region_name=REGION, endpoint_url=endpoint, **admin)
-    iam.create_user(UserName="enclave")
-    iam.put_user_policy(
-        UserName="enclave",
-        PolicyName="kms",
-        PolicyDocument=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}],
-            }
-        ),
-    )
-    key = iam.create_access_key(UserName="enclave")["AccessKey"]
-    saved = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
-    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request is verified
-    try:
-        yield port, AwsCredentials(key["AccessKeyId"], key["SecretAccessKey"])
-    finally:
-        moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = saved
-        server.stop()
+def moto() -> Iterator[tuple[int, AwsCredentials]]:
+    with moto_kms() as server:
+        yield server
 
 
 def _client(port: int, credentials: AwsCredentials, **kwargs: Any) -> KmsClient:
