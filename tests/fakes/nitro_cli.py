@@ -4,7 +4,8 @@ Installed on ``PATH`` as ``nitro-cli`` by :func:`install` (a small shell wrapper
 in ``$FAKE_NITRO_STATE``: ``calls.jsonl`` (one JSON argument list per call) and
 ``enclaves.json`` (the running "enclaves": id, CID, process id).
 
-The "EIF" is a JSON stand-in, ``{"argv": [...]}``: the command the image would run, with
+The "EIF" is a JSON stand-in, ``{"argv": [...], "measurements": {"PCR0": hex, ...}}``
+(``describe-eif`` answers the measurements): the command the image would run, with
 ``{cid}`` replaced by the enclave's CID (the runtime listens on ``unix:<dir>/<cid>.sock``
 instead of ``vsock:PORT``). ``run-enclave`` starts it as a local process, in its own session;
 ``describe-enclaves`` lists those still alive; ``terminate-enclave`` stops one.
@@ -127,6 +128,11 @@ def terminate_enclave(args: list[str]) -> dict[str, Any]:
     return {"EnclaveName": "cape", "EnclaveID": enclave_id, "Terminated": True}
 
 
+def describe_eif(args: list[str]) -> dict[str, Any]:
+    image = json.loads(Path(_option(args, "--eif-path")).read_text())
+    return {"Measurements": {"HashAlgorithm": "Sha384 { ... }", **image["measurements"]}}
+
+
 def main(args: list[str]) -> int:
     state = _state()
     with (state / "calls.jsonl").open("a") as calls:
@@ -140,6 +146,8 @@ def main(args: list[str]) -> int:
         answer: object = run_enclave(args)
     elif command == "describe-enclaves":
         answer = describe_enclaves()
+    elif command == "describe-eif":
+        answer = describe_eif(args)
     elif command == "terminate-enclave":
         answer = terminate_enclave(args)
     else:

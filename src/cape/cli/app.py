@@ -379,6 +379,29 @@ def serve(
             "networks, * for any); default none.",
         ),
     ] = "",
+    enclave: Annotated[
+        str,
+        typer.Option(
+            "--enclave",
+            metavar="simulated|nitro",
+            help="simulated (this machine) or nitro (AWS Nitro Enclaves from --eif on an EC2 "
+            "parent instance, calling AWS KMS themselves; docs/deploy-aws.md).",
+        ),
+    ] = "simulated",
+    eif: Annotated[Path | None, typer.Option("--eif", help="Nitro: the enclave image.")] = None,
+    enclave_cpus: Annotated[int, typer.Option("--enclave-cpus", min=1, help="Nitro: vCPUs.")] = 2,
+    enclave_memory: Annotated[
+        int, typer.Option("--enclave-memory", min=64, help="Nitro: memory per enclave, MiB.")
+    ] = 2048,
+    aws: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--aws",
+            metavar="KEY=VALUE",
+            help="Nitro: root=FILE (AWS_NitroEnclaves_Root-G1.pem), region, account, "
+            "admin-role-arn, enclave-role-arn; repeat the option for each.",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole platform on this machine: HTTPS/WSS API, key service, enclaves.
 
@@ -386,6 +409,7 @@ def serve(
     connections and records the URL and CA for this user's `cape` commands. Stop it with
     Ctrl-C or SIGTERM; sessions in progress finish first.
     """
+    from cape.cli.nitro import nitro_options
     from cape.host.signup import SignupMode
     from cape.platform.serve import ServeConfig, default_data_dir, parse_forwarded_allow_ips
     from cape.platform.serve import serve as run_server
@@ -402,6 +426,7 @@ def serve(
             signup=SignupMode(signup),
             signups_per_hour=signup_rate,
             forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
+            nitro=nitro_options(enclave, eif, enclave_cpus, enclave_memory, aws or []),
         )
         run_server(config)
     except CapeError as exc:

@@ -183,6 +183,24 @@ class NitroCli:
             raise NitroError("nitro-cli describe-enclaves did not answer a list")
         return [EnclaveInfo.from_json(item) for item in answer]
 
+    async def describe_eif(self, eif: Path) -> dict[int, bytes]:
+        """The image's measurements (``Measurements``: ``PCR0``, ``PCR1``, ``PCR2``, and
+        ``PCR8`` for a signed image)."""
+        answer = await self._run("describe-eif", "--eif-path", str(eif))
+        measurements = answer.get("Measurements") if isinstance(answer, dict) else None
+        if not isinstance(measurements, dict):
+            raise NitroError("nitro-cli describe-eif answered no Measurements")
+        pcrs: dict[int, bytes] = {}
+        for name, value in measurements.items():
+            if re.fullmatch(r"PCR\d{1,2}", name) and isinstance(value, str):
+                try:
+                    pcrs[int(name[3:])] = bytes.fromhex(value)
+                except ValueError:
+                    raise NitroError(f"nitro-cli describe-eif: {name} is not hex") from None
+        if not {0, 1, 2} <= set(pcrs):
+            raise NitroError("nitro-cli describe-eif answered no PCR0, PCR1 and PCR2")
+        return pcrs
+
     async def terminate_enclave(self, enclave_id: str) -> None:
         await self._run("terminate-enclave", "--enclave-id", enclave_id)
 

@@ -48,7 +48,7 @@ from cape.host.api.rest import ApiDeps
 from cape.host.api.sessions import Lifecycle, SessionDeps
 from cape.host.auth import Accounts, TokenIssuer
 from cape.host.keydocs import KeyDocuments
-from cape.host.launcher import Tap
+from cape.host.launcher import EnclaveLauncher, Tap
 from cape.host.pool import EnclavePool
 from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR, SignupRateLimiter
 from cape.host.signup import SignupMode
@@ -58,6 +58,8 @@ from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import SqlMetadataStore, User
 from cape.kms.local import load_master_key
 from cape.platform.local import LocalPlatform
+from cape.platform.nitro import NitroOptions, nitro_launcher
+from cape.platform.nitro import root_pem as nitro_root_pem
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
 from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
@@ -114,6 +116,8 @@ class ServeConfig:
     log_level: str = "info"
     tap: Tap | None = None
     """Test and audit hook: observes every enclave channel frame."""
+    nitro: NitroOptions | None = None
+    """``--enclave nitro``: real Nitro Enclaves calling AWS KMS themselves (docs/deploy-aws.md)."""
     wrap_app: Callable[[ASGIApp], ASGIApp] | None = None
     """Test and audit hook: wraps the API application before uvicorn serves it (e.g. an ASGI
     middleware that records every websocket message received and sent). Not for production:
@@ -210,6 +214,8 @@ class Server:
 
     @property
     def root_file(self) -> Path:
+        if self.config.nitro is not None:
+            return self.config.nitro.aws_root
         return self.data_dir / "attestation" / "root.pem"
 
     @contextlib.asynccontextmanager
@@ -219,6 +225,9 @@ class Server:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         listener = _listen(config.host, config.port)  # fail fast, before starting enclaves
         with listener:
+            nitro = None  # Nitro Enclaves calling AWS KMS themselves: checked before any file
+            if config.nitro is not None:
+                nitro = await nitro_launcher(config.nitro, config.enclaves, tap=config.tap)
             tls = ensure_tls(self.data_dir / "tls", config.host)
             authority = load_authority(self.data_dir / "attestation")
             self.root_fingerprint = fingerprint(authority.root_certificate)
@@ -232,12 +241,14 @@ class Server:
                 authority=authority,
                 master_key=load_master_key(self.data_dir / "kms"),
             )
-            pool = EnclavePool(
-                platform.launcher(
-                    extra_env=config.extra_env, tap=config.tap, runtime_args=config.runtime_args
-                ),
-                config.enclaves,
+            launcher: EnclaveLauncher = platform.launcher(
+                extra_env=config.extra_env, tap=config.tap, runtime_args=config.runtime_args
             )
+            root_pem = authority.root_pem
+            if nitro is not None:
+                launcher, aws_root = nitro
+                root_pem, self.root_fingerprint = nitro_root_pem(aws_root), fingerprint(aws_root)
+            pool = EnclavePool(launcher, config.enclaves)
             try:
                 await pool.start()
                 accounts = Accounts(
@@ -267,7 +278,7 @@ class Server:
                         store=store,
                         blobs=blobs,
                         accounts=accounts,
-                        attestation_root_pem=authority.root_pem,
+                        attestation_root_pem=root_pem,
                         key_documents=key_document,
                         on_signup=on_signup,
                     ),
@@ -373,8 +384,11 @@ def _record_for_cli(config_dir: Path, url: str, ca_file: Path, root_file: Path) 
 def describe(server: Server, out: TextIO) -> None:
     """The start-up banner and the ``Ready:`` line (the last line, once serving)."""
     config = server.config
-    print(f"Cape (simulated mode), data directory {server.data_dir}", file=out)
-    print(BANNER, file=out)
+    if config.nitro is None:
+        print(f"Cape (simulated mode), data directory {server.data_dir}", file=out)
+        print(BANNER, file=out)
+    else:
+        print(f"Cape on AWS Nitro Enclaves ({config.nitro.eif}), data {server.data_dir}", file=out)
     print(f"  TLS CA:            {server.ca_file}", file=out)
     print(f"  Attestation root:  {server.root_file}", file=out)
     print(f"  Root fingerprint:  sha256:{server.root_fingerprint}", file=out)
