@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +22,9 @@ def moto_kms() -> Iterator[tuple[int, AwsCredentials]]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     port = server.get_host_and_port()[1]
+    # moto keeps its state per process, not per server: start from nothing.
+    reset = urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")
+    urllib.request.urlopen(reset, timeout=30).close()
     bootstrap = {"aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}
     iam = boto3.client(
         "iam", region_name=REGION, endpoint_url=f"http://127.0.0.1:{port}", **bootstrap

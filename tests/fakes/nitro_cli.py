@@ -88,10 +88,10 @@ def run_enclave(args: list[str]) -> dict[str, Any]:
     cid = int(_option(args, "--enclave-cid"))
     image = json.loads(Path(_option(args, "--eif-path")).read_text())
     argv = [part.replace("{cid}", str(cid)) for part in image["argv"]]
-    log = (_state() / f"enclave-{cid}.log").open("ab")
-    process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-    )
+    with (_state() / f"enclave-{cid}.log").open("ab") as log:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
     entry = {
         "id": f"i-0fake{cid:08d}-enc{process.pid:016x}",
         "cid": cid,
@@ -142,6 +142,9 @@ def main(args: list[str]) -> int:
     if fail.partition(":")[0] == command:
         print(fail.partition(":")[2], file=sys.stderr)
         return 1
+    if command == "--version":
+        print("Nitro CLI 1.4.2 (tests/fakes/nitro_cli.py)")
+        return 0
     if command == "run-enclave":
         answer: object = run_enclave(args)
     elif command == "describe-enclaves":

@@ -1,17 +1,35 @@
-"""Nitro-mode options of ``cape serve`` (parsing only; the platform does the work)."""
+"""Nitro-mode CLI: ``cape serve``'s Nitro options and ``cape doctor`` (parsing and rendering
+only; :mod:`cape.platform.nitro` and :mod:`cape.platform.doctor` do the work)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated
 
-from cape.cli.common import UsageError
+import typer
+
+from cape.cli.common import UsageError, fail
 from cape.platform.nitro import NitroOptions
 
-__all__ = ["nitro_options"]
+__all__ = ["app", "nitro_options"]
+
+app = typer.Typer()
 
 
 _AWS_KEYS = ("root", "region", "account", "admin-role-arn", "enclave-role-arn")
+
+
+def _aws_settings(aws: Sequence[str]) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for item in aws:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _AWS_KEYS or not value:
+            raise UsageError(f"--aws {item[:60]!r}: use one of {', '.join(_AWS_KEYS)} as KEY=VALUE")
+        settings[key] = value
+    return settings
 
 
 def nitro_options(
@@ -29,12 +47,7 @@ def nitro_options(
         if eif is not None or aws:
             raise UsageError("--eif and --aws need --enclave nitro")
         return None
-    settings: dict[str, str] = {}
-    for item in aws:
-        key, sep, value = item.partition("=")
-        if not sep or key not in _AWS_KEYS or not value:
-            raise UsageError(f"--aws {item[:60]!r}: use one of {', '.join(_AWS_KEYS)} as KEY=VALUE")
-        settings[key] = value
+    settings = _aws_settings(aws)
     missing = [key for key in _AWS_KEYS if key not in settings]
     if eif is None or missing:
         needed = ["--eif"] if eif is None else []
@@ -50,3 +63,73 @@ def nitro_options(
         cpu_count=cpus,
         memory_mib=memory_mib,
     )
+
+
+@app.command()
+def doctor(
+    eif: Annotated[Path, typer.Option("--eif", help="The enclave image.")] = Path(
+        "/var/lib/cape/cape.eif"
+    ),
+    enclave_cpus: Annotated[int, typer.Option("--enclave-cpus", min=1)] = 2,
+    enclave_memory: Annotated[int, typer.Option("--enclave-memory", min=64)] = 2048,
+    aws: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--aws",
+            metavar="KEY=VALUE",
+            help="region, account, admin-role-arn, enclave-role-arn (key policy check), "
+            "root=FILE (document check); repeat for each.",
+        ),
+    ] = None,
+    doctor_key: Annotated[
+        str | None, typer.Option("--doctor-key", help="KMS key (alias) to check the policy of.")
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="Check this user's key document.")
+    ] = None,
+    url: Annotated[str, typer.Option("--url")] = "https://127.0.0.1:443",
+    ca_file: Annotated[Path, typer.Option("--ca-file")] = Path("/var/lib/cape/tls/ca.pem"),
+) -> None:
+    """Check this Nitro parent instance: nitro-cli, allocator, vsock, image, enclaves, the
+    KMS key policy and a key document against the AWS Nitro root (docs/deploy-aws.md).
+
+    Prints one line per check and exits 1 if one fails."""
+    from cape.platform.doctor import DoctorOptions, run_doctor
+
+    try:
+        settings = _aws_settings(aws or [])
+        options = DoctorOptions(
+            eif=eif,
+            cpu_count=enclave_cpus,
+            memory_mib=enclave_memory,
+            doctor_key=doctor_key,
+            account_id=settings.get("account"),
+            admin_role_arn=settings.get("admin-role-arn"),
+            enclave_role_arn=settings.get("enclave-role-arn"),
+        )
+        if doctor_key is not None and "region" in settings:
+            import boto3
+
+            options.kms_client = boto3.client("kms", region_name=settings["region"])
+        if user is not None and "root" in settings:
+            options.fetch_document = _document_fetcher(url, ca_file, Path(settings["root"]), user)
+        checks = asyncio.run(run_doctor(options))
+    except Exception as exc:
+        fail(exc)
+    for check in checks:
+        typer.echo(check.line())
+    if any(check.status == "FAIL" for check in checks):
+        raise typer.Exit(1)
+
+
+def _document_fetcher(url: str, ca_file: Path, root: Path, user: str) -> Callable[[str], None]:
+    def fetch(pcr8: str) -> None:
+        from cape.sdk.client import Cape
+
+        with tempfile.TemporaryDirectory() as scratch:
+            client = Cape(url, ca_file=ca_file, attestation_root=root)
+            client.key(
+                username=user, key_path=Path(scratch) / "key.der", pcrs={8: [pcr8]}, refresh=True
+            )
+
+    return fetch
