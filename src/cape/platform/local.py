@@ -19,7 +19,7 @@ from cape.kms.base import KeyPolicy
 from cape.kms.local import LocalKeyService
 from cape.kms.proxy import serve_kms_request
 
-__all__ = ["LocalPlatform", "runtime_key_policy"]
+__all__ = ["LocalPlatform", "isolation_problem", "runtime_key_policy"]
 
 
 def runtime_key_policy(measurement: RuntimeMeasurement) -> KeyPolicy:
@@ -88,3 +88,16 @@ def runtime_pcrs() -> dict[int, bytes]:
     """PCR0-2 of the enclave runtime this installation would start (what clients pin)."""
     measurement = measure_runtime()
     return {0: measurement.pcr0, 1: measurement.pcr1, 2: measurement.pcr2}
+
+
+def isolation_problem() -> str | None:
+    """Why this machine cannot sandbox user code (bubblewrap, user namespaces, root), with
+    the install command; ``None`` when it can. Runs one probe sandbox (cached)."""
+    from cape.enclave.sandbox import check_isolation
+    from cape.errors import SandboxError
+
+    try:
+        check_isolation()
+    except SandboxError as exc:
+        return exc.diagnostics()
+    return None
