@@ -171,13 +171,10 @@ def encrypt(
                     text_limit=limit,
                 )
             form = "streaming" if result.streaming else "text"
-            if as_json:
-                emit_json({"file": str(out_path), "form": form, "bytes": result.bytes_written})
-            else:
-                stderr.print(
-                    f"Encrypted ({form} form, {result.bytes_written} bytes) to {out_path}",
-                    markup=False,
-                )
+            stderr.print(
+                f"Encrypted ({form} form, {result.bytes_written} bytes) to {out_path}",
+                markup=False,
+            )
             _warn_over_limit(result.bytes_written, limit)
             return
         if as_json:

@@ -82,10 +82,7 @@ SHAPES: Final[dict[str, tuple[Shape, ...]]] = {
     ),
     "cape delete": ({"deleted": "string: the function id"},),
     "cape function create": ({"path": "string", "files": "list of strings"},),
-    "cape encrypt": (
-        {"ciphertext": "string: the text form", "form": "string: text"},
-        {"file": "string (-o FILE)", "form": "string: text or streaming", "bytes": "int"},
-    ),
+    "cape encrypt": ({"ciphertext": "string: the text form", "form": "string: text"},),
     "cape attestation verify": (
         {
             "valid": "bool",
