@@ -39,6 +39,7 @@ from tests.e2e.cli import (
     signup,
     write_function,
 )
+from tests.e2e.conftest import requires_enclaves
 from tests.e2e.server import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,9 +235,8 @@ def _open_websocket(url: str, ca_file: Path, path: str, token: str) -> ssl.SSLSo
     return tls  # never read again: the server's TLS shutdown stays in flight
 
 
+@requires_enclaves
 def test_4a_sigterm_while_a_peer_is_closing_exits_cleanly(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("bwrap") is None:
-        pytest.skip("simulated enclaves need root (namespaces) and bubblewrap")
     served = ServeProcess(tmp_path / "data", tmp_path / "config", tmp_path / "logs", enclaves=1)
     served.start()
     try:
@@ -274,11 +274,10 @@ def _enclave_dirs(pid: int) -> list[Path]:
     return list(Path("/tmp").glob(f"cape-enclave-p{pid}-*"))
 
 
+@requires_enclaves
 def test_4b_signalling_the_process_group_drains_without_restarts_under_load(
     tmp_path: Path,
 ) -> None:
-    if os.geteuid() != 0 or shutil.which("bwrap") is None:
-        pytest.skip("simulated enclaves need root (namespaces) and bubblewrap")
     served = ServeProcess(
         tmp_path / "data", tmp_path / "config", tmp_path / "logs", enclaves=2, new_session=True
     )
@@ -386,9 +385,8 @@ def test_7_logins_follow_localhost_and_a_restarted_server_and_errors_name_urls(
     error(user("list", "--url", down), "cannot reach", down)
 
 
+@requires_enclaves
 def test_7_a_login_follows_the_local_server_to_its_new_port(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("bwrap") is None:
-        pytest.skip("simulated enclaves need root (namespaces) and bubblewrap")
     served = ServeProcess(tmp_path / "data", tmp_path / "config", tmp_path / "logs", enclaves=1)
     served.start()
     try:
