@@ -29,7 +29,16 @@ from tests.e2e.cli import (
 from tests.e2e.server import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-OFFLINE = ("version", "logout", "config", "pcrs", "function create")
+OFFLINE = (
+    "version",
+    "logout",
+    "config",
+    "pcrs",
+    "function create",
+    "admin invite create",  # the operator's commands work on the data directory
+    "admin invite list",
+    "admin invite revoke",
+)
 SERVER_OPTIONS = ("--url", "--token", "--attestation-root", "--ca-file")
 
 
@@ -139,6 +148,17 @@ def test_every_command_prints_one_documented_json_document(
     assert verified.returncode == 1
     _check_shape("cape attestation verify", json.loads(verified.stdout))
     seen["cape attestation verify"] = True
+    data = ("--data-dir", str(server.data_dir))
+    made = record(
+        "cape admin invite create",
+        cape(config, "admin", "invite", "create", *data, "--note", "shape", "-o", "json"),
+    )
+    invites = record(
+        "cape admin invite list", cape(config, "admin", "invite", "list", *data, "-o", "json")
+    )
+    assert made["invites"][0]["id"] in [item["id"] for item in invites["invites"]]
+    assert invites["count"] == len(invites["invites"])
+    ok(cape(config, "admin", "invite", "revoke", made["invites"][0]["id"], *data))
     record("cape delete", cape(config, "delete", deployed["id"], "-o", "json"))
     record("cape logout", cape(config, "logout", "-o", "json"))
     assert set(seen) == set(SHAPES), set(SHAPES) - set(seen)

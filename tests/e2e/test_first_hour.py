@@ -442,7 +442,7 @@ def _in_terminal(config: Path, *args: str, columns: int = 80) -> str:
 
 
 def test_8_tables_keep_ids_and_names_whole_at_80_columns(
-    account: Account, echo: dict[str, str], tmp_path: Path
+    server: ServeProcess, account: Account, echo: dict[str, str], tmp_path: Path
 ) -> None:
     long_name = "a-rather-long-function-name-to-copy"
     fn = _deploy(account, write_function(tmp_path / "f", ECHO_APP), "--name", long_name)
@@ -460,6 +460,18 @@ def test_8_tables_keep_ids_and_names_whole_at_80_columns(
     assert any("a-long-token-name-for-the-ci" in line for line in shown.splitlines()), shown
     assert "…" not in shown, shown
     assert all(len(line) <= 80 for line in shown.splitlines()), shown
+
+    # The operator's table too: invite ids are what `cape admin invite revoke` takes.
+    data = ("--data-dir", str(server.data_dir))
+    made = ok(
+        cape(account.config, "admin", "invite", "create", *data, "-n", "n" * 30, "-o", "json")
+    )
+    invite_id = made.json()["invites"][0]["id"]
+    shown = _in_terminal(account.config, "admin", "invite", "list", *data)
+    assert any(invite_id in line for line in shown.splitlines()), shown
+    assert "…" not in shown, shown
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
+    ok(cape(account.config, "admin", "invite", "revoke", invite_id, *data))
 
 
 # -- 9. messages that leave users stuck ---------------------------------------------------------

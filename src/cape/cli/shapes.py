@@ -33,6 +33,15 @@ OBJECTS: Final[dict[str, Shape]] = {
         "expires_at": "string or null: RFC 3339 time",
         "last_used": "string or null: RFC 3339 time",
     },
+    "Invite": {
+        "id": "string: the invite id (for `cape admin invite revoke`; never the code)",
+        "state": "string: unused, used or expired (a revoked invite is gone)",
+        "note": "string",
+        "created_at": "string: RFC 3339 time",
+        "expires_at": "string: RFC 3339 time",
+        "used_at": "string or null: RFC 3339 time",
+        "used_by": "string or null: the account that signed up with it",
+    },
 }
 
 _LOGIN: Final[Shape] = {
@@ -83,6 +92,13 @@ SHAPES: Final[dict[str, tuple[Shape, ...]]] = {
     "cape delete": ({"deleted": "string: the function id"},),
     "cape function create": ({"path": "string", "files": "list of strings"},),
     "cape encrypt": ({"ciphertext": "string: the text form", "form": "string: text"},),
+    "cape admin invite create": (
+        {
+            "invites": "list of Invite",
+            "codes": "list of strings: each invite's code, in the same order (shown only now)",
+        },
+    ),
+    "cape admin invite list": ({"invites": "list of Invite", "count": "int: how many invites"},),
     "cape attestation verify": (
         {
             "valid": "bool",
