@@ -141,6 +141,10 @@ public final class Cape implements AutoCloseable {
         }
     }
 
+    HttpClient http() {
+        return http;
+    }
+
     private Rest restClient() {
         return new Rest(url, http);
     }
@@ -309,7 +313,11 @@ public final class Cape implements AutoCloseable {
             throw new FormatException("invalid function name '" + name + "': use 1-64 characters of "
                     + "A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit");
         }
-        RSAPublicKey key = ownKey();
+        return deploy(zip, name, isPublic, ownKey());
+    }
+
+    /** Deploy encrypted to {@code key} (the caller's own attested key). */
+    Deployed deploy(byte[] zip, String name, boolean isPublic, RSAPublicKey key) {
         String checksum = HexFormat.of().formatHex(Session.sha256(zip));
         byte[] ciphertext = Envelope.encrypt(zip, key);
         Session session = Session.open("/v1/deploy", options(null));
