@@ -74,6 +74,7 @@ def junit(
         "-jar",
         str(JUNIT),
         "--disable-banner",
+        "--disable-ansi-colors",
         "--details=tree",
         "--fail-if-no-tests",
         "-cp",
@@ -86,6 +87,7 @@ def junit(
         text=True,
         timeout=timeout_s,
         env={**os.environ, **env},
+        cwd=JAVA,
         check=False,
     )
 
