@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 "java",
                 heap,
                 f"-Dwarmup.seconds={0.5 if args.quick else 3}",
+                f"-Dwarmup.bytes={(8 if args.quick else 512) << 20}",
                 "-cp",
                 classpath,
                 "EncryptBench",

@@ -25,10 +25,12 @@ public final class EncryptBench {
         generator.initialize(4096);
         RSAPublicKey key = (RSAPublicKey) generator.generateKeyPair().getPublic();
         SecureRandom random = new SecureRandom();
-        // Warm up both paths until the JIT has compiled them (AES-GCM intrinsics need C2).
-        byte[] warm = new byte[1 << 20];
+        // Warm up both paths until the JIT has compiled them: AES-GCM's intrinsics need C2,
+        // which takes a few hundred MiB through the cipher, not just time.
+        long warmupBytes = Long.parseLong(System.getProperty("warmup.bytes", String.valueOf(512L << 20)));
+        byte[] warm = new byte[8 << 20];
         long until = System.nanoTime() + (long) (warmupSeconds * 1e9);
-        while (System.nanoTime() < until) {
+        for (long done = 0; done < warmupBytes || System.nanoTime() < until; done += warm.length) {
             Envelope.seal(warm, key);
             rawGcm(warm, random);
         }
