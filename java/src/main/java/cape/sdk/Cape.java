@@ -199,21 +199,16 @@ public final class Cape implements AutoCloseable {
         }
         byte[] raw = Json.b64(encoded, "key document");
         AttestationDocument document = Verifier.verifyArchived(raw, pinned, pcrs);
-        JsonObject userData;
-        try {
-            JsonElement parsed = Json.parse(new String(
-                    document.userData() == null ? "{}".getBytes(StandardCharsets.UTF_8) : document.userData(),
-                    StandardCharsets.UTF_8));
-            if (parsed == null) {
-                throw new FormatException("the key document's user_data is not JSON");
-            }
-            if (!parsed.isJsonObject()) {
-                throw new FormatException("the key document's user_data is not a JSON object");
-            }
-            userData = parsed.getAsJsonObject();
-        } catch (IllegalStateException e) {
+        byte[] userBytes = document.userData();
+        JsonElement parsed = Json.parse(userBytes == null || userBytes.length == 0
+                ? "{}" : new String(userBytes, StandardCharsets.UTF_8));
+        if (parsed == null) {
             throw new FormatException("the key document's user_data is not JSON");
         }
+        if (!parsed.isJsonObject()) {
+            throw new FormatException("the key document's user_data is not a JSON object");
+        }
+        JsonObject userData = parsed.getAsJsonObject();
         RSAPublicKey key = keyFromUserData(userData, canonical);
         keys.put(canonical, key);
         return key;

@@ -6,7 +6,6 @@ import cape.errors.CapeException;
 import cape.errors.ChecksumMismatchException;
 import cape.errors.FormatException;
 import cape.errors.FunctionException;
-import cape.errors.RequestRefusedException;
 import cape.errors.TransportException;
 import cape.errors.VerificationException;
 import cape.verify.AttestationDocument;
@@ -321,7 +320,9 @@ final class Session implements AutoCloseable {
         }
         if (event instanceof Frames.Failed f) {
             frames.events.add(f);
-            throw new TransportException("the server closed the session: " + f.error().getMessage());
+            String why = f.error().getMessage();
+            throw new TransportException("the server closed the session: "
+                    + (why == null ? f.error().getClass().getSimpleName() : why));
         }
         if (event instanceof Frames.Binary) {
             throw new FormatException("expected a text frame from the server");
