@@ -296,6 +296,12 @@ final class Session implements AutoCloseable {
             if (pending instanceof Frames.Closed c) {
                 throw closeError(c.code(), c.reason());
             }
+            // The server answered and closed while this side was still sending (e.g. it refused
+            // a deploy after its first frame): the answer, queued before the close, is the error.
+            if (pending instanceof Frames.Text t && Json.parse(t.text()) instanceof JsonObject answer
+                    && Json.truthy(answer.get("error"))) {
+                throw new FunctionException(Json.str(answer.get("error")));
+            }
             throw new TransportException("the server closed the session");
         } catch (InterruptedException e) {
             Thread.currentThread().interrupt();
