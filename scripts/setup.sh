@@ -68,6 +68,28 @@ case ",$extras," in *,test,*)
     ;;
 esac
 
+# The Java SDK (java/, issue 20) builds offline from the JDK and Debian's jars; its tests
+# (tests/e2e/test_java_sdk.py, tests/integration/test_java_hostile.py) and benchmarks/java_bench.py
+# need them. Maven Central is never contacted.
+case ",$extras," in *,test,* | *,bench,*)
+    if ! command -v javac >/dev/null 2>&1 || [ ! -f /usr/share/java/bcprov.jar ] \
+        || [ ! -f /usr/share/java/gson.jar ] \
+        || [ ! -f /usr/share/java/junit-platform-console-standalone.jar ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "cape: installing a JDK and the Java SDK's jars with apt-get" >&2
+            if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+                default-jdk-headless libbcprov-java libgoogle-gson-java junit5 >/dev/null; }; then
+                echo "cape: could not install the Java SDK's packages; its tests will skip" \
+                    "(and fail under CI)" >&2
+            fi
+        else
+            echo "cape: no JDK/jars for the Java SDK (apt install default-jdk-headless" \
+                "libbcprov-java libgoogle-gson-java junit5); its tests will skip" >&2
+        fi
+    fi
+    ;;
+esac
+
 # The vendoring tests deploy functions whose requirements.txt pip installs from this local
 # wheelhouse, since tests may not reach an index: msgpack for tests/e2e/test_sdk.py, and
 # examples/image-classification's requirements (onnxruntime, numpy and what they pull in) for
