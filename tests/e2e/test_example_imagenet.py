@@ -16,7 +16,9 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,3 +286,34 @@ def test_undecodable_image_is_the_functions_error(setup: tuple[Cape, Deployed, P
         cape(config, "run", function.id, "-f", str(config.parent / "notes.txt")),
         "not a picture Pillow can read",
     )
+
+
+def test_run_prediction_script(setup: tuple[Cape, Deployed, Path]) -> None:
+    """The README's SDK version of the demo, as a user runs it (the CLI's settings)."""
+    _, function, config = setup
+    script = str(EXAMPLE / "run_prediction.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPE_")}
+    env["CAPE_CONFIG_DIR"] = str(config)
+    done = subprocess.run(
+        [sys.executable, script, function.name, str(EXAMPLE / "images" / "coffee.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 8 and lines[0].split(": ")[0] in PHOTOS["coffee.png"], done.stdout
+    assert re.fullmatch(r"verified: root sha256:[0-9a-f]{64}", lines[5]), done.stdout
+    assert lines[7].endswith(f"function checksum {function.checksum}"), done.stdout
+    missing = subprocess.run(
+        [sys.executable, script, function.name, str(config / "no-such-photo.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert missing.returncode == 1 and missing.stdout == "", missing.stderr
+    assert missing.stderr.startswith("Error: ") and len(missing.stderr.splitlines()) == 1
