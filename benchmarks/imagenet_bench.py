@@ -16,7 +16,8 @@ vendored from ``.wheelhouse``, outside every figure) and classifies ``images/che
   vendored wheels, same ``app.py``), importing it and returning the first top-5.
 - *per call*: a warm session's call (HPKE-sealed photo through the enclave channel and the
   sandbox, decode + preprocess + inference, JSON back) against ``app.cape_handler`` on the same
-  photo in that plain process (same single-threaded onnxruntime session options). Goal: ≤ 1.3x.
+  photo in that plain process (same single-threaded onnxruntime session options), the two
+  alternating call by call. Goal: ≤ 1.3x.
 
 ``--json PATH`` also writes the figures and the raw samples (``benchmarks/_results.py``).
 """
@@ -59,21 +60,58 @@ CALL_GOAL = 1.3
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 
 # The reference: the bundle's own app.py in a plain process (no sandbox, no enclave), started
-# as the worker starts it (its folder first on sys.path, as the working directory).
+# as the worker starts it (its folder first on sys.path, as the working directory). It prints
+# "first" after its first result, then classifies the photo once per line read, printing the
+# seconds each call took.
 PLAIN = r"""
-import json, sys, time
+import sys, time
 sys.path.insert(0, ".")
 import app
 photo = open(sys.argv[1], "rb").read()
 app.cape_handler(photo)
 print("first", flush=True)
-samples = []
-for _ in range(int(sys.argv[2])):
+for _ in sys.stdin:
     start = time.perf_counter()
     app.cape_handler(photo)
-    samples.append(time.perf_counter() - start)
-print(json.dumps(samples), flush=True)
+    print(time.perf_counter() - start, flush=True)
 """
+
+
+class PlainProcess:
+    """``PLAIN`` running on an unpacked bundle; ``started`` = process start → first result."""
+
+    def __init__(self, folder: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        start = time.perf_counter()
+        self.child = subprocess.Popen(
+            [sys.executable, "-I", "-c", PLAIN, str(PHOTO)],
+            cwd=folder,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if self._line() != "first":
+            raise RuntimeError("the plain process failed before its first result")
+        self.started = time.perf_counter() - start
+
+    def _line(self) -> str:
+        assert self.child.stdout is not None
+        return self.child.stdout.readline().strip()
+
+    def call(self) -> float:
+        """One classification, timed inside the process (seconds)."""
+        assert self.child.stdin is not None
+        self.child.stdin.write("\n")
+        self.child.stdin.flush()
+        return float(self._line())
+
+    def close(self) -> None:
+        assert self.child.stdin is not None
+        self.child.stdin.close()
+        if self.child.wait(timeout=60) != 0:
+            raise RuntimeError(f"the plain process failed (exit {self.child.returncode})")
 
 
 def check_top5(output: bytes) -> None:
@@ -111,35 +149,28 @@ def build(notes: list[str]) -> bytes:
     return bundle.data
 
 
-def plain_samples(bundle: bytes, calls: int, starts: int, samples: Samples) -> None:
-    """The plain-process references: cold start (process → first result) and per call."""
-    with tempfile.TemporaryDirectory(prefix="cape-bench-plain-") as tmp:
-        with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
-            archive.extractall(tmp)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
-        for attempt in range(starts):
-            start = time.perf_counter()
-            with subprocess.Popen(
-                [sys.executable, "-I", "-c", PLAIN, str(PHOTO), str(calls if attempt == 0 else 0)],
-                cwd=tmp,
-                env=env,
-                stdout=subprocess.PIPE,
-                text=True,
-            ) as child:
-                assert child.stdout is not None
-                first = child.stdout.readline()
-                cold = time.perf_counter() - start
-                rest = child.stdout.read()
-            if first.strip() != "first" or child.returncode != 0:
-                raise RuntimeError(f"the plain process failed (exit {child.returncode})")
-            samples.add("plain process: start → first result", cold)
-            for seconds in json.loads(rest):
-                samples.add("plain process: call", seconds)
+def unpack(bundle: bytes, folder: Path) -> None:
+    with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
+        archive.extractall(folder)
+
+
+def plain_cold_samples(folder: Path, starts: int, samples: Samples) -> None:
+    """The cold-start reference: a new plain process → its first result, ``starts`` times."""
+    for _ in range(starts):
+        plain = PlainProcess(folder)
+        plain.close()
+        samples.add("plain process: start → first result", plain.started)
 
 
 async def one_enclave(
-    bench: Bench, bundle: bytes, *, warm: bool, cold: int, calls: int, samples: Samples
+    bench: Bench,
+    bundle: bytes,
+    plain_folder: Path,
+    *,
+    warm: bool,
+    cold: int,
+    calls: int,
+    samples: Samples,
 ) -> None:
     enclave = await bench.platform.launcher(runtime_args=[] if warm else ["--no-warm-pool"]).start()
     try:
@@ -151,14 +182,21 @@ async def one_enclave(
         gap = min(8.0, 0.3 + 1.3 * p50(no_pool) / MS) if warm and no_pool else 0.1
         await cold_series(bench, enclave, app, warm=warm, repeats=cold, gap=gap, samples=samples)
         if warm:
+            # Calls alternate between the enclave and the plain process, so that both see the
+            # same machine (other load comes and goes on a shared one).
             session, public_key = await bench.open(enclave, "run", bundle=app.ciphertext)
-            check_top5(await bench.invoke(session, public_key, photo))  # first call not counted
-            for _ in range(calls):
-                start = time.perf_counter()
-                output = await bench.invoke(session, public_key, photo)
-                samples.add("enclave: call (warm session)", time.perf_counter() - start)
-                check_top5(output)
-            await session.close()
+            plain = PlainProcess(plain_folder)
+            try:
+                check_top5(await bench.invoke(session, public_key, photo))  # first: not counted
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    output = await bench.invoke(session, public_key, photo)
+                    samples.add("enclave: call (warm session)", time.perf_counter() - start)
+                    check_top5(output)
+                    samples.add("plain process: call", plain.call())
+            finally:
+                plain.close()
+                await session.close()
     finally:
         await enclave.close()
 
@@ -237,15 +275,26 @@ def main(argv: list[str] | None = None) -> int:
     except CapeError as exc:
         print(f"imagenet benchmark: the bundle did not build: {exc}", file=sys.stderr)
         return 1
-    plain_samples(bundle, calls, cold, samples)
     with tempfile.TemporaryDirectory() as tmp:
-        platform = LocalPlatform(Path(tmp), master_key=os.urandom(32))
+        folder = Path(tmp) / "plain"
+        unpack(bundle, folder)
+        plain_cold_samples(folder, cold, samples)
+        (Path(tmp) / "platform").mkdir(mode=0o700)
+        platform = LocalPlatform(Path(tmp) / "platform", master_key=os.urandom(32))
         try:
             platform.kms.get_or_create_key(OWNER)
             bench = Bench(platform)
             for warm in (False, True):
                 asyncio.run(
-                    one_enclave(bench, bundle, warm=warm, cold=cold, calls=calls, samples=samples)
+                    one_enclave(
+                        bench,
+                        bundle,
+                        folder,
+                        warm=warm,
+                        cold=cold,
+                        calls=calls,
+                        samples=samples,
+                    )
                 )
         finally:
             platform.close()
