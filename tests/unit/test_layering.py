@@ -27,11 +27,14 @@ ALLOWED: dict[str, set[str]] = {
     "crypto": {"crypto", "formats"},
     "verify": {"verify", "crypto", "formats"},
     "sdk": {"sdk", "verify", "crypto", "formats"},
-    # cli imports platform only inside `cape serve`, which starts the whole platform.
-    "cli": {"cli", "sdk", "verify", "crypto", "formats", "host", "platform"},
+    # cli imports platform only inside `cape serve`, `cape pcrs` and the operator commands
+    # `cape kms …`, which act on the local platform; and image for `cape enclave build`.
+    "cli": {"cli", "sdk", "verify", "crypto", "formats", "host", "platform", "image"},
     "host": {"host", "formats"},
     "kms": {"kms", "verify", "crypto", "formats"},
     "enclave": {"enclave", "verify", "crypto", "formats"},
+    # Build-time tooling (EIF builder): turns files into an image; holds no runtime trust.
+    "image": {"image", "crypto", "formats"},
     "_internal": set(),
     "platform": {"platform", "host", "kms", "enclave", "sdk", "verify", "crypto", "formats"},
 }

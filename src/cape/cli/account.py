@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import re
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -297,15 +298,29 @@ def config(
 
 
 @command(app, "pcrs")
-def pcrs(common: Common) -> None:
-    """The PCR0-2 a client should pin for the enclave runtime this installation would start.
+def pcrs(
+    common: Common,
+    eif: Annotated[
+        Path | None, typer.Option("--eif", help="Print this enclave image's PCRs instead.")
+    ] = None,
+) -> None:
+    """The PCRs a client should pin for the enclave runtime this installation would start.
 
-    Simulated measurements (SHA-384 over the interpreter and the runtime's code); use them as
-    `--pcr 0:HEX` on `cape run`/`deploy`/`key`.
+    Simulated measurements (SHA-384 over the interpreter and the runtime's code), plus PCR8
+    (the image signer) when this machine's `cape serve` data directory holds a signing key;
+    with `--eif`, an image's PCR0/1/2 (and PCR8 when signed). Pin them as `--pcr 0:HEX` (one
+    build) or `--pcr 8:HEX` (any build of that signer) on `cape run`/`deploy`/`key`.
     """
-    from cape.platform.local import runtime_pcrs
+    if eif is not None:
+        from cape.verify.eif import describe_eif
 
-    values = {f"PCR{index}": value.hex() for index, value in runtime_pcrs().items()}
+        found = describe_eif(eif).pcrs
+    else:
+        from cape.platform.local import runtime_pcrs
+        from cape.platform.serve import default_data_dir
+
+        found = runtime_pcrs(default_data_dir())
+    values = {f"PCR{index}": value.hex() for index, value in found.items()}
     if common.json:
         emit_json(values)
     else:

@@ -25,7 +25,7 @@ from typing import Any
 
 from cape.enclave.keyclient import EnclaveKeyClient
 from cape.enclave.measure import measure_runtime, simulated_pcrs
-from cape.enclave.provision import decode_credentials
+from cape.enclave.provision import decode_credentials, image_signature
 from cape.enclave.sandbox import SandboxLimits
 from cape.enclave.secure_module.base import SecureModule
 from cape.enclave.secure_module.nitro import NitroSecureModule
@@ -97,7 +97,11 @@ class Runtime:
             raise FormatError("the first channel frame must be 'provision'")
         credentials = decode_credentials(message.get("credentials"))
         measurement = await asyncio.to_thread(measure_runtime)
-        pcrs = simulated_pcrs(measurement, instance_id=credentials.instance_id)
+        pcrs = simulated_pcrs(
+            measurement,
+            instance_id=credentials.instance_id,
+            image_signature=image_signature(message.get("credentials")),
+        )
         return SimulatedSecureModule(credentials, pcrs=pcrs), pcrs
 
     def _dispatch(self, message: dict[str, Any]) -> None:
