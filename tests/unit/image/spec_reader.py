@@ -62,8 +62,18 @@ def read(data: bytes) -> Image:
             Section(TYPES[kind], section_flags, offset, data[offset + 12 : offset + 12 + size])
         )
     return Image(
-        magic, version, flags, default_mem, default_cpus, reserved, num_sections,
-        offsets, sizes, unused, crc, sections,
+        magic,
+        version,
+        flags,
+        default_mem,
+        default_cpus,
+        reserved,
+        num_sections,
+        offsets,
+        sizes,
+        unused,
+        crc,
+        sections,
     )
 
 
@@ -109,7 +119,7 @@ class CpioMember:
 
 
 def read_newc(data: bytes) -> list[CpioMember]:
-    members = []
+    members: list[CpioMember] = []
     position = 0
     while True:
         head = data[position : position + 110]

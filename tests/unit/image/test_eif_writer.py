@@ -185,7 +185,10 @@ def test_single_ramdisk_known_answer(tmp_path: Path) -> None:
     )
     with path.open("wb") as out:
         write_eif(
-            out, kernel=b"kernel", cmdline=b"console=ttyS0", metadata=metadata,
+            out,
+            kernel=b"kernel",
+            cmdline=b"console=ttyS0",
+            metadata=metadata,
             ramdisks=[(b"ramdisk", None)],
         )
     image = spec_reader.read(path.read_bytes())
@@ -215,14 +218,21 @@ def _small_image(tmp_path: Path, signer: ImageSigner) -> bytes:
     )
     buffer = io.BytesIO()
     write_eif(
-        buffer, kernel=b"K" * 8, cmdline=b"c=1", metadata=metadata,
+        buffer,
+        kernel=b"K" * 8,
+        cmdline=b"c=1",
+        metadata=metadata,
         ramdisks=[(b"boot", None), (b"app!", None)],
     )
     pcr0 = spec_reader.pcrs(spec_reader.read(buffer.getvalue()))[0]
     with path.open("wb") as out:
         write_eif(
-            out, kernel=b"K" * 8, cmdline=b"c=1", metadata=metadata,
-            ramdisks=[(b"boot", None), (b"app!", None)], signature=signer.sign_pcr0(pcr0),
+            out,
+            kernel=b"K" * 8,
+            cmdline=b"c=1",
+            metadata=metadata,
+            ramdisks=[(b"boot", None), (b"app!", None)],
+            signature=signer.sign_pcr0(pcr0),
         )
     return path.read_bytes()
 
@@ -284,8 +294,7 @@ def test_signature_by_a_key_not_matching_its_certificate_is_refused(
     entries = spec_reader.signature_entries(section.data)
     entries[0]["signing_certificate"] = list(other_signer.certificate_pem)
     forged = cbor2.dumps(entries)
-    rebuilt = bytes(data[: section.offset + 4]) + len(forged).to_bytes(8, "big") + forged
-    rebuilt = bytearray(rebuilt)
+    rebuilt = bytearray(data[: section.offset + 4] + len(forged).to_bytes(8, "big") + forged)
     sizes_at = 284 + 8 * (image.num_sections - 1)
     rebuilt[sizes_at : sizes_at + 8] = len(forged).to_bytes(8, "big")
     rebuilt[544:548] = spec_reader.crc_of(bytes(rebuilt)).to_bytes(4, "big")
@@ -299,7 +308,7 @@ def test_build_refuses_missing_blobs_and_bad_inputs(
     blobs: Path, rootfs: Path, tmp_path: Path
 ) -> None:
     (blobs / "nsm.ko").unlink()
-    with pytest.raises(FormatError, match="no nsm.ko"):
+    with pytest.raises(FormatError, match=r"no nsm\.ko"):
         _build(blobs, rootfs, tmp_path / "a.eif")
     assert not (tmp_path / "a.eif").exists()
     (blobs / "nsm.ko").write_bytes(b"nsm")

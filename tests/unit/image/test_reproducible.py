@@ -10,7 +10,7 @@ import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,7 +99,7 @@ def _tar(members: list[tuple[str, bytes | None, int]]) -> bytes:
     return buffer.getvalue()
 
 
-def _docker_save(path: Path, layers: list[bytes], config: dict[str, object]) -> Path:
+def _docker_save(path: Path, layers: list[bytes], config: Mapping[str, object]) -> Path:
     members: list[tuple[str, bytes | None, int]] = []
     names = []
     for number, layer in enumerate(layers):
@@ -112,7 +112,7 @@ def _docker_save(path: Path, layers: list[bytes], config: dict[str, object]) -> 
     return path
 
 
-CONFIG = {
+CONFIG: dict[str, object] = {
     "architecture": "amd64",
     "os": "linux",
     "config": {
@@ -193,7 +193,11 @@ def test_oci_layout_archive(tmp_path: Path) -> None:
         ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}', 0o644),
         ("index.json", index, 0o644),
     ]
-    for digest, data in ((layer_digest, layer), (config_digest, config), (manifest_digest, manifest)):
+    for digest, data in (
+        (layer_digest, layer),
+        (config_digest, config),
+        (manifest_digest, manifest),
+    ):
         members.append((f"blobs/sha256/{digest.split(':')[1]}", data, 0o644))
     (tmp_path / "oci.tar").write_bytes(_tar(members))
     tree = read_image_archive(tmp_path / "oci.tar")
@@ -218,7 +222,7 @@ def test_hostile_layers_are_refused(
 
 def test_not_an_image_archive(tmp_path: Path) -> None:
     (tmp_path / "plain.tar").write_bytes(_tar([("file", b"x", 0o644)]))
-    with pytest.raises(FormatError, match="no manifest.json"):
+    with pytest.raises(FormatError, match=r"no manifest\.json"):
         read_image_archive(tmp_path / "plain.tar")
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(FormatError, match="cannot read the image archive"):
