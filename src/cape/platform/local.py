@@ -80,7 +80,7 @@ class LocalPlatform:
         self.data_dir = data_dir
         self.authority = authority or SimulatedAuthority.generate()
         self.signer = signer or ImageSigner.generate("Cape simulated runtime signer")
-        self.image_signature = self.signer.sign_pcr0(measure_runtime().pcr0)
+        self.image_signature: bytes | None = self.signer.sign_pcr0(measure_runtime().pcr0)
         self.policy = policy or signer_key_policy(self.signer)
         if master_key is None:
             self.kms = LocalKeyService.open(
