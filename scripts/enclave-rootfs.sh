@@ -102,7 +102,10 @@ SITE="$OUT/usr/local/lib/python$PYVER/dist-packages"
 "$PYTHON" -m pip install --quiet --no-index --find-links "$CACHE/wheels" --no-compile \
     "${TARGET_ARGS[@]}" --target "$SITE" --report "$WORK/report.json" "$SELF" >/dev/null
 
-# 4. Nothing that differs from one build to the next.
+# 4. The dynamic linker's cache (ctypes.util.find_library, which pyseccomp uses, reads it);
+#    then nothing that differs from one build to the next.
+ldconfig -r "$OUT"
+rm -rf "$OUT/var/cache/ldconfig"
 rm -rf "$OUT/var/cache/apt/archives/"*.deb "$OUT/var/lib/apt/lists/"* "$OUT/var/log/"*
 find "$OUT" -name __pycache__ -prune -exec rm -rf {} +
 find "$SITE" -name direct_url.json -delete  # the wheel's temporary path
