@@ -199,3 +199,15 @@ def test_kms_rebind_installed_runtime_and_bad_directory(data_dir: Path, tmp_path
     assert "no image-signing certificate" in line
     result = runner.invoke(app, ["kms", "rebind", "--data-dir", str(data_dir), "--to", "other"])
     assert result.exit_code == 2
+
+
+def test_pcrs_with_a_data_directory_adds_the_signers_pcr8(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CAPE_DATA_DIR", raising=False)
+    plain = json.loads(runner.invoke(app, ["pcrs", "-o", "json"]).stdout)
+    assert set(plain) == {"PCR0", "PCR1", "PCR2"}
+    result = runner.invoke(app, ["pcrs", "--data-dir", str(data_dir), "-o", "json"])
+    signer = load_image_signer(data_dir / IMAGE_SIGNING_DIR, create=False)
+    assert signer is not None
+    assert json.loads(result.stdout) == plain | {"PCR8": signer.identity.pcr8.hex()}

@@ -303,12 +303,20 @@ def pcrs(
     eif: Annotated[
         Path | None, typer.Option("--eif", help="Print this enclave image's PCRs instead.")
     ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar="CAPE_DATA_DIR",
+            help="A cape serve data directory: add PCR8 of its image-signing key.",
+        ),
+    ] = None,
 ) -> None:
     """The PCRs a client should pin for the enclave runtime this installation would start.
 
-    Simulated measurements (SHA-384 over the interpreter and the runtime's code), plus PCR8
-    (the image signer) when this machine's `cape serve` data directory holds a signing key;
-    with `--eif`, an image's PCR0/1/2 (and PCR8 when signed). Pin them as `--pcr 0:HEX` (one
+    Simulated measurements (SHA-384 over the interpreter and the runtime's code); with
+    `--data-dir` (or CAPE_DATA_DIR), also PCR8 of that `cape serve`'s image-signing key; with
+    `--eif`, an image's PCR0/1/2 (and PCR8 when signed). Pin them as `--pcr 0:HEX` (one
     build) or `--pcr 8:HEX` (any build of that signer) on `cape run`/`deploy`/`key`.
     """
     if eif is not None:
@@ -317,9 +325,8 @@ def pcrs(
         found = describe_eif(eif).pcrs
     else:
         from cape.platform.local import runtime_pcrs
-        from cape.platform.serve import default_data_dir
 
-        found = runtime_pcrs(default_data_dir())
+        found = runtime_pcrs(data_dir)
     values = {f"PCR{index}": value.hex() for index, value in found.items()}
     if common.json:
         emit_json(values)
