@@ -27,8 +27,10 @@ ALLOWED: dict[str, set[str]] = {
     "crypto": {"crypto", "formats"},
     "verify": {"verify", "crypto", "formats"},
     "sdk": {"sdk", "verify", "crypto", "formats"},
-    # cli imports platform only inside `cape serve`, `cape pcrs` and the operator commands
-    # `cape kms …`, which act on the local platform; and image for `cape enclave build`.
+    # cli imports platform only inside `cape serve`, which starts the whole platform, `cape pcrs`
+    # and the operator commands `cape kms …` (on the server's own data directory); host for
+    # `cape admin` (an operator tool on the data directory, cli/admin.py) and the serve flags'
+    # defaults; image for `cape enclave build`. Client commands reach the server only via sdk.
     "cli": {"cli", "sdk", "verify", "crypto", "formats", "host", "platform", "image"},
     "host": {"host", "formats"},
     "kms": {"kms", "verify", "crypto", "formats"},
