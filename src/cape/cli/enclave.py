@@ -53,7 +53,7 @@ def describe_lines(description: EifDescription) -> list[str]:
         "Sections:   " + ", ".join(f"{s.type.label} ({s.size})" for s in description.sections),
         f"Signed:     {'yes, by ' + description.signer.subject if description.signer else 'no'}",
     ]
-    lines += [f"PCR{index}:       {value.hex()}"[:200] for index, value in description.pcrs.items()]
+    lines += [f"PCR{index}:       {value.hex()}" for index, value in description.pcrs.items()]
     return lines
 
 
