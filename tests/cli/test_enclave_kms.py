@@ -3,6 +3,7 @@ results on stdout, one ``Error:`` line and a non-zero exit for every bad input."
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from pathlib import Path
@@ -68,11 +69,32 @@ def test_build_then_describe(inputs: dict[str, Path], tmp_path: Path) -> None:
     assert document["signed"] is True and set(document["pcrs"]) == {"0", "1", "2", "8"}
     assert document["metadata"]["ImageName"] == "rt"
     assert [s["type"] for s in document["sections"]][-1] == "signature"
+    assert document["signer"]["certificate_valid_now"] is True
     plain = runner.invoke(app, ["enclave", "describe", str(tmp_path / "rt.eif")])
     assert plain.exit_code == 0 and "Signed:     yes, by CN=CLI signer" in plain.stdout
+    assert "Warning" not in plain.stderr
     pcrs = runner.invoke(app, ["pcrs", "--eif", str(tmp_path / "rt.eif"), "-o", "json"])
     assert pcrs.exit_code == 0
     assert json.loads(pcrs.stdout) == {f"PCR{i}": v for i, v in document["pcrs"].items()}
+
+
+def test_expired_signing_certificate_is_reported(inputs: dict[str, Path], tmp_path: Path) -> None:
+    # nitro-cli refuses to boot an image whose signing certificate is outside its validity
+    # window; the signature itself still verifies, so both commands succeed and warn.
+    old = ImageSigner.generate("Old signer", now=dt.datetime(2001, 1, 1, tzinfo=dt.UTC))
+    inputs["key"].write_bytes(old.private_key_pem())
+    inputs["cert"].write_bytes(old.certificate_pem)
+    args = ["enclave", "build", "--blobs", str(inputs["blobs"]), "--rootfs", str(inputs["rootfs"])]
+    args += ["-o", str(tmp_path / "old.eif"), "--sign-key", str(inputs["key"])]
+    built = runner.invoke(app, [*args, "--sign-cert", str(inputs["cert"])])
+    assert built.exit_code == 0, built.stderr
+    assert "Warning: the signing certificate expired on 2010-" in built.stderr
+    result = runner.invoke(app, ["enclave", "describe", str(tmp_path / "old.eif"), "-o", "json"])
+    assert result.exit_code == 0, result.stderr
+    signer = json.loads(result.stdout)["signer"]
+    assert signer["certificate_valid_now"] is False
+    assert signer["not_after"].startswith("2010-12-")
+    assert "nitro-cli refuses to run this image" in result.stderr
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "missing", "directory"])

@@ -17,7 +17,7 @@ from cape.cli.common import Common, UsageError, command, emit_json, stderr
 from cape.errors import FormatError
 
 if TYPE_CHECKING:
-    from cape.crypto.eif_signature import ImageSigner
+    from cape.crypto.eif_signature import ImageSigner, SignerIdentity
     from cape.verify.eif import EifDescription
 
 __all__ = ["app", "describe_lines", "load_signer"]
@@ -40,6 +40,22 @@ def load_signer(key: Path | None, cert: Path | None) -> ImageSigner | None:
     return ImageSigner.from_pem(key_pem, cert_pem)
 
 
+def _signed(description: EifDescription) -> str:
+    signer = description.signer
+    if signer is None:
+        return "no"
+    return (
+        f"yes, by {signer.subject} (certificate valid {signer.not_before.date().isoformat()} "
+        f"to {signer.not_after.date().isoformat()})"
+    )
+
+
+def _warn_validity(signer: SignerIdentity | None) -> None:
+    problem = signer.validity_problem() if signer is not None else None
+    if problem is not None:
+        stderr.print(f"Warning: {problem}; nitro-cli refuses to run this image.", markup=False)
+
+
 def describe_lines(description: EifDescription) -> list[str]:
     """The plain rendering of an :class:`~cape.verify.eif.EifDescription`."""
     meta = description.metadata
@@ -51,7 +67,7 @@ def describe_lines(description: EifDescription) -> list[str]:
         f"{build.get('BuildToolVersion', '')}".rstrip(),
         f"Size:       {description.size} bytes, {'aarch64' if description.arm64 else 'x86_64'}",
         "Sections:   " + ", ".join(f"{s.type.label} ({s.size})" for s in description.sections),
-        f"Signed:     {'yes, by ' + description.signer.subject if description.signer else 'no'}",
+        f"Signed:     {_signed(description)}",
     ]
     lines += [f"PCR{index}:       {value.hex()}" for index, value in description.pcrs.items()]
     return lines
@@ -100,6 +116,7 @@ def build(
         build_time=build_time,
     )
     stderr.print(f"Wrote {result.path} ({result.size} bytes)", markup=False)
+    _warn_validity(result.signer)
     for index, value in result.pcrs.items():
         sys.stdout.write(f"PCR{index}\t{value.hex()}\n")
 
@@ -113,6 +130,7 @@ def describe(
     from cape.verify.eif import describe_eif
 
     description = describe_eif(image)
+    _warn_validity(description.signer)
     if common.json:
         emit_json(description.to_json())
     else:

@@ -78,6 +78,25 @@ class SignerIdentity:
     def der(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.DER)
 
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.certificate.not_valid_after_utc
+
+    def validity_problem(self, now: dt.datetime | None = None) -> str | None:
+        """Why nitro-cli would refuse to run an image signed with this certificate at ``now``
+        (it checks the certificate's validity window before it boots a signed image), or
+        ``None`` when the certificate is valid then. The signature itself stays valid."""
+        moment = now or dt.datetime.now(dt.UTC)
+        if moment < self.not_before:
+            return f"the signing certificate is not valid before {self.not_before.isoformat()}"
+        if moment > self.not_after:
+            return f"the signing certificate expired on {self.not_after.isoformat()}"
+        return None
+
 
 class ImageSigner:
     """An EC private key and its certificate; signs PCR0 into a signature section."""
@@ -170,9 +189,10 @@ class ImageSigner:
 def verify_signature_section(section: bytes, pcr0: bytes) -> SignerIdentity:
     """Check that ``section`` signs ``pcr0``; return the signer.
 
-    Only the first entry counts, as on Nitro. Certificate validity dates are not checked
-    (nor are they by the Nitro hypervisor): the certificate names the signer, it is not a
-    chain to a root.
+    Only the first entry counts, as on Nitro. The certificate names the signer, it is not a
+    chain to a root, and its validity dates are not checked here (a signature does not expire);
+    :meth:`SignerIdentity.validity_problem` reports them, since nitro-cli refuses to boot an
+    image whose certificate is outside its validity window.
 
     Raises:
         FormatError: the section, certificate or COSE structure is malformed.

@@ -84,7 +84,13 @@ class EifDescription:
             "signed": self.signed,
         }
         if self.signer is not None:
-            document["signer"] = {"subject": self.signer.subject}
+            problem = self.signer.validity_problem()
+            document["signer"] = {
+                "subject": self.signer.subject,
+                "not_before": self.signer.not_before.isoformat(),
+                "not_after": self.signer.not_after.isoformat(),
+                "certificate_valid_now": problem is None,
+            }
         return document
 
 
