@@ -107,6 +107,11 @@ SITE="$OUT/usr/local/lib/python$PYVER/dist-packages"
 ldconfig -r "$OUT"
 rm -rf "$OUT/var/cache/ldconfig"
 rm -rf "$OUT/var/cache/apt/archives/"*.deb "$OUT/var/lib/apt/lists/"* "$OUT/var/log/"*
+# Nothing in the enclave reads manuals or translations (about 40 MB); the packages'
+# copyright files stay, as their licences ask.
+rm -rf "$OUT/usr/share/man" "$OUT/usr/share/info" "$OUT/usr/share/locale"
+find "$OUT/usr/share/doc" -mindepth 1 ! -type d ! -name copyright -delete
+find "$OUT/usr/share/doc" -mindepth 1 -type d -empty -delete
 find "$OUT" -name __pycache__ -prune -exec rm -rf {} +
 find "$SITE" -name direct_url.json -delete  # the wheel's temporary path
 find "$SITE" -path '*.dist-info/RECORD' -exec sed -i '/direct_url\.json/d' {} +

@@ -15,7 +15,7 @@ bench_out="$(mktemp -d)"
 echo "== benchmarks (smoke)" && .venv/bin/python benchmarks/run_all.py --quick --out "$bench_out"
 rm -rf "$bench_out"
 # The standard enclave root filesystem, which tests/integration/test_image_userland.py runs
-# (scripts/enclave-rootfs.sh: about 1 min and 65 MB of downloads cold, under 30 s with the
+# (scripts/enclave-rootfs.sh: about 1.5 min and 65 MB of downloads cold, about 30 s with the
 # cache in ~/.cache/cape-rootfs). Newer Debian packages than the lock are named, not fatal.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
