@@ -124,7 +124,17 @@ def test_describe_bad_files_is_one_error_line(
 def test_build_usage_errors(inputs: dict[str, Path], tmp_path: Path) -> None:
     args = ["enclave", "build", "--blobs", str(inputs["blobs"]), "--rootfs", str(inputs["rootfs"])]
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "x.eif"), "--sign-key", "k.pem"])
-    assert result.exit_code == 2 and "go together" in result.stderr
+    assert result.exit_code == 2 and "--sign-key needs --sign-cert" in result.stderr
+    out = ["-o", str(tmp_path / "x.eif")]
+    kms = ["--sign-kms-key", "arn:aws:kms:eu-west-1:123456789012:key/k"]
+    for extra, message in (
+        (kms, "--sign-kms-key needs --sign-cert"),
+        ([*kms, "--sign-key", "k.pem", "--sign-cert", "c.pem"], "not both"),
+        (["--sign-cert", "c.pem"], "--sign-cert needs --sign-key or --sign-kms-key"),
+    ):
+        result = runner.invoke(app, [*args, *out, *extra])
+        assert result.exit_code == 2 and message in result.stderr, (extra, result.stderr)
+    assert not (tmp_path / "x.eif").exists()
     inputs["key"].write_bytes(b"not a key")
     result = runner.invoke(
         app,

@@ -25,18 +25,30 @@ __all__ = ["app", "describe_lines", "load_signer"]
 app = typer.Typer(help="Build and inspect enclave images (EIF).", no_args_is_help=True)
 
 
-def load_signer(key: Path | None, cert: Path | None) -> ImageSigner | None:
-    """An :class:`~cape.crypto.eif_signature.ImageSigner` from PEM files, or ``None``."""
+def load_signer(
+    key: Path | None, cert: Path | None, *, kms_key: str | None = None
+) -> ImageSigner | None:
+    """An :class:`~cape.crypto.eif_signature.ImageSigner` from PEM files or an AWS KMS key
+    (``kms_key``, with the certificate made for it), or ``None``."""
     from cape.crypto.eif_signature import ImageSigner
 
-    if key is None and cert is None:
+    if key is None and cert is None and kms_key is None:
         return None
-    if key is None or cert is None:
-        raise UsageError("--sign-key and --sign-cert go together")
+    if key is not None and kms_key is not None:
+        raise UsageError("give --sign-key or --sign-kms-key, not both")
+    if cert is None:
+        raise UsageError(f"{'--sign-kms-key' if kms_key else '--sign-key'} needs --sign-cert")
+    if key is None and kms_key is None:
+        raise UsageError("--sign-cert needs --sign-key or --sign-kms-key")
     try:
-        key_pem, cert_pem = key.read_bytes(), cert.read_bytes()
+        cert_pem = cert.read_bytes()
+        key_pem = key.read_bytes() if key is not None else b""
     except OSError as exc:
         raise FormatError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if kms_key is not None:
+        from cape.image.kms import kms_image_signer
+
+        return kms_image_signer(kms_key, cert_pem)
     return ImageSigner.from_pem(key_pem, cert_pem)
 
 
@@ -91,6 +103,13 @@ def build(
     sign_cert: Annotated[
         Path | None, typer.Option("--sign-cert", help="PEM certificate of the signing key (PCR8).")
     ] = None,
+    sign_kms_key: Annotated[
+        str | None,
+        typer.Option(
+            "--sign-kms-key",
+            help="AWS KMS key (ARN, id or alias) that signs PCR0, with --sign-cert.",
+        ),
+    ] = None,
     name: Annotated[str, typer.Option("--name", help="Image name (metadata).")] = "cape-runtime",
     version: Annotated[
         str | None, typer.Option("--version", help="Image version (default: cape's).")
@@ -105,7 +124,7 @@ def build(
     """Build a reproducible enclave image; the same inputs give the same bytes."""
     from cape.image.build import build_image
 
-    signer = load_signer(sign_key, sign_cert)
+    signer = load_signer(sign_key, sign_cert, kms_key=sign_kms_key)
     result = build_image(
         blobs=blobs,
         rootfs=rootfs,

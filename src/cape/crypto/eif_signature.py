@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cbor2
@@ -111,8 +112,34 @@ class ImageSigner:
             key.public_key().public_numbers()
         ):
             raise FormatError("the signing certificate does not belong to the signing key")
-        self._key = key
+        self._key: ec.EllipticCurvePrivateKey | None = key
+        self._curve: str = key.curve.name
+        self._sign_digest: Callable[[bytes], bytes] | None = None
         self.certificate = certificate
+
+    @classmethod
+    def external(
+        cls, certificate: x509.Certificate, sign_digest: Callable[[bytes], bytes]
+    ) -> ImageSigner:
+        """A signer whose private key lives elsewhere (an AWS KMS key: :mod:`cape.image.kms`).
+
+        ``sign_digest`` gets the digest of the bytes to sign (SHA-256/384/512 by the
+        certificate's curve) and returns a DER ECDSA signature; :meth:`sign_pcr0` checks it
+        against ``certificate``, so a key that does not match the certificate is refused.
+        Such signatures are usually randomized: the image's PCRs stay reproducible, its bytes
+        (the signature section) then differ from build to build.
+        """
+        public = certificate.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey) or (
+            public.curve.name not in _ALGORITHMS
+        ):
+            raise FormatError("the signing certificate's key must be EC P-256, P-384 or P-521")
+        signer = cls.__new__(cls)
+        signer._key = None
+        signer._curve = public.curve.name
+        signer._sign_digest = sign_digest
+        signer.certificate = certificate
+        return signer
 
     @classmethod
     def from_pem(cls, key_pem: bytes, cert_pem: bytes) -> ImageSigner:
@@ -157,6 +184,8 @@ class ImageSigner:
 
     def private_key_pem(self) -> bytes:
         """The key as unencrypted PKCS#8 PEM (store it with mode 0600)."""
+        if self._key is None:
+            raise FormatError("this image signer's key is not held here (AWS KMS)")
         return self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -172,14 +201,36 @@ class ImageSigner:
         return SignerIdentity(self.certificate, signer_pcr8(self.certificate))
 
     def sign_pcr0(self, pcr0: bytes) -> bytes:
-        """The signature section for an image whose PCR0 is ``pcr0``."""
-        alg, digest, size = _ALGORITHMS[self._key.curve.name]
+        """The signature section for an image whose PCR0 is ``pcr0``.
+
+        Raises:
+            SignatureError: an external signer's signature does not verify with the
+                certificate (the key and the certificate do not belong together).
+        """
+        alg, digest, size = _ALGORITHMS[self._curve]
         protected = bytes(cbor2.dumps({HEADER_ALG: alg}))
         payload = encode_pcr_payload(0, pcr0)
-        der = self._key.sign(
-            sig_structure(protected, payload), ec.ECDSA(digest, deterministic_signing=True)
-        )
-        r, s = decode_dss_signature(der)
+        to_sign = sig_structure(protected, payload)
+        if self._key is not None:
+            der = self._key.sign(to_sign, ec.ECDSA(digest, deterministic_signing=True))
+        else:
+            assert self._sign_digest is not None
+            hasher = hashes.Hash(digest)
+            hasher.update(to_sign)
+            der = self._sign_digest(hasher.finalize())
+        try:
+            r, s = decode_dss_signature(der)
+        except ValueError:
+            raise SignatureError("the image signer returned a malformed ECDSA signature") from None
+        public = self.certificate.public_key()
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        try:
+            public.verify(der, to_sign, ec.ECDSA(digest))
+        except InvalidSignature:
+            raise SignatureError(
+                "the image signature does not verify with the signing certificate "
+                "(the key and the certificate do not belong together)"
+            ) from None
         raw = r.to_bytes(size, "big") + s.to_bytes(size, "big")
         cose = encode_cose_sign1(CoseSign1(protected, {}, payload, raw))
         pem = self.certificate.public_bytes(serialization.Encoding.PEM)
