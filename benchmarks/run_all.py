@@ -24,7 +24,7 @@ from pathlib import Path
 from _results import Curve, Figure, Results, Series
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("crypto", "attestation", "sandbox", "enclave", "server", "image")
+SCRIPTS = ("crypto", "attestation", "sandbox", "enclave", "server", "image", "js")
 
 
 def machine() -> list[tuple[str, str]]:

@@ -24,4 +24,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== enclave root filesystem" && scripts/enclave-rootfs.sh -o "$rootfs_dir/rootfs" >/dev/null
     export CAPE_ENCLAVE_ROOTFS="$rootfs_dir/rootfs"
 fi
+# The JavaScript SDK: type check and its server-free Node tests; the live and hostile-server
+# Node tests run from pytest (tests/e2e/test_js_sdk.py, tests/integration/test_js_hostile.py),
+# which must not skip for want of the build.
+echo "== js" && (cd js && npm run --silent typecheck && npm test --silent)
+export CAPE_REQUIRE_JS=1
 echo "== pytest" && .venv/bin/python -m pytest -q "$@"
