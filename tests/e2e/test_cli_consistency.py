@@ -38,7 +38,15 @@ OFFLINE = (
     "admin invite create",  # the operator's commands work on the data directory
     "admin invite list",
     "admin invite revoke",
+    "enclave build",  # images, key policies and the key log: local files only
+    "enclave describe",
+    "kms rebind",
+    "kms policy",
+    "kms log",
 )
+#: Run (and their JSON checked against SHAPES) in tests/cli/test_enclave_kms.py, which has
+#: the enclave images and image-signing keys they need.
+SHAPES_CHECKED_ELSEWHERE = ("cape enclave describe", "cape kms rebind")
 SERVER_OPTIONS = ("--url", "--token", "--attestation-root", "--ca-file")
 
 
@@ -64,7 +72,8 @@ def _options(command: Any) -> dict[str, list[str]]:
     return {param.name: list(param.opts) for param in command.params if param.opts}
 
 
-def _check_shape(path: str, document: Any) -> None:
+def check_shape(path: str, document: Any) -> None:
+    """``document`` is one of the shapes :data:`SHAPES` documents for command ``path``."""
     assert isinstance(document, dict), (path, document)
     forms = [set(shape) for shape in SHAPES[path]]
     assert set(document) in forms, f"{path}: keys {sorted(document)} not one of {forms}"
@@ -81,6 +90,7 @@ def test_every_command_has_a_documented_json_shape() -> None:
     commands = _commands()
     with_json = {path for path, cmd in commands.items() if "output" in _options(cmd)}
     with_json.discard("cape serve")
+    with_json.discard("cape enclave build")  # its -o is the image file it writes
     assert with_json == set(SHAPES), with_json ^ set(SHAPES)
     from tests.unit.test_docs import generator
 
@@ -101,7 +111,7 @@ def test_every_command_prints_one_documented_json_document(
 
     def record(path: str, result: Result) -> Any:
         document = result.json()  # one JSON document: json.loads refuses trailing data
-        _check_shape(path, document)
+        check_shape(path, document)
         seen[path] = document
         return document
 
@@ -146,7 +156,7 @@ def test_every_command_prints_one_documented_json_document(
     root = server.data_dir / "attestation" / "root.pem"
     verified = cape(config, "attestation", "verify", str(bogus), "--root", str(root), "-o", "json")
     assert verified.returncode == 1
-    _check_shape("cape attestation verify", json.loads(verified.stdout))
+    check_shape("cape attestation verify", json.loads(verified.stdout))
     seen["cape attestation verify"] = True
     data = ("--data-dir", str(server.data_dir))
     made = record(
@@ -159,6 +169,13 @@ def test_every_command_prints_one_documented_json_document(
     assert made["invites"][0]["id"] in [item["id"] for item in invites["invites"]]
     assert invites["count"] == len(invites["invites"])
     ok(cape(config, "admin", "invite", "revoke", made["invites"][0]["id"], *data))
+    record("cape kms log", cape(config, "kms", "log", *data, "-o", "json"))
+    pcr8 = "ab" * 48
+    record(
+        "cape kms policy",
+        cape(config, "kms", "policy", "--aws", "--account", "123456789012", "--pcr8", pcr8),
+    )
+    seen.update(dict.fromkeys(SHAPES_CHECKED_ELSEWHERE, True))
     record("cape delete", cape(config, "delete", deployed["id"], "-o", "json"))
     record("cape logout", cape(config, "logout", "-o", "json"))
     assert set(seen) == set(SHAPES), set(SHAPES) - set(seen)

@@ -33,6 +33,16 @@ OBJECTS: Final[dict[str, Shape]] = {
         "expires_at": "string or null: RFC 3339 time",
         "last_used": "string or null: RFC 3339 time",
     },
+    "KeyLogEntry": {
+        "at": "string: RFC 3339 time",
+        "actor": "string",
+        "action": "string",
+        "owner": "string: the key's owner",
+        "key_id": "string",
+        "old_policy": "string: the key policy before, as JSON",
+        "new_policy": "string: the key policy after, as JSON",
+        "reason": "string",
+    },
     "Invite": {
         "id": "string: the invite id (for `cape admin invite revoke`; never the code)",
         "state": "string: unused, used or expired (a revoked invite is gone)",
@@ -74,7 +84,15 @@ SHAPES: Final[dict[str, tuple[Shape, ...]]] = {
         },
         {"key": "string", "value": "string or null (--unset)", "file": "string"},
     ),
-    "cape pcrs": ({"PCR0": "string: hex", "PCR1": "string: hex", "PCR2": "string: hex"},),
+    "cape pcrs": (
+        {"PCR0": "string: hex", "PCR1": "string: hex", "PCR2": "string: hex"},
+        {
+            "PCR0": "string: hex",
+            "PCR1": "string: hex",
+            "PCR2": "string: hex",
+            "PCR8": "string: hex (--data-dir with an image-signing key, or a signed --eif)",
+        },
+    ),
     "cape deploy": (
         {
             "id": "string",
@@ -99,6 +117,37 @@ SHAPES: Final[dict[str, tuple[Shape, ...]]] = {
         },
     ),
     "cape admin invite list": ({"invites": "list of Invite", "count": "int: how many invites"},),
+    "cape enclave describe": (
+        {
+            "pcrs": "object: PCR index (string) to hex",
+            "sections": "list of objects: {type, size}",
+            "metadata": "object: the image's metadata section",
+            "signed": "bool",
+        },
+        {
+            "pcrs": "object: PCR index (string) to hex",
+            "sections": "list of objects: {type, size}",
+            "metadata": "object: the image's metadata section",
+            "signed": "bool",
+            "signer": "object: {subject, not_before, not_after, certificate_valid_now}",
+        },
+    ),
+    "cape kms rebind": (
+        {
+            "policy": "object: the new key policy",
+            "kind": "string: signer or measurement",
+            "signer": "string: the signing certificate's subject",
+            "moved": "list of strings: the owners whose keys moved",
+        },
+    ),
+    "cape kms policy": (
+        {
+            "Version": "string: AWS's policy language version",
+            "Id": "string",
+            "Statement": "list of objects: AWS KMS key policy statements",
+        },
+    ),
+    "cape kms log": ({"entries": "list of KeyLogEntry", "count": "int: how many entries"},),
     "cape attestation verify": (
         {
             "valid": "bool",

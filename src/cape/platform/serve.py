@@ -5,6 +5,7 @@ One data directory holds everything, created on first start and reused afterward
     DIR/tls/ca.pem, ca.key, server.pem, server.key    the local TLS CA and server certificate
     DIR/attestation/root.pem, root.key                 the simulated attestation root
     DIR/kms/kms.sqlite3, master.key                    the built-in key service
+    DIR/image-signing/key.pem, cert.pem                signs the runtime's measurement (PCR8)
     DIR/auth/signing.key                               the token signing key
     DIR/metadata.sqlite3                               users, functions, token records
     DIR/blobs/                                         encrypted function bundles
@@ -60,7 +61,12 @@ from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import SqlMetadataStore, User
 from cape.kms.local import load_master_key
-from cape.platform.local import LocalPlatform, isolation_problem
+from cape.platform.local import (
+    IMAGE_SIGNING_DIR,
+    LocalPlatform,
+    isolation_problem,
+    load_image_signer,
+)
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
 from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
@@ -82,7 +88,7 @@ DEFAULT_PORT: Final = 8443
 HARDWARE_STATUS_DOC: Final = "docs/concepts.md"
 HARDWARE_STATUS: Final = (
     "For confidentiality from the operator you need hardware-backed enclaves (AWS Nitro "
-    "Enclaves), whose tooling is not part of this release."
+    "Enclaves): this release builds and signs their images but does not run on them yet."
 )
 BANNER: Final = "\n".join(
     [
@@ -298,6 +304,7 @@ class Server:
                 self.data_dir / "kms",
                 authority=authority,
                 master_key=load_master_key(self.data_dir / "kms"),
+                signer=load_image_signer(self.data_dir / IMAGE_SIGNING_DIR),
             )
             pool = EnclavePool(
                 platform.launcher(
