@@ -4,11 +4,12 @@ Installed on ``PATH`` as ``nitro-cli`` by :func:`install` (a small shell wrapper
 in ``$FAKE_NITRO_STATE``: ``calls.jsonl`` (one JSON argument list per call) and
 ``enclaves.json`` (the running "enclaves": id, CID, process id).
 
-The "EIF" is a JSON stand-in, ``{"argv": [...], "measurements": {"PCR0": hex, ...}}``
-(``describe-eif`` answers the measurements): the command the image would run, with
-``{cid}`` replaced by the enclave's CID (the runtime listens on ``unix:<dir>/<cid>.sock``
-instead of ``vsock:PORT``). ``run-enclave`` starts it as a local process, in its own session;
-``describe-enclaves`` lists those still alive; ``terminate-enclave`` stops one.
+The "EIF" is a JSON stand-in, ``{"argv": [...], "env": {...}, "measurements": {"PCR0": hex,
+...}}`` (``describe-eif`` answers the measurements): the command and environment the image
+would run, with ``{cid}`` replaced by the enclave's CID (the runtime connects its channel to
+``CAPE_CHANNEL=unix:<dir>/<cid>.sock`` instead of ``vsock:3:5000``). ``run-enclave`` starts
+it as a local process, in its own session; ``describe-enclaves`` lists those still alive;
+``terminate-enclave`` stops one.
 
 Failure injection: ``$FAKE_NITRO_FAIL`` = ``<subcommand>:<message>`` makes that subcommand
 print ``message`` to stderr and exit 1, as nitro-cli does with its ``[ Ennn ]`` errors.
@@ -88,10 +89,13 @@ def run_enclave(args: list[str]) -> dict[str, Any]:
     cid = int(_option(args, "--enclave-cid"))
     image = json.loads(Path(_option(args, "--eif-path")).read_text())
     argv = [part.replace("{cid}", str(cid)) for part in image["argv"]]
+    env = {**os.environ}
+    env.update({k: v.replace("{cid}", str(cid)) for k, v in image.get("env", {}).items()})
     with (_state() / f"enclave-{cid}.log").open("ab") as log:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-        )
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+            start_new_session=True,
+        )  # fmt: skip
     entry = {
         "id": f"i-0fake{cid:08d}-enc{process.pid:016x}",
         "cid": cid,

@@ -39,6 +39,7 @@ def parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     nitro_cli.install(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv(nitro_cli.STATE_ENV, str(state))
+    monkeypatch.delenv(nitro_cli.FAIL_ENV, raising=False)
     image = {
         "argv": [sys.executable, "-c", "import time; time.sleep(120)"],
         "measurements": {f"PCR{i}": v.hex() for i, v in PCRS.items()},

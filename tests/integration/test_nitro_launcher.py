@@ -30,9 +30,11 @@ from cape.crypto.keyanswers import (
     measured_pcr,
 )
 from cape.enclave.awskeys import AwsKmsConfig
+from cape.errors import TransportError
 from cape.host.launcher import expect
 from cape.host.nitro import NitroError, NitroLauncher, NitroSettings, UnixFamily
 from cape.host.pool import EnclavePool
+from cape.image.build import DEFAULT_CMD
 from cape.kms.base import KeyPolicy
 from tests.fakes import nitro_cli
 from tests.fakes.moto_kms import moto_kms
@@ -59,14 +61,14 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
     platform.close()
 
 
-def _image(state: Path, *, listen: bool = True, extra: Sequence[str] = ()) -> Path:
-    """The fake EIF: the runtime's command, listening on the Unix socket of its CID."""
-    argv = [sys.executable, "-m", "cape.enclave.runtime"]
-    argv += ["--listen", f"unix:{state}/{{cid}}.sock"] if listen else ["--fd", "0"]
-    argv += ["--kms-identity", "channel", "--workdir", f"{state}/work-{{cid}}", "--no-warm-pool"]
-    argv += extra
+def _image(state: Path, *, connect: bool = True, extra: Sequence[str] = ()) -> Path:
+    """The fake EIF: the runtime's command (as `cape enclave build` writes it, with the
+    simulated secure module) connecting its channel to the Unix socket of its CID."""
+    argv = [sys.executable, "-m", "cape.enclave.runtime", *DEFAULT_CMD[3:], *extra]
+    argv = [a.replace("/run/cape", f"{state}/work-{{cid}}") for a in argv]
+    channel = f"unix:{state}/{{cid}}.sock" if connect else f"unix:{state}/nowhere.sock"
     eif = state / "cape.eif"
-    eif.write_text(json.dumps({"argv": argv}))
+    eif.write_text(json.dumps({"argv": argv, "env": {"CAPE_CHANNEL": channel}}))
     return eif
 
 
@@ -189,12 +191,14 @@ def test_shutdown_terminates_every_enclave(platform: Platform, fake: Path) -> No
     assert all(_gone(e["pid"]) for e in started)
 
 
-def test_nitro_cli_failure_is_one_clear_line(platform: Platform, fake: Path) -> None:
+def test_nitro_cli_failure_is_one_clear_line(
+    platform: Platform, fake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     message = (
         "[ E26 ] Insufficient memory requested. User provided `memory` is 512 MB, "
         "but based on the EIF file size, the minimum memory should be 1024 MB"
     )
-    os.environ[nitro_cli.FAIL_ENV] = f"run-enclave:{message}"
+    monkeypatch.setenv(nitro_cli.FAIL_ENV, f"run-enclave:{message}")
     pool = EnclavePool(_launcher(platform, fake), 1)
     with pytest.raises(NitroError) as raised:
         platform.run(pool.start())
@@ -202,9 +206,9 @@ def test_nitro_cli_failure_is_one_clear_line(platform: Platform, fake: Path) -> 
     assert "\n" not in str(raised.value)
 
 
-def test_a_runtime_that_never_listens_is_terminated(platform: Platform, fake: Path) -> None:
-    launcher = _launcher(platform, fake, eif=_image(fake, listen=False), connect_timeout_s=2)
-    with pytest.raises(Exception, match=r"did not accept a channel on port 5005 within 2s"):
+def test_a_runtime_that_never_connects_is_terminated(platform: Platform, fake: Path) -> None:
+    launcher = _launcher(platform, fake, eif=_image(fake, connect=False), connect_timeout_s=2)
+    with pytest.raises(TransportError, match=r"\(CID 16\) did not connect its channel within 2s"):
         platform.run(launcher.start())
     assert [call[0] for call in _calls(fake)] == ["run-enclave", "terminate-enclave"]
     assert _enclaves(fake) == []

@@ -5,9 +5,9 @@ its affinity and its restart logic are the same as in simulated mode. For each e
 
 1. picks a free enclave CID and runs ``nitro-cli run-enclave --eif-path … --cpu-count …
    --memory … --enclave-cid …`` (JSON answer: the ``EnclaveID``);
-2. connects to the runtime inside, which listens on a vsock port (the image's command line is
-   ``python -m cape.enclave.runtime --listen vsock:PORT --nitro --kms-identity channel``),
-   retrying until it accepts;
+2. accepts the channel the runtime inside opens to the parent (the image's environment says
+   ``CAPE_CHANNEL=vsock:3:5000``; ``cape enclave build`` writes it), telling enclaves apart by
+   the CID the hypervisor gives their connections;
 3. sends the ``configure`` frame (the key service's identity, which the runtime measures into
    PCR16), then relays frames with the same :class:`~cape.host.launcher.EnclaveConnection`
    as the simulated launcher;
@@ -40,7 +40,7 @@ import logging
 import re
 import shutil
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -65,13 +65,12 @@ __all__ = [
     "VsockFamily",
     "allocator_resources",
     "preflight",
-    "runtime_command",
 ]
 
 log = logging.getLogger("cape.host.nitro")
 
-DEFAULT_PORT: Final = 5005
-"""The vsock port the runtime listens on inside the enclave."""
+DEFAULT_PORT: Final = 5000
+"""The parent's vsock port the runtime connects to (``cape enclave build``'s image env)."""
 FIRST_CID: Final = 16
 """Enclave CIDs handed out from here (0-3 are reserved; the AWS examples use 16)."""
 CLI_TIMEOUT_S: Final = 120.0
@@ -96,7 +95,6 @@ class NitroSettings:
     eif: Path
     cpu_count: int = 2
     memory_mib: int = 2048
-    port: int = DEFAULT_PORT
     first_cid: int = FIRST_CID
     debug_mode: bool = False
     """``--debug-mode``: the console is readable and PCR0-2 are zero (no key is released)."""
@@ -216,22 +214,40 @@ def _error_line(output: bytes) -> str:
 
 
 class ChannelFamily(abc.ABC):
-    """How the host reaches the runtime listening in enclave ``cid`` on ``port``."""
+    """How the host takes the channel of enclave ``cid``: the runtime in the image connects
+    to the parent (``CAPE_CHANNEL=vsock:3:PORT``), the host listens and accepts it."""
 
     @abc.abstractmethod
     def check(self) -> None:
         """Raise :class:`NitroError` when this family cannot be used on this machine."""
 
     @abc.abstractmethod
-    def connect(self, cid: int, port: int) -> socket.socket:
-        """A connected stream socket (``OSError`` while the runtime is not listening yet)."""
+    def prepare(self, cid: int) -> None:
+        """Be ready for enclave ``cid``'s connection (called before the enclave starts)."""
+
+    @abc.abstractmethod
+    async def accept(self, cid: int) -> socket.socket:
+        """The connection from enclave ``cid`` (the caller bounds the wait)."""
+
+    @abc.abstractmethod
+    def forget(self, cid: int) -> None:
+        """Stop waiting for ``cid`` (its start failed or it was accepted)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop listening."""
 
 
 class VsockFamily(ChannelFamily):
-    """``AF_VSOCK`` to ``(cid, port)``. *Needs real hardware* (``/dev/vsock``)."""
+    """One ``AF_VSOCK`` listener on ``port``; connections are told apart by the peer's CID
+    (the hypervisor sets it: an enclave cannot claim another's). *Needs real hardware*."""
 
-    def __init__(self, device: Path = Path("/dev/vsock")) -> None:
+    def __init__(self, port: int = DEFAULT_PORT, device: Path = Path("/dev/vsock")) -> None:
+        self.port = port
         self.device = device
+        self._listener: socket.socket | None = None
+        self._waiting: dict[int, asyncio.Future[socket.socket]] = {}
+        self._acceptor: asyncio.Task[None] | None = None
 
     def check(self) -> None:
         if not hasattr(socket, "AF_VSOCK"):
@@ -242,21 +258,50 @@ class VsockFamily(ChannelFamily):
                 "(or the vsock driver is not loaded)"
             )
 
-    def connect(self, cid: int, port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        try:
-            sock.connect((cid, port))
-        except OSError:
-            sock.close()
-            raise
-        return sock
+    def prepare(self, cid: int) -> None:
+        if self._listener is None:
+            listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            listener.bind((socket.VMADDR_CID_ANY, self.port))
+            listener.listen(16)
+            listener.setblocking(False)
+            self._listener = listener
+            self._acceptor = asyncio.create_task(self._accept_loop(listener))
+        self._waiting[cid] = asyncio.get_running_loop().create_future()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, (peer, _) = await loop.sock_accept(listener)
+            future = self._waiting.pop(peer, None)
+            if future is None or future.done():
+                log.warning("closing a vsock connection from unexpected CID %d", peer)
+                connection.close()
+            else:
+                future.set_result(connection)
+
+    async def accept(self, cid: int) -> socket.socket:
+        return await self._waiting[cid]
+
+    def forget(self, cid: int) -> None:
+        future = self._waiting.pop(cid, None)
+        if future is not None:
+            future.cancel()
+
+    def close(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
 
 class UnixFamily(ChannelFamily):
-    """``AF_UNIX`` to ``directory/<cid>.sock`` (the port is not used): the tests' stand-in."""
+    """One ``AF_UNIX`` listener per enclave at ``directory/<cid>.sock``: the tests' stand-in
+    (the image's runtime is started with ``CAPE_CHANNEL=unix:<that path>``)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._listeners: dict[int, socket.socket] = {}
 
     def path(self, cid: int) -> Path:
         return self.directory / f"{cid}.sock"
@@ -265,15 +310,29 @@ class UnixFamily(ChannelFamily):
         if not self.directory.is_dir():
             raise NitroError(f"{self.directory} is not a directory")
 
-    def connect(self, cid: int, port: int) -> socket.socket:
-        del port
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(self.path(cid)))
-        except OSError:
-            sock.close()
-            raise
-        return sock
+    def prepare(self, cid: int) -> None:
+        path = self.path(cid)
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.setblocking(False)
+        self._listeners[cid] = listener
+
+    async def accept(self, cid: int) -> socket.socket:
+        connection, _ = await asyncio.get_running_loop().sock_accept(self._listeners[cid])
+        self.forget(cid)
+        return connection
+
+    def forget(self, cid: int) -> None:
+        listener = self._listeners.pop(cid, None)
+        if listener is not None:
+            listener.close()
+            self.path(cid).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for cid in list(self._listeners):
+            self.forget(cid)
 
 
 def _cpu_list(text: str) -> set[int]:
@@ -451,31 +510,29 @@ class NitroLauncher(EnclaveLauncher):
         self._cids.add(cid)
         return cid
 
-    async def _connect(self, cid: int) -> socket.socket:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._connect_timeout
-        while True:
-            try:
-                return await asyncio.to_thread(self.family.connect, cid, self.settings.port)
-            except OSError as exc:
-                if loop.time() >= deadline:
-                    raise TransportError(
-                        f"the enclave (CID {cid}) did not accept a channel on port "
-                        f"{self.settings.port} within {self._connect_timeout:.0f}s: {exc}"
-                    ) from None
-                await asyncio.sleep(0.2)
+    async def _accept(self, cid: int) -> socket.socket:
+        try:
+            return await asyncio.wait_for(self.family.accept(cid), self._connect_timeout)
+        except TimeoutError:
+            raise TransportError(
+                f"the enclave (CID {cid}) did not connect its channel within "
+                f"{self._connect_timeout:.0f}s"
+            ) from None
 
     async def start(self) -> EnclaveConnection:
         cid = self._take_cid()
         try:
+            self.family.prepare(cid)
             info = await self.cli.run_enclave(self.settings, cid)
         except BaseException:
+            self.family.forget(cid)
             self._cids.discard(cid)
             raise
         try:
-            sock = await self._connect(info.cid)
+            sock = await self._accept(info.cid)
             reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
         except BaseException:
+            self.family.forget(cid)
             self._cids.discard(cid)
             with contextlib.suppress(NitroError):
                 await self.cli.terminate_enclave(info.enclave_id)
@@ -497,19 +554,3 @@ class NitroLauncher(EnclaveLauncher):
             connection.renew(self._renew, self._renew_interval)
         log.info("enclave %s started (CID %d)", info.enclave_id, info.cid)
         return connection
-
-
-def runtime_command(settings: NitroSettings) -> Sequence[str]:
-    """The runtime's command line inside the image (what the EIF's entrypoint must run)."""
-    return (
-        "python3",
-        "-m",
-        "cape.enclave.runtime",
-        "--listen",
-        f"vsock:{settings.port}",
-        "--nitro",
-        "--kms-identity",
-        "channel",
-        "--workdir",
-        "/run/cape",
-    )
