@@ -8,6 +8,7 @@ then stops at the first check that needs Nitro hardware.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -21,7 +22,8 @@ from typer.testing import CliRunner
 
 from cape.cli.app import app
 from cape.kms.aws import key_policy_document
-from cape.platform.nitro import image_key_policy, role_pcr3
+from cape.platform.nitro import image_key_policy
+from cape.platform.operator import role_pcr3
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "deploy" / "aws" / "cape-nitro.yaml"
@@ -91,6 +93,14 @@ def test_the_doctor_key_has_the_policy_cape_gives_every_key() -> None:
         ACCOUNT, ADMIN, ROLE, image_key_policy(IMAGE_PCRS, role_arn=ROLE)
     )
     assert in_template == generated
+    # And what the guide has the operator print (docs/deploy-aws.md, step 3).
+    printed = CliRunner().invoke(
+        app,
+        ["kms", "policy", "--aws", "--pcr8", PCR8.hex(), "--role", ROLE, "--account", ACCOUNT,
+         "--admin-role", ADMIN, "-o", "json"],
+    )  # fmt: skip
+    assert printed.exit_code == 0, printed.stderr
+    assert json.loads(printed.stdout) == in_template
 
 
 def _user_data() -> str:

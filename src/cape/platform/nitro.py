@@ -21,7 +21,6 @@ sysfs); ``cape doctor`` checks them together on a real parent (docs/deploy-aws.m
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from cape.host.nitro import (
     preflight,
 )
 from cape.kms.base import KeyPolicy
+from cape.platform.operator import role_pcr3
 from cape.verify.roots import AWS_NITRO_ROOT_G1_SHA256, fingerprint, load_root_certificate_file
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "instance_role_credentials",
     "load_aws_root",
     "nitro_launcher",
-    "role_pcr3",
 ]
 
 _NO_HOST_KMS = {
@@ -76,23 +75,15 @@ class NitroOptions:
     proxy_port: int = 8000
 
 
-def role_pcr3(role_arn: str) -> bytes:
-    """PCR3 of enclaves on a parent with IAM role ``role_arn``: ``SHA384(0^48 || arn)``.
-
-    AWS documents this formula; no document from a real parent verified it here."""
-    return hashlib.sha384(bytes(48) + role_arn.encode()).digest()
-
-
 def image_key_policy(pcrs: Mapping[int, bytes], *, role_arn: str | None = None) -> KeyPolicy:
     """The policy for new Cape keys: PCR8 of a signed image (+ PCR3 of ``role_arn``), or
     PCR0-2 of an unsigned one (then every new image needs new keys)."""
-    pins: dict[int, frozenset[bytes]]
+    pcr3 = role_pcr3(role_arn) if role_arn is not None else None
     if any(pcrs.get(8, b"")):
-        pins = {8: frozenset({pcrs[8]})}
-    else:
-        pins = {i: frozenset({pcrs[i]}) for i in (0, 1, 2)}
-    if role_arn is not None:
-        pins[3] = frozenset({role_pcr3(role_arn)})
+        return KeyPolicy.signer(pcrs[8], pcr3=pcr3)
+    pins = dict(KeyPolicy.measurement(pcrs[0], pcrs[1], pcrs[2]).pcrs)
+    if pcr3 is not None:
+        pins[3] = frozenset({pcr3})
     return KeyPolicy(pcrs=pins)
 
 
