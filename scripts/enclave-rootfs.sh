@@ -85,7 +85,8 @@ sort "$WORK/debs.txt" | while read -r _ deb; do
     dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$OUT" --keep-directory-symlink --no-same-owner
 done
 
-# 3. This package and its dependencies, as wheels for the image's CPython.
+# 3. This package and its dependencies, as wheels for the image's CPython; with the aws extra
+#    (botocore), which the runtime needs to call AWS KMS itself (`cape serve --enclave nitro`).
 "$PYTHON" -m pip wheel --quiet --no-deps -w "$WORK/self" "$ROOT" >/dev/null
 SELF=$(ls "$WORK/self"/cape-*.whl)
 TARGET_ARGS=(--only-binary=:all: --python-version "$PYVER" --implementation cp)
@@ -96,11 +97,11 @@ if [ "$OFFLINE" = 1 ]; then
             || die "offline: $CACHE/wheels/$file is missing or does not match the lock"
     done
 else
-    "$PYTHON" -m pip download --quiet "${TARGET_ARGS[@]}" -d "$CACHE/wheels" "$SELF" >/dev/null
+    "$PYTHON" -m pip download --quiet "${TARGET_ARGS[@]}" -d "$CACHE/wheels" "$SELF[aws]" >/dev/null
 fi
 SITE="$OUT/usr/local/lib/python$PYVER/dist-packages"
 "$PYTHON" -m pip install --quiet --no-index --find-links "$CACHE/wheels" --no-compile \
-    "${TARGET_ARGS[@]}" --target "$SITE" --report "$WORK/report.json" "$SELF" >/dev/null
+    "${TARGET_ARGS[@]}" --target "$SITE" --report "$WORK/report.json" "$SELF[aws]" >/dev/null
 
 # 4. The dynamic linker's cache (ctypes.util.find_library, which pyseccomp uses, reads it);
 #    then nothing that differs from one build to the next.

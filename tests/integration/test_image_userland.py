@@ -69,7 +69,7 @@ def unpack(data: bytes, target: Path) -> None:
             path.chmod(stat.S_IMODE(member.mode))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # also test_image_userland_aws.py's: one build per run
 def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert ROOTFS is not None
     work = tmp_path_factory.mktemp("image")

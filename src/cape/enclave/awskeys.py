@@ -15,9 +15,9 @@ PCR16. The credentials only authenticate: what KMS releases is sealed to the enc
 
 **Needs real AWS and Nitro hardware (not exercised here):** the vsock connection to
 ``vsock-proxy``, TLS to the real KMS endpoint, and KMS's ``Recipient`` check. The runtime's
-``--kms-connect tcp:HOST:PORT`` and ``--kms-insecure-http`` flags exist so tests can aim it at
-moto's KMS server; they are part of the image's command line (measured), never something the
-host can set at run time.
+``--kms-connect tcp:HOST:PORT|unix:PATH`` and ``--kms-insecure-http`` flags exist so tests
+can aim it at moto's KMS server; they are part of the image's command line (measured), never
+something the host can set at run time.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from cape.errors import CapeError, FormatError
 from cape.kms.aws import AwsKeyService
 from cape.kms.base import KeyPolicy, Recipient
 
-__all__ = ["AwsEnclaveKeyClient", "AwsKmsConfig", "key_client", "tcp_connector"]
+__all__ = ["AwsEnclaveKeyClient", "AwsKmsConfig", "key_client", "kms_connector"]
 
 _FIELDS = ("region", "account_id", "admin_role_arn", "enclave_role_arn", "policy")
 
@@ -96,12 +96,25 @@ class AwsKmsConfig:
         return json.dumps(measured, sort_keys=True, separators=(",", ":")).encode()
 
 
-def tcp_connector(spec: str) -> Connect:
-    """``tcp:HOST:PORT`` as a :data:`Connect` (tests: moto's KMS server on loopback)."""
+def kms_connector(spec: str) -> Connect:
+    """``tcp:HOST:PORT`` or ``unix:PATH`` as a :data:`Connect` (tests: moto's KMS server on
+    loopback, or a Unix-socket relay to it standing in for vsock-proxy)."""
     kind, _, rest = spec.partition(":")
+    if kind == "unix" and rest:
+
+        def unix() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(rest)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        return unix
     host, _, port = rest.rpartition(":")
     if kind != "tcp" or not host or not port.isdigit():
-        raise FormatError(f"--kms-connect {spec!r}: use tcp:HOST:PORT")
+        raise FormatError(f"--kms-connect {spec!r}: use tcp:HOST:PORT or unix:PATH")
     return lambda: socket.create_connection((host, int(port)), timeout=30)
 
 
@@ -182,7 +195,7 @@ def key_client(
             send,
             AwsKmsConfig.from_frame(configure["aws_kms"]),
             credentials,
-            connect=tcp_connector(kms_connect) if kms_connect else None,
+            connect=kms_connector(kms_connect) if kms_connect else None,
             insecure_http=kms_insecure_http,
         )
     if identity is None and configure is not None:

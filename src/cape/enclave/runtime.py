@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the key service's Ed25519 public key, or 'channel' (the default, what images "
         "use): from the host's first frame; either way measured into PCR16",
     )
-    parser.add_argument("--kms-connect", metavar="tcp:HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--kms-connect", metavar="tcp:HOST:PORT|unix:PATH", help=argparse.SUPPRESS)
     parser.add_argument("--kms-insecure-http", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--private-tmpfs", action="store_true")
     parser.add_argument(
