@@ -354,6 +354,15 @@ def serve(
         float,
         typer.Option("--idle-timeout", min=60, help="Seconds before an idle session is closed."),
     ] = 120.0,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit",
+            metavar="NAME=VALUE",
+            help="Change a server limit, e.g. sessions_per_user=8 (repeatable; every name and "
+            "default is in docs/limits.md).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole platform on this machine: HTTPS/WSS API, key service, enclaves.
 
@@ -361,17 +370,19 @@ def serve(
     connections and records the URL and CA for this user's `cape` commands. Stop it with
     Ctrl-C or SIGTERM; sessions in progress finish first.
     """
+    from cape.platform.limits import parse_limits
     from cape.platform.serve import ServeConfig, default_data_dir
     from cape.platform.serve import serve as run_server
 
-    config = ServeConfig(
-        data_dir=data_dir or default_data_dir(),
-        host=host,
-        port=port,
-        enclaves=enclaves,
-        idle_timeout_s=idle_timeout,
-    )
     try:
+        config = ServeConfig(
+            data_dir=data_dir or default_data_dir(),
+            host=host,
+            port=port,
+            enclaves=enclaves,
+            idle_timeout_s=idle_timeout,
+            limits=parse_limits(limit or ()),
+        )
         run_server(config)
     except CapeError as exc:
         _fail(exc)

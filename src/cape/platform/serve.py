@@ -42,7 +42,9 @@ from starlette.types import ASGIApp
 from cape._internal.timefile import write_private
 from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.errors import CapeError, FormatError, KeyFormatError
+from cape.host.admission import Admission
 from cape.host.api.app import create_app
+from cape.host.api.frames import MAX_TEXT_FRAME_BYTES
 from cape.host.api.rest import ApiDeps
 from cape.host.api.sessions import Lifecycle, SessionDeps
 from cape.host.auth import Accounts, TokenIssuer
@@ -53,8 +55,10 @@ from cape.host.store.blobs import DirectoryBlobStore
 from cape.host.store.deploys import sweep_orphans
 from cape.host.store.metadata import SqlMetadataStore, User
 from cape.kms.local import load_master_key
+from cape.platform.limits import ServerLimits
 from cape.platform.local import LocalPlatform
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
+from cape.platform.wire_limits import SizedWebSocketProtocol, http_protocol
 from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
 
@@ -93,8 +97,8 @@ class ServeConfig:
     enclaves: int = 2
     idle_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0
-    max_input_bytes: int = 64 << 20
-    max_bundle_bytes: int = 1_000_000_000
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Sessions, deploys, sizes and client deadlines (``--limit NAME=VALUE``)."""
     runtime_args: Sequence[str] = ()
     extra_env: Mapping[str, str] | None = None
     record_for_cli: bool = True
@@ -239,10 +243,13 @@ class Server:
                         accounts=accounts,
                         pool=pool,
                         lifecycle=self.lifecycle,
+                        admission=Admission(config.limits.admission()),
                         idle_timeout_s=config.idle_timeout_s,
-                        max_input_bytes=config.max_input_bytes,
-                        max_bundle_bytes=config.max_bundle_bytes,
+                        frame_timeout_s=config.limits.frame_timeout_s,
+                        max_input_bytes=config.limits.input_bytes,
+                        max_bundle_bytes=config.limits.bundle_bytes,
                     ),
+                    body_timeout_s=config.limits.body_timeout_s,
                 )
                 served: ASGIApp = app if config.wrap_app is None else config.wrap_app(app)
                 uv_config = uvicorn.Config(
@@ -251,8 +258,11 @@ class Server:
                     port=config.port,
                     ssl_certfile=str(tls.server_cert),
                     ssl_keyfile=str(tls.server_key),
-                    ws="websockets-sansio",
-                    ws_max_size=config.max_bundle_bytes + (1 << 20),
+                    # Per-message websocket limits, set by each session before each message
+                    # (the first is a nonce), and a deadline for HTTP request heads.
+                    ws=SizedWebSocketProtocol,
+                    ws_max_size=MAX_TEXT_FRAME_BYTES,
+                    http=http_protocol(config.limits.header_timeout_s),
                     ws_per_message_deflate=False,
                     lifespan="off",
                     log_config=None,
