@@ -8,10 +8,11 @@ Nothing is allocated from a size a client announces: a reservation is only a num
 
 A refusal says whose limit it hit:
 
-- the caller's own limit: :class:`QuotaExceededError` (HTTP 429, close 1008; ``Retry-After``),
+- the caller's own limit: :class:`QuotaExceededError` (HTTP 429, close 1013; ``Retry-After``),
 - the server's: :class:`ServerBusyError` (HTTP 503, close 1013; ``Retry-After``).
 
-A deploy whose bundle would pass a byte limit mid-session gets ``{"error"}`` and close 1013.
+A deploy whose bundle would pass a byte limit mid-session gets ``{"error"}`` and close 1013;
+one larger than a user may ever have in flight gets close 1008 (retrying cannot help).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from cape.errors import LimitExceededError
 from cape.host.errors import RateLimitedError, UnavailableError
 
 __all__ = [
@@ -36,7 +38,8 @@ RETRY_AFTER_S: Final = 5.0
 
 
 class QuotaExceededError(RateLimitedError):
-    """The caller has as many sessions, deploys or bundle bytes open as it may (HTTP 429)."""
+    """The caller has as many sessions, deploys or bundle bytes open as it may (HTTP 429,
+    close 1013)."""
 
 
 class ServerBusyError(UnavailableError):
@@ -78,6 +81,8 @@ class _Gauge:
         self.sum = 0
 
     def take(self, user: str, amount: int) -> None:
+        if amount > self.per_user:  # could never be admitted: not worth a retry
+            raise LimitExceededError(f"{self.what} (per account)", self.per_user, amount)
         if self.by_user[user] + amount > self.per_user:
             raise QuotaExceededError(
                 f"too many {self.what} at once for this account (limit {self.per_user}); "

@@ -13,7 +13,7 @@ exception (first match in this order)       status  close  extra
 :class:`~cape.errors.FormatError`           400     1008
 :class:`~cape.errors.LimitExceededError`    400     1008
 :class:`~cape.host.errors.ForbiddenError`   403     1008
-:class:`~cape.host.errors.RateLimitedError` 429     1008   ``Retry-After: <whole seconds>``
+:class:`~cape.host.errors.RateLimitedError` 429     1013   ``Retry-After: <whole seconds>``
 :class:`~cape.host.errors.AuthError`        401     1008   ``WWW-Authenticate: Bearer``
 :class:`~cape.host.errors.NotFoundError`    404     1008
 :class:`~cape.host.errors.ConflictError`    409     1008
@@ -90,7 +90,7 @@ _TABLE: Final[tuple[tuple[type[BaseException], int, int], ...]] = (
     (FormatError, 400, CLOSE_POLICY_VIOLATION),
     (LimitExceededError, 400, CLOSE_POLICY_VIOLATION),
     (ForbiddenError, 403, CLOSE_POLICY_VIOLATION),
-    (RateLimitedError, 429, CLOSE_POLICY_VIOLATION),
+    (RateLimitedError, 429, CLOSE_TRY_AGAIN_LATER),
     (AuthError, 401, CLOSE_POLICY_VIOLATION),
     (NotFoundError, 404, CLOSE_POLICY_VIOLATION),
     (ConflictError, 409, CLOSE_POLICY_VIOLATION),
