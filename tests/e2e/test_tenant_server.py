@@ -256,7 +256,7 @@ def test_oversized_frames_are_refused_from_their_header(
     "frame",
     [
         '{"message": ' + "[" * 30_000 + "]" * 30_000 + "}",
-        '{"message": {"nonce": "bm9uY2U=", "x": ' + "{" * 20 + "}" * 20 + "}}",
+        '{"message": {"nonce": "bm9uY2U=", "x": ' + "[" * 20 + "]" * 20 + "}}",
         '{"message": {"nonce": "bm9uY2U=", "nonce": "bm9uY2U="}}',
         '{"message": {"nonce": "bm9uY2U=", "x": NaN}}',
     ],
