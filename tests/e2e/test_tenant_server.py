@@ -440,3 +440,51 @@ def test_client_paced_waits_have_deadlines(tight: ServeProcess) -> None:
     head = exchange(f"GET /v1/runtime HTTP/1.1\r\nHost: {host}\r\n".encode())
     assert head == b""  # closed without a response: the head never ended
     assert time.monotonic() - started < 60
+
+
+def test_a_client_that_stops_reading_does_not_keep_its_sessions(tight: ServeProcess) -> None:
+    """Deadlines: a client that stops reading its results (so that they back up in the
+    server's buffers) used to hold its session, and the enclave session behind it, until the
+    keep-alive ping gave up on it (40 s or more); now each send waits at most the frame
+    deadline (3 s here) for the client to take the previous replies, and the session ends."""
+    victim = Victim(tight)
+    attacker = User.signup(tight, "deaf")
+    function = run(attacker.deploy(ECHO, name="deaf")).id
+
+    async def flow() -> None:
+        held = [await attacker.session(function) for _ in range(2)]  # idle, within quota
+        deaf = await attacker.session(function)  # the last session of its quota
+        deaf._ws.transport.pause_reading()  # reads nothing from now on
+
+        async def flood() -> None:
+            # Results of 16 MiB fill the socket buffers and then the server's, until the
+            # server waits to send one; from then on these sends block too (cancelled below).
+            for _ in range(6):
+                await deaf.send_sealed(b"r" * (16 << 20))
+
+        opened = time.monotonic()
+        flooding = asyncio.ensure_future(flood())
+        try:
+            # The slot is free once the deaf session ended. The keep-alive cannot end it
+            # before its ping (20 s after the session opened) went 20 s unanswered, so a
+            # bound of 25 s from the open tells the two apart; the deadline needs 3 s after
+            # the enclave echoed a few results (a few seconds even on a loaded machine).
+            fresh = None
+            while fresh is None:
+                try:
+                    fresh = await attacker.session(function)
+                except RequestRefusedError as refused:
+                    if refused.status != 429:
+                        raise
+                    assert time.monotonic() - opened < 25, "the unread session is still held"
+                    await asyncio.sleep(0.5)
+            assert await fresh.invoke(b"again") == b"echo:again"
+            await fresh.close()
+            await victim.check()
+        finally:
+            flooding.cancel()
+            deaf._ws.transport.abort()
+            for session in held:
+                await session.close()
+
+    run(flow())

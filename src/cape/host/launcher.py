@@ -28,6 +28,7 @@ from typing import Any
 from cape._internal.tempdirs import private_tempdir
 from cape.errors import CapeError, FormatError, TransportError
 from cape.formats.frames import encode_frame, encode_frame_parts, read_frame
+from cape.host.errors import UnavailableError
 
 __all__ = ["EnclaveConnection", "EnclaveLauncher", "HostSession", "SimulatedLauncher"]
 
@@ -177,6 +178,7 @@ class EnclaveConnection:
         response_key: bytes | None = None,
         bundle: bytes | None = None,
         bundle_sha256: bytes | None = None,
+        caller: str | None = None,
     ) -> HostSession:
         """Open a session; the caller then reads the ``attestation`` frame from it (for a run
         opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first)."""
@@ -198,6 +200,8 @@ class EnclaveConnection:
             message["bundle"] = bundle
         if bundle_sha256 is not None:
             message["bundle_sha256"] = bundle_sha256
+        if caller is not None:  # whom the enclave's fair queues count the session against
+            message["caller"] = caller
         await self.send(message)
         return session
 
@@ -313,7 +317,10 @@ class SimulatedLauncher(EnclaveLauncher):
 def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
     """Check a relayed frame's type; a fatal ``error`` frame becomes a CapeError."""
     if message["t"] == "error":
-        raise CapeError(str(message.get("message", "enclave error")))
+        text = str(message.get("message", "enclave error"))
+        if message.get("busy"):  # a bounded queue of the enclave is full: try again later
+            raise UnavailableError(text)
+        raise CapeError(text)
     if message["t"] != kind:
         raise FormatError(f"expected {kind!r} from the enclave, got {message['t']!r}")
     return message

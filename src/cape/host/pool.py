@@ -171,6 +171,7 @@ class EnclavePool:
         bundle: bytes | None = None,
         bundle_sha256: bytes | None = None,
         affinity: str | None = None,
+        caller: str | None = None,
     ) -> AsyncIterator[HostSession]:
         """Open a session on a live enclave; closes it (and frees the slot) on exit."""
         slot = await self._pick(affinity)
@@ -185,6 +186,7 @@ class EnclavePool:
                 response_key=response_key,
                 bundle=bundle,
                 bundle_sha256=bundle_sha256,
+                caller=caller,
             )
             try:
                 yield session

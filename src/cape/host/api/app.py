@@ -11,7 +11,7 @@ from cape.host.api.errors import EXCEPTION_HANDLERS, ClientTooSlowError
 from cape.host.api.rest import ApiDeps, create_rest_routes
 from cape.host.api.sessions import SessionDeps, create_session_routes
 
-__all__ = ["BodyDeadline", "create_app"]
+__all__ = ["BodyDeadline", "SendDeadline", "create_app"]
 
 
 class BodyDeadline:
@@ -45,11 +45,51 @@ class BodyDeadline:
         await self.app(scope, timed_receive, send)
 
 
-def create_app(rest: ApiDeps, sessions: SessionDeps, *, body_timeout_s: float = 30.0) -> ASGIApp:
+class SendDeadline:
+    """ASGI middleware: a websocket client must take each message the server sends (its
+    previous ones drained from the connection's buffer) within ``timeout_s``. A client that
+    stops reading gets its session ended instead of holding it, and what the session holds
+    (an enclave session, an admission slot), for ever: the send raises
+    :class:`ClientTooSlowError`, and so does every later one of that connection at once."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        stalled = False
+
+        async def timed_send(message: Message) -> None:
+            nonlocal stalled
+            if stalled:
+                raise ClientTooSlowError("the client stopped reading")
+            try:
+                await asyncio.wait_for(send(message), self.timeout_s)
+            except TimeoutError:
+                stalled = True
+                raise ClientTooSlowError(
+                    f"the client read nothing within {self.timeout_s:.0f} s"
+                ) from None
+
+        await self.app(scope, receive, timed_send)
+
+
+def create_app(
+    rest: ApiDeps,
+    sessions: SessionDeps,
+    *,
+    body_timeout_s: float = 30.0,
+    send_timeout_s: float | None = None,
+) -> ASGIApp:
     """Every route of protocol.md over the given dependencies (no lifespan: the caller owns
-    the enclave pool and the stores), with a deadline for request bodies."""
+    the enclave pool and the stores), with a deadline for request bodies and one for
+    websocket clients to read what is sent to them (default: the sessions' frame timeout)."""
     app = Starlette(
         routes=[*create_rest_routes(rest), *create_session_routes(sessions)],
         exception_handlers=dict(EXCEPTION_HANDLERS),
     )
-    return BodyDeadline(app, body_timeout_s)
+    send_deadline = SendDeadline(app, send_timeout_s or sessions.frame_timeout_s)
+    return BodyDeadline(send_deadline, body_timeout_s)

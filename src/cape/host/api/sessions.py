@@ -65,7 +65,7 @@ from typing import Any, Final, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cape._internal.timefile import utc_now
 from cape.errors import CapeError, FormatError, LimitExceededError, TransportError
@@ -73,6 +73,7 @@ from cape.host.admission import Admission, Reservation, ServerBusyError
 from cape.host.api.errors import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
+    ClientTooSlowError,
     close_code_for,
     error_body,
     error_response,
@@ -278,13 +279,14 @@ def _b64(data: bytes) -> str:
 async def _send(websocket: WebSocket, payload: dict[str, Any]) -> None:
     try:
         await websocket.send_text(json.dumps(payload, separators=(",", ":")))
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, WebSocketDisconnect, ClientTooSlowError) as exc:
+        # the client went away, or stopped reading
         raise Closed() from exc
 
 
 async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
     if websocket.application_state == WebSocketState.CONNECTED:
-        with contextlib.suppress(OSError, RuntimeError):
+        with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect, ClientTooSlowError):
             await websocket.close(code, reason)
 
 
@@ -550,6 +552,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
             bundle=bundle,
             bundle_sha256=digest,
             affinity=function.id,
+            caller=grant.principal.user.username,
         ) as session:
             del bundle
             frame = await session.receive()
