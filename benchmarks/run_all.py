@@ -24,7 +24,7 @@ from pathlib import Path
 from _results import Curve, Figure, Results, Series
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("crypto", "attestation", "sandbox", "enclave", "server", "noisy_neighbour")
+SCRIPTS = ("crypto", "attestation", "sandbox", "enclave", "server", "js", "noisy_neighbour")
 
 
 def machine() -> list[tuple[str, str]]:

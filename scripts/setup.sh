@@ -101,3 +101,23 @@ case ",$extras," in *,test,*)
     fi
     ;;
 esac
+
+# The JavaScript SDK (js/) and the console built from it: Node >= 20 and npm, the locked
+# dependencies from the npm registry (npm ci), and Debian's chromium for the console's browser
+# tests (driven by playwright-core; never a browser download).
+case ",$extras," in *,test,*)
+    if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "cape: installing nodejs and npm with apt-get" >&2
+        apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "cape: installing chromium with apt-get" >&2
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    fi
+    if command -v npm >/dev/null 2>&1; then
+        (cd js && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+    else
+        echo "cape: npm is not installed; the JavaScript SDK tests will be skipped" >&2
+    fi
+    ;;
+esac

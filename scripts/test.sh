@@ -14,4 +14,9 @@ echo "== docs" && .venv/bin/mkdocs build --strict --site-dir site
 bench_out="$(mktemp -d)"
 echo "== benchmarks (smoke)" && .venv/bin/python benchmarks/run_all.py --quick --out "$bench_out"
 rm -rf "$bench_out"
+# The JavaScript SDK: type check and its server-free Node tests; the live and hostile-server
+# Node tests run from pytest (tests/e2e/test_js_sdk.py, tests/integration/test_js_hostile.py),
+# which must not skip for want of the build.
+echo "== js" && (cd js && npm run --silent typecheck && npm test --silent)
+export CAPE_REQUIRE_JS=1
 echo "== pytest" && .venv/bin/python -m pytest -q "$@"

@@ -165,8 +165,12 @@ class RawSocket:
 
 @contextlib.contextmanager
 def _serve(tmp_path: Path, *args: str) -> Iterator[ServeProcess]:
+    # Each test signs many users up from one address: lift the signup rate (tested elsewhere).
     server = ServeProcess(
-        tmp_path / "data", tmp_path / "config", tmp_path / "logs", extra_args=list(args)
+        tmp_path / "data",
+        tmp_path / "config",
+        tmp_path / "logs",
+        extra_args=["--signup-rate", "0", *args],
     ).start()
     try:
         yield server

@@ -27,7 +27,9 @@ ALLOWED: dict[str, set[str]] = {
     "crypto": {"crypto", "formats"},
     "verify": {"verify", "crypto", "formats"},
     "sdk": {"sdk", "verify", "crypto", "formats"},
-    # cli imports platform only inside `cape serve`, which starts the whole platform.
+    # cli imports platform only inside `cape serve`, which starts the whole platform, and host
+    # for `cape admin` (an operator tool on the server's own data directory, cli/admin.py) and
+    # the serve flags' defaults; client commands still reach the server only through sdk.
     "cli": {"cli", "sdk", "verify", "crypto", "formats", "host", "platform"},
     "host": {"host", "formats"},
     "kms": {"kms", "verify", "crypto", "formats"},

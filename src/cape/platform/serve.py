@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -51,8 +52,11 @@ from cape.host.auth import Accounts, TokenIssuer
 from cape.host.keydocs import KeyDocuments
 from cape.host.launcher import Tap
 from cape.host.pool import EnclavePool
+from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR, SignupRateLimiter
+from cape.host.signup import SignupMode
 from cape.host.store.blobs import DirectoryBlobStore
 from cape.host.store.deploys import sweep_orphans
+from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import SqlMetadataStore, User
 from cape.kms.local import load_master_key
 from cape.platform.limits import ServerLimits
@@ -67,6 +71,7 @@ __all__ = [
     "Server",
     "default_data_dir",
     "load_authority",
+    "parse_forwarded_allow_ips",
     "serve",
 ]
 
@@ -99,6 +104,13 @@ class ServeConfig:
     drain_timeout_s: float = 30.0
     limits: ServerLimits = field(default_factory=ServerLimits)
     """Sessions, deploys, sizes and client deadlines (``--limit NAME=VALUE``)."""
+    signup: SignupMode = SignupMode.open
+    """Who may sign up: anyone, holders of an invite code, or nobody (docs/limits.md)."""
+    signups_per_hour: int = DEFAULT_SIGNUPS_PER_HOUR
+    """Signups one client address may make per hour (0: no limit)."""
+    forwarded_allow_ips: Sequence[str] = ()
+    """Proxies whose ``X-Forwarded-For`` names the client (addresses or networks, ``*`` for
+    any); by default none, so the client is always the TCP peer."""
     runtime_args: Sequence[str] = ()
     extra_env: Mapping[str, str] | None = None
     record_for_cli: bool = True
@@ -110,6 +122,26 @@ class ServeConfig:
     """Test and audit hook: wraps the API application before uvicorn serves it (e.g. an ASGI
     middleware that records every websocket message received and sent). Not for production:
     whatever it wraps in sees every request, token included."""
+
+
+def parse_forwarded_allow_ips(text: str) -> tuple[str, ...]:
+    """``--forwarded-allow-ips``: comma-separated addresses or networks, or ``*``.
+
+    Raises:
+        FormatError: an entry that is neither.
+    """
+    entries = tuple(part.strip() for part in text.split(",") if part.strip())
+    for entry in entries:
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise FormatError(
+                f"--forwarded-allow-ips: {entry[:60]!r} is not an IP address or network "
+                "(e.g. 10.0.0.5, 10.0.0.0/24, ::1, or * for any)"
+            ) from None
+    return entries
 
 
 def load_authority(directory: Path) -> SimulatedAuthority:
@@ -212,7 +244,13 @@ class Server:
             )
             try:
                 await pool.start()
-                accounts = Accounts(store, TokenIssuer.open(self.data_dir))
+                accounts = Accounts(
+                    store,
+                    TokenIssuer.open(self.data_dir),
+                    signup_mode=config.signup,
+                    invites=InviteStore(store),
+                    signup_limiter=SignupRateLimiter(per_hour=config.signups_per_hour),
+                )
                 keydocs = KeyDocuments(self.data_dir / "keydocs", store)
 
                 async def key_document(username: str) -> bytes | None:
@@ -269,6 +307,11 @@ class Server:
                     log_level=config.log_level,
                     server_header=False,
                     timeout_graceful_shutdown=5,
+                    # X-Forwarded-For only from proxies the operator listed (uvicorn's own
+                    # default trusts any loopback peer, so a local client could pick its
+                    # address and slip past per-address limits).
+                    proxy_headers=bool(config.forwarded_allow_ips),
+                    forwarded_allow_ips=list(config.forwarded_allow_ips),
                 )
                 server = _Uvicorn(uv_config, self.lifecycle, config.drain_timeout_s)
                 self._uvicorn = server
@@ -346,6 +389,9 @@ def describe(server: Server, out: TextIO) -> None:
     print(f"  Attestation root:  {server.root_file}", file=out)
     print(f"  Root fingerprint:  sha256:{server.root_fingerprint}", file=out)
     print(f"  Enclaves:          {config.enclaves}", file=out)
+    print(f"  Signup:            {config.signup.value}", file=out)
+    if config.forwarded_allow_ips:
+        print(f"  Trusted proxies:   {', '.join(config.forwarded_allow_ips)}", file=out)
     print(f"Ready: {server.url}", file=out, flush=True)
 
 

@@ -290,17 +290,26 @@ class AsyncCape:
 
     # -- accounts --------------------------------------------------------------------------
 
-    async def signup(self, username: str, password: str, *, save: bool = True) -> str:
-        """Create an account; returns (and by default saves) its login token."""
-        return await self._account("signup", username, password, save)
+    async def signup(
+        self, username: str, password: str, *, save: bool = True, invite: str | None = None
+    ) -> str:
+        """Create an account; returns (and by default saves) its login token. ``invite`` is
+        the code a server that takes invited signups needs (``cape serve --signup invite``)."""
+        return await self._account("signup", username, password, save, invite)
 
     async def login(self, username: str, password: str, *, save: bool = True) -> str:
         """Log in; returns (and by default saves) the token."""
         return await self._account("login", username, password, save)
 
-    async def _account(self, action: str, username: str, password: str, save: bool) -> str:
+    async def _account(
+        self, action: str, username: str, password: str, save: bool, invite: str | None = None
+    ) -> str:
         result = await self._rest(
-            lambda rest: (rest.signup if action == "signup" else rest.login)(username, password)
+            lambda rest: (
+                rest.signup(username, password, invite)
+                if action == "signup"
+                else rest.login(username, password)
+            )
         )
         token = result.get("access_token")
         name = result.get("username", username)
@@ -705,8 +714,10 @@ class Cape:
     def trust_root(self, expected_fingerprint: str) -> x509.Certificate:
         return _Portal.call(self.aio.trust_root(expected_fingerprint))
 
-    def signup(self, username: str, password: str, *, save: bool = True) -> str:
-        return _Portal.call(self.aio.signup(username, password, save=save))
+    def signup(
+        self, username: str, password: str, *, save: bool = True, invite: str | None = None
+    ) -> str:
+        return _Portal.call(self.aio.signup(username, password, save=save, invite=invite))
 
     def login(self, username: str, password: str, *, save: bool = True) -> str:
         return _Portal.call(self.aio.login(username, password, save=save))

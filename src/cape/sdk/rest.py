@@ -80,10 +80,12 @@ class RestClient:
             response.headers.get("retry-after"),
         )
 
-    def signup(self, username: str, password: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request(
-            "POST", "/v1/signup", {"username": username, "password": password}
-        )
+    def signup(self, username: str, password: str, invite: str | None = None) -> dict[str, Any]:
+        """Create an account; ``invite`` is the code an invite-only server needs."""
+        body = {"username": username, "password": password}
+        if invite is not None:
+            body["invite"] = invite
+        result: dict[str, Any] = self.request("POST", "/v1/signup", body)
         return result
 
     def login(self, username: str, password: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cape.host.api.errors import EXCEPTION_HANDLERS, ClientTooSlowError
 from cape.host.api.rest import ApiDeps, create_rest_routes
 from cape.host.api.sessions import SessionDeps, create_session_routes
+from cape.host.console import console_routes
 
 __all__ = ["BodyDeadline", "SendDeadline", "create_app"]
 
@@ -88,7 +89,7 @@ def create_app(
     the enclave pool and the stores), with a deadline for request bodies and one for
     websocket clients to read what is sent to them (default: the sessions' frame timeout)."""
     app = Starlette(
-        routes=[*create_rest_routes(rest), *create_session_routes(sessions)],
+        routes=[*create_rest_routes(rest), *create_session_routes(sessions), *console_routes()],
         exception_handlers=dict(EXCEPTION_HANDLERS),
     )
     send_deadline = SendDeadline(app, send_timeout_s or sessions.frame_timeout_s)
