@@ -1,8 +1,8 @@
 """A victim's run latency alone and while a hostile neighbour attacks the server (issue 18).
 
-One ``cape serve`` subprocess (2 simulated enclaves, default limits; the
-loopback trusted as a proxy, so that each tenant signs up from an address of its own), TLS on loopback. The
-victim is a signed-up user with an echo function; a *run* is what ``cape run`` does: open a
+One ``cape serve`` subprocess (2 simulated enclaves, default limits; loopback trusted as a
+proxy, so that each tenant signs up from an address of its own), TLS on loopback. The victim
+is a signed-up user with an echo function; a *run* is what ``cape run`` does: open a
 websocket, verify the attestation document, one sealed 1 KiB invoke, close. For each attack
 the victim runs back to back twice: alone (the reference, measured right before, so that the
 load of a shared machine drifts as little as possible between the two), then while the
