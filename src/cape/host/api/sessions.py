@@ -30,7 +30,8 @@ a slow enclave makes the server buffer more than one message per session.
   503 and ``Retry-After``;
 - every client message has a size limit set before it is read and a deadline
   (:mod:`cape.host.api.frames`): ``frame_timeout_s`` within an exchange (nonce, function
-  info, bundle, each chunk), ``idle_timeout_s`` between calls;
+  info, bundle, each chunk), ``idle_timeout_s`` between calls; and the client must take
+  each reply within ``frame_timeout_s`` too (:class:`~cape.host.api.app.SendDeadline`);
 - client-paced work holds no thread: a deploy's chunks are written as they arrive, each
   write a bounded job on the dedicated ``blob_io`` executor;
 - every frame of a run or test session re-checks its authorisation: an expired token, a
