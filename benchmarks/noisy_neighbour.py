@@ -299,8 +299,7 @@ def attacker_process(
         async with ATTACKS[name](lab) as counts:
             ready.set()
             await asyncio.to_thread(stop.wait, 1800)
-            got = dict(counts)
-        outcome.put(got)
+        outcome.put(dict(counts))  # once the attack stopped: its last answers counted too
 
     asyncio.run(attack())
 
