@@ -24,7 +24,18 @@ from pathlib import Path
 from _results import Curve, Figure, Results, Series
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("crypto", "attestation", "sandbox", "enclave", "server", "js", "noisy_neighbour")
+SCRIPTS = (
+    "crypto",
+    "attestation",
+    "sandbox",
+    "enclave",
+    "imagenet",
+    "server",
+    "image",
+    "js",
+    "java",
+    "noisy_neighbour",
+)
 
 
 def machine() -> list[tuple[str, str]]:

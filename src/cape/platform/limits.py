@@ -27,7 +27,6 @@ class ServerLimits:
     bundle_bytes_in_flight_per_user: int = 1_000_000_000
     bundle_bytes_in_flight: int = 4_000_000_000
     bundle_bytes: int = 1_000_000_000
-    input_bytes: int = 64 << 20
     frame_timeout_s: float = 30.0
     header_timeout_s: float = 30.0
     body_timeout_s: float = 30.0
