@@ -250,6 +250,8 @@ def test_oversized_frames_are_refused_from_their_header(
         raw.close()
     assert code == 1009, texts
     assert "message too large" in texts[0]["error"] and str(announced) in texts[0]["error"]
+    what = {"/v1/key": "nonce frame", "/v1/deploy": "function info frame", "run": "input"}
+    assert f"{what[route]} size in bytes exceeds the limit of" in texts[0]["error"], texts
     run(victim.check())
 
 

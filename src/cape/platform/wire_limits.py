@@ -71,6 +71,8 @@ class _SizedServerProtocol(ServerProtocol):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.next_message = "message"
+        """What the next data message is, for the refusal's text."""
         self.reader = _GatedReader()
         self.parser = self.parse()  # the one started above reads from the replaced reader
         next(self.parser)
@@ -83,7 +85,14 @@ class _SizedServerProtocol(ServerProtocol):
 
     def fail(self, code: int, reason: str = "") -> None:
         if self.state is State.OPEN and code == 1009:
-            text = f"message too large: {reason}" if reason else "message too large"
+            # Worded as LimitExceededError words it (clients match "<what> … exceeds the
+            # limit of"), with the parser's reason, which names the announced size.
+            text = (
+                f"message too large: {self.next_message} size in bytes exceeds the limit of "
+                f"{self.max_message_size}"
+            )
+            if reason:
+                text += f" ({reason})"
             self.send_frame(Frame(Opcode.TEXT, json.dumps({"error": text}).encode()))
         super().fail(code, reason)
 
@@ -117,10 +126,12 @@ class SizedWebSocketProtocol(WebSocketsSansIOProtocol):
             extensions: dict[str, Any] = scope.setdefault("extensions", {})
             extensions[NEXT_MESSAGE_EXTENSION] = self._next_message
 
-    def _next_message(self, limit: int) -> None:
-        """Let the parser read the next data message, of at most ``limit`` bytes."""
+    def _next_message(self, limit: int, what: str = "message") -> None:
+        """Let the parser read the next data message (``what``), of at most ``limit`` bytes."""
         reader = self._reader
+        assert isinstance(self.conn, _SizedServerProtocol)
         self.conn.max_message_size = limit
+        self.conn.next_message = what
         if reader.open:
             return
         reader.open = True

@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 NEXT_MESSAGE_EXTENSION: Final = "cape.websocket.next_message_limit"
-"""ASGI scope extension: a callable taking the byte limit of the next client message."""
+"""ASGI scope extension: a callable taking the byte limit of the next client message and what
+that message is (for the refusal's text, e.g. "input")."""
 MAX_TEXT_FRAME_BYTES: Final = 64 * 1024
 MAX_JSON_DEPTH: Final = 8
 
@@ -67,8 +68,10 @@ async def receive(
     limit: int,
     timeout_s: float,
     idle: bool = False,
+    what: str = "message",
 ) -> str | bytes:
-    """The next client message, of at most ``limit`` bytes, within ``timeout_s``.
+    """The next client message (``what``, e.g. "input"), of at most ``limit`` bytes, within
+    ``timeout_s``.
 
     Raises:
         Closed: the client disconnected.
@@ -77,11 +80,11 @@ async def receive(
         ClientTooSlowError: not ``idle`` and no message came in time.
         BodyTooLargeError: the message is larger than ``limit`` (another ASGI server).
     """
-    allow: Callable[[int], None] | None = (websocket.scope.get("extensions") or {}).get(
+    allow: Callable[[int, str], None] | None = (websocket.scope.get("extensions") or {}).get(
         NEXT_MESSAGE_EXTENSION
     )
     if allow is not None:
-        allow(limit)
+        allow(limit, what)
     message_task = asyncio.ensure_future(websocket.receive())
     drain = asyncio.ensure_future(draining.wait())
     try:
@@ -110,7 +113,7 @@ async def receive(
         data = message.get("text") or ""
         size = len(data.encode()) if len(data) * 4 > limit else len(data)
     if size > limit:
-        raise BodyTooLargeError("message size in bytes", limit, size)
+        raise BodyTooLargeError(f"{what} size in bytes", limit, size)
     return data
 
 

@@ -250,13 +250,13 @@ def _nonce_frame(frame: str | bytes) -> tuple[bytes, bytes | None]:
 
 
 async def _next(
-    websocket: WebSocket, deps: SessionDeps, limit: int, *, idle: bool = False
+    websocket: WebSocket, deps: SessionDeps, limit: int, what: str, *, idle: bool = False
 ) -> str | bytes:
-    """The next client message: at most ``limit`` bytes, within the frame timeout (or, for
-    ``idle`` waits between calls, the idle timeout)."""
+    """The next client message (``what``): at most ``limit`` bytes, within the frame timeout
+    (or, for ``idle`` waits between calls, the idle timeout)."""
     timeout_s = deps.idle_timeout_s if idle else deps.frame_timeout_s
     return await receive(
-        websocket, deps.lifecycle.draining, limit=limit, timeout_s=timeout_s, idle=idle
+        websocket, deps.lifecycle.draining, limit=limit, timeout_s=timeout_s, idle=idle, what=what
     )
 
 
@@ -343,14 +343,14 @@ async def _serve_calls(
     """run/test: each binary frame is one call and gets exactly one reply, in order."""
     if bundle_first:
         room = _bundle_room(deps, reservation)
-        bundle = binary(await _next(websocket, deps, room), "test bundle", room)
+        bundle = binary(await _next(websocket, deps, room, "test bundle"), "test bundle", room)
         await _still_allowed(deps, grant)
         await session.send({"t": "bundle", "data": bundle})
         del bundle
         reservation.release()
     while True:
         try:
-            frame = await _next(websocket, deps, deps.max_input_bytes, idle=True)
+            frame = await _next(websocket, deps, deps.max_input_bytes, "input", idle=True)
         except Idle:
             await _close(websocket, CLOSE_NORMAL, "idle timeout")
             return
@@ -379,7 +379,9 @@ async def _receive_chunks(
         received = 0
         while received < size:
             limit = min(chunk_limit, size - received)
-            piece = binary(await _next(websocket, deps, limit), "bundle chunk", limit)
+            piece = binary(
+                await _next(websocket, deps, limit, "bundle chunk"), "bundle chunk", limit
+            )
             if not piece:
                 raise FormatError("bundle chunks must not be empty")
             await session.send({"t": "chunk", "data": piece})
@@ -410,7 +412,9 @@ async def _deploy(
     """Function info, then the bundle: one binary frame (Cape's protocol), or, when the info
     announces ``bundle_size`` (our SDK), binary frames of at most ``chunk_size`` (default and
     at most 8 MiB) adding up to it."""
-    info = json_message(await _next(websocket, deps, MAX_TEXT_FRAME_BYTES), "function info")
+    info = json_message(
+        await _next(websocket, deps, MAX_TEXT_FRAME_BYTES, "function info frame"), "function info"
+    )
     name = check_function_name(info.get("function_name"))
     public = info.get("public", False)
     if not isinstance(public, bool):
@@ -422,7 +426,7 @@ async def _deploy(
     blob_key = new_id()
     if size is None:
         room = _bundle_room(deps, reservation)
-        bundle = binary(await _next(websocket, deps, room), "bundle", room)
+        bundle = binary(await _next(websocket, deps, room, "bundle"), "bundle", room)
         reservation.resize(len(bundle))
         # The websocket layer hands over the whole frame; the enclave still gets it in chunks,
         # so it assembles and decrypts one copy in place (as for our SDK's chunked deploys).
@@ -503,7 +507,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
         return function
 
     async def nonce(websocket: WebSocket) -> tuple[bytes, bytes | None]:
-        return _nonce_frame(await _next(websocket, deps, MAX_TEXT_FRAME_BYTES))
+        return _nonce_frame(await _next(websocket, deps, MAX_TEXT_FRAME_BYTES, "nonce frame"))
 
     def account_session(kind: str, body: Body) -> Handler:
         """key, deploy, test: the caller's own account (no function-scoped tokens), their key."""
