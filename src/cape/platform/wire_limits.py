@@ -71,8 +71,9 @@ class _SizedServerProtocol(ServerProtocol):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.next_message = "message"
-        """What the next data message is, for the refusal's text."""
+        self.next_message = "nonce frame"
+        """What the next data message is, for the refusal's text. Every Cape session opens
+        with its nonce frame, which may arrive before the application set a limit."""
         self.reader = _GatedReader()
         self.parser = self.parse()  # the one started above reads from the replaced reader
         next(self.parser)
