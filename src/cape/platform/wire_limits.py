@@ -135,6 +135,11 @@ class SizedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn.next_message = what
         if reader.open:
             return
+        if not self.queue.empty():
+            # The message this call is for was read already (under the limit in force then;
+            # the application checks it again). Opening now would let the one after it be
+            # read under this limit and name: it waits for the next call instead.
+            return
         reader.open = True
         if reader.buffer and not reader.eof and self.conn.parser_exc is None:
             self.conn.receive_data(b"")  # parse what was held back
