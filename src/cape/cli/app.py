@@ -354,6 +354,15 @@ def serve(
         float,
         typer.Option("--idle-timeout", min=60, help="Seconds before an idle session is closed."),
     ] = 120.0,
+    sandbox_uids: Annotated[
+        str,
+        typer.Option(
+            "--sandbox-uids",
+            metavar="START-END",
+            help="Host uids for sandboxes; must lie outside every range in /etc/passwd, "
+            "/etc/group, /etc/subuid, /etc/subgid and /etc/login.defs (checked at start).",
+        ),
+    ] = "2000000000-2000049999",
 ) -> None:
     """Run the whole platform on this machine: HTTPS/WSS API, key service, enclaves.
 
@@ -370,6 +379,7 @@ def serve(
         port=port,
         enclaves=enclaves,
         idle_timeout_s=idle_timeout,
+        sandbox_uids=sandbox_uids,
     )
     try:
         run_server(config)

@@ -211,11 +211,15 @@ def _v2_parent(root: Path, own: str) -> Path | None:
 
 
 def detect(
-    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+    root: Path = Path("/sys/fs/cgroup"),
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+    *,
+    create: bool = True,
 ) -> tuple[Cgroups | None, str]:
     """This machine's cgroups for sandboxes, or ``(None, why not)``.
 
-    Creates this process's ``cape-sandboxes-<pid>`` parents (removed at exit).
+    Creates this process's ``cape-sandboxes-<pid>`` parents (removed at exit); with
+    ``create=False`` only checks that it could (for start-up banners of other processes).
     """
     try:
         own = _own_paths(proc_cgroup)
@@ -239,6 +243,11 @@ def detect(
             )
         version = 2
         parents = {ctl: base / name for ctl in _CONTROLLERS}
+    if not create:
+        writable = all(os.access(p.parent, os.W_OK) for p in parents.values())
+        if not writable:
+            return None, f"cannot create cgroups under {next(iter(parents.values())).parent}"
+        return Cgroups(version, parents), ""
     made: list[Path] = []
     try:
         for parent in dict.fromkeys(parents.values()):

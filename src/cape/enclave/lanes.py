@@ -102,9 +102,9 @@ class Lane:
         if not self._waiting.get(party) and self._free_for(party):
             self._take(party)
             return
-        queue = self._waiting.get(party)
-        if (queue is not None and len(queue) >= self.limits.queue_per_party) or (
-            self._queued >= self.limits.queue
+        if (
+            len(self._waiting.get(party, ())) >= self.limits.queue_per_party
+            or self._queued >= self.limits.queue
         ):
             raise BusyError(f"the enclave is busy ({self.name}); try again later")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -146,8 +146,13 @@ class Lane:
         except BaseException:
             self._give_back(party)
             raise
-        future.add_done_callback(lambda _: self._give_back(party))
+        future.add_done_callback(functools.partial(self._finished, party))
         return await asyncio.shield(future)
+
+    def _finished(self, party: str, future: asyncio.Future[T]) -> None:
+        self._give_back(party)
+        if not future.cancelled():
+            future.exception()  # retrieved: an awaiter cancelled meanwhile is not an error
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:

@@ -35,7 +35,7 @@ from cape.enclave.sandbox import UIDS, SandboxLimits
 from cape.enclave.secure_module.base import SecureModule
 from cape.enclave.secure_module.nitro import NitroSecureModule
 from cape.enclave.secure_module.simulated import SimulatedSecureModule
-from cape.enclave.session import SessionConfig, run_session
+from cape.enclave.session import Inbox, SessionConfig, run_session
 from cape.enclave.uids import DEFAULT_RANGE, UidRange, parse_range
 from cape.enclave.warm import WarmPool
 from cape.errors import CapeError, FormatError
@@ -65,7 +65,7 @@ class Runtime:
         self._writer = writer
         self._config = config
         self._write_lock = asyncio.Lock()
-        self._sessions: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._sessions: dict[int, Inbox] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._module: SecureModule | None = None
         self._keys: EnclaveKeyClient | None = None
@@ -121,7 +121,7 @@ class Runtime:
         elif kind == "open":
             if sid in self._sessions or sid == 0:
                 raise FormatError(f"session {sid} is already open or invalid")
-            inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            inbox = Inbox()
             self._sessions[sid] = inbox
             task = asyncio.create_task(
                 run_session(
@@ -136,10 +136,14 @@ class Runtime:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif kind in ("input", "bundle", "chunk", "close"):
+        elif kind in ("input", "bundle", "chunk"):
             queue = self._sessions.get(sid)
             if queue is not None:
                 queue.put_nowait(message)
+        elif kind == "close":
+            queue = self._sessions.get(sid)
+            if queue is not None:
+                queue.close()
         else:
             raise FormatError(f"unexpected {kind!r} frame from the host")
 

@@ -6,57 +6,49 @@ only its own invocation. Without OS isolation this module refuses to run user co
 
 Shape (``FunctionSandbox.start`` → ``call`` … → ``close``):
 
-1. **bubblewrap** (``bwrap``) builds the sandbox: new user, pid, net, ipc, uts and cgroup
-   namespaces (the network namespace has only a down loopback), no further user namespaces,
-   a new session, an empty environment, and a private mount tree on a read-only tmpfs root:
-   ``/usr`` and the ``/lib*`` links read-only, the interpreter's prefix read-only with every
-   site-packages directory covered by an empty one, a few ``/etc`` files the loader needs, a
-   fresh ``/proc`` and ``/dev``, size-limited tmpfs at ``/tmp`` and ``/dev/shm``, the session's
-   function directory read-write at ``/function`` (the worker's working directory), and
+1. **bubblewrap** (``bwrap``, argv in :mod:`cape.enclave.spawn`) builds the sandbox: new
+   user, pid, net, ipc, uts and cgroup namespaces (the network namespace has only a down
+   loopback), no further user namespaces, a new session, an empty environment, and a private
+   mount tree on a read-only tmpfs root: ``/usr`` and the ``/lib*`` links read-only, the
+   interpreter's prefix read-only with every site-packages directory covered by an empty one
+   (:mod:`cape.enclave.staging`), a few ``/etc`` files the loader needs, a fresh ``/proc``
+   (its own pid namespace: only the function's processes) and ``/dev``, size-limited tmpfs at
+   ``/tmp`` and ``/dev/shm`` (the only writable places), the session's function directory
+   **read-only** at ``/function`` (the worker's working directory), and
    :mod:`cape.enclave.worker` as a read-only file. Nothing else of the host exists in there:
    not the runtime's package or virtualenv, its data or key files, ``/root``, ``/home``.
-2. **An unprivileged host uid.** bubblewrap itself runs as a uid of its own per sandbox
-   (``SANDBOX_UID_BASE`` + slot, never 0), so the sandbox's root-in-namespace maps to that
-   uid. Were it run as root, the kernel would exempt the sandbox from ``RLIMIT_NPROC`` and a
-   fork bomb would not be contained. The function directory is chowned to that uid.
-3. **Resource limits** (:class:`SandboxLimits`): the worker lowers its soft and hard rlimits
-   (address space, CPU seconds, processes, open files, file size, no core files) before any
-   of the function's code runs; they cannot be raised again. The runtime enforces the wall
+2. **An unprivileged host uid** (:mod:`cape.enclave.uids`). bubblewrap itself runs as a uid
+   of its own per sandbox, from a range outside everything the system hands out (``cape
+   serve`` checks it at every start), so the sandbox's root-in-namespace maps to that uid and
+   nobody else on the machine owns its user namespace. Were it run as root, the kernel would
+   exempt the sandbox from ``RLIMIT_NPROC``. The function directory is chowned to that uid.
+3. **Resource limits** (:class:`SandboxLimits`). Where cgroups are available
+   (:mod:`cape.enclave.cgroups`, v2 or v1), each sandbox has its own: memory (all its
+   processes and the tmpfs pages they write), pids and a CPU quota. Its processes join it
+   before any function code runs (bubblewrap waits on ``--block-fd``), and the group is
+   emptied and removed when the session ends. In addition, and alone where cgroups are
+   unavailable (the runtime says so at start-up), the worker lowers its soft and hard rlimits
+   (address space, CPU seconds, processes, open files, file size, no core files), which count
+   per process: forked children each get the whole allowance. The runtime enforces the wall
    clock per call and at load, and the input and output sizes.
 4. **seccomp** (:mod:`cape.enclave.seccomp`): a deny-list filter loaded by bubblewrap.
 
 The runtime talks to the worker over a socketpair (the frames are in :mod:`cape.enclave.worker`)
 and trusts nothing that comes back: every length is checked before a byte is read.
 
-**Encryption services** (Cape's in-function ``cape_encrypt``, reference §8.3): every sandbox
-holds the stdlib-only helper ``cape/enclave/guest/cape_encrypt.py`` read-only at
-``/cape-worker/guest/cape_encrypt.py``; the worker registers it as ``cape_encrypt`` before
-app.py is imported (its docstring has the API and the frames). When ``start`` is given a
-``services`` callback, the sandbox also inherits a second socketpair dedicated to it, so that a
-handler's request, made in the middle of a call, never interleaves with the call frames. The
-runtime serves it in the thread that waits for the worker: while loading app.py (module-level
-code may encrypt) and during each call, one request at a time, under the same wall clock. A
-request made between calls (by a thread the function left running) waits for the next call.
-``services(op, data)`` gets ``"encrypt"`` or ``"decrypt"`` and the data, at most
-``max_input_bytes``, and returns the result, at most :func:`services_response_limit` bytes; a
-:class:`cape.errors.CapeError` it raises goes back as that one-line ``diagnostics()``, anything
-else as ``"internal error"`` (logged as the exception's type only, never with data), and a
-``BaseException`` kills the sandbox and propagates. A frame announcing an empty or oversized
-request is a protocol violation (``crashed``; nothing beyond the limit is ever read); a
-well-framed request with an unknown operation gets an error response. A guest that closes its
-end simply stops being served. Without a callback there is no such socket at all (least
-privilege): ``cape_encrypt`` then raises "encryption services are not available in this
-session" without asking anyone.
+**Encryption services** (Cape's in-function ``cape_encrypt``): served by
+:class:`cape.enclave.services.ServicesServer` on a socket of their own, in the thread that
+waits for the worker (see that module).
 
 Why it ended → :class:`cape.errors.SandboxError` ``reason`` (after which the sandbox is dead):
-our wall clock → ``timeout``; ``SIGKILL`` with the CPU budget used up (the worker is pid 1
-of its namespace, which ignores ``SIGXCPU``, so its soft and hard CPU limits are equal) or
-``SIGXCPU`` → ``cpu``; the worker ran out of memory outside the handler → ``memory``; a frame longer
-than the output limit → ``output``; any other death (``os._exit``, a signal such as
-``SIGSEGV``) → ``crashed``; no isolation → ``unavailable``; bad ``app.py`` → ``load``. An
-exception inside the handler (``MemoryError`` included) is a :class:`cape.errors.FunctionError`
-and an oversized result the worker refuses to send is a
-:class:`cape.errors.LimitExceededError`: after those the session goes on.
+our wall clock → ``timeout``; the cgroup's OOM killer → ``memory``; ``SIGKILL`` with the
+CPU budget used up (the worker is pid 1 of its namespace, which ignores ``SIGXCPU``, so its
+soft and hard CPU limits are equal) or ``SIGXCPU`` → ``cpu``; the worker ran out of memory
+outside the handler → ``memory``; a frame longer than the output limit → ``output``; any
+other death (``os._exit``, a signal such as ``SIGSEGV``) → ``crashed``; no isolation →
+``unavailable``; bad ``app.py`` → ``load``. An exception inside the handler (``MemoryError``
+included) is a :class:`cape.errors.FunctionError` and an oversized result the worker refuses
+to send is a :class:`cape.errors.LimitExceededError`: after those the session goes on.
 """
 
 from __future__ import annotations
@@ -68,14 +60,12 @@ import logging
 import os
 import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -83,6 +73,7 @@ from typing import NoReturn
 from cape._internal.closeable import Closeable
 from cape.enclave import cgroups
 from cape.enclave.cgroups import CgroupLimits, SandboxCgroup
+from cape.enclave.services import Services, ServicesServer, services_response_limit
 from cape.enclave.spawn import (
     BWRAP,
     FUNCTION_PATH,
@@ -99,7 +90,7 @@ from cape.enclave.spawn import (
 )
 from cape.enclave.staging import SUPPORT, layout, move_back, place_function_dir
 from cape.enclave.uids import UidPool
-from cape.errors import CapeError, FunctionError, LimitExceededError, SandboxError
+from cape.errors import FunctionError, LimitExceededError, SandboxError
 
 __all__ = [
     "BWRAP",
@@ -114,8 +105,6 @@ __all__ = [
 
 log = logging.getLogger("cape.enclave")
 
-#: ``services(op, data) -> result``: op is ``"encrypt"`` or ``"decrypt"`` (see the docstring).
-Services = Callable[[str, bytes], bytes]
 
 #: Host uids for sandboxes, one per live sandbox (the runtime sets the range at start-up).
 UIDS = UidPool()
@@ -130,11 +119,6 @@ _EXIT_MEMORY = 101
 _EXIT_PROTOCOL = 102
 _EXIT_SETUP = 103
 _MAX_TEXT_BYTES = 8 << 10
-# Encryption services (mirrors cape.enclave.guest.cape_encrypt).
-_OPS = {1: "encrypt", 2: "decrypt"}
-_SERVICE_OK = 0
-_SERVICE_ERROR = 1
-_MAX_REASON_BYTES = 1 << 10
 _REAP_TIMEOUT_S = 5.0
 _EXIT_GRACE_S = 2.0
 _CPU_TOLERANCE = 0.75  # rusage lags the kernel's own CPU-limit accounting (CFS quota)
@@ -181,19 +165,15 @@ class SandboxLimits:
         }
 
 
-def services_response_limit(max_request_bytes: int) -> int:
-    """The largest services result: room for ``cape:`` + base64 of a maximal plaintext."""
-    return max_request_bytes + max_request_bytes // 3 + (64 << 10)
-
-
 def describe_containment() -> str:
-    """One line for start-up logs and banners: how whole-function limits are enforced here."""
-    groups, why = cgroups.shared()
+    """One line for start-up banners: how whole-function limits are enforced on this machine
+    (checked without creating anything, from any process; the runtime creates its groups)."""
+    groups, why = (None, "not root") if os.geteuid() != 0 else cgroups.detect(create=False)
     if groups is not None:
-        return f"sandbox limits: per sandbox {groups.describe()} (memory, pids, cpu)"
+        return f"one cgroup v{groups.version} per sandbox (memory, pids, cpu)"
     return (
-        f"sandbox limits: cgroups unavailable ({why}); only per-process rlimits apply, so "
-        "a function's processes together may exceed its memory limit"
+        f"cgroups unavailable ({why}): per-process rlimits only, so a function's "
+        "processes together may exceed its memory limit"
     )
 
 
@@ -268,9 +248,11 @@ class FunctionSandbox(Closeable):
         self._spawn = spawn
         self._limits = limits
         self._uid = uid
-        self._services = services
-        # Served until the guest closes its end (only while a call or the load is under way).
-        self._services_open = spawn.services is not None and services is not None
+        self._services = (
+            None
+            if spawn.services is None or services is None
+            else ServicesServer(spawn.services, services, limits.max_input_bytes, self._terminate)
+        )
         self._call_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._pid1_fd: int | None = None
@@ -498,7 +480,8 @@ class FunctionSandbox(Closeable):
 
     def _receive(self, deadline: float) -> tuple[int, bytes]:
         sock = self._spawn.channel
-        self._serve_until_readable(deadline)
+        if self._services is not None:
+            self._services.serve_until_readable(sock, deadline)
         (length,) = _HEADER.unpack(recv_exact(sock, _HEADER.size, deadline))
         if length == 0:
             raise ProtocolViolation("empty frame")
@@ -506,77 +489,6 @@ class FunctionSandbox(Closeable):
             raise OutputTooLarge(f" ({length - 1} bytes announced)")
         status = recv_exact(sock, 1, deadline)[0]
         return status, recv_exact(sock, length - 1, deadline)
-
-    # -- encryption services
-
-    def _serve_until_readable(self, deadline: float) -> None:
-        """Serve services requests until the channel has something to read (or the deadline)."""
-        services, channel = self._spawn.services, self._spawn.channel
-        while self._services_open and services is not None:
-            poller = select.poll()
-            poller.register(channel.fileno(), select.POLLIN)
-            poller.register(services.fileno(), select.POLLIN)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout
-            ready = dict(poller.poll(remaining * 1000))
-            if channel.fileno() in ready:
-                return
-            if services.fileno() in ready:
-                self._serve_one(services, deadline)
-
-    def _serve_one(self, sock: socket.socket, deadline: float) -> None:
-        """Read one request (nothing beyond the limit), answer it; a closed end stops serving."""
-        limit = self._limits.max_input_bytes
-        try:
-            try:
-                if not sock.recv(1, socket.MSG_PEEK):
-                    raise WorkerGone
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                raise WorkerGone from exc
-            (length,) = _HEADER.unpack(recv_exact(sock, _HEADER.size, deadline))
-            if length == 0:
-                raise ProtocolViolation("an empty encryption-services request")
-            if length - 1 > limit:
-                raise ProtocolViolation(
-                    f"an encryption-services request of {length - 1} bytes, "
-                    f"over the limit of {limit} bytes"
-                )
-            op = recv_exact(sock, 1, deadline)[0]
-            data = recv_exact(sock, length - 1, deadline)
-            status, body = self._run_service(op, data)
-            del data
-            send_all(sock, (_HEADER.pack(len(body) + 1) + bytes((status,)), body), deadline)
-        except WorkerGone:
-            self._services_open = False  # the function closed its end (or died: the channel says)
-
-    def _run_service(self, op: int, data: bytes) -> tuple[int, bytes]:
-        name = _OPS.get(op)
-        if name is None or self._services is None:
-            return _SERVICE_ERROR, f"unknown encryption-services operation {op}".encode()
-        try:
-            result = self._services(name, data)
-            if not isinstance(result, bytes | bytearray | memoryview):
-                raise TypeError(f"services returned {type(result).__name__}, not bytes")
-        except CapeError as exc:
-            reason = exc.diagnostics().encode("utf-8", "replace")[:_MAX_REASON_BYTES]
-            return _SERVICE_ERROR, reason.decode("utf-8", "ignore").encode()
-        except Exception as exc:
-            log.error("sandbox: the %s service failed with %s", name, type(exc).__name__)
-            return _SERVICE_ERROR, b"internal error"
-        except BaseException:
-            self._terminate("the runtime stopped while serving the function's encryption request")
-            raise
-        limit = services_response_limit(self._limits.max_input_bytes)
-        if len(result) > limit:
-            return (
-                _SERVICE_ERROR,
-                f"the result of {name} is {len(result)} bytes, over the limit of {limit} "
-                "bytes".encode(),
-            )
-        return _SERVICE_OK, bytes(result)
 
     def _fail(self, reason: str, message: str) -> NoReturn:
         self._terminate(message)

@@ -42,13 +42,29 @@ from cape.errors import (
 )
 from cape.formats.bundle import BundleLimits
 
-__all__ = ["SessionConfig", "run_session"]
+__all__ = ["Inbox", "SessionConfig", "run_session"]
 
 log = logging.getLogger("cape.enclave")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 KINDS = frozenset({"key", "deploy", "run", "test"})
 MAX_NONCE_BYTES = 1024
 MAX_PARTY_CHARS = 256
+
+
+class Inbox(asyncio.Queue[dict[str, Any]]):
+    """A session's frames from the host. Its ``close`` also ends a call in progress (or
+    waiting for a thread): the sandbox is killed, so nothing of a session the client left
+    keeps running or holds a place in the enclave's lanes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_close: Callable[[], object] | None = None
+
+    def close(self) -> None:
+        self.put_nowait({"t": "close"})
+        callback, self.on_close = self.on_close, None
+        if callback is not None:
+            callback()
 
 
 @dataclass(frozen=True)
@@ -75,7 +91,7 @@ class _Context:
     keys: EnclaveKeyClient
     config: SessionConfig
     send: Send
-    inbox: asyncio.Queue[dict[str, Any]]
+    inbox: Inbox
     pool: WarmPool | None
 
     async def reply(self, message: dict[str, Any]) -> None:
@@ -167,25 +183,25 @@ async def _key_session(ctx: _Context) -> None:
 async def _assemble(ctx: _Context, size: object) -> bytearray | None:
     """Collect a bundle sent as ``chunk`` frames into one buffer of the announced size.
 
-    The buffer is returned as is (no ``bytes`` copy): a ``cape:`` bundle is decrypted in it.
+    The buffer grows as the bytes arrive: nothing is allocated for what a client only
+    announced (issue 18, finding 4), and the announcement is bounded by the maximum bundle
+    size. It is returned as is (no ``bytes`` copy): a ``cape:`` bundle is decrypted in it.
     """
     limit = ctx.config.bundle_limits.max_bundle_bytes
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise FormatError("bundle 'size' must be a positive integer")
     if size > limit:
         raise LimitExceededError("bundle size in bytes", limit, size)
-    buffer = bytearray(size)
-    view, filled = memoryview(buffer), 0
-    while filled < size:
+    buffer = bytearray()
+    while len(buffer) < size:
         message = await ctx.next_frame("chunk")
         if message is None:
             return None
         piece = message.get("data")
-        if not isinstance(piece, bytes) or not piece or filled + len(piece) > size:
+        if not isinstance(piece, bytes) or not piece or len(buffer) + len(piece) > size:
             raise FormatError("bundle chunks must be non-empty and add up to the announced size")
-        view[filled : filled + len(piece)] = piece
-        filled += len(piece)
-    view.release()
+        buffer += piece
+        del message, piece
     return buffer
 
 
@@ -272,7 +288,13 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
         plaintext = hpke.open(session_key, data)
         try:
             plaintext = await _decrypt_input(ctx, plaintext)
-            output = await ctx.config.lanes.calls.run(ctx.party, sandbox.call, plaintext)
+            ctx.inbox.on_close = functools.partial(
+                asyncio.get_running_loop().run_in_executor, None, sandbox.close
+            )
+            try:
+                output = await ctx.config.lanes.calls.run(ctx.party, sandbox.call, plaintext)
+            finally:
+                ctx.inbox.on_close = None
         except (FunctionError, LimitExceededError, DecryptionError, KeyReleaseDeniedError) as exc:
             # One bad input (the function raised, an oversized output, a cape: input that
             # does not open or whose key is refused) ends that call, not the session. A dead
@@ -400,7 +422,7 @@ async def run_session(
     keys: EnclaveKeyClient,
     config: SessionConfig,
     send: Send,
-    inbox: asyncio.Queue[dict[str, Any]],
+    inbox: Inbox,
     pool: WarmPool | None = None,
 ) -> None:
     """Serve one session from its ``open`` frame to the end; never raises."""

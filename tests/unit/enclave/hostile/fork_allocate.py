@@ -28,7 +28,7 @@ def cape_handler(data: bytes) -> bytes:
         del held
         os._exit(0)
     os.close(write_end)
-    reported, dead = 0, set()
+    reported, dead = 0, set[int]()
     deadline = time.monotonic() + 20
     while reported + len(dead) < len(children) and time.monotonic() < deadline:
         ready, _, _ = select.select([read_end], [], [], 0.1)
