@@ -20,7 +20,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     if os.geteuid() != 0 or shutil.which("bwrap") is None:
         pytest.skip("simulated enclaves need root (namespaces) and bubblewrap")
     base: Path = tmp_path_factory.mktemp("serve")
-    process = ServeProcess(base / "data", base / "config", base / "logs").start()
+    # Every test signs up fresh users from 127.0.0.1, more than the default signup rate per
+    # address allows; tests/e2e/test_tenant_accounts.py checks that limit on its own server.
+    process = ServeProcess(
+        base / "data", base / "config", base / "logs", extra_args=["--signup-rate", "0"]
+    ).start()
     try:
         yield process
     finally:

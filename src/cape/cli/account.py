@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import re
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -69,14 +70,22 @@ def _password(password_stdin: bool) -> str:
 
 
 def _account(
-    common: Common, action: str, username: str, password_stdin: bool, trust_root: str | None
+    common: Common,
+    action: str,
+    username: str,
+    password_stdin: bool,
+    trust_root: str | None,
+    invite: str | None = None,
 ) -> None:
     password = _password(password_stdin)
     cape = common.client()
     if trust_root is not None:
         cert = cape.trust_root(trust_root)
         stderr.print(f"Pinned the attestation root {cert.subject.rfc4514_string()}", markup=False)
-    (cape.signup if action == "signup" else cape.login)(username, password)
+    if action == "signup":
+        cape.signup(username, password, invite=invite)
+    else:
+        cape.login(username, password)
     stderr.print(f"Logged in as {username} at {cape.url}", markup=False)
     fp = ""
     try:
@@ -120,9 +129,22 @@ def signup(
     username: _Username,
     password_stdin: _PasswordStdin = False,
     trust_root: _TrustRoot = None,
+    invite: Annotated[
+        str | None,
+        typer.Option("--invite", help="Invite code, for a server that takes invited signups."),
+    ] = None,
 ) -> None:
     """Create an account and log in (the token is saved in the config directory)."""
-    _account(common, "signup", username, password_stdin, trust_root)
+    if invite is not None and not invite.strip():
+        raise UsageError("--invite is empty: give the code your operator sent you")
+    _account(
+        common,
+        "signup",
+        username,
+        password_stdin,
+        trust_root,
+        None if invite is None else invite.strip(),
+    )
 
 
 @command(app, "login")
@@ -176,8 +198,9 @@ _DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> dt.timedelta:
-    """``300s``, ``1h``, ``1h30m``, ``7d`` (Go-style, plus days) → a positive timedelta."""
+def parse_duration(text: str, option: str = "--expiry") -> dt.timedelta:
+    """``300s``, ``1h``, ``1h30m``, ``7d`` (Go-style, plus days) → a positive timedelta;
+    errors name ``option``."""
     cleaned = text.strip().lower()
     pos, seconds = 0, 0.0
     for match in _DURATION.finditer(cleaned):
@@ -186,9 +209,9 @@ def parse_duration(text: str) -> dt.timedelta:
         seconds += int(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if not cleaned or pos != len(cleaned):
-        raise UsageError(f"--expiry {text!r} is not a duration like 300s, 1h, 1h30m or 7d")
+        raise UsageError(f"{option} {text!r} is not a duration like 300s, 1h, 1h30m or 7d")
     if seconds < 1:
-        raise UsageError("--expiry must be at least one second")
+        raise UsageError(f"{option} must be at least one second")
     return dt.timedelta(seconds=seconds)
 
 
@@ -297,15 +320,36 @@ def config(
 
 
 @command(app, "pcrs")
-def pcrs(common: Common) -> None:
-    """The PCR0-2 a client should pin for the enclave runtime this installation would start.
+def pcrs(
+    common: Common,
+    eif: Annotated[
+        Path | None, typer.Option("--eif", help="Print this enclave image's PCRs instead.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar="CAPE_DATA_DIR",
+            help="A cape serve data directory: add PCR8 of its image-signing key.",
+        ),
+    ] = None,
+) -> None:
+    """The PCRs a client should pin for the enclave runtime this installation would start.
 
-    Simulated measurements (SHA-384 over the interpreter and the runtime's code); use them as
-    `--pcr 0:HEX` on `cape run`/`deploy`/`key`.
+    Simulated measurements (SHA-384 over the interpreter and the runtime's code); with
+    `--data-dir` (or CAPE_DATA_DIR), also PCR8 of that `cape serve`'s image-signing key; with
+    `--eif`, an image's PCR0/1/2 (and PCR8 when signed). Pin them as `--pcr 0:HEX` (one
+    build) or `--pcr 8:HEX` (any build of that signer) on `cape run`/`deploy`/`key`.
     """
-    from cape.platform.local import runtime_pcrs
+    if eif is not None:
+        from cape.verify.eif import describe_eif
 
-    values = {f"PCR{index}": value.hex() for index, value in runtime_pcrs().items()}
+        found = describe_eif(eif).pcrs
+    else:
+        from cape.platform.local import runtime_pcrs
+
+        found = runtime_pcrs(data_dir)
+    values = {f"PCR{index}": value.hex() for index, value in found.items()}
     if common.json:
         emit_json(values)
     else:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, BinaryIO, NoReturn
 import typer
 
 from cape import __version__
-from cape.cli import account, functions
+from cape.cli import account, admin, enclave, functions, kms
 from cape.cli.common import (
     Common,
     OutputFormat,
@@ -33,6 +33,7 @@ from cape.cli.common import (
     stdout,
 )
 from cape.errors import CapeError, FormatError
+from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR
 from cape.sdk import audit
 from cape.sdk import encrypt as encrypt_sdk
 from cape.verify.policy import AttestationPolicy, parse_pcr_pin, pcr_allow_list
@@ -57,6 +58,9 @@ attestation_app = typer.Typer(
 app.add_typer(attestation_app, name="attestation")
 app.add_typer(account.app)
 app.add_typer(functions.app)
+app.add_typer(admin.app, name="admin")
+app.add_typer(enclave.app, name="enclave")
+app.add_typer(kms.app, name="kms")
 
 
 def _fail(exc: CapeError) -> NoReturn:
@@ -363,6 +367,29 @@ def serve(
             "/etc/group, /etc/subuid, /etc/subgid and /etc/login.defs (checked at start).",
         ),
     ] = "2000000000-2000049999",
+    signup: Annotated[
+        str,
+        typer.Option(
+            "--signup",
+            metavar="open|invite|closed",
+            help="Who may sign up: anyone, holders of a `cape admin invite` code, or nobody.",
+        ),
+    ] = "open",
+    signup_rate: Annotated[
+        int,
+        typer.Option(
+            "--signup-rate", min=0, help="Signups per hour from one client address (0: no limit)."
+        ),
+    ] = DEFAULT_SIGNUPS_PER_HOUR,
+    forwarded_allow_ips: Annotated[
+        str,
+        typer.Option(
+            "--forwarded-allow-ips",
+            metavar="IPS",
+            help="Trust X-Forwarded-For only from these proxies (comma-separated addresses or "
+            "networks, * for any); default none.",
+        ),
+    ] = "",
 ) -> None:
     """Run the whole platform on this machine: HTTPS/WSS API, key service, enclaves.
 
@@ -370,18 +397,24 @@ def serve(
     connections and records the URL and CA for this user's `cape` commands. Stop it with
     Ctrl-C or SIGTERM; sessions in progress finish first.
     """
-    from cape.platform.serve import ServeConfig, default_data_dir
+    from cape.host.signup import SignupMode
+    from cape.platform.serve import ServeConfig, default_data_dir, parse_forwarded_allow_ips
     from cape.platform.serve import serve as run_server
 
-    config = ServeConfig(
-        data_dir=data_dir or default_data_dir(),
-        host=host,
-        port=port,
-        enclaves=enclaves,
-        idle_timeout_s=idle_timeout,
-        sandbox_uids=sandbox_uids,
-    )
     try:
+        if signup not in SignupMode.__members__:
+            raise UsageError(f"--signup must be open, invite or closed, not {signup[:40]!r}")
+        config = ServeConfig(
+            data_dir=data_dir or default_data_dir(),
+            host=host,
+            port=port,
+            enclaves=enclaves,
+            idle_timeout_s=idle_timeout,
+            signup=SignupMode(signup),
+            signups_per_hour=signup_rate,
+            forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
+            sandbox_uids=sandbox_uids,
+        )
         run_server(config)
     except CapeError as exc:
         _fail(exc)

@@ -14,6 +14,7 @@ __all__ = [
     "ForbiddenError",
     "NotFoundError",
     "RateLimitedError",
+    "SignupRefusedError",
     "UnavailableError",
 ]
 
@@ -26,8 +27,12 @@ class ForbiddenError(AuthError):
     """The caller is authenticated but its token does not allow this (HTTP 403)."""
 
 
+class SignupRefusedError(ForbiddenError):
+    """The server takes no signups, or none without a valid invite code (HTTP 403)."""
+
+
 class RateLimitedError(AuthError):
-    """Too many failed logins: try again after ``retry_after_s`` seconds (HTTP 429)."""
+    """Too many failed logins or signups: try again after ``retry_after_s`` seconds (HTTP 429)."""
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s

@@ -5,6 +5,7 @@ One data directory holds everything, created on first start and reused afterward
     DIR/tls/ca.pem, ca.key, server.pem, server.key    the local TLS CA and server certificate
     DIR/attestation/root.pem, root.key                 the simulated attestation root
     DIR/kms/kms.sqlite3, master.key                    the built-in key service
+    DIR/image-signing/key.pem, cert.pem                signs the runtime's measurement (PCR8)
     DIR/auth/signing.key                               the token signing key
     DIR/metadata.sqlite3                               users, functions, token records
     DIR/blobs/                                         encrypted function bundles
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -51,11 +53,14 @@ from cape.host.auth import Accounts, TokenIssuer
 from cape.host.keydocs import KeyDocuments
 from cape.host.launcher import Tap
 from cape.host.pool import EnclavePool
+from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR, SignupRateLimiter
+from cape.host.signup import SignupMode
 from cape.host.store.blobs import DirectoryBlobStore
 from cape.host.store.deploys import sweep_orphans
+from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import SqlMetadataStore, User
 from cape.kms.local import load_master_key
-from cape.platform.local import LocalPlatform
+from cape.platform.local import IMAGE_SIGNING_DIR, LocalPlatform, load_image_signer
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
 from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
@@ -65,6 +70,7 @@ __all__ = [
     "Server",
     "default_data_dir",
     "load_authority",
+    "parse_forwarded_allow_ips",
     "serve",
 ]
 
@@ -97,6 +103,13 @@ class ServeConfig:
     drain_timeout_s: float = 30.0
     max_input_bytes: int = 64 << 20
     max_bundle_bytes: int = 1_000_000_000
+    signup: SignupMode = SignupMode.open
+    """Who may sign up: anyone, holders of an invite code, or nobody (docs/limits.md)."""
+    signups_per_hour: int = DEFAULT_SIGNUPS_PER_HOUR
+    """Signups one client address may make per hour (0: no limit)."""
+    forwarded_allow_ips: Sequence[str] = ()
+    """Proxies whose ``X-Forwarded-For`` names the client (addresses or networks, ``*`` for
+    any); by default none, so the client is always the TCP peer."""
     runtime_args: Sequence[str] = ()
     sandbox_uids: str = str(DEFAULT_RANGE)
     """Host uids for sandboxes, ``START-END``: checked at every start against the ranges the
@@ -111,6 +124,26 @@ class ServeConfig:
     """Test and audit hook: wraps the API application before uvicorn serves it (e.g. an ASGI
     middleware that records every websocket message received and sent). Not for production:
     whatever it wraps in sees every request, token included."""
+
+
+def parse_forwarded_allow_ips(text: str) -> tuple[str, ...]:
+    """``--forwarded-allow-ips``: comma-separated addresses or networks, or ``*``.
+
+    Raises:
+        FormatError: an entry that is neither.
+    """
+    entries = tuple(part.strip() for part in text.split(",") if part.strip())
+    for entry in entries:
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise FormatError(
+                f"--forwarded-allow-ips: {entry[:60]!r} is not an IP address or network "
+                "(e.g. 10.0.0.5, 10.0.0.0/24, ::1, or * for any)"
+            ) from None
+    return entries
 
 
 def load_authority(directory: Path) -> SimulatedAuthority:
@@ -206,6 +239,7 @@ class Server:
                 self.data_dir / "kms",
                 authority=authority,
                 master_key=load_master_key(self.data_dir / "kms"),
+                signer=load_image_signer(self.data_dir / IMAGE_SIGNING_DIR),
             )
             pool = EnclavePool(
                 platform.launcher(
@@ -217,7 +251,13 @@ class Server:
             )
             try:
                 await pool.start()
-                accounts = Accounts(store, TokenIssuer.open(self.data_dir))
+                accounts = Accounts(
+                    store,
+                    TokenIssuer.open(self.data_dir),
+                    signup_mode=config.signup,
+                    invites=InviteStore(store),
+                    signup_limiter=SignupRateLimiter(per_hour=config.signups_per_hour),
+                )
                 keydocs = KeyDocuments(self.data_dir / "keydocs", store)
 
                 async def key_document(username: str) -> bytes | None:
@@ -268,6 +308,11 @@ class Server:
                     log_level=config.log_level,
                     server_header=False,
                     timeout_graceful_shutdown=5,
+                    # X-Forwarded-For only from proxies the operator listed (uvicorn's own
+                    # default trusts any loopback peer, so a local client could pick its
+                    # address and slip past per-address limits).
+                    proxy_headers=bool(config.forwarded_allow_ips),
+                    forwarded_allow_ips=list(config.forwarded_allow_ips),
                 )
                 server = _Uvicorn(uv_config, self.lifecycle, config.drain_timeout_s)
                 self._uvicorn = server
@@ -347,6 +392,9 @@ def describe(server: Server, out: TextIO) -> None:
     print(f"  Enclaves:          {config.enclaves}", file=out)
     print(f"  Sandbox uids:      {config.sandbox_uids}", file=out)
     print(f"  Sandbox limits:    {describe_containment()}", file=out)
+    print(f"  Signup:            {config.signup.value}", file=out)
+    if config.forwarded_allow_ips:
+        print(f"  Trusted proxies:   {', '.join(config.forwarded_allow_ips)}", file=out)
     print(f"Ready: {server.url}", file=out, flush=True)
 
 

@@ -155,6 +155,18 @@ def _pcr_pins(pcrs: PcrPins | None) -> dict[int, frozenset[bytes]]:
         raise FormatError(str(exc)) from None
 
 
+def key_document_user_data(user_data: bytes | None) -> dict[str, Any]:
+    """A stored key document's user_data as a JSON object (FormatError otherwise, however deep
+    or malformed)."""
+    try:
+        parsed = json.loads(user_data or b"{}")
+    except (ValueError, RecursionError):
+        raise FormatError("the key document's user_data is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise FormatError("the key document's user_data is not a JSON object")
+    return parsed
+
+
 def _function_id(text: str) -> str:
     ref = FunctionRef.parse(text)
     if ref.id is None:
@@ -290,17 +302,26 @@ class AsyncCape:
 
     # -- accounts --------------------------------------------------------------------------
 
-    async def signup(self, username: str, password: str, *, save: bool = True) -> str:
-        """Create an account; returns (and by default saves) its login token."""
-        return await self._account("signup", username, password, save)
+    async def signup(
+        self, username: str, password: str, *, save: bool = True, invite: str | None = None
+    ) -> str:
+        """Create an account; returns (and by default saves) its login token. ``invite`` is
+        the code a server that takes invited signups needs (``cape serve --signup invite``)."""
+        return await self._account("signup", username, password, save, invite)
 
     async def login(self, username: str, password: str, *, save: bool = True) -> str:
         """Log in; returns (and by default saves) the token."""
         return await self._account("login", username, password, save)
 
-    async def _account(self, action: str, username: str, password: str, save: bool) -> str:
+    async def _account(
+        self, action: str, username: str, password: str, save: bool, invite: str | None = None
+    ) -> str:
         result = await self._rest(
-            lambda rest: (rest.signup if action == "signup" else rest.login)(username, password)
+            lambda rest: (
+                rest.signup(username, password, invite)
+                if action == "signup"
+                else rest.login(username, password)
+            )
         )
         token = result.get("access_token")
         name = result.get("username", username)
@@ -369,13 +390,7 @@ class AsyncCape:
         document = verify_archived_attestation(
             raw, root=root, policy=AttestationPolicy(pcrs=_pcr_pins(pcrs))
         )
-        try:
-            user_data = json.loads(document.user_data or b"{}")
-        except ValueError:
-            raise FormatError("the key document's user_data is not JSON") from None
-        if not isinstance(user_data, dict):
-            raise FormatError("the key document's user_data is not a JSON object")
-        return flows.key_from_user_data(user_data, username)
+        return flows.key_from_user_data(key_document_user_data(document.user_data), username)
 
     async def encrypt(
         self,
@@ -705,8 +720,10 @@ class Cape:
     def trust_root(self, expected_fingerprint: str) -> x509.Certificate:
         return _Portal.call(self.aio.trust_root(expected_fingerprint))
 
-    def signup(self, username: str, password: str, *, save: bool = True) -> str:
-        return _Portal.call(self.aio.signup(username, password, save=save))
+    def signup(
+        self, username: str, password: str, *, save: bool = True, invite: str | None = None
+    ) -> str:
+        return _Portal.call(self.aio.signup(username, password, save=save, invite=invite))
 
     def login(self, username: str, password: str, *, save: bool = True) -> str:
         return _Portal.call(self.aio.login(username, password, save=save))

@@ -62,7 +62,12 @@ class RestClient:
             raise TransportError(f"cannot reach the Cape server at {self.url}: {exc}") from None
         if response.is_success:
             if response.headers.get("content-type", "").startswith("application/json"):
-                return response.json()
+                try:
+                    return json.loads(response.content)
+                except (ValueError, RecursionError):
+                    raise FormatError(
+                        f"the server's answer to {method} {path} is not JSON"
+                    ) from None
             return response.content
         text = refusal_text(response.content)
         if text is None:
@@ -70,10 +75,12 @@ class RestClient:
         status = response.status_code
         raise refused(f"{text or 'request failed'} (HTTP {status})", text, status)
 
-    def signup(self, username: str, password: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request(
-            "POST", "/v1/signup", {"username": username, "password": password}
-        )
+    def signup(self, username: str, password: str, invite: str | None = None) -> dict[str, Any]:
+        """Create an account; ``invite`` is the code an invite-only server needs."""
+        body = {"username": username, "password": password}
+        if invite is not None:
+            body["invite"] = invite
+        result: dict[str, Any] = self.request("POST", "/v1/signup", body)
         return result
 
     def login(self, username: str, password: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from starlette.applications import Starlette
 from cape.host.api.errors import EXCEPTION_HANDLERS
 from cape.host.api.rest import ApiDeps, create_rest_routes
 from cape.host.api.sessions import SessionDeps, create_session_routes
+from cape.host.console import console_routes
 
 __all__ = ["create_app"]
 
@@ -15,6 +16,6 @@ def create_app(rest: ApiDeps, sessions: SessionDeps) -> Starlette:
     """Every route of protocol.md over the given dependencies (no lifespan: the caller owns
     the enclave pool and the stores)."""
     return Starlette(
-        routes=[*create_rest_routes(rest), *create_session_routes(sessions)],
+        routes=[*create_rest_routes(rest), *create_session_routes(sessions), *console_routes()],
         exception_handlers=dict(EXCEPTION_HANDLERS),
     )

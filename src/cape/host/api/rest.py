@@ -4,8 +4,8 @@
 route                                  result
 =====================================  =======================================================
 ``POST /v1/signup``                    201 ``{"access_token","token_type","expires_at",
-                                       "user_id","username"}``
-``POST /v1/login``                     200, same shape
+                                       "user_id","username"}`` · 403 · 409 · 429
+``POST /v1/login``                     200, same shape · 401 · 429
 ``GET /v1/functions?limit&offset``     200 ``[{"id","name","created_at","checksum","public"}]``
 ``GET /v1/functions/{id}``             200 that object · 404 · 403
 ``DELETE /v1/functions/{id}``          200 ``{"id"}`` · 404 · 403
@@ -25,8 +25,17 @@ Decisions:
   tokens alike). Errors are ``{"error": ...}`` with statuses from :mod:`cape.host.api.errors`.
 - ``GET /v1/functions/{id}`` answers whoever may run the function (:func:`authorize_run`):
   the owner, a token scoped to that function, and, for a public function, any authenticated
-  caller. Anyone else gets 403; an unknown id 404. Listing, deleting and token routes are
-  account actions: a function-scoped token gets 403 there.
+  caller. Another user's private function gets exactly the answer of a missing one (404
+  ``{"error": "no such function"}``), here, on ``DELETE`` and on the run routes; 403 is only
+  for what the caller may see but not do (another user's public function, a token scoped to
+  another function). Listing, deleting and token routes are account actions: a
+  function-scoped token gets 403 there.
+- ``POST /v1/signup`` takes ``{"username","password"}`` and, on an invite-only server,
+  ``"invite"``. The signup mode (open, invite, closed) refuses with 403 ``{"error"}``; too many
+  signups from one address, or failed logins, get 429 with ``Retry-After``
+  (:mod:`cape.host.ratelimit`). The client address is the TCP peer, or the
+  ``X-Forwarded-For`` address when the peer is a proxy the operator listed: the ASGI server
+  decides that (``cape serve --forwarded-allow-ips``), never this module.
 - ``expiry`` on ``POST /v1/token`` is either an RFC 3339 timestamp with an offset (what Cape's
   CLI sends, e.g. ``2030-01-01T00:00:00Z``) or a whole number of seconds from now; absent or
   ``null`` means the token never expires. ``function_id`` absent, ``null`` or ``""`` means an
@@ -60,6 +69,7 @@ from cape.errors import FormatError
 from cape.formats.runtime import RuntimeTarget
 from cape.host.api.errors import BodyTooLargeError, error_response
 from cape.host.auth import (
+    NOT_FOUND_TEXT,
     Accounts,
     IssuedToken,
     Principal,
@@ -289,10 +299,11 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
     async def signup(request: Request) -> Response:
         body = await _json_object(deps, request)
         username, password = _required_str(body, "username"), _required_str(body, "password")
+        invite = _field(body, "invite", str, required=False)
         client = _client(request)
 
         def run() -> tuple[User, dict[str, Any]]:
-            user = accounts.signup(username, password)
+            user = accounts.signup(username, password, client=client, invite=invite)
             return user, _login(username, password, client)
 
         user, result = await run_in_threadpool(run)
@@ -312,7 +323,7 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
     def _function_for(function_id: str) -> Function:
         function = store.get_function(function_id)
         if function is None:
-            raise NotFoundError("no such function")
+            raise NotFoundError(NOT_FOUND_TEXT)
         return function
 
     async def list_functions(request: Request) -> Response:
@@ -339,7 +350,7 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
             function = _function_for(request.path_params["id"])
             authorize_owner(principal, function)
             if delete_deploy(store, deps.blobs, function.id) is None:
-                raise NotFoundError("no such function")
+                raise NotFoundError(NOT_FOUND_TEXT)
             return function.id
 
         return JSONResponse({"id": await run_in_threadpool(run)})

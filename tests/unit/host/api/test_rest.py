@@ -67,7 +67,7 @@ def client(
         store,
         TokenIssuer(Ed25519PrivateKey.generate()),
         hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1),
-        limiter=LoginRateLimiter(max_failures_per_user=3, clock=monotonic),
+        limiter=LoginRateLimiter(max_failures_per_pair=3, clock=monotonic),
     )
     deps = ApiDeps(
         store=store,
@@ -312,16 +312,19 @@ def test_function_scoped_token_only_reads_its_function(
     assert listed["function_id"] == function.id
 
 
-def test_token_for_someone_elses_function_is_403(
+def test_token_for_someone_elses_function_is_403_or_404_if_private(
     client: TestClient, store: SqlMetadataStore, blobs: DirectoryBlobStore
 ) -> None:
     signup(client, "alice")
     bob = bearer(signup(client, "bob")["access_token"])
-    function = deploy(store, blobs, "alice")
-    response = client.post("/v1/token", headers=bob, json={"name": "x", "function_id": function.id})
+    public = deploy(store, blobs, "alice", public=True)
+    private = deploy(store, blobs, "alice")
+    response = client.post("/v1/token", headers=bob, json={"name": "x", "function_id": public.id})
     assert response.status_code == 403
-    response = client.post("/v1/token", headers=bob, json={"name": "x", "function_id": "a" * 22})
-    assert response.status_code == 404
+    missing = client.post("/v1/token", headers=bob, json={"name": "x", "function_id": "a" * 22})
+    hidden = client.post("/v1/token", headers=bob, json={"name": "x", "function_id": private.id})
+    assert (hidden.status_code, hidden.json()) == (missing.status_code, missing.json())
+    assert missing.status_code == 404
 
 
 # --------------------------------------------------------------------------- functions
@@ -351,12 +354,12 @@ def test_functions_list_get_delete(
     assert client.get("/v1/functions", headers=bob).json() == []
 
     assert client.get(f"/v1/functions/{private.id}", headers=alice).json() == listed[1]
-    assert client.get(f"/v1/functions/{private.id}", headers=bob).status_code == 403
+    assert client.get(f"/v1/functions/{private.id}", headers=bob).status_code == 404
     assert client.get(f"/v1/functions/{public.id}", headers=bob).status_code == 200
     assert client.get(f"/v1/functions/{'z' * 22}", headers=alice).status_code == 404
     assert client.get("/v1/functions/not-an-id", headers=alice).status_code == 404
 
-    assert client.delete(f"/v1/functions/{private.id}", headers=bob).status_code == 403
+    assert client.delete(f"/v1/functions/{private.id}", headers=bob).status_code == 404
     assert client.delete(f"/v1/functions/{public.id}", headers=bob).status_code == 403
     response = client.delete(f"/v1/functions/{private.id}", headers=alice)
     assert (response.status_code, response.json()) == (200, {"id": private.id})

@@ -19,6 +19,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import Connection
 
+import cape.host.store.invites  # noqa: F401 - registers the invites table on Base
 from cape.host.store.metadata import Base
 
 config = context.config
