@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cape.crypto import envelope
+from cape.crypto import envelope, hpke
 from cape.crypto.keys import load_rsa_public_key
 from cape.host.errors import UnavailableError
 from cape.host.launcher import EnclaveConnection, HostSession, expect
@@ -284,4 +284,53 @@ def test_unpackable_bundles_are_refused_at_deploy_without_names(
     assert ran["t"] == "error" and ran["message"].startswith("bundle refused: "), ran
     out, err = capfd.readouterr()
     assert "CANARY" not in out + err and "internal enclave error" not in str(ran)
+    assert not any(b"CANARY" in frame for frame in traffic)
+
+
+CHATTY = b"""import logging, os, sys, threading
+def cape_handler(data):
+    print("CANARY-stdout")
+    sys.stderr.write("CANARY-stderr")
+    os.write(2, b"CANARY-fd2")
+    logging.getLogger("cape.enclave").error("CANARY-logging")
+    threading.Thread(target=lambda: 1 / 0 if data else None, name="CANARY-thread").start()
+    if data == b"raise":
+        raise ValueError("CANARY-raised")
+    if data == b"crash":
+        ctypes.string_at(0)  # a real SIGSEGV (the worker is pid 1: kill() would not do)
+    return b"ok"
+"""
+
+
+def test_a_function_cannot_write_into_the_hosts_log_or_frames(
+    platform: Platform, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Log exfiltration: whatever the function prints, logs or raises (its message carries
+    # data), and however it dies, the enclave's log (its stderr, which the host keeps) and
+    # the channel frames carry none of it; the client gets its error sealed.
+    traffic: list[bytes] = []
+    enclave = _start(platform, tap=lambda _direction, frame: traffic.append(frame))
+    bundle = _stored(platform, ATTACKER, {"app.py": CHATTY})
+    response_key = hpke.generate_keypair()
+
+    async def scenario() -> list[dict[str, Any]]:
+        session, doc = await attested(
+            enclave,
+            platform,
+            "run",
+            owner=ATTACKER,
+            bundle=bundle,
+            response_key=response_key.public_bytes,
+        )
+        replies = [await invoke(session, doc, data) for data in (b"ok", b"raise", b"crash")]
+        await session.close()
+        return replies
+
+    try:
+        replies = _within(platform, scenario())
+    finally:
+        platform.run(enclave.close())
+    assert [reply["t"] for reply in replies] == ["result", "error", "error"], replies
+    out, err = capfd.readouterr()
+    assert "CANARY" not in out + err
     assert not any(b"CANARY" in frame for frame in traffic)

@@ -8,10 +8,12 @@ be exercised on this machine's v1 layout).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -19,7 +21,7 @@ from cape.enclave import cgroups
 from cape.enclave.cgroups import CgroupLimits
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits
 from cape.errors import SandboxError
-from tests.unit.enclave.test_sandbox import make_function, processes_of
+from tests.unit.enclave.test_sandbox import call_json, make_function, processes_of
 
 MIB = 1 << 20
 LIMITS = SandboxLimits(
@@ -131,3 +133,40 @@ def test_no_controllers_is_reported_not_hidden(tmp_path: Path) -> None:
     found, why = cgroups.detect(tmp_path, proc)
     assert found is None
     assert "memory, pids and cpu" in why
+
+
+@needs_cgroups
+def test_a_cpu_hog_gets_only_its_quota(tmp_path: Path) -> None:
+    # Three spinning processes would take both cores from a neighbour; the function's cgroup
+    # holds them to 0.5 core together. CPU time is the kernel's own accounting (the children
+    # report it) and the throttling is read from the cgroup. Load on the machine only lowers
+    # what the hog gets, so the bound cannot fail from noise.
+    with FunctionSandbox.start(make_function(tmp_path, "cpu_hog"), limits=LIMITS) as box:
+        group = box.cgroup
+        assert group is not None
+        used = call_json(box, {"children": 3, "seconds": 4})
+        stat = (group._dirs["cpu"] / "cpu.stat").read_text().split()
+        throttled = int(stat[stat.index("nr_throttled") + 1])
+    assert used["children"] == 3
+    share = float(str(used["cpu"])) / float(str(used["wall"]))
+    assert share <= LIMITS.cpu_cores * 1.3, f"the hog used {share:.2f} cores"
+    assert throttled > 0
+
+
+def test_scratch_is_capped_and_nothing_else_takes_writes(tmp_path: Path) -> None:
+    # A disk filler: the two scratch tmpfs stop at their size, and /function (the enclave's
+    # own storage, uncapped per function) and the working directory take nothing. Before, the
+    # function directory was writable: 3 GiB went past the 256 MiB scratch limit.
+    directory = make_function(tmp_path, "fill_scratch")
+    cap_mib = 4 * LIMITS.tmp_bytes >> 20
+    paths = ["/tmp/fill", "/dev/shm/fill", "/function/fill", "fill"]
+    with FunctionSandbox.start(directory, limits=LIMITS) as box:
+        outcome = call_json(box, {"paths": paths, "cap_mib": cap_mib})
+        peak = box.cgroup.memory_peak() if box.cgroup is not None else 0
+    for path in ("/tmp/fill", "/dev/shm/fill"):
+        written, error = cast(list[int], outcome[path])
+        assert written <= LIMITS.tmp_bytes and error == errno.ENOSPC, (path, outcome[path])
+    for path in ("/function/fill", "fill"):
+        assert outcome[path] == [0, errno.EROFS], (path, outcome[path])
+    assert not (directory / "fill").exists()
+    assert peak <= LIMITS.memory_bytes  # the tmpfs pages were counted in the function's memory
