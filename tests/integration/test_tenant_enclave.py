@@ -138,8 +138,8 @@ def test_sleeping_sessions_of_one_user_do_not_starve_another(platform: Platform)
         alone, under_attack, finished = _attack_then_victim(enclave, platform, 16)
     finally:
         platform.run(enclave.close())
-    assert finished == []  # every sleeper was still running or queued: none was refused
     assert under_attack < VICTIM_BOUND_S, f"victim took {under_attack:.1f} s ({alone:.1f} s alone)"
+    assert finished == []  # every sleeper was still running or queued: none was refused
 
 
 def test_a_full_queue_is_a_typed_busy_refusal(platform: Platform) -> None:
@@ -193,6 +193,31 @@ def test_closing_a_session_ends_its_call_and_frees_its_place(platform: Platform)
     finally:
         platform.run(enclave.close())
     assert reply["t"] == "result" and reply["data"] == b"slept", reply
+
+
+def test_stopping_the_enclave_ends_calls_in_progress(platform: Platform) -> None:
+    # The host stops an enclave while mallory's call sleeps: the runtime kills the sandbox
+    # and exits by itself, instead of waiting for the call until the host kills it (which
+    # left its sandboxes running and its cgroups behind).
+    enclave = _start(platform)
+    assert enclave.process is not None
+    process, pid = enclave.process, enclave.process.pid
+    bundle = _stored(platform, ATTACKER, {"app.py": SLEEPY})
+
+    async def scenario() -> None:
+        opened: list[HostSession] = []
+        sleeper = asyncio.create_task(_sleeper(enclave, platform, bundle, opened))
+        while not opened:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)  # the call is under way
+        await enclave.close()
+        sleeper.cancel()
+        await asyncio.gather(sleeper, return_exceptions=True)
+
+    _within(platform, scenario())
+    assert process.returncode == 0  # it exited; not killed by the host
+    leftovers = list(Path("/sys/fs/cgroup").glob(f"**/cape-sandboxes-{pid}"))
+    assert leftovers == []
 
 
 def test_running_anothers_function_counts_against_the_caller(platform: Platform) -> None:
