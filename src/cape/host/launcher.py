@@ -106,6 +106,9 @@ class EnclaveConnection:
         self._write_lock = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # An enclave that dies while nobody waits for it (a start cut short by shutdown) must
+        # not log "Future exception was never retrieved".
+        self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._cleanup: list[Callable[[], None]] = []
 
     @property
@@ -319,6 +322,9 @@ class SimulatedLauncher(EnclaveLauncher):
             await connection.close()
             if isinstance(exc, TimeoutError):
                 raise TransportError("the enclave did not become ready in time") from None
+            raise
+        except asyncio.CancelledError:  # shutdown: stop it and remove its directory
+            await asyncio.shield(connection.close())
             raise
         return connection
 
