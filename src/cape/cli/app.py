@@ -413,6 +413,15 @@ def serve(
         float,
         typer.Option("--idle-timeout", min=60, help="Seconds before an idle session is closed."),
     ] = 120.0,
+    sandbox_uids: Annotated[
+        str,
+        typer.Option(
+            "--sandbox-uids",
+            metavar="START-END",
+            help="Host uids for sandboxes; must lie outside every range in /etc/passwd, "
+            "/etc/group, /etc/subuid, /etc/subgid and /etc/login.defs (checked at start).",
+        ),
+    ] = "2000000000-2000049999",
     max_input_mib: Annotated[
         int,
         typer.Option("--max-input-mib", min=1, max=1024, help="Largest function input, in MiB."),
@@ -484,6 +493,7 @@ def serve(
             signup=SignupMode(signup),
             signups_per_hour=signup_rate,
             forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
+            sandbox_uids=sandbox_uids,
             max_input_bytes=max_input_mib << 20,
             run_functions=not no_run,
         )

@@ -61,13 +61,19 @@ class HostSession:
         await self._connection.send({**message, "sid": self.sid})
 
     async def receive(self) -> dict[str, Any]:
-        """The next frame from the enclave for this session; ``close``/fatal errors end it."""
+        """The next frame from the enclave for this session; ``close``/fatal errors end it.
+
+        A fatal error marked ``busy`` (a full queue in the enclave) raises
+        :class:`~cape.host.errors.UnavailableError`: "try again later", close 1013.
+        """
         message = await self.inbox.get()
         if message is None:
             self.closed = True
             raise TransportError("the enclave is gone")
         if message["t"] == "close" or (message["t"] == "error" and message.get("fatal")):
             self.closed = True
+            if message["t"] == "error" and message.get("busy") is True:
+                raise UnavailableError(str(message.get("message", "the enclave is busy")))
         return message
 
     async def close(self) -> None:
@@ -184,7 +190,10 @@ class EnclaveConnection:
         caller: str | None = None,
     ) -> HostSession:
         """Open a session; the caller then reads the ``attestation`` frame from it (for a run
-        opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first)."""
+        opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first).
+
+        ``caller`` (the user running someone else's function) is whom the enclave's fair
+        queueing counts the session against; it defaults to ``owner``."""
         if not self.alive:
             raise TransportError("the enclave is not running")
         sid = next(self._ids)

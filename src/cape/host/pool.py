@@ -186,7 +186,10 @@ class EnclavePool:
         affinity: str | None = None,
         caller: str | None = None,
     ) -> AsyncIterator[HostSession]:
-        """Open a session on a live enclave; closes it (and frees the slot) on exit."""
+        """Open a session on a live enclave; closes it (and frees the slot) on exit.
+
+        ``caller`` (who runs the function, if not its owner) is whom the enclave counts the
+        session against when it shares its capacity between users."""
         slot = await self._pick(affinity)
         connection = slot.connection
         assert connection is not None

@@ -45,7 +45,9 @@ from starlette.types import ASGIApp
 from websockets.exceptions import InvalidState
 
 from cape._internal.timefile import write_private
+from cape.enclave.sandbox import describe_containment
 from cape.enclave.secure_module.simulated import SimulatedAuthority
+from cape.enclave.uids import DEFAULT_RANGE, check_range, parse_range
 from cape.errors import CapeError, FormatError, KeyFormatError
 from cape.host.admission import Admission
 from cape.host.api.app import create_app
@@ -143,6 +145,9 @@ class ServeConfig:
     """Proxies whose ``X-Forwarded-For`` names the client (addresses or networks, ``*`` for
     any); by default none, so the client is always the TCP peer."""
     runtime_args: Sequence[str] = ()
+    sandbox_uids: str = str(DEFAULT_RANGE)
+    """Host uids for sandboxes, ``START-END``: checked at every start against the ranges the
+    system hands out (issue 18, finding 5); the enclaves get it as ``--sandbox-uids``."""
     extra_env: Mapping[str, str] | None = None
     record_for_cli: bool = True
     config_dir: Path = field(default_factory=config_dir)
@@ -281,6 +286,8 @@ class Server:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Server]:
         """Start everything and serve until the block ends (or a signal drains it)."""
+        # Before anything starts: one clear line when the sandbox uids overlap the system's.
+        check_range(parse_range(self.config.sandbox_uids))
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = _lock_data_dir(self.data_dir)  # one server per data directory
         with lock:
@@ -290,6 +297,7 @@ class Server:
     @contextlib.asynccontextmanager
     async def _running(self, lock: _DataDirLock) -> AsyncIterator[Server]:
         config = self.config
+        sandbox_uids = parse_range(config.sandbox_uids)  # checked in running()
         self.isolation_problem = await asyncio.to_thread(isolation_problem)
         if self.isolation_problem is not None and config.run_functions:
             raise CapeError(
@@ -314,7 +322,9 @@ class Server:
             )
             pool = EnclavePool(
                 platform.launcher(
-                    extra_env=config.extra_env, tap=config.tap, runtime_args=config.runtime_args
+                    extra_env=config.extra_env,
+                    tap=config.tap,
+                    runtime_args=[*config.runtime_args, "--sandbox-uids", str(sandbox_uids)],
                 ),
                 config.enclaves,
             )
@@ -526,6 +536,8 @@ def describe(server: Server, out: TextIO) -> None:
     print(f"  Attestation root:  {server.root_file}", file=out)
     print(f"  Root fingerprint:  sha256:{server.root_fingerprint}", file=out)
     print(f"  Enclaves:          {config.enclaves}", file=out)
+    print(f"  Sandbox uids:      {config.sandbox_uids}", file=out)
+    print(f"  Sandbox limits:    {describe_containment()}", file=out)
     if server.isolation_problem is not None:
         print(
             f"  Functions:         NOT RUNNABLE (--no-run): {server.isolation_problem}",
