@@ -414,6 +414,15 @@ def serve(
         float,
         typer.Option("--idle-timeout", min=60, help="Seconds before an idle session is closed."),
     ] = 120.0,
+    sandbox_uids: Annotated[
+        str,
+        typer.Option(
+            "--sandbox-uids",
+            metavar="START-END",
+            help="Host uids for sandboxes; must lie outside every range in /etc/passwd, "
+            "/etc/group, /etc/subuid, /etc/subgid and /etc/login.defs (checked at start).",
+        ),
+    ] = "2000000000-2000049999",
     max_input_mib: Annotated[
         int,
         typer.Option("--max-input-mib", min=1, max=1024, help="Largest function input, in MiB."),
@@ -426,6 +435,15 @@ def serve(
             "namespaces): keys and deploys only, every run is refused.",
         ),
     ] = False,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit",
+            metavar="NAME=VALUE",
+            help="Change a server limit, e.g. sessions_per_user=8 (repeatable; every name and "
+            "default is in docs/limits.md).",
+        ),
+    ] = None,
     signup: Annotated[
         str,
         typer.Option(
@@ -483,6 +501,7 @@ def serve(
     """
     from cape.cli.nitro import nitro_options
     from cape.host.signup import SignupMode
+    from cape.platform.limits import parse_limits
     from cape.platform.serve import ServeConfig, default_data_dir, parse_forwarded_allow_ips
     from cape.platform.serve import serve as run_server
 
@@ -495,9 +514,11 @@ def serve(
             port=port,
             enclaves=enclaves,
             idle_timeout_s=idle_timeout,
+            limits=parse_limits(limit or ()),
             signup=SignupMode(signup),
             signups_per_hour=signup_rate,
             forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
+            sandbox_uids=sandbox_uids,
             max_input_bytes=max_input_mib << 20,
             run_functions=not no_run,
             nitro=nitro_options(enclave_mode, eif, enclave_cpus, enclave_memory, aws or []),

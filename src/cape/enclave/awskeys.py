@@ -40,6 +40,7 @@ from cape.enclave.awskms import (
     vsock_connector,
 )
 from cape.enclave.keyclient import EnclaveKeyClient, Send
+from cape.enclave.lanes import Lanes
 from cape.enclave.secure_module.base import SecureModule
 from cape.errors import CapeError, FormatError
 from cape.kms.aws import AwsKeyService
@@ -131,10 +132,11 @@ class AwsEnclaveKeyClient(EnclaveKeyClient):
         connect: Connect | None = None,
         tls: ssl.SSLContext | None = None,
         insecure_http: bool = False,
+        lanes: Lanes | None = None,
     ) -> None:
         """``tls`` defaults to the image's CA bundle (the system store inside the EIF);
         ``insecure_http`` (tests only, a measured command-line flag) sends plain HTTP."""
-        self._setup(module, send, aws_kms_measurement(config.canonical()))
+        self._setup(module, send, aws_kms_measurement(config.canonical()), lanes)
         self._credentials = credentials
         client = KmsClient(
             config.region,
@@ -185,6 +187,7 @@ def key_client(
     configure: dict[str, Any] | None,
     kms_connect: str | None = None,
     kms_insecure_http: bool = False,
+    lanes: Lanes | None = None,
 ) -> EnclaveKeyClient:
     """The runtime's key client: the built-in key service through the host (``identity`` from
     the command line or the ``configure`` frame), or AWS KMS directly (``aws_kms``)."""
@@ -197,9 +200,10 @@ def key_client(
             credentials,
             connect=kms_connector(kms_connect) if kms_connect else None,
             insecure_http=kms_insecure_http,
+            lanes=lanes,
         )
     if identity is None and configure is not None:
         identity = configure.get("kms_identity")
     if not isinstance(identity, bytes):
         raise FormatError("the 'configure' frame lacks bytes 'kms_identity' or a map 'aws_kms'")
-    return EnclaveKeyClient(module, send, identity=identity)
+    return EnclaveKeyClient(module, send, lanes, identity=identity)

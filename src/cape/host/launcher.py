@@ -28,6 +28,7 @@ from typing import Any
 from cape._internal.tempdirs import private_tempdir
 from cape.errors import CapeError, FormatError, TransportError
 from cape.formats.frames import encode_frame, encode_frame_parts, read_frame
+from cape.host.errors import UnavailableError
 
 __all__ = ["EnclaveConnection", "EnclaveLauncher", "HostSession", "SimulatedLauncher"]
 
@@ -60,13 +61,19 @@ class HostSession:
         await self._connection.send({**message, "sid": self.sid})
 
     async def receive(self) -> dict[str, Any]:
-        """The next frame from the enclave for this session; ``close``/fatal errors end it."""
+        """The next frame from the enclave for this session; ``close``/fatal errors end it.
+
+        A fatal error marked ``busy`` (a full queue in the enclave) raises
+        :class:`~cape.host.errors.UnavailableError`: "try again later", close 1013.
+        """
         message = await self.inbox.get()
         if message is None:
             self.closed = True
             raise TransportError("the enclave is gone")
         if message["t"] == "close" or (message["t"] == "error" and message.get("fatal")):
             self.closed = True
+            if message["t"] == "error" and message.get("busy") is True:
+                raise UnavailableError(str(message.get("message", "the enclave is busy")))
         return message
 
     async def close(self) -> None:
@@ -180,9 +187,13 @@ class EnclaveConnection:
         response_key: bytes | None = None,
         bundle: bytes | None = None,
         bundle_sha256: bytes | None = None,
+        caller: str | None = None,
     ) -> HostSession:
         """Open a session; the caller then reads the ``attestation`` frame from it (for a run
-        opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first)."""
+        opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first).
+
+        ``caller`` (the user running someone else's function) is whom the enclave's fair
+        queueing counts the session against; it defaults to ``owner``."""
         if not self.alive:
             raise TransportError("the enclave is not running")
         sid = next(self._ids)
@@ -201,6 +212,8 @@ class EnclaveConnection:
             message["bundle"] = bundle
         if bundle_sha256 is not None:
             message["bundle_sha256"] = bundle_sha256
+        if caller is not None:  # whom the enclave's fair queues count the session against
+            message["caller"] = caller
         await self.send(message)
         return session
 
@@ -319,7 +332,10 @@ class SimulatedLauncher(EnclaveLauncher):
 def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
     """Check a relayed frame's type; a fatal ``error`` frame becomes a CapeError."""
     if message["t"] == "error":
-        raise CapeError(str(message.get("message", "enclave error")))
+        text = str(message.get("message", "enclave error"))
+        if message.get("busy"):  # a bounded queue of the enclave is full: try again later
+            raise UnavailableError(text)
+        raise CapeError(text)
     if message["t"] != kind:
         raise FormatError(f"expected {kind!r} from the enclave, got {message['t']!r}")
     return message

@@ -184,8 +184,12 @@ class EnclavePool:
         bundle: bytes | None = None,
         bundle_sha256: bytes | None = None,
         affinity: str | None = None,
+        caller: str | None = None,
     ) -> AsyncIterator[HostSession]:
-        """Open a session on a live enclave; closes it (and frees the slot) on exit."""
+        """Open a session on a live enclave; closes it (and frees the slot) on exit.
+
+        ``caller`` (who runs the function, if not its owner) is whom the enclave counts the
+        session against when it shares its capacity between users."""
         slot = await self._pick(affinity)
         connection = slot.connection
         assert connection is not None
@@ -198,6 +202,7 @@ class EnclavePool:
                 response_key=response_key,
                 bundle=bundle,
                 bundle_sha256=bundle_sha256,
+                caller=caller,
             )
             try:
                 yield session

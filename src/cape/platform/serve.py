@@ -45,9 +45,13 @@ from starlette.types import ASGIApp
 from websockets.exceptions import InvalidState
 
 from cape._internal.timefile import write_private
+from cape.enclave.sandbox import describe_containment
 from cape.enclave.secure_module.simulated import SimulatedAuthority
+from cape.enclave.uids import DEFAULT_RANGE, check_range, parse_range
 from cape.errors import CapeError, FormatError, KeyFormatError
+from cape.host.admission import Admission
 from cape.host.api.app import create_app
+from cape.host.api.frames import MAX_TEXT_FRAME_BYTES
 from cape.host.api.rest import ApiDeps
 from cape.host.api.sessions import Lifecycle, SessionDeps
 from cape.host.auth import Accounts, TokenIssuer
@@ -61,6 +65,7 @@ from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import SqlMetadataStore, User
 from cape.kms.local import load_master_key
+from cape.platform.limits import ServerLimits
 from cape.platform.local import (
     IMAGE_SIGNING_DIR,
     LocalPlatform,
@@ -70,6 +75,7 @@ from cape.platform.local import (
 from cape.platform.nitro import NitroOptions, nitro_launcher
 from cape.platform.nitro import root_pem as nitro_root_pem
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
+from cape.platform.wire_limits import SizedWebSocketProtocol, http_protocol
 from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
 
@@ -127,7 +133,9 @@ class ServeConfig:
     idle_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0
     max_input_bytes: int = 64 << 20
-    max_bundle_bytes: int = 1_000_000_000
+    """The largest function input (``--max-input-mib``)."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Sessions, deploys, bundle sizes and client deadlines (``--limit NAME=VALUE``)."""
     run_functions: bool = True
     """False (``cape serve --no-run``): start without OS isolation for user code; keys and
     deploys work, every run and test is refused. True refuses to start without isolation."""
@@ -139,6 +147,9 @@ class ServeConfig:
     """Proxies whose ``X-Forwarded-For`` names the client (addresses or networks, ``*`` for
     any); by default none, so the client is always the TCP peer."""
     runtime_args: Sequence[str] = ()
+    sandbox_uids: str = str(DEFAULT_RANGE)
+    """Host uids for sandboxes, ``START-END``: checked at every start against the ranges the
+    system hands out (issue 18, finding 5); the enclaves get it as ``--sandbox-uids``."""
     extra_env: Mapping[str, str] | None = None
     record_for_cli: bool = True
     config_dir: Path = field(default_factory=config_dir)
@@ -281,6 +292,8 @@ class Server:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Server]:
         """Start everything and serve until the block ends (or a signal drains it)."""
+        # Before anything starts: one clear line when the sandbox uids overlap the system's.
+        check_range(parse_range(self.config.sandbox_uids))
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = _lock_data_dir(self.data_dir)  # one server per data directory
         with lock:
@@ -290,6 +303,7 @@ class Server:
     @contextlib.asynccontextmanager
     async def _running(self, lock: _DataDirLock) -> AsyncIterator[Server]:
         config = self.config
+        sandbox_uids = parse_range(config.sandbox_uids)  # checked in running()
         if config.nitro is None:  # on Nitro the sandboxes are inside the enclave image
             self.isolation_problem = await asyncio.to_thread(isolation_problem)
         if self.isolation_problem is not None and config.run_functions:
@@ -317,7 +331,9 @@ class Server:
                 signer=load_image_signer(self.data_dir / IMAGE_SIGNING_DIR),
             )
             launcher: EnclaveLauncher = platform.launcher(
-                extra_env=config.extra_env, tap=config.tap, runtime_args=config.runtime_args
+                extra_env=config.extra_env,
+                tap=config.tap,
+                runtime_args=[*config.runtime_args, "--sandbox-uids", str(sandbox_uids)],
             )
             root_pem = authority.root_pem
             if nitro is not None:
@@ -364,10 +380,13 @@ class Server:
                         accounts=accounts,
                         pool=pool,
                         lifecycle=self.lifecycle,
+                        admission=Admission(config.limits.admission()),
                         idle_timeout_s=config.idle_timeout_s,
+                        frame_timeout_s=config.limits.frame_timeout_s,
                         max_input_bytes=config.max_input_bytes,
-                        max_bundle_bytes=config.max_bundle_bytes,
+                        max_bundle_bytes=config.limits.bundle_bytes,
                     ),
+                    body_timeout_s=config.limits.body_timeout_s,
                 )
                 served: ASGIApp = app if config.wrap_app is None else config.wrap_app(app)
                 uv_config = uvicorn.Config(
@@ -376,8 +395,11 @@ class Server:
                     port=config.port,
                     ssl_certfile=str(tls.server_cert),
                     ssl_keyfile=str(tls.server_key),
-                    ws="websockets-sansio",
-                    ws_max_size=config.max_bundle_bytes + (1 << 20),
+                    # Per-message websocket limits, set by each session before each message
+                    # (the first is a nonce), and a deadline for HTTP request heads.
+                    ws=SizedWebSocketProtocol,
+                    ws_max_size=MAX_TEXT_FRAME_BYTES,
+                    http=http_protocol(config.limits.header_timeout_s),
                     ws_per_message_deflate=False,
                     lifespan="off",
                     log_config=None,
@@ -529,6 +551,8 @@ def describe(server: Server, out: TextIO) -> None:
     print(f"  Attestation root:  {server.root_file}", file=out)
     print(f"  Root fingerprint:  sha256:{server.root_fingerprint}", file=out)
     print(f"  Enclaves:          {config.enclaves}", file=out)
+    print(f"  Sandbox uids:      {config.sandbox_uids}", file=out)
+    print(f"  Sandbox limits:    {describe_containment()}", file=out)
     if server.isolation_problem is not None:
         print(
             f"  Functions:         NOT RUNNABLE (--no-run): {server.isolation_problem}",
