@@ -46,7 +46,8 @@ OFFLINE = (
 )
 #: Run (and their JSON checked against SHAPES) in tests/cli/test_enclave_kms.py, which has
 #: the enclave images and image-signing keys they need.
-SHAPES_CHECKED_ELSEWHERE = ("cape enclave describe", "cape kms rebind")
+SHAPES_CHECKED_ELSEWHERE = ("cape enclave describe", "cape kms rebind", "cape doctor")
+# (cape doctor: tests/integration/test_doctor.py, on a fake parent instance)
 SERVER_OPTIONS = ("--url", "--token", "--attestation-root", "--ca-file")
 
 

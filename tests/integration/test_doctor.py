@@ -21,6 +21,7 @@ from cape.errors import PCRMismatchError
 from cape.kms.aws import key_policy_document
 from cape.platform.doctor import Check, DoctorOptions, run_doctor
 from cape.platform.nitro import image_key_policy
+from tests.e2e.test_cli_consistency import check_shape
 from tests.fakes import nitro_cli
 from tests.fakes.moto_kms import REGION, moto_kms
 from tests.unit.host.test_nitro_preflight import _sysfs
@@ -152,3 +153,13 @@ def test_cape_doctor_exits_1_when_a_check_fails(parent: Path) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 7
     assert any(line.startswith("FAIL  image: nitro-cli describe-eif failed") for line in lines)
+    as_json = CliRunner().invoke(
+        app, ["doctor", "--eif", str(parent / "missing.eif"), "-o", "json"]
+    )
+    assert as_json.exit_code == 1
+    document = json.loads(as_json.stdout)
+    check_shape("cape doctor", document)
+    assert document["ok"] is False
+    checks = document["checks"]
+    assert [c["check"] for c in checks][:3] == ["nitro-cli", "allocator", "vsock"]
+    assert {c["status"] for c in checks} == {"ok", "FAIL", "skip"}

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cape.cli.common import UsageError, fail
+from cape.cli.common import Common, UsageError, command, emit_json
 from cape.platform.nitro import NitroOptions
 
 __all__ = ["app", "nitro_options"]
@@ -20,6 +20,7 @@ app = typer.Typer()
 
 
 _AWS_KEYS = ("root", "region", "account", "admin-role-arn", "enclave-role-arn")
+"""``--aws KEY=VALUE`` keys (``cape doctor`` ignores ``root``: it takes ``--attestation-root``)."""
 
 
 def _aws_settings(aws: Sequence[str]) -> dict[str, str]:
@@ -65,8 +66,9 @@ def nitro_options(
     )
 
 
-@app.command()
+@command(app, "doctor")
 def doctor(
+    common: Common,
     eif: Annotated[Path, typer.Option("--eif", help="The enclave image.")] = Path(
         "/var/lib/cape/cape.eif"
     ),
@@ -77,58 +79,65 @@ def doctor(
         typer.Option(
             "--aws",
             metavar="KEY=VALUE",
-            help="region, account, admin-role-arn, enclave-role-arn (key policy check), "
-            "root=FILE (document check); repeat for each.",
+            help="region, account, admin-role-arn, enclave-role-arn (for the key policy "
+            "check); repeat for each.",
         ),
     ] = None,
     doctor_key: Annotated[
         str | None, typer.Option("--doctor-key", help="KMS key (alias) to check the policy of.")
     ] = None,
     user: Annotated[
-        str | None, typer.Option("--user", help="Check this user's key document.")
+        str | None,
+        typer.Option(
+            "--user",
+            help="Check this user's key document from the server (--url, --ca-file; pin "
+            "the AWS root with --attestation-root).",
+        ),
     ] = None,
-    url: Annotated[str, typer.Option("--url")] = "https://127.0.0.1:443",
-    ca_file: Annotated[Path, typer.Option("--ca-file")] = Path("/var/lib/cape/tls/ca.pem"),
 ) -> None:
     """Check this Nitro parent instance: nitro-cli, allocator, vsock, image, enclaves, the
     KMS key policy and a key document against the AWS Nitro root (docs/deploy-aws.md).
 
-    Prints one line per check and exits 1 if one fails."""
+    Prints one line per check (or JSON) and exits 1 if one fails."""
     from cape.platform.doctor import DoctorOptions, run_doctor
 
-    try:
-        settings = _aws_settings(aws or [])
-        options = DoctorOptions(
-            eif=eif,
-            cpu_count=enclave_cpus,
-            memory_mib=enclave_memory,
-            doctor_key=doctor_key,
-            account_id=settings.get("account"),
-            admin_role_arn=settings.get("admin-role-arn"),
-            enclave_role_arn=settings.get("enclave-role-arn"),
-        )
-        if doctor_key is not None and "region" in settings:
-            import boto3
+    settings = _aws_settings(aws or [])
+    options = DoctorOptions(
+        eif=eif,
+        cpu_count=enclave_cpus,
+        memory_mib=enclave_memory,
+        doctor_key=doctor_key,
+        account_id=settings.get("account"),
+        admin_role_arn=settings.get("admin-role-arn"),
+        enclave_role_arn=settings.get("enclave-role-arn"),
+    )
+    if doctor_key is not None and "region" in settings:
+        import boto3
 
-            options.kms_client = boto3.client("kms", region_name=settings["region"])
-        if user is not None and "root" in settings:
-            options.fetch_document = _document_fetcher(url, ca_file, Path(settings["root"]), user)
-        checks = asyncio.run(run_doctor(options))
-    except Exception as exc:
-        fail(exc)
-    for check in checks:
-        typer.echo(check.line())
+        options.kms_client = boto3.client("kms", region_name=settings["region"])
+    if user is not None:
+        options.fetch_document = _document_fetcher(common, user)
+    checks = asyncio.run(run_doctor(options))
+    if common.json:
+        emit_json(
+            {
+                "checks": [
+                    {"check": c.name, "status": c.status, "detail": c.detail} for c in checks
+                ],
+                "ok": all(c.status != "FAIL" for c in checks),
+            }
+        )
+    else:
+        for check in checks:
+            typer.echo(check.line())
     if any(check.status == "FAIL" for check in checks):
         raise typer.Exit(1)
 
 
-def _document_fetcher(url: str, ca_file: Path, root: Path, user: str) -> Callable[[str], None]:
+def _document_fetcher(common: Common, user: str) -> Callable[[str], None]:
     def fetch(pcr8: str) -> None:
-        from cape.sdk.client import Cape
-
         with tempfile.TemporaryDirectory() as scratch:
-            client = Cape(url, ca_file=ca_file, attestation_root=root)
-            client.key(
+            common.client().key(
                 username=user, key_path=Path(scratch) / "key.der", pcrs={8: [pcr8]}, refresh=True
             )
 

@@ -52,6 +52,11 @@ OBJECTS: Final[dict[str, Shape]] = {
         "used_at": "string or null: RFC 3339 time",
         "used_by": "string or null: the account that signed up with it",
     },
+    "DoctorCheck": {
+        "check": "string: nitro-cli, allocator, vsock, image, enclaves, kms key policy, document",
+        "status": "string: ok, FAIL or skip",
+        "detail": "string: what the check saw",
+    },
 }
 
 _LOGIN: Final[Shape] = {
@@ -148,6 +153,7 @@ SHAPES: Final[dict[str, tuple[Shape, ...]]] = {
         },
     ),
     "cape kms log": ({"entries": "list of KeyLogEntry", "count": "int: how many entries"},),
+    "cape doctor": ({"checks": "list of DoctorCheck", "ok": "bool: no check failed"},),
     "cape attestation verify": (
         {
             "valid": "bool",
