@@ -145,7 +145,7 @@ def _read_exact(src: BinaryIO, size: int, what: str) -> bytes:
     return data
 
 
-def _write_all(dst: BinaryIO, data: bytes) -> int:
+def _write_all(dst: BinaryIO, data: bytes | memoryview) -> int:
     view = memoryview(data)
     while view:
         n = dst.write(view)
@@ -170,20 +170,76 @@ def encrypted_stream_size(
 # -- encryption ---------------------------------------------------------------------------------
 
 
-def encrypt_stream(
-    src: BinaryIO,
-    dst: BinaryIO,
-    public_key: RSAPublicKey,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+def _readinto_full(src: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``src`` (``readinto`` when it has one); fewer bytes only at EOF."""
+    readinto = getattr(src, "readinto", None)
+    filled = 0
+    while filled < len(view):
+        if readinto is not None:
+            n: int | None = readinto(view[filled:])
+            if n is None:
+                raise ValueError("non-blocking source streams are not supported")
+        else:
+            data: bytes | None = src.read(len(view) - filled)
+            if data is None:
+                raise ValueError("non-blocking source streams are not supported")
+            n = len(data)
+            view[filled : filled + n] = data
+        if not n:
+            break
+        filled += n
+    return filled
+
+
+class _Chunks:
+    """The plaintext chunks of a stream, as views; at most two (current and look-ahead) live.
+
+    A short input is read with one plain ``read``, so small messages allocate nothing else; a
+    long one is read into two reused chunk-sized buffers in turn (no allocation per chunk).
+    """
+
+    def __init__(self, src: BinaryIO, chunk_size: int) -> None:
+        self._src = src
+        self._size = chunk_size
+        self._buffers: list[memoryview] = []
+        self._turn = 0
+
+    def next(self) -> memoryview:
+        if not self._buffers:
+            first = _read_upto(self._src, self._size)
+            if len(first) < self._size:
+                self._buffers = [memoryview(b"")]  # EOF reached: later calls return nothing
+                return memoryview(first)
+            self._buffers = [memoryview(bytearray(self._size)) for _ in range(2)]
+            return memoryview(first)
+        if len(self._buffers) == 1:
+            return self._buffers[0]
+        view = self._buffers[self._turn]
+        self._turn ^= 1
+        return view[: _readinto_full(self._src, view)]
+
+
+class _SliceChunks:
+    """The plaintext chunks of an in-memory input, as zero-copy views of it."""
+
+    def __init__(self, data: memoryview, chunk_size: int) -> None:
+        self._data = data
+        self._size = chunk_size
+        self._offset = 0
+
+    def next(self) -> memoryview:
+        start = self._offset
+        self._offset = min(start + self._size, len(self._data))
+        return self._data[start : self._offset]
+
+
+def _seal_chunks(
+    chunks: _Chunks | _SliceChunks, dst: BinaryIO, public_key: RSAPublicKey, chunk_size: int
 ) -> int:
-    """Encrypt everything ``src`` yields into ``dst`` in the stream form; return bytes written.
+    """Write the header and every sealed chunk to ``dst``; return the bytes written.
 
-    Holds at most two plaintext chunks (one of look-ahead) and one sealed chunk in memory.
-
-    Raises:
-        KeyFormatError: ``public_key`` is not an RSA public key of at least 2048 bits.
-        ValueError: ``chunk_size`` is outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE].
+    Each chunk is sealed into one reused output buffer and written from it (``write`` must not
+    keep what it is given, as the ``io`` contract says).
     """
     _check_chunk_size(chunk_size)
     check_rsa_public_key(public_key)
@@ -193,13 +249,21 @@ def encrypt_stream(
     aead = _payload_aead(dek, salt, header)
     written = _write_all(dst, header)
 
-    current = _read_upto(src, chunk_size)
+    sealed: memoryview | None = None
+    current = chunks.next()
     index = 0
     while True:
         # A full chunk is the last one only if nothing follows it: look one chunk ahead.
-        ahead = _read_upto(src, chunk_size) if len(current) == chunk_size else b""
+        ahead = chunks.next() if len(current) == chunk_size else memoryview(b"")
         last = not ahead
-        written += _write_all(dst, aead.encrypt(_nonce(index, last), current, None))
+        nonce = _nonce(index, last)
+        if len(current) < chunk_size:
+            written += _write_all(dst, aead.encrypt(nonce, current, None))
+        else:
+            if sealed is None:
+                sealed = memoryview(bytearray(chunk_size + TAG_SIZE))
+            aead.encrypt_into(nonce, current, None, sealed)
+            written += _write_all(dst, sealed)
         if last:
             return written
         index += 1
@@ -208,15 +272,54 @@ def encrypt_stream(
         current = ahead
 
 
+def encrypt_stream(
+    src: BinaryIO | bytes | bytearray | memoryview,
+    dst: BinaryIO,
+    public_key: RSAPublicKey,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> int:
+    """Encrypt everything ``src`` yields into ``dst`` in the stream form; return bytes written.
+
+    ``src`` is a binary stream, read a chunk at a time into two buffers reused from chunk to
+    chunk (at most two plaintext chunks, one of look-ahead, and one sealed chunk in memory), or
+    an in-memory bytes-like input, encrypted in place without copying it.
+
+    Raises:
+        KeyFormatError: ``public_key`` is not an RSA public key of at least 2048 bits.
+        ValueError: ``chunk_size`` is outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE].
+    """
+    _check_chunk_size(chunk_size)
+    if isinstance(src, bytes | bytearray | memoryview):
+        chunks: _Chunks | _SliceChunks = _SliceChunks(memoryview(src).cast("B"), chunk_size)
+    else:
+        chunks = _Chunks(src, chunk_size)
+    return _seal_chunks(chunks, dst, public_key, chunk_size)
+
+
 def encrypt_stream_bytes(
     plaintext: bytes, public_key: RSAPublicKey, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> bytes:
-    """Encrypt an in-memory plaintext to the stream form."""
+    """Encrypt an in-memory plaintext to the stream form (read in place, written once)."""
     if not isinstance(plaintext, bytes | bytearray | memoryview):
         raise TypeError(f"plaintext must be bytes, not {type(plaintext).__name__}")
+    _check_chunk_size(chunk_size)
+    data = memoryview(plaintext).cast("B")
+    size = encrypted_stream_size(
+        len(data), chunk_size=chunk_size, wrapped_key_len=_wrapped_len(public_key)
+    )
     out = io.BytesIO()
-    encrypt_stream(io.BytesIO(plaintext), out, public_key, chunk_size=chunk_size)
+    out.seek(size - 1)
+    out.write(b"\0")  # one allocation of the exact size, then overwritten in place
+    out.seek(0)
+    written = _seal_chunks(_SliceChunks(data, chunk_size), out, public_key, chunk_size)
+    if written != size:  # pragma: no cover - encrypted_stream_size is exact
+        raise AssertionError(f"stream size {written} != {size}")
     return out.getvalue()
+
+
+def _wrapped_len(public_key: RSAPublicKey) -> int:
+    return (check_rsa_public_key(public_key).key_size + 7) // 8
 
 
 # -- decryption ---------------------------------------------------------------------------------
