@@ -256,17 +256,23 @@ def _text_into(
 
     The raw envelope never exists in full: each step encrypts the next plaintext block into a
     small staging buffer (GCM streams, so its output equals the one-shot encryption), and
-    base64-encodes a multiple of 3 bytes of it straight to its place in ``out``.
+    base64-encodes a multiple of 3 bytes of it straight to its place in ``out``. An envelope
+    that fits in one block is encoded in one step.
     """
+    head = wrapped + nonce
+    pos = len(PREFIX)
+    out[:pos] = PREFIX
+    if len(head) + len(plaintext) + TAG_SIZE <= _TEXT_BLOCK:  # small: one step, no stage
+        raw = head + AESGCM(dek).encrypt(nonce, plaintext, None)
+        encoded = binascii.b2a_base64(raw, newline=False)
+        out[pos : pos + len(encoded)] = encoded
+        return pos + len(encoded)
     encryptor = Cipher(algorithms.AES256(dek), modes.GCM(nonce)).encryptor()
     source = memoryview(plaintext).cast("B")
     stage = bytearray(_TEXT_BLOCK + _AES_BLOCK + 2)
     view = memoryview(stage)
-    head = wrapped + nonce
     view[: len(head)] = head
     held = len(head)  # raw bytes in ``stage`` not yet encoded
-    pos = len(PREFIX)
-    out[:pos] = PREFIX
     offset = 0
     while True:
         # ``held`` < _TEXT_BLOCK here: fill the stage up to one block with ciphertext.

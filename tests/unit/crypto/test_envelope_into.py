@@ -17,7 +17,21 @@ from cape.errors import KeyFormatError
 BLOCK = envelope._TEXT_BLOCK
 HEAD = 512 + 12  # wrapped key and nonce, before the ciphertext in a raw envelope
 # Sizes around the text form's block edges: the first block holds HEAD bytes of header.
-EDGES = [0, 1, 2, 3, 100, BLOCK - HEAD - 1, BLOCK - HEAD, BLOCK - HEAD + 1, BLOCK, 3 * BLOCK + 7]
+EDGES = [
+    0,
+    1,
+    2,
+    3,
+    100,
+    BLOCK - HEAD - 17,
+    BLOCK - HEAD - 16,
+    BLOCK - HEAD - 15,
+    BLOCK - HEAD - 1,
+    BLOCK - HEAD,
+    BLOCK - HEAD + 1,
+    BLOCK,
+    3 * BLOCK + 7,
+]
 
 
 def _text_raw(text: bytes) -> bytes:
