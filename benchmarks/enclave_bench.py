@@ -66,7 +66,7 @@ from cape.host.launcher import EnclaveConnection, HostSession, expect
 from cape.kms.base import Recipient
 from cape.platform.local import LocalPlatform
 from cape.verify.policy import AttestationPolicy
-from cape.verify.verifier import verify_attestation
+from cape.verify.verifier import VerificationCache, verify_attestation
 
 OWNER = "bench"
 SETUP_GOAL = 1.3
@@ -148,6 +148,7 @@ class App:
 class Bench:
     def __init__(self, platform: LocalPlatform) -> None:
         self.platform = platform
+        self.verified = VerificationCache()
         self.root = platform.authority.root_certificate
         self._digests: dict[bytes, bytes] = {}
 
@@ -175,6 +176,7 @@ class Bench:
             root=self.root,
             now=dt.datetime.now(dt.UTC),
             policy=AttestationPolicy(nonce=nonce),
+            cache=self.verified,  # as the SDK does: the enclave's chain is verified once
         )
         assert doc.public_key is not None
         return session, doc.public_key
