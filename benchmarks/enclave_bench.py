@@ -310,14 +310,14 @@ async def one_enclave(
 
 
 def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None:
-    # The platform's own runtime, signed by its signer (PCR8), as its enclaves attest.
-    instance = platform.authority.issue_instance(dt.datetime.now(dt.UTC))
+    # The platform's own signed runtime (its PCR8 is what new keys' signer policy allows).
+    credentials = platform.authority.issue_instance(dt.datetime.now(dt.UTC))
     pcrs = simulated_pcrs(
         measure_runtime(),
-        instance_id=instance.instance_id,
+        instance_id=credentials.instance_id,
         image_signature=platform.image_signature,
     )
-    module = SimulatedSecureModule(instance, pcrs=pcrs)
+    module = SimulatedSecureModule(credentials, pcrs=pcrs)
     recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     spki = public_key_der(recipient_key)
     public = load_rsa_public_key(platform.kms.get_public_key(OWNER))
@@ -351,9 +351,14 @@ def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None
 
 def document_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None:
     """Producing one run-session document alone, and verifying it alone (in this process)."""
-    module = SimulatedSecureModule(
-        platform.authority.issue_instance(dt.datetime.now(dt.UTC)), pcrs=None
+    # The platform's own signed runtime (its PCR8 is what new keys' signer policy allows).
+    credentials = platform.authority.issue_instance(dt.datetime.now(dt.UTC))
+    pcrs = simulated_pcrs(
+        measure_runtime(),
+        instance_id=credentials.instance_id,
+        image_signature=platform.image_signature,
     )
+    module = SimulatedSecureModule(credentials, pcrs=pcrs)
     root = platform.authority.root_certificate
     user_data = json.dumps({"func_checksum": "x" * 43}).encode()
     for _ in range(repeats):

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cape.crypto.cms import open_for_recipient
 from cape.crypto.envelope import DEK_SIZE, KeyUnwrapper
 from cape.crypto.keys import public_key_der
+from cape.enclave.lanes import Lanes
 from cape.enclave.secure_module.base import SecureModule
 from cape.errors import (
     CapeError,
@@ -54,7 +55,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class EnclaveKeyClient:
     """Key-service calls from inside the enclave; answers arrive through :meth:`resolve`."""
 
-    def __init__(self, module: SecureModule, send: Send) -> None:
+    def __init__(self, module: SecureModule, send: Send, lanes: Lanes | None = None) -> None:
+        self._lanes = lanes or Lanes()
         self._module = module
         self._send = send
         self._recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -82,7 +84,12 @@ class EnclaveKeyClient:
                 future.set_exception(TransportError(reason))
         self._pending.clear()
 
-    async def _call(self, op: str, **arguments: Any) -> Any:
+    async def _call(self, op: str, owner: str, **arguments: Any) -> Any:
+        # At most so many requests in flight, shared fairly across owners (lanes.py).
+        async with self._lanes.kms.slot(owner):
+            return await self._call_now(op, owner=owner, **arguments)
+
+    async def _call_now(self, op: str, **arguments: Any) -> Any:
         rid = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
@@ -94,7 +101,7 @@ class EnclaveKeyClient:
         finally:
             self._pending.pop(rid, None)
 
-    def _recipient_document(self, *, fresh: bool) -> tuple[bytes, bool]:
+    def _recipient_document(self, fresh: bool) -> tuple[bytes, bool]:
         """A recipient document and whether it was reused (see the module docstring)."""
         with self._document_lock:
             now = time.monotonic()
@@ -110,27 +117,29 @@ class EnclaveKeyClient:
 
     async def public_key(self, owner: str) -> bytes:
         """The owner's Cape key (DER SPKI), created on first request."""
-        result = await self._call("get_public_key", owner=owner, create=True)
+        result = await self._call("get_public_key", owner, create=True)
         if not isinstance(result, bytes):
             raise CapeError("the key service returned a malformed public key")
         return result
 
     async def unwrap(self, owner: str, wrapped_key: bytes) -> bytes:
         """Have the key service re-encrypt a DEK to this enclave, and open it here."""
-        document, reused = await asyncio.to_thread(self._recipient_document, fresh=False)
+        attestation = self._lanes.attestation
+        document, reused = await attestation.run(owner, self._recipient_document, False)
         try:
-            cms = await self._call("decrypt", owner=owner, blob=wrapped_key, document=document)
+            cms = await self._call("decrypt", owner, blob=wrapped_key, document=document)
         except KeyReleaseDeniedError:
             if not reused:
                 raise
             # Perhaps too old for this key's policy: once more with a fresh document.
-            document, _ = await asyncio.to_thread(self._recipient_document, fresh=True)
-            cms = await self._call("decrypt", owner=owner, blob=wrapped_key, document=document)
+            document, _ = await attestation.run(owner, self._recipient_document, True)
+            cms = await self._call("decrypt", owner, blob=wrapped_key, document=document)
         if not isinstance(cms, bytes):
             raise CapeError("the key service returned a malformed answer")
-        return await asyncio.to_thread(
-            open_for_recipient, cms, self._recipient_key, expected_length=DEK_SIZE
-        )
+        return await attestation.run(owner, self._open, cms)
+
+    def _open(self, cms: bytes) -> bytes:
+        return open_for_recipient(cms, self._recipient_key, expected_length=DEK_SIZE)
 
     def unwrapper_for(self, owner: str, loop: asyncio.AbstractEventLoop) -> KeyUnwrapper:
         """A synchronous :data:`KeyUnwrapper` for envelope code running in a worker thread."""
