@@ -89,6 +89,16 @@ ROWS = (
 
 UNJUDGED_ROWS = (
     (
+        "floor of a warm invoke: three bare process hops against one, 1 KiB",
+        "hops",
+        "3-hop relay round trip, 1 KiB, p50 (client → 2 relays → echo)",
+    ),
+    (
+        "floor of a warm invoke: three bare process hops against one, 1 MiB",
+        "hops",
+        "3-hop relay round trip, 1 MiB, p50 (client → 2 relays → echo)",
+    ),
+    (
         "key-service release with a fresh document (first of each 30 s)",
         "enclave",
         "data-key release latency, p50 (a fresh document: its signature + RSA-4096 unwrap + CMS)",

@@ -29,6 +29,7 @@ SCRIPTS = (
     "crypto",
     "attestation",
     "sandbox",
+    "hops",
     "enclave",
     "imagenet",
     "server",
