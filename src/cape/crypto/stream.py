@@ -83,6 +83,8 @@ _SALT_SIZE = 16
 _PAYLOAD_INFO = b"cape-stream-v1 payload"
 _COUNTER_BYTES = 11
 _MAX_CHUNKS = 1 << (8 * _COUNTER_BYTES)
+_PLAIN_READS = 2
+"""Chunks sealed without the reused buffers (their set-up costs more than short inputs)."""
 _LAST = b"\x01"
 _NOT_LAST = b"\x00"
 
@@ -194,29 +196,31 @@ def _readinto_full(src: BinaryIO, view: memoryview) -> int:
 class _Chunks:
     """The plaintext chunks of a stream, as views; at most two (current and look-ahead) live.
 
-    A short input is read with one plain ``read``, so small messages allocate nothing else; a
-    long one is read into two reused chunk-sized buffers in turn (no allocation per chunk).
+    The first :data:`_PLAIN_READS` chunks are read with plain ``read`` calls, so inputs of a
+    chunk or two allocate nothing else; later ones are read into two reused chunk-sized
+    buffers in turn (no allocation per chunk).
     """
 
     def __init__(self, src: BinaryIO, chunk_size: int) -> None:
         self._src = src
         self._size = chunk_size
+        self._reads = 0
         self._buffers: list[memoryview] = []
-        self._turn = 0
+        self._done = False
 
     def next(self) -> memoryview:
-        if not self._buffers:
-            first = _read_upto(self._src, self._size)
-            if len(first) < self._size:
-                self._buffers = [memoryview(b"")]  # EOF reached: later calls return nothing
-                return memoryview(first)
-            self._buffers = [memoryview(bytearray(self._size)) for _ in range(2)]
-            return memoryview(first)
-        if len(self._buffers) == 1:
-            return self._buffers[0]
-        view = self._buffers[self._turn]
-        self._turn ^= 1
-        return view[: _readinto_full(self._src, view)]
+        if self._done:
+            return memoryview(b"")
+        self._reads += 1
+        if self._reads <= _PLAIN_READS:
+            data = memoryview(_read_upto(self._src, self._size))
+        else:
+            if not self._buffers:
+                self._buffers = [memoryview(bytearray(self._size)) for _ in range(2)]
+            view = self._buffers[self._reads % 2]
+            data = view[: _readinto_full(self._src, view)]
+        self._done = len(data) < self._size
+        return data
 
 
 class _SliceChunks:
@@ -257,7 +261,7 @@ def _seal_chunks(
         ahead = chunks.next() if len(current) == chunk_size else memoryview(b"")
         last = not ahead
         nonce = _nonce(index, last)
-        if len(current) < chunk_size:
+        if len(current) < chunk_size or index < _PLAIN_READS:  # short inputs: no buffer
             written += _write_all(dst, aead.encrypt(nonce, current, None))
         else:
             if sealed is None:
