@@ -402,7 +402,9 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, key: RSAPrivateKey | KeyUnwrapp
         current = ahead
 
 
-def decrypt_stream_bytes(data: bytes, key: RSAPrivateKey | KeyUnwrapper) -> bytes:
+def decrypt_stream_bytes(
+    data: bytes | bytearray | memoryview, key: RSAPrivateKey | KeyUnwrapper
+) -> bytes:
     """Decrypt an in-memory stream form (all-or-nothing: nothing is returned on error)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"a ciphertext must be bytes, not {type(data).__name__}")
