@@ -434,6 +434,15 @@ def serve(
             "namespaces): keys and deploys only, every run is refused.",
         ),
     ] = False,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit",
+            metavar="NAME=VALUE",
+            help="Change a server limit, e.g. sessions_per_user=8 (repeatable; every name and "
+            "default is in docs/limits.md).",
+        ),
+    ] = None,
     signup: Annotated[
         str,
         typer.Option(
@@ -467,6 +476,7 @@ def serve(
     sessions in progress finish first.
     """
     from cape.host.signup import SignupMode
+    from cape.platform.limits import parse_limits
     from cape.platform.serve import ServeConfig, default_data_dir, parse_forwarded_allow_ips
     from cape.platform.serve import serve as run_server
 
@@ -479,6 +489,7 @@ def serve(
             port=port,
             enclaves=enclaves,
             idle_timeout_s=idle_timeout,
+            limits=parse_limits(limit or ()),
             signup=SignupMode(signup),
             signups_per_hour=signup_rate,
             forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
