@@ -383,7 +383,7 @@ def encrypt_into(plaintext: Plaintext, public_key: RSAPublicKey, out: object) ->
     ``out`` is any writable buffer (a ``bytearray``, a ``memoryview``, an ``mmap``) of at least
     :func:`encrypted_size` bytes; reusing one for many messages avoids allocating (and
     page-faulting) a fresh output per message, which costs more than the cipher for large ones.
-    ``out`` must not overlap ``plaintext`` (the ciphertext lands 529 bytes further on).
+    ``out`` must not overlap ``plaintext``.
 
     Raises:
         KeyFormatError: ``public_key`` is not an RSA public key of at least 2048 bits.
