@@ -52,10 +52,10 @@ from cape.host.launcher import Tap
 from cape.host.pool import EnclavePool
 from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR, SignupRateLimiter
 from cape.host.signup import SignupMode
-from cape.host.store.blobs import DirectoryBlobStore
+from cape.host.store.backends import open_blob_store, open_metadata_store, sweep_age_s
 from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
-from cape.host.store.metadata import SqlMetadataStore, User
+from cape.host.store.metadata import User
 from cape.kms.local import load_master_key
 from cape.platform.local import LocalPlatform
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
@@ -114,6 +114,23 @@ class ServeConfig:
     log_level: str = "info"
     tap: Tap | None = None
     """Test and audit hook: observes every enclave channel frame."""
+    # Scale-out (docs/cluster.md): shared stores and keys, set by cape.platform.config.
+    node_name: str = field(default_factory=socket.gethostname)
+    database_url: str | None = None
+    """Default ``sqlite:///DATA_DIR/metadata.sqlite3``; ``postgresql+psycopg://…`` to share."""
+    blob_store: str | None = None
+    """Default ``DATA_DIR/blobs``; ``s3://BUCKET[/PREFIX]`` to share."""
+    blob_endpoint_url: str | None = None
+    tls_cert: Path | None = None
+    """The operator's certificate chain and key; default the local CA's under DATA_DIR/tls."""
+    tls_key: Path | None = None
+    attestation_dir: Path | None = None
+    """Default DATA_DIR/attestation; one shared directory gives a cluster one root."""
+    kms_dir: Path | None = None
+    """Default DATA_DIR/kms; shared by the nodes of a cluster on one machine."""
+    auth_dir: Path | None = None
+    """The directory holding ``auth/signing.key``; default DATA_DIR."""
+    log_format: str = "text"
     wrap_app: Callable[[ASGIApp], ASGIApp] | None = None
     """Test and audit hook: wraps the API application before uvicorn serves it (e.g. an ASGI
     middleware that records every websocket message received and sent). Not for production:
@@ -210,7 +227,7 @@ class Server:
 
     @property
     def root_file(self) -> Path:
-        return self.data_dir / "attestation" / "root.pem"
+        return (self.config.attestation_dir or self.data_dir / "attestation") / "root.pem"
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Server]:
@@ -220,17 +237,20 @@ class Server:
         listener = _listen(config.host, config.port)  # fail fast, before starting enclaves
         with listener:
             tls = ensure_tls(self.data_dir / "tls", config.host)
-            authority = load_authority(self.data_dir / "attestation")
+            authority = load_authority(self.root_file.parent)
             self.root_fingerprint = fingerprint(authority.root_certificate)
-            store = SqlMetadataStore(f"sqlite:///{self.data_dir / 'metadata.sqlite3'}")
-            blobs = DirectoryBlobStore(self.data_dir / "blobs")
-            swept = await asyncio.to_thread(sweep_orphans, store, blobs)
+            database_url = config.database_url or f"sqlite:///{self.data_dir / 'metadata.sqlite3'}"
+            blob_url = config.blob_store or str(self.data_dir / "blobs")
+            store = await asyncio.to_thread(open_metadata_store, database_url)
+            blobs = open_blob_store(blob_url, endpoint_url=config.blob_endpoint_url)
+            swept = await asyncio.to_thread(
+                sweep_orphans, store, blobs, min_age_s=sweep_age_s(database_url, blob_url)
+            )
             if swept:
                 log.info("removed %d unfinished deploy(s) left by an earlier run", swept)
+            kms_dir = config.kms_dir or self.data_dir / "kms"
             platform = LocalPlatform(
-                self.data_dir / "kms",
-                authority=authority,
-                master_key=load_master_key(self.data_dir / "kms"),
+                kms_dir, authority=authority, master_key=load_master_key(kms_dir)
             )
             pool = EnclavePool(
                 platform.launcher(
@@ -242,7 +262,7 @@ class Server:
                 await pool.start()
                 accounts = Accounts(
                     store,
-                    TokenIssuer.open(self.data_dir),
+                    TokenIssuer.open(config.auth_dir or self.data_dir),
                     signup_mode=config.signup,
                     invites=InviteStore(store),
                     signup_limiter=SignupRateLimiter(per_hour=config.signups_per_hour),
@@ -287,8 +307,8 @@ class Server:
                     served,
                     host=config.host,
                     port=config.port,
-                    ssl_certfile=str(tls.server_cert),
-                    ssl_keyfile=str(tls.server_key),
+                    ssl_certfile=str(config.tls_cert or tls.server_cert),
+                    ssl_keyfile=str(config.tls_key or tls.server_key),
                     ws="websockets-sansio",
                     ws_max_size=config.max_bundle_bytes + (1 << 20),
                     ws_per_message_deflate=False,
@@ -418,5 +438,10 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if config.log_format == "json":
+        from cape.platform.logs import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter(config.node_name))
     logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     asyncio.run(_serve(config, out, on_ready))
