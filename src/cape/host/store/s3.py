@@ -30,7 +30,7 @@ import contextlib
 import datetime as dt
 import io
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, Final
 from urllib.parse import urlsplit
 
@@ -108,6 +108,8 @@ class S3BlobStore(BlobStore):
                 ) from None
             client = boto3.client("s3", endpoint_url=endpoint_url)
         self._client = client
+        self.clock: Callable[[], float] = time.time
+        """POSIX seconds now (the sweep's age threshold counts from it)."""
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
 
@@ -233,7 +235,7 @@ class S3BlobStore(BlobStore):
             token = page.get("NextContinuationToken")
 
     def sweep_temp(self, *, min_age_s: float = 0.0) -> int:
-        cutoff = time.time() - min_age_s
+        cutoff = self.clock() - min_age_s
         removed = 0
         markers: dict[str, str] = {}
         while True:
