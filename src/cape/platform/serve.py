@@ -44,6 +44,7 @@ from cape._internal.timefile import write_private
 from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.errors import CapeError, FormatError, KeyFormatError
 from cape.host.api.app import create_app
+from cape.host.api.operations import Metrics, Readiness, create_operation_routes
 from cape.host.api.rest import ApiDeps
 from cape.host.api.sessions import Lifecycle, SessionDeps
 from cape.host.auth import Accounts, TokenIssuer
@@ -282,6 +283,18 @@ class Server:
                 async def on_signup(user: User) -> None:
                     await keydocs.ensure(user, pool)
 
+                metrics = Metrics(
+                    config.node_name,
+                    live_enclaves=lambda: pool.stats().alive,
+                    restarts=lambda: pool.stats().restarts,
+                    active=lambda: self.lifecycle.active,
+                )
+                readiness = Readiness(
+                    database=store.ping,
+                    blob_store=blobs.check,
+                    live_enclaves=lambda: pool.stats().alive,
+                    draining=self.lifecycle.draining.is_set,
+                )
                 app = create_app(
                     ApiDeps(
                         store=store,
@@ -301,8 +314,10 @@ class Server:
                         max_input_bytes=config.max_input_bytes,
                         max_bundle_bytes=config.max_bundle_bytes,
                     ),
+                    create_operation_routes(readiness, metrics),
                 )
-                served: ASGIApp = app if config.wrap_app is None else config.wrap_app(app)
+                counted = metrics.wrap(app)
+                served = counted if config.wrap_app is None else config.wrap_app(counted)
                 uv_config = uvicorn.Config(
                     served,
                     host=config.host,

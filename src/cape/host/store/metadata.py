@@ -498,6 +498,11 @@ class SqlMetadataStore(MetadataStore):
                 )
             command.upgrade(migration_config(connection), "head")
 
+    def ping(self) -> None:
+        """One round trip to the database (a node's readiness); raises if it does not answer."""
+        with self._engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
     def close(self) -> None:
         self._engine.dispose()
 
