@@ -326,6 +326,8 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     assert findings(sources, canary) == []
     assert deployed.id.encode() in sources[0][1]  # the search did read the rows
     assert len(list(cluster.moto_s3.objects(cluster.bucket))) == len(listed)
+    banner = cluster.nodes[0].stdout()
+    assert "Node:              node0" in banner and f"s3://{cluster.bucket}/cape" in banner
     lines = cluster.nodes[0].stderr().splitlines()
     assert lines and all(json.loads(line)["node"] == "node0" for line in lines)
     print(

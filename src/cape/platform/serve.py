@@ -53,7 +53,12 @@ from cape.host.launcher import Tap
 from cape.host.pool import EnclavePool
 from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR, SignupRateLimiter
 from cape.host.signup import SignupMode
-from cape.host.store.backends import open_blob_store, open_metadata_store, sweep_age_s
+from cape.host.store.backends import (
+    open_blob_store,
+    open_metadata_store,
+    safe_database_url,
+    sweep_age_s,
+)
 from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import User
@@ -218,6 +223,8 @@ class Server:
         self.config = config
         self.data_dir = config.data_dir
         self.url = ""
+        self.storage = ("", "")
+        """The database URL (no password) and blob store this node uses, once started."""
         self.lifecycle = Lifecycle()
         self._uvicorn: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -242,6 +249,7 @@ class Server:
             self.root_fingerprint = fingerprint(authority.root_certificate)
             database_url = config.database_url or f"sqlite:///{self.data_dir / 'metadata.sqlite3'}"
             blob_url = config.blob_store or str(self.data_dir / "blobs")
+            self.storage = (safe_database_url(database_url), blob_url)
             store = await asyncio.to_thread(open_metadata_store, database_url)
             blobs = open_blob_store(blob_url, endpoint_url=config.blob_endpoint_url)
             swept = await asyncio.to_thread(
@@ -414,6 +422,10 @@ def describe(server: Server, out: TextIO) -> None:
     print(f"  Attestation root:  {server.root_file}", file=out)
     print(f"  Root fingerprint:  sha256:{server.root_fingerprint}", file=out)
     print(f"  Enclaves:          {config.enclaves}", file=out)
+    if config.database_url or config.blob_store:
+        print(f"  Node:              {config.node_name}", file=out)
+        print(f"  Database:          {server.storage[0]}", file=out)
+        print(f"  Blob store:        {server.storage[1]}", file=out)
     print(f"  Signup:            {config.signup.value}", file=out)
     if config.forwarded_allow_ips:
         print(f"  Trusted proxies:   {', '.join(config.forwarded_allow_ips)}", file=out)

@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cape.cli.app import app
-from cape.errors import FormatError
+from cape.errors import CapeError, FormatError
 from cape.host.signup import SignupMode
+from cape.host.store.backends import open_metadata_store, safe_database_url
 from cape.platform.config import SETTINGS, load_settings
 from cape.platform.serve import ServeConfig
 
@@ -112,3 +113,19 @@ def test_cape_serve_config_errors_are_one_line_before_starting(tmp_path: Path) -
     assert not (tmp_path / "data").exists()
     result = CliRunner().invoke(app, ["serve", "--config", str(tmp_path / "missing.toml")])
     assert result.exit_code != 0 and "cannot read" in result.stderr
+
+
+def test_every_setting_is_in_the_docs_table() -> None:
+    page = (Path(__file__).resolve().parents[3] / "docs" / "cluster.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    for name in SETTINGS:
+        assert any(f"`{name}`" in row.split(" | ")[0] for row in rows), name
+
+
+def test_an_unreachable_database_is_one_error_without_its_password() -> None:
+    url = "postgresql+psycopg://cape:hunter22@127.0.0.1:1/cape"  # nothing listens on port 1
+    assert safe_database_url(url) == "postgresql+psycopg://cape:***@127.0.0.1:1/cape"
+    with pytest.raises(CapeError) as raised:
+        open_metadata_store(url)
+    assert str(raised.value).startswith("database postgresql+psycopg://cape:***@127.0.0.1:1/cape:")
+    assert "hunter22" not in str(raised.value)

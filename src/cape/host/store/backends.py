@@ -29,6 +29,7 @@ __all__ = [
     "is_shared",
     "open_blob_store",
     "open_metadata_store",
+    "safe_database_url",
     "sweep_age_s",
 ]
 
@@ -59,6 +60,11 @@ def check_database_url(url: str) -> str:
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
         raise FormatError("database_url: use postgresql+psycopg://… (psycopg 3)")
     return url
+
+
+def safe_database_url(url: str) -> str:
+    """``url`` with its password masked (for banners and messages)."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def is_shared(database_url: str, blob_url: str) -> bool:
@@ -104,6 +110,6 @@ def open_metadata_store(url: str) -> SqlMetadataStore:
     except ModuleNotFoundError as exc:
         raise FormatError(f"database_url needs {exc.name}: pip install 'cape[postgres]'") from None
     except DBAPIError as exc:
-        where = make_url(url).render_as_string(hide_password=True)
+        where = safe_database_url(url)
         reason = " ".join(str(exc.orig).split())[:300]
         raise CapeError(f"database {where}: {reason}") from None
