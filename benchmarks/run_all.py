@@ -24,7 +24,17 @@ from pathlib import Path
 from _results import Curve, Figure, Results, Series
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("crypto", "attestation", "sandbox", "enclave", "server")
+SCRIPTS = (
+    "crypto",
+    "attestation",
+    "sandbox",
+    "enclave",
+    "imagenet",
+    "server",
+    "image",
+    "js",
+    "java",
+)
 
 
 def machine() -> list[tuple[str, str]]:

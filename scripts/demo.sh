@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The product doing its main job on this machine, in simulated mode: start the platform, sign
-# up, deploy the image-classification example (an ONNX model run by onnxruntime inside the
-# enclave), encrypt a real image's model input on the client, run the function on the
-# ciphertext, print the top-3 classes and what the client verified, and shut down cleanly.
+# up, deploy the imagenet example (a pretrained EfficientNet-Lite0, run by onnxruntime inside
+# the enclave), classify a real photo in plain, then `cape encrypt` the photo on the client and
+# classify the ciphertext, print the top-5 classes and what the client verified, shut down.
+# The first run exports the model (setup.sh installs PyTorch into .venv-export, once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 bash scripts/setup.sh examples
 cape=.venv/bin/cape
 py=.venv/bin/python
-example=examples/image-classification
-image="$example/images/digit-7.png"
+example=examples/imagenet
+photo="$example/images/chelsea.png"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/cape-demo.XXXXXX")"
 export CAPE_CONFIG_DIR="$work/config"
@@ -48,32 +49,40 @@ echo "== 2. Sign up a demo user"
 head -c 18 /dev/urandom | base64 | $cape signup -u demo --password-stdin
 
 echo "== 3. Deploy $example (its requirements are vendored for the enclave)"
-$cape deploy "$example" --name image-classification | sed 's/^/  /'
+$cape deploy "$example" --name imagenet | sed 's/^/  /'
 
-echo "== 4. Encrypt a real image on the client: $image"
-$py "$example/prepare.py" "$image" >"$work/input.bin"
-$cape encrypt -f "$work/input.bin" >"$work/input.cape"
-echo "  $(head -c 64 "$work/input.cape")… ($(wc -c <"$work/input.cape") bytes of cape: ciphertext)"
-
-echo "== 5. Run the function in the enclave on the ciphertext"
-$cape run demo/image-classification -f "$work/input.cape" -o json >"$work/result.json"
-$py - "$work/result.json" <<'PY'
+# The top-5 of a `cape run -o json` result, and what the client verified before sending.
+show() {
+    $py - "$1" "$2" <<'PY'
 import json
 import sys
 
 result = json.load(open(sys.argv[1]))
-print("  Top-3 classes:")
-for entry in json.loads(result["output"])["top3"]:
-    print(f"    digit {entry['class']}  {100 * entry['probability']:6.2f}%")
+print(f"  Top-5 classes ({sys.argv[2]}):")
+for entry in json.loads(result["output"])["top5"]:
+    print(f"    {entry['class']:<24} {100 * entry['probability']:6.2f}%")
 facts = result["attestation"]
-print("  Verified before the input was sent (attestation document, simulated module):")
+print("  Verified before the photo was sent (attestation document, simulated module):")
 print(f"    root fingerprint   sha256:{facts['root_sha256']}")
 print(f"    PCR0               {facts['pcrs']['0']}")
 print(f"    function checksum  {facts['function_checksum']}")
 print("    nonce, session key binding and result sealing: checked")
 PY
+}
 
-echo "== 6. Shut down"
+echo "== 4. Classify a real photo in the enclave: $photo ($(wc -c <"$photo") bytes)"
+$cape run demo/imagenet -f "$photo" -o json >"$work/plain.json"
+show "$work/plain.json" "plain input, sealed to the attested enclave"
+
+echo "== 5. Encrypt the photo on the client for your Cape key"
+$cape encrypt -f "$photo" >"$work/photo.cape"
+echo "  $(head -c 64 "$work/photo.cape")… ($(wc -c <"$work/photo.cape") bytes of cape: ciphertext)"
+
+echo "== 6. Run the function in the enclave on the ciphertext"
+$cape run demo/imagenet -f "$work/photo.cape" -o json >"$work/result.json"
+show "$work/result.json" "decrypted and classified in the enclave only"
+
+echo "== 7. Shut down"
 kill -TERM "$server_pid"
 wait "$server_pid"
 server_pid=""

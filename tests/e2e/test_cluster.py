@@ -83,6 +83,7 @@ class Cluster:
             "attestation_dir": str(self.shared / "attestation"),
             "kms_dir": str(self.shared / "kms"),
             "auth_dir": str(self.shared),
+            "image_signing_dir": str(self.shared / "image-signing"),
             "tls_cert": str(tls / "server.pem"),
             "tls_key": str(tls / "server.key"),
             "signup_rate": 0,

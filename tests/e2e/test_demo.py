@@ -59,8 +59,11 @@ def test_the_first_readme_command_runs_the_demo(demo_tmp: Path) -> None:
     command = first_readme_command()
     assert command == "bash scripts/demo.sh"
     wheelhouse = ROOT / ".wheelhouse"
-    if not any(wheelhouse.glob("onnxruntime-*.whl")) and not os.environ.get("CI"):
-        pytest.skip("no .wheelhouse with onnxruntime (bash scripts/setup.sh test fills it)")
+    wheels = ("onnxruntime", "pillow")
+    if not all(any(wheelhouse.glob(f"{w}-*.whl")) for w in wheels) and not os.environ.get("CI"):
+        pytest.skip("no .wheelhouse with onnxruntime and Pillow (setup.sh test fills it)")
+    if not (ROOT / "examples" / "imagenet" / "model.onnx").exists() and not os.environ.get("CI"):
+        pytest.skip("no exported examples/imagenet/model.onnx (setup.sh exports it, once)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPE_", "PIP_"))}
     env["TMPDIR"] = str(tmp_path)  # the demo's throwaway directory lands here
     start = time.monotonic()
@@ -78,17 +81,27 @@ def test_the_first_readme_command_runs_the_demo(demo_tmp: Path) -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     out = done.stdout
     assert elapsed < LIMIT_S
-    for step in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== Done"):
+    for step in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 7.", "== Done"):
         assert step in out, out
     assert "SIMULATED" in out and re.search(r"Ready: https://127\.0\.0\.1:\d+", out)
     assert re.search(r"Function ID +➜  [A-Za-z0-9]{22}", out)
     assert re.search(r"cape:[A-Za-z0-9+/=]{40,}… \(\d+ bytes of cape: ciphertext\)", out)
-    top = re.findall(r"digit (\d)\s+(\d+\.\d\d)%", out)
-    assert len(top) == 3 and top[0][0] == "7", out  # the image is a 7
-    assert float(top[0][1]) > float(top[1][1]) >= float(top[2][1])
-    assert re.search(r"root fingerprint +sha256:[0-9a-f]{64}", out)
-    assert re.search(r"PCR0 +[0-9a-f]{96}", out)
-    assert re.search(r"function checksum +[0-9a-f]{64}", out)
+    # The photo (Chelsea the cat) classified twice, in plain and from its ciphertext: five
+    # classes with percentages each, the same both times, a cat first.
+    blocks = re.findall(r"Top-5 classes \(([^)]*)\):\n((?: {4}.+\n){5})", out)
+    assert [why for why, _ in blocks] == [
+        "plain input, sealed to the attested enclave",
+        "decrypted and classified in the enclave only",
+    ], out
+    assert blocks[0][1] == blocks[1][1], out
+    top = re.findall(r"^ {4}(\S.*?)\s+(\d+\.\d\d)%$", blocks[0][1], re.MULTILINE)
+    assert len(top) == 5, out
+    assert top[0][0] in {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}, out
+    percentages = [float(p) for _, p in top]
+    assert percentages == sorted(percentages, reverse=True) and sum(percentages) <= 100.01
+    assert len(re.findall(r"root fingerprint +sha256:[0-9a-f]{64}", out)) == 2
+    assert len(re.findall(r"PCR0 +[0-9a-f]{96}", out)) == 2
+    assert len(re.findall(r"function checksum +[0-9a-f]{64}", out)) == 2
     assert "stopped cleanly" in out
     # Nothing left behind: no server or enclave process, no throwaway directory.
     assert not _processes_mentioning(str(tmp_path)), _processes_mentioning(str(tmp_path))

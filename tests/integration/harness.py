@@ -61,8 +61,8 @@ requires_enclaves = [
 class Platform(LocalPlatform):
     """The local platform plus an event loop and a client that verifies as the SDK will."""
 
-    def __init__(self, tmp: Path) -> None:
-        super().__init__(tmp, master_key=secrets.token_bytes(32))
+    def __init__(self, tmp: Path, **options: Any) -> None:
+        super().__init__(tmp, master_key=secrets.token_bytes(32), **options)
         self.loop = asyncio.new_event_loop()
 
     def close(self) -> None:

@@ -36,8 +36,8 @@ TEST_CITATION = re.compile(r"^(tests/[\w/]+\.py)(?:::(test_\w+))?$")
 TEST_NAME = re.compile(r"^test_\w+$")
 MODULE_PATH = re.compile(r"^cape(\.[A-Za-z_]\w*)+$")
 CAPE_PACKAGES = {
-    "cli", "crypto", "enclave", "errors", "formats", "host", "kms", "platform", "sdk", "serdio",
-    "verify", "_internal",
+    "cli", "crypto", "enclave", "errors", "formats", "host", "image", "kms", "platform", "sdk",
+    "serdio", "verify", "_internal",
 }  # fmt: skip
 
 

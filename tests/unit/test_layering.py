@@ -27,13 +27,16 @@ ALLOWED: dict[str, set[str]] = {
     "crypto": {"crypto", "formats"},
     "verify": {"verify", "crypto", "formats"},
     "sdk": {"sdk", "verify", "crypto", "formats"},
-    # cli imports platform only inside `cape serve`, which starts the whole platform, and host
-    # for `cape admin` (an operator tool on the server's own data directory, cli/admin.py) and
-    # the serve flags' defaults; client commands still reach the server only through sdk.
-    "cli": {"cli", "sdk", "verify", "crypto", "formats", "host", "platform"},
+    # cli imports platform only inside `cape serve`, which starts the whole platform, `cape pcrs`
+    # and the operator commands `cape kms …` (on the server's own data directory); host for
+    # `cape admin` (an operator tool on the data directory, cli/admin.py) and the serve flags'
+    # defaults; image for `cape enclave build`. Client commands reach the server only via sdk.
+    "cli": {"cli", "sdk", "verify", "crypto", "formats", "host", "platform", "image"},
     "host": {"host", "formats"},
     "kms": {"kms", "verify", "crypto", "formats"},
     "enclave": {"enclave", "verify", "crypto", "formats"},
+    # Build-time tooling (EIF builder): turns files into an image; holds no runtime trust.
+    "image": {"image", "crypto", "formats"},
     "_internal": set(),
     "platform": {"platform", "host", "kms", "enclave", "sdk", "verify", "crypto", "formats"},
 }

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import re
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -319,15 +320,36 @@ def config(
 
 
 @command(app, "pcrs")
-def pcrs(common: Common) -> None:
-    """The PCR0-2 a client should pin for the enclave runtime this installation would start.
+def pcrs(
+    common: Common,
+    eif: Annotated[
+        Path | None, typer.Option("--eif", help="Print this enclave image's PCRs instead.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar="CAPE_DATA_DIR",
+            help="A cape serve data directory: add PCR8 of its image-signing key.",
+        ),
+    ] = None,
+) -> None:
+    """The PCRs a client should pin for the enclave runtime this installation would start.
 
-    Simulated measurements (SHA-384 over the interpreter and the runtime's code); use them as
-    `--pcr 0:HEX` on `cape run`/`deploy`/`key`.
+    Simulated measurements (SHA-384 over the interpreter and the runtime's code); with
+    `--data-dir` (or CAPE_DATA_DIR), also PCR8 of that `cape serve`'s image-signing key; with
+    `--eif`, an image's PCR0/1/2 (and PCR8 when signed). Pin them as `--pcr 0:HEX` (one
+    build) or `--pcr 8:HEX` (any build of that signer) on `cape run`/`deploy`/`key`.
     """
-    from cape.platform.local import runtime_pcrs
+    if eif is not None:
+        from cape.verify.eif import describe_eif
 
-    values = {f"PCR{index}": value.hex() for index, value in runtime_pcrs().items()}
+        found = describe_eif(eif).pcrs
+    else:
+        from cape.platform.local import runtime_pcrs
+
+        found = runtime_pcrs(data_dir)
+    values = {f"PCR{index}": value.hex() for index, value in found.items()}
     if common.json:
         emit_json(values)
     else:

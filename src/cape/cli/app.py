@@ -18,7 +18,7 @@ from typing import Annotated, Any, BinaryIO, NoReturn
 import typer
 
 from cape import __version__
-from cape.cli import account, admin, functions
+from cape.cli import account, admin, enclave, functions, kms
 from cape.cli.common import (
     Common,
     OutputFormat,
@@ -59,6 +59,8 @@ app.add_typer(attestation_app, name="attestation")
 app.add_typer(account.app)
 app.add_typer(functions.app)
 app.add_typer(admin.app, name="admin")
+app.add_typer(enclave.app, name="enclave")
+app.add_typer(kms.app, name="kms")
 
 
 def _fail(exc: CapeError) -> NoReturn:

@@ -23,8 +23,15 @@ Definitions (deterministic: sorted lines, relative paths, content hashes only, n
   version string, ``dist/<name>/version``, when no RECORD exists).
 - **PCR0** ("image"): ``extend(extend(0, SHA384(interpreter manifest)), SHA384(runtime
   manifest))``, so it changes whenever PCR1 or PCR2 does.
-- **PCR4**: ``SHA384(0^48 || instance id)``, Nitro's formula; PCR3 (IAM role) and PCR8 (EIF
-  signer) and every other PCR up to 15 stay zero.
+- **PCR4**: ``SHA384(0^48 || instance id)``, Nitro's formula; PCR3 (IAM role) and every
+  other PCR up to 15 stay zero.
+- **PCR8** (the image signer): as in an EIF, ``SHA384(0^48 || SHA384(certificate DER))`` of
+  the certificate whose key signed this PCR0. ``cape serve`` signs the runtime's measurement
+  with the image-signing key in its data directory and hands the signature section to the
+  enclave at start (:mod:`cape.enclave.provision`); the enclave checks it against the PCR0 it
+  measured itself. A signature over another measurement (a runtime changed after the host
+  signed it), or none, leaves PCR8 zero: the runtime is unsigned, and keys bound to the
+  signer are refused to it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import logging
 import os
 import sys
 import sysconfig
@@ -40,7 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cape
+from cape.crypto.eif_signature import verify_signature_section
+from cape.errors import FormatError, SignatureError
 
+_log = logging.getLogger(__name__)
 __all__ = [
     "PCR_BYTES",
     "RUNTIME_DISTRIBUTIONS",
@@ -48,6 +59,7 @@ __all__ = [
     "RuntimeMeasurement",
     "extend",
     "measure_runtime",
+    "signed_pcr8",
     "simulated_pcrs",
 ]
 
@@ -193,8 +205,26 @@ def measure_runtime(
     return _measure(package_root, interpreter)
 
 
-def simulated_pcrs(measurement: RuntimeMeasurement, *, instance_id: str) -> dict[int, bytes]:
-    """PCR0-15 of a simulated enclave on the host ``instance_id``, 48 bytes each."""
+def signed_pcr8(measurement: RuntimeMeasurement, image_signature: bytes | None) -> bytes:
+    """PCR8 for ``measurement`` given the host's signature section (zero when it does not
+    sign exactly this PCR0)."""
+    if image_signature is None:
+        return ZERO_PCR
+    try:
+        return verify_signature_section(image_signature, measurement.pcr0).pcr8
+    except (FormatError, SignatureError) as exc:
+        _log.warning("the runtime's image signature does not apply (%s): PCR8 stays zero", exc)
+        return ZERO_PCR
+
+
+def simulated_pcrs(
+    measurement: RuntimeMeasurement,
+    *,
+    instance_id: str,
+    image_signature: bytes | None = None,
+) -> dict[int, bytes]:
+    """PCR0-15 of a simulated enclave on the host ``instance_id``, 48 bytes each; PCR8 from
+    ``image_signature`` (see :func:`signed_pcr8`)."""
     if not instance_id or not instance_id.isascii():
         raise ValueError("instance_id must be non-empty ASCII")
     pcrs = dict.fromkeys(range(SIMULATED_PCR_COUNT), ZERO_PCR)
@@ -202,4 +232,5 @@ def simulated_pcrs(measurement: RuntimeMeasurement, *, instance_id: str) -> dict
     pcrs[1] = measurement.pcr1
     pcrs[2] = measurement.pcr2
     pcrs[4] = hashlib.sha384(ZERO_PCR + instance_id.encode("ascii")).digest()
+    pcrs[8] = signed_pcr8(measurement, image_signature)
     return pcrs

@@ -16,12 +16,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cape.enclave.secure_module.simulated import InstanceCredentials
 from cape.errors import FormatError
 
-__all__ = ["decode_credentials", "encode_credentials"]
+__all__ = ["IMAGE_SIGNATURE", "decode_credentials", "encode_credentials", "image_signature"]
+
+#: Key of the simulated image's signature section in the ``provision`` credentials: what an
+#: EIF carries in its signature section, here for the runtime's measured PCR0.
+IMAGE_SIGNATURE = "image_signature"
+MAX_IMAGE_SIGNATURE_BYTES = 32768
 
 
-def encode_credentials(credentials: InstanceCredentials) -> dict[str, Any]:
-    """The ``credentials`` value of a ``provision`` frame."""
-    return {
+def encode_credentials(
+    credentials: InstanceCredentials, *, image_signature: bytes | None = None
+) -> dict[str, Any]:
+    """The ``credentials`` value of a ``provision`` frame (with the image's signature section
+    when the host signed the runtime)."""
+    extra = {} if image_signature is None else {IMAGE_SIGNATURE: image_signature}
+    return extra | {
         "instance_id": credentials.instance_id,
         "region": credentials.region,
         "instance_key": credentials.instance_key.private_bytes(
@@ -49,3 +58,13 @@ def decode_credentials(value: Any) -> InstanceCredentials:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"provision credentials are malformed: {exc}") from None
+
+
+def image_signature(value: Any) -> bytes | None:
+    """The signature section in a ``provision`` frame's credentials, if any."""
+    if not isinstance(value, dict) or value.get(IMAGE_SIGNATURE) is None:
+        return None
+    section = value[IMAGE_SIGNATURE]
+    if not isinstance(section, bytes) or len(section) > MAX_IMAGE_SIGNATURE_BYTES:
+        raise FormatError("the provisioned image signature must be at most 32 KiB of bytes")
+    return section

@@ -25,7 +25,7 @@ from typing import Any
 
 from cape.enclave.keyclient import EnclaveKeyClient
 from cape.enclave.measure import measure_runtime, simulated_pcrs
-from cape.enclave.provision import decode_credentials
+from cape.enclave.provision import decode_credentials, image_signature
 from cape.enclave.sandbox import SandboxLimits
 from cape.enclave.secure_module.base import SecureModule
 from cape.enclave.secure_module.nitro import NitroSecureModule
@@ -97,7 +97,11 @@ class Runtime:
             raise FormatError("the first channel frame must be 'provision'")
         credentials = decode_credentials(message.get("credentials"))
         measurement = await asyncio.to_thread(measure_runtime)
-        pcrs = simulated_pcrs(measurement, instance_id=credentials.instance_id)
+        pcrs = simulated_pcrs(
+            measurement,
+            instance_id=credentials.instance_id,
+            image_signature=image_signature(message.get("credentials")),
+        )
         return SimulatedSecureModule(credentials, pcrs=pcrs), pcrs
 
     def _dispatch(self, message: dict[str, Any]) -> None:
@@ -166,11 +170,22 @@ def _mount_private_tmpfs(workdir: Path) -> None:
 
 
 def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
-    """The channel: an inherited Unix socket (simulated) or a vsock connection (Nitro)."""
+    """The channel: an inherited Unix socket (simulated) or a vsock connection (Nitro).
+
+    Without either, ``$CAPE_CHANNEL`` names it, as an enclave image's ``env`` does:
+    ``vsock:CID:PORT``, or ``unix:PATH`` where a test runs the image's userland.
+    """
     if fd is not None:
         return socket.socket(fileno=fd)
     if vsock is None:
-        raise ValueError("either an inherited fd or a vsock address is required")
+        kind, _, address = os.environ.get("CAPE_CHANNEL", "").partition(":")
+        if kind == "unix" and address:
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            unix.connect(address)
+            return unix
+        if kind != "vsock" or not address:
+            raise ValueError("give --fd, --vsock or CAPE_CHANNEL=vsock:CID:PORT|unix:PATH")
+        vsock = address
     cid_text, _, port_text = vsock.partition(":")
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     sock.connect((int(cid_text), int(port_text)))
@@ -187,7 +202,7 @@ async def _amain(sock: socket.socket, config: SessionConfig, *, nitro: bool) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cape-enclave-runtime")
-    channel = parser.add_mutually_exclusive_group(required=True)
+    channel = parser.add_mutually_exclusive_group()
     channel.add_argument("--fd", type=int, help="inherited channel socket (simulated mode)")
     channel.add_argument("--vsock", metavar="CID:PORT", help="host vsock address (Nitro)")
     parser.add_argument(
@@ -200,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--call-timeout", type=float, default=SandboxLimits().call_timeout_s)
     args = parser.parse_args(argv)
+    args.nitro = args.nitro or os.environ.get("CAPE_SECURE_MODULE") == "nitro"
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="enclave: %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(args.workdir, 0o711)  # noqa: S103 - traverse-only, for the sandbox's uid

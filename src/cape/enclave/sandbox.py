@@ -365,6 +365,9 @@ def _build_layout() -> _Layout:
         for path in _site_directories(base, version)
         if os.path.isdir(path) and any(_inside(path, tree) for tree in bound_trees)
     )
+    # A path inside another hidden one (the cape package in an installed dist-packages, as
+    # in the enclave image) is covered already; bwrap could not mount over it read-only.
+    hidden = [p for p in hidden if not any(p != q and _inside(p, q) for q in hidden)]
     return _Layout(
         python=python,
         python_bin=os.path.dirname(python),

@@ -162,6 +162,25 @@ class KeyPolicy:
             )
         object.__setattr__(self, "pcrs", MappingProxyType(dict(sorted(pcrs.items()))))
 
+    @classmethod
+    def measurement(cls, pcr0: bytes, pcr1: bytes, pcr2: bytes) -> KeyPolicy:
+        """Kind ``measurement``: only the one build whose PCR0-2 these are."""
+        return cls(pcrs={0: frozenset({pcr0}), 1: frozenset({pcr1}), 2: frozenset({pcr2})})
+
+    @classmethod
+    def signer(cls, pcr8: bytes, *, pcr3: bytes | None = None) -> KeyPolicy:
+        """Kind ``signer``: any image signed by the certificate whose PCR8 this is, and, with
+        ``pcr3``, only on parents holding that IAM role. Upgrades the signer signs keep access."""
+        pcrs = {8: frozenset({pcr8})}
+        if pcr3 is not None:
+            pcrs[3] = frozenset({pcr3})
+        return cls(pcrs=pcrs)
+
+    @property
+    def kind(self) -> str:
+        """``"signer"`` when the policy pins PCR8 (the image signer), else ``"measurement"``."""
+        return "signer" if 8 in self.pcrs else "measurement"
+
     def __hash__(self) -> int:
         pins = tuple((index, tuple(sorted(values))) for index, values in self.pcrs.items())
         return hash((pins, self.allow_debug, self.max_document_age))

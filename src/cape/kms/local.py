@@ -1,11 +1,14 @@
 """The built-in key service for ``cape serve``: Cape keys in SQLite, sealed by a master key.
 
 **Storage.** One SQLite database (WAL, ``synchronous=FULL`` so an acknowledged key survives a
-crash) with one table::
+crash) with two tables::
 
     keys(owner PRIMARY KEY, key_id, public_der, wrapped_private, policy_json, created_at)
+    key_log(id, at, actor, action, owner, key_id, old_policy_json, new_policy_json, reason)
 
-and the schema version in ``PRAGMA user_version`` (currently 1). ``wrapped_private`` is
+and the schema version in ``PRAGMA user_version`` (currently 2; version 1 databases gain the
+log table on open). ``key_log`` is the operator audit trail: every :meth:`~LocalKeyService.rebind`
+writes one row per key in the same transaction that changes the key's policy. ``wrapped_private`` is
 ``nonce(12) ‖ AES-256-GCM(master key, nonce, PKCS#8 DER, aad)`` with::
 
     aad = b"cape-kms-v1|" ‖ owner ‖ b"|" ‖ key_id ‖ b"|" ‖ created_at
@@ -79,11 +82,12 @@ __all__ = [
     "MASTER_KEY_ENV",
     "MASTER_KEY_FILE",
     "SCHEMA_VERSION",
+    "KeyLogEntry",
     "LocalKeyService",
     "load_master_key",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_FILE = "kms.sqlite3"
 MASTER_KEY_FILE = "master.key"
 MASTER_KEY_ENV = "CAPE_KMS_MASTER_KEY"
@@ -110,7 +114,35 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at TEXT NOT NULL
 )
 """
+_LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS key_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    old_policy_json TEXT NOT NULL,
+    new_policy_json TEXT NOT NULL,
+    reason TEXT NOT NULL
+)
+"""
 _COLUMNS = "owner, key_id, public_der, wrapped_private, policy_json, created_at"
+_LOG_COLUMNS = "at, actor, action, owner, key_id, old_policy_json, new_policy_json, reason"
+
+
+@dataclass(frozen=True)
+class KeyLogEntry:
+    """One row of the operator audit log (``key_log``)."""
+
+    at: dt.datetime
+    actor: str
+    action: str
+    owner: str
+    key_id: str
+    old_policy: str
+    new_policy: str
+    reason: str
 
 
 # --- the master key -----------------------------------------------------------------------
@@ -257,6 +289,7 @@ class LocalKeyService(KeyService):
         self._creation_locks = tuple(threading.Lock() for _ in range(_CREATION_LOCKS))
         self._cache: dict[str, _KeyRecord] = {}
         self._db = self._connect(Path(db_path))
+        self._data_version = -1
 
     @classmethod
     def open(
@@ -302,6 +335,7 @@ class LocalKeyService(KeyService):
                     )
                 if version < SCHEMA_VERSION:
                     db.execute(_SCHEMA)
+                    db.execute(_LOG_SCHEMA)
                     db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 db.execute("COMMIT")
             except BaseException:
@@ -354,6 +388,104 @@ class LocalKeyService(KeyService):
             ciphertext_for_recipient=seal_for_recipient(dek, public_key_der(recipient_key)),
         )
 
+    # --- operator actions (audited) ----------------------------------------------------
+
+    def rebind(
+        self,
+        policy: KeyPolicy,
+        *,
+        actor: str,
+        reason: str,
+        owners: list[str] | None = None,
+        only_kind: str | None = None,
+    ) -> list[KeyMetadata]:
+        """Give keys a new release policy; log each change in ``key_log``; return the keys moved.
+
+        ``owners`` limits it to those keys (each must exist); ``only_kind`` to keys whose
+        current policy is of that kind (``"measurement"`` or ``"signer"``). Keys that already
+        have ``policy`` are left alone and not logged. Every row is re-sealed under the
+        master key (the policy is part of its authenticated data) and changed in one
+        transaction with its log row, so a crash leaves either the old or the new policy.
+
+        Proving that the new policy names the right code is the caller's job
+        (:func:`cape.platform.operator.rebind_keys` does it); this method only records who
+        asked and why.
+
+        Raises:
+            KeyNotFoundError: an owner in ``owners`` has no key.
+            KeyStoreError: a row fails its integrity check.
+        """
+        if not isinstance(policy, KeyPolicy):
+            raise TypeError("policy must be a KeyPolicy")
+        if not actor or not reason:
+            raise ValueError("a rebind needs an actor and a reason for the log")
+        if owners is None:
+            with self._lock:
+                owners = [
+                    row[0] for row in self._db.execute("SELECT owner FROM keys ORDER BY owner")
+                ]
+        moved: list[KeyMetadata] = []
+        new_json = policy.to_json()
+        for owner in owners:
+            record = self._require(owner)
+            old = record.metadata.policy
+            if old == policy or (only_kind is not None and old.kind != only_kind):
+                continue
+            meta = record.metadata
+            created_at = meta.created_at.isoformat()
+            pkcs8 = record.private_key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            nonce = os.urandom(NONCE_BYTES)
+            aad = _row_aad(owner, meta.key_id, created_at, record.public_der, new_json)
+            wrapped = nonce + self._aead.encrypt(nonce, pkcs8, aad)
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    changed = self._db.execute(
+                        "UPDATE keys SET wrapped_private = ?, policy_json = ? "
+                        "WHERE owner = ? AND key_id = ? AND policy_json = ?",
+                        (wrapped, new_json, owner, meta.key_id, old.to_json()),
+                    ).rowcount
+                    if changed != 1:
+                        raise KeyStoreError(
+                            f"the key of owner {owner!r} changed during the rebind; run it again"
+                        )
+                    self._db.execute(
+                        f"INSERT INTO key_log ({_LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                        (
+                            self._now().isoformat(),
+                            actor,
+                            "rebind",
+                            owner,
+                            meta.key_id,
+                            old.to_json(),
+                            new_json,
+                            reason,
+                        ),
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._cache.pop(owner, None)
+            _log.info("rebound Cape key %s of %s to a %s policy", meta.key_id, owner, policy.kind)
+            moved.append(KeyMetadata(owner, meta.key_id, meta.created_at, policy))
+        return moved
+
+    def key_log(self) -> list[KeyLogEntry]:
+        """The operator audit log, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_LOG_COLUMNS} FROM key_log ORDER BY id"  # noqa: S608 - constant
+            ).fetchall()
+        return [
+            KeyLogEntry(dt.datetime.fromisoformat(at), actor, action, owner, key_id, old, new, why)
+            for at, actor, action, owner, key_id, old, new, why in rows
+        ]
+
     # --- internals --------------------------------------------------------------------
 
     def _now(self) -> dt.datetime:
@@ -379,6 +511,12 @@ class LocalKeyService(KeyService):
 
     def _load(self, owner: str) -> _KeyRecord | None:
         with self._lock:
+            # Another process (``cape kms rebind``) may have changed rows: SQLite bumps
+            # data_version on every commit made through another connection.
+            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+            if version != self._data_version:
+                self._cache.clear()
+                self._data_version = version
             cached = self._cache.get(owner)
             if cached is not None:
                 return cached

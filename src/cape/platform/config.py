@@ -139,6 +139,7 @@ SETTINGS: Final[Mapping[str, Setting]] = {
     "attestation_dir": Setting("attestation_dir", _path, "the simulated attestation root"),
     "kms_dir": Setting("kms_dir", _path, "the built-in key service's database and master key"),
     "auth_dir": Setting("auth_dir", _path, "the token signing key's directory"),
+    "image_signing_dir": Setting("image_signing_dir", _path, "the runtime image-signing key"),
     "log_format": Setting("log_format", _choice("text", "json"), "text or json lines"),
 }
 

@@ -2,6 +2,13 @@
 and enclave launcher, wired together. ``cape serve`` builds on this; tests and benchmarks use
 it directly. Simulated mode offers no hardware guarantee: whoever controls this machine
 controls the "enclaves" too.
+
+**Signed runtime.** As a Nitro release is a signed EIF, the simulated runtime is signed: the
+platform holds an image-signing key (``cape serve`` keeps it in ``DIR/image-signing/``),
+signs the runtime's measured PCR0 with it and provisions the signature section with every
+enclave, whose secure module then reports that signer's PCR8. New keys get a ``signer``
+policy (PCR8), so an upgraded runtime signed by the same key keeps every user's key; a
+runtime changed after signing, or signed by another key, has another PCR8 and is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cape._internal.timefile import write_private
+from cape.crypto.eif_signature import ImageSigner
 from cape.enclave.measure import RuntimeMeasurement, measure_runtime
 from cape.enclave.provision import encode_credentials
 from cape.enclave.secure_module.simulated import SimulatedAuthority
@@ -19,18 +28,41 @@ from cape.kms.base import KeyPolicy
 from cape.kms.local import LocalKeyService
 from cape.kms.proxy import serve_kms_request
 
-__all__ = ["LocalPlatform", "runtime_key_policy"]
+__all__ = [
+    "IMAGE_SIGNING_DIR",
+    "LocalPlatform",
+    "load_image_signer",
+    "runtime_key_policy",
+    "signer_key_policy",
+]
+
+IMAGE_SIGNING_DIR = "image-signing"
+_KEY_FILE, _CERT_FILE = "key.pem", "cert.pem"
 
 
 def runtime_key_policy(measurement: RuntimeMeasurement) -> KeyPolicy:
     """Keys may be released only to a runtime measuring exactly like this one (PCR0-2)."""
-    return KeyPolicy(
-        pcrs={
-            0: frozenset({measurement.pcr0}),
-            1: frozenset({measurement.pcr1}),
-            2: frozenset({measurement.pcr2}),
-        }
-    )
+    return KeyPolicy.measurement(measurement.pcr0, measurement.pcr1, measurement.pcr2)
+
+
+def signer_key_policy(signer: ImageSigner) -> KeyPolicy:
+    """Keys may be released to any runtime signed by ``signer`` (PCR8)."""
+    return KeyPolicy.signer(signer.identity.pcr8)
+
+
+def load_image_signer(directory: Path, *, create: bool = True) -> ImageSigner | None:
+    """The image-signing key in ``directory`` (``key.pem`` 0600, ``cert.pem``), created on
+    first use unless ``create`` is false (then ``None`` when absent)."""
+    key_path, cert_path = directory / _KEY_FILE, directory / _CERT_FILE
+    if key_path.exists() and cert_path.exists():
+        return ImageSigner.from_pem(key_path.read_bytes(), cert_path.read_bytes())
+    if not create:
+        return None
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    signer = ImageSigner.generate("Cape simulated runtime signer")
+    write_private(key_path, signer.private_key_pem())
+    write_private(cert_path, signer.certificate_pem, 0o644)
+    return signer
 
 
 class LocalPlatform:
@@ -43,10 +75,13 @@ class LocalPlatform:
         authority: SimulatedAuthority | None = None,
         master_key: bytes | None = None,
         policy: KeyPolicy | None = None,
+        signer: ImageSigner | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.authority = authority or SimulatedAuthority.generate()
-        self.policy = policy or runtime_key_policy(measure_runtime())
+        self.signer = signer or ImageSigner.generate("Cape simulated runtime signer")
+        self.image_signature: bytes | None = self.signer.sign_pcr0(measure_runtime().pcr0)
+        self.policy = policy or signer_key_policy(self.signer)
         if master_key is None:
             self.kms = LocalKeyService.open(
                 data_dir, trusted_root=self.authority.root_certificate, default_policy=self.policy
@@ -60,7 +95,10 @@ class LocalPlatform:
             )
 
     def _provision(self) -> Mapping[str, Any]:
-        return encode_credentials(self.authority.issue_instance(dt.datetime.now(dt.UTC)))
+        return encode_credentials(
+            self.authority.issue_instance(dt.datetime.now(dt.UTC)),
+            image_signature=self.image_signature,
+        )
 
     def _kms(self, message: dict[str, Any]) -> dict[str, Any]:
         return serve_kms_request(self.kms, message)
@@ -84,7 +122,13 @@ class LocalPlatform:
         self.kms.close()
 
 
-def runtime_pcrs() -> dict[int, bytes]:
-    """PCR0-2 of the enclave runtime this installation would start (what clients pin)."""
+def runtime_pcrs(data_dir: Path | None = None) -> dict[int, bytes]:
+    """PCR0-2 of the enclave runtime this installation would start (what clients pin), and
+    PCR8 when ``data_dir`` (a ``cape serve`` data directory) holds an image-signing key."""
     measurement = measure_runtime()
-    return {0: measurement.pcr0, 1: measurement.pcr1, 2: measurement.pcr2}
+    pcrs = {0: measurement.pcr0, 1: measurement.pcr1, 2: measurement.pcr2}
+    if data_dir is not None:
+        signer = load_image_signer(data_dir / IMAGE_SIGNING_DIR, create=False)
+        if signer is not None:
+            pcrs[8] = signer.identity.pcr8
+    return pcrs

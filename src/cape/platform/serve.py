@@ -5,6 +5,7 @@ One data directory holds everything, created on first start and reused afterward
     DIR/tls/ca.pem, ca.key, server.pem, server.key    the local TLS CA and server certificate
     DIR/attestation/root.pem, root.key                 the simulated attestation root
     DIR/kms/kms.sqlite3, master.key                    the built-in key service
+    DIR/image-signing/key.pem, cert.pem                signs the runtime's measurement (PCR8)
     DIR/auth/signing.key                               the token signing key
     DIR/metadata.sqlite3                               users, functions, token records
     DIR/blobs/                                         encrypted function bundles
@@ -63,7 +64,7 @@ from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import User
 from cape.kms.local import load_master_key
-from cape.platform.local import LocalPlatform
+from cape.platform.local import IMAGE_SIGNING_DIR, LocalPlatform, load_image_signer
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
 from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
@@ -136,6 +137,10 @@ class ServeConfig:
     """Default DATA_DIR/kms; shared by the nodes of a cluster on one machine."""
     auth_dir: Path | None = None
     """The directory holding ``auth/signing.key``; default DATA_DIR."""
+    image_signing_dir: Path | None = None
+    """The simulated runtime's image-signing key (PCR8, which new keys' release policy names);
+    default DATA_DIR/image-signing. Shared by a cluster's nodes, or one node's enclaves could
+    not receive keys made through another."""
     log_format: str = "text"
     wrap_app: Callable[[ASGIApp], ASGIApp] | None = None
     """Test and audit hook: wraps the API application before uvicorn serves it (e.g. an ASGI
@@ -259,7 +264,12 @@ class Server:
                 log.info("removed %d unfinished deploy(s) left by an earlier run", swept)
             kms_dir = config.kms_dir or self.data_dir / "kms"
             platform = LocalPlatform(
-                kms_dir, authority=authority, master_key=load_master_key(kms_dir)
+                kms_dir,
+                authority=authority,
+                master_key=load_master_key(kms_dir),
+                signer=load_image_signer(
+                    config.image_signing_dir or self.data_dir / IMAGE_SIGNING_DIR
+                ),
             )
             pool = EnclavePool(
                 platform.launcher(

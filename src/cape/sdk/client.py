@@ -155,6 +155,18 @@ def _pcr_pins(pcrs: PcrPins | None) -> dict[int, frozenset[bytes]]:
         raise FormatError(str(exc)) from None
 
 
+def key_document_user_data(user_data: bytes | None) -> dict[str, Any]:
+    """A stored key document's user_data as a JSON object (FormatError otherwise, however deep
+    or malformed)."""
+    try:
+        parsed = json.loads(user_data or b"{}")
+    except (ValueError, RecursionError):
+        raise FormatError("the key document's user_data is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise FormatError("the key document's user_data is not a JSON object")
+    return parsed
+
+
 def _function_id(text: str) -> str:
     ref = FunctionRef.parse(text)
     if ref.id is None:
@@ -378,13 +390,7 @@ class AsyncCape:
         document = verify_archived_attestation(
             raw, root=root, policy=AttestationPolicy(pcrs=_pcr_pins(pcrs))
         )
-        try:
-            user_data = json.loads(document.user_data or b"{}")
-        except ValueError:
-            raise FormatError("the key document's user_data is not JSON") from None
-        if not isinstance(user_data, dict):
-            raise FormatError("the key document's user_data is not a JSON object")
-        return flows.key_from_user_data(user_data, username)
+        return flows.key_from_user_data(key_document_user_data(document.user_data), username)
 
     async def encrypt(
         self,

@@ -62,7 +62,12 @@ class RestClient:
             raise TransportError(f"cannot reach the Cape server at {self.url}: {exc}") from None
         if response.is_success:
             if response.headers.get("content-type", "").startswith("application/json"):
-                return response.json()
+                try:
+                    return json.loads(response.content)
+                except (ValueError, RecursionError):
+                    raise FormatError(
+                        f"the server's answer to {method} {path} is not JSON"
+                    ) from None
             return response.content
         text = refusal_text(response.content)
         if text is None:

@@ -641,7 +641,7 @@ def test_newer_schema_is_refused(
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.commit()
     db.close()
-    with pytest.raises(KeyStoreError, match="schema version 2"):
+    with pytest.raises(KeyStoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
         reopen(db_path, trusted_root, key_policy, clock)
 
 

@@ -32,6 +32,7 @@ tls_key = "/etc/cape/tls/server.key"
 attestation_dir = "/srv/cape/attestation"
 kms_dir = "/srv/cape/kms"
 auth_dir = "/srv/cape"
+image_signing_dir = "/srv/cape/image-signing"
 log_format = "json"
 max_input_bytes = 1048576
 max_bundle_bytes = 8388608

@@ -10,6 +10,7 @@ from starlette.routing import BaseRoute
 from cape.host.api.errors import EXCEPTION_HANDLERS
 from cape.host.api.rest import ApiDeps, create_rest_routes
 from cape.host.api.sessions import SessionDeps, create_session_routes
+from cape.host.console import console_routes
 
 __all__ = ["create_app"]
 
@@ -21,6 +22,11 @@ def create_app(
     the enclave pool and the stores), and the node's ``operations`` routes
     (:mod:`cape.host.api.operations`)."""
     return Starlette(
-        routes=[*create_rest_routes(rest), *create_session_routes(sessions), *operations],
+        routes=[
+            *create_rest_routes(rest),
+            *create_session_routes(sessions),
+            *console_routes(),
+            *operations,
+        ],
         exception_handlers=dict(EXCEPTION_HANDLERS),
     )

@@ -1,0 +1,168 @@
+"""``cape kms rebind|policy|log``: operator commands for the key service's release policies.
+
+``rebind`` acts on a ``cape serve`` data directory on this machine (stop nothing: the running
+server sees the change at its next key request); ``policy`` prints an AWS KMS key policy;
+``log`` shows the audit trail rebinds leave.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cape.cli.common import Common, UsageError, command, emit_json, stderr
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Key service operator commands (release policies).", no_args_is_help=True)
+
+_DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="cape serve data directory (default: CAPE_DATA_DIR, ~/.local/share/cape).",
+    ),
+]
+
+
+def _data_dir(value: Path | None) -> Path:
+    from cape.platform.serve import default_data_dir
+
+    return value if value is not None else default_data_dir()
+
+
+def _pcr(text: str, what: str) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{what} must be hex") from None
+    if len(value) != 48:
+        raise UsageError(f"{what} must be 48 bytes (96 hex digits), got {len(value)}")
+    return value
+
+
+@command(app, "rebind")
+def rebind(
+    common: Common,
+    to: Annotated[
+        str, typer.Option("--to", help="New policy kind: signer (PCR8) or measurement (PCR0-2).")
+    ] = "signer",
+    eif: Annotated[
+        Path | None,
+        typer.Option(
+            "--eif", help="The new, signed runtime image (default: the installed runtime)."
+        ),
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--cert", help="Expected signing certificate (default: the data directory's)."
+        ),
+    ] = None,
+    role: Annotated[
+        str | None, typer.Option("--role", help="Parent role ARN to pin as PCR3 (signer policies).")
+    ] = None,
+    owner: Annotated[
+        list[str] | None, typer.Option("--owner", help="Only this owner's key; repeatable.")
+    ] = None,
+    include_signer_keys: Annotated[
+        bool,
+        typer.Option("--include-signer-keys", help="Also move keys already bound to a signer."),
+    ] = False,
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (kept in the audit log).")
+    ] = "cape kms rebind",
+    data_dir: _DataDir = None,
+) -> None:
+    """Move keys to a signer policy or a new measurement, once the new runtime is proven signed."""
+    from cape.platform.operator import KINDS, rebind_keys
+
+    if to not in KINDS:
+        raise UsageError(f"--to must be one of {', '.join(KINDS)}")
+    report = rebind_keys(
+        _data_dir(data_dir),
+        to=to,
+        eif=eif,
+        expected_cert=cert,
+        role_arn=role,
+        owners=owner,
+        include_signer_keys=include_signer_keys,
+        reason=reason,
+    )
+    if common.json:
+        emit_json(
+            {
+                "policy": report.policy.to_json(),
+                "kind": report.policy.kind,
+                "signer": report.signer.subject,
+                "moved": [key.owner for key in report.moved],
+            }
+        )
+        return
+    stderr.print(
+        f"Moved {len(report.moved)} key(s) to a {report.policy.kind} policy "
+        f"(signer {report.signer.subject}).",
+        markup=False,
+    )
+    sys.stdout.write("".join(f"{key.owner}\n" for key in report.moved))
+
+
+@command(app, "policy")
+def policy(
+    common: Common,
+    aws: Annotated[
+        bool, typer.Option("--aws", help="Print an AWS KMS key policy (the only format).")
+    ] = False,
+    pcr8: Annotated[
+        str | None, typer.Option("--pcr8", help="PCR8 of the image signer (hex).")
+    ] = None,
+    role: Annotated[
+        str | None, typer.Option("--role", help="Parent instances' role ARN (pins PCR3).")
+    ] = None,
+    account: Annotated[str | None, typer.Option("--account", help="AWS account id.")] = None,
+    admin_role: Annotated[
+        str | None, typer.Option("--admin-role", help="Role that manages the key (no decrypt).")
+    ] = None,
+) -> None:
+    """Print the AWS KMS key policy that releases keys only to images of one signer."""
+    from cape.platform.operator import aws_signer_policy
+
+    if not aws:
+        raise UsageError("only --aws policies can be printed")
+    if pcr8 is None:
+        raise UsageError("--pcr8 is required (`cape enclave describe IMAGE` prints it)")
+    emit_json(
+        aws_signer_policy(
+            _pcr(pcr8, "--pcr8"), account_id=account, role_arn=role, admin_role_arn=admin_role
+        )
+    )
+
+
+@command(app, "log")
+def log(common: Common, data_dir: _DataDir = None) -> None:
+    """The key service's audit log of operator actions (rebinds)."""
+    from cape.platform.operator import key_log
+
+    entries = key_log(_data_dir(data_dir))
+    if common.json:
+        emit_json(
+            [
+                {
+                    "at": e.at.isoformat(),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "owner": e.owner,
+                    "key_id": e.key_id,
+                    "old_policy": e.old_policy,
+                    "new_policy": e.new_policy,
+                    "reason": e.reason,
+                }
+                for e in entries
+            ]
+        )
+        return
+    for e in entries:
+        sys.stdout.write(f"{e.at.isoformat()}\t{e.actor}\t{e.action}\t{e.owner}\t{e.reason}\n")
