@@ -268,14 +268,31 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
         assert secret.encode() not in metrics
 
     # Load through the balancer; one node is SIGKILLed in the middle of it.
+    key = run(fetch_key(balancer.url, user.token, balancer.options()))
+    slow_bundle = zip_app(
+        "import time\ndef cape_handler(data):\n    time.sleep(float(data))\n    return b'slept'\n"
+    )
+    options = balancer.options()
+    slow = run(deploy(balancer.url, user.token, options, slow_bundle, name="slow", key=key))
     team = User(balancer, user.username, user.token)
     load = Load()
 
     async def storm(rounds: int, kill: ServeProcess | None) -> None:
         clients = [asyncio.create_task(_client(team, n, rounds, load)) for n in range(CLIENTS)]
         if kill is not None:
-            await asyncio.sleep(1.5)
+            # A session certain to be in progress on the victim when it dies: a slow call.
+            on_victim = User(_via(kill, balancer), user.username, user.token)
+            held = asyncio.create_task(on_victim.run(slow.id, b"60"))
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not held.done():
+                _, page = await asyncio.to_thread(_get, kill.url + "/metrics", context)
+                if b"cape_sessions_active 0.0" not in page:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1)  # the held call is in the enclave now
             kill.kill()
+            with pytest.raises((TransportError, websockets.ConnectionClosed)):
+                await asyncio.wait_for(held, 60)  # a clear error, not a hang
         await asyncio.wait_for(asyncio.gather(*clients), 600)
 
     victim = cluster.nodes[1]
@@ -299,11 +316,11 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
 
         async def one(function: dict[str, str]) -> None:
             async with limit:
-                data = function["name"].encode()
+                data = b"0" if function["name"] == "slow" else function["name"].encode()
                 output = await team.run(
                     function["id"], data, function_checksum=function["checksum"]
                 )
-                assert output in (b"echo:" + data, canary + b"|" + data)
+                assert output in (b"echo:" + data, canary + b"|" + data, b"slept")
 
         await asyncio.gather(*(one(f) for f in listed.values()))
 
@@ -333,6 +350,6 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     assert lines and all(json.loads(line)["node"] == "node0" for line in lines)
     print(
         f"\n{len(load.acknowledged)} deploys acknowledged, {load.runs_ok} runs, "
-        f"{len(load.transport_errors)} sessions lost with the killed node, "
+        f"{len(load.transport_errors)} more sessions lost with the killed node, "
         f"{len(listed)} functions listed and run"
     )
