@@ -31,6 +31,7 @@ SCRIPTS = (
     "enclave",
     "imagenet",
     "server",
+    "cluster",
     "image",
     "js",
     "java",
