@@ -58,6 +58,7 @@ from _results import Results, Series, timed
 from cape.crypto import envelope, hpke
 from cape.crypto.cms import open_for_recipient, seal_for_recipient
 from cape.crypto.keys import generate_cape_key, load_rsa_public_key, public_key_der
+from cape.enclave.measure import measure_runtime, simulated_pcrs
 from cape.enclave.sandbox import FunctionSandbox
 from cape.enclave.secure_module.simulated import SimulatedSecureModule
 from cape.errors import CapeError
@@ -303,9 +304,14 @@ async def one_enclave(
 
 
 def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None:
-    module = SimulatedSecureModule(
-        platform.authority.issue_instance(dt.datetime.now(dt.UTC)), pcrs=None
+    # The platform's own signed runtime (its PCR8 is what new keys' signer policy allows).
+    credentials = platform.authority.issue_instance(dt.datetime.now(dt.UTC))
+    pcrs = simulated_pcrs(
+        measure_runtime(),
+        instance_id=credentials.instance_id,
+        image_signature=platform.image_signature,
     )
+    module = SimulatedSecureModule(credentials, pcrs=pcrs)
     recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     spki = public_key_der(recipient_key)
     public = load_rsa_public_key(platform.kms.get_public_key(OWNER))
@@ -335,9 +341,14 @@ def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None
 
 def document_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None:
     """Producing one run-session document alone, and verifying it alone (in this process)."""
-    module = SimulatedSecureModule(
-        platform.authority.issue_instance(dt.datetime.now(dt.UTC)), pcrs=None
+    # The platform's own signed runtime (its PCR8 is what new keys' signer policy allows).
+    credentials = platform.authority.issue_instance(dt.datetime.now(dt.UTC))
+    pcrs = simulated_pcrs(
+        measure_runtime(),
+        instance_id=credentials.instance_id,
+        image_signature=platform.image_signature,
     )
+    module = SimulatedSecureModule(credentials, pcrs=pcrs)
     root = platform.authority.root_certificate
     user_data = json.dumps({"func_checksum": "x" * 43}).encode()
     for _ in range(repeats):

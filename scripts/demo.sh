@@ -15,6 +15,8 @@ photo="$example/images/chelsea.png"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/cape-demo.XXXXXX")"
 export CAPE_CONFIG_DIR="$work/config"
+# Vendored wheels are cached per user; the demo's are throwaway like the rest of its data.
+export CAPE_CACHE_DIR="$work/cache"
 unset CAPE_ENCLAVE_HOST CAPE_URL CAPE_TOKEN CAPE_CA_FILE CAPE_ATTESTATION_ROOT
 # Wheels already downloaded for the tests are used first; anything else comes from the index.
 [ -d .wheelhouse ] && export PIP_FIND_LINKS="$PWD/.wheelhouse"

@@ -177,11 +177,9 @@ def _walk(command: Any, parent: Any, name: str) -> Iterator[tuple[Any, Any]]:
 def cli_commands() -> list[tuple[str, Any, Any]]:
     """Every visible ``cape`` command as ``(path, command, context)``, ``cape`` first."""
     _import_cape()
-    import typer.main
+    from cape.cli.app import cli_root
 
-    from cape.cli.app import app
-
-    root = typer.main.get_command(app)
+    root = cli_root()
     return [(ctx.command_path, cmd, ctx) for cmd, ctx in _walk(root, None, "cape")]
 
 
@@ -215,10 +213,10 @@ def cli_markdown() -> str:
     """The CLI reference page."""
     commands = cli_commands()
     common_names = _common_options()
-    # The shared options as every client command declares them (taken from `cape version`).
+    # The shared options as every client command declares them (taken from `cape list`).
     canonical: dict[str, tuple[str, str]] = {}
     for path, command, context in commands:
-        if path == "cape version":
+        if path == "cape list":
             for _kind, param, record in _help_records(command, context):
                 if param.name in common_names:
                     canonical[param.name] = record
@@ -294,7 +292,35 @@ def cli_markdown() -> str:
         if shared:
             listed = ", ".join(f"`{names}`" for names in shared)
             lines += [f"[Common options](#common-options): {listed}.", ""]
+    lines += json_shapes_markdown()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def json_shapes_markdown() -> list[str]:
+    """The ``-o json`` section: each command's object, and the objects inside them."""
+    _import_cape()
+    from cape.cli.shapes import OBJECTS, SHAPES
+
+    lines = [
+        "## JSON output",
+        "",
+        "With `-o json` every command prints one JSON document, an object with exactly these "
+        "keys (a command with two forms prints one of them). Objects inside them have one shape "
+        "wherever they appear.",
+        "",
+        "| Command | Keys |",
+        "| --- | --- |",
+    ]
+    for path, forms in SHAPES.items():
+        for shape in forms:
+            keys = "; ".join(f"`{key}` ({meaning})" for key, meaning in shape.items())
+            lines.append(f"| `{path}` | {keys} |")
+    lines.append("")
+    for name, shape in OBJECTS.items():
+        lines += [f"{name}:", ""]
+        lines += [f"- `{key}`: {meaning}" for key, meaning in shape.items()]
+        lines.append("")
+    return lines
 
 
 # --------------------------------------------------------------------------- SDK reference

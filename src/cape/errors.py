@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "SANDBOX_REASONS",
+    "BusyError",
     "CapeError",
     "CertificateExpiredError",
     "ChainError",
@@ -173,6 +174,13 @@ SANDBOX_REASONS = frozenset(
         "load",  # the bundle's app.py could not be imported or lacks cape_handler
     }
 )
+
+
+class BusyError(CapeError):
+    """A bounded queue is full (the enclave's calls, key service or attestation): retry later.
+
+    The host answers it as "try again later" (HTTP 503, websocket close 1013).
+    """
 
 
 class FunctionError(CapeError):

@@ -36,7 +36,7 @@ def test_create_list_revoke(data_dir: Path) -> None:
     codes = out.split()
     assert len(codes) == 2 and len(set(codes)) == 2 and "works once" in err
     code, out, _ = invoke("admin", "invite", "list", "--data-dir", str(data_dir), "-o", "json")
-    listed = json.loads(out)
+    listed = json.loads(out)["invites"]
     assert [item["state"] for item in listed] == ["unused", "unused"]
     assert not any(c in out for c in codes)
     code, _, err = invoke("admin", "invite", "revoke", listed[0]["id"], "--data-dir", str(data_dir))

@@ -19,6 +19,7 @@ from cape.kms.base import KeyPolicy
 from cape.kms.local import LocalKeyService
 from cape.platform.local import IMAGE_SIGNING_DIR, load_image_signer
 from cape.platform.serve import load_authority
+from tests.e2e.test_cli_consistency import check_shape
 from tests.unit.image.conftest import make_blobs, make_rootfs
 
 runner = CliRunner()
@@ -66,6 +67,7 @@ def test_build_then_describe(inputs: dict[str, Path], tmp_path: Path) -> None:
     result = runner.invoke(app, ["enclave", "describe", str(tmp_path / "rt.eif"), "-o", "json"])
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
+    check_shape("cape enclave describe", document)
     assert document["signed"] is True and set(document["pcrs"]) == {"0", "1", "2", "8"}
     assert document["metadata"]["ImageName"] == "rt"
     assert [s["type"] for s in document["sections"]][-1] == "signature"
@@ -213,9 +215,10 @@ def test_kms_rebind_needs_a_proven_signature(
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
+    check_shape("cape kms rebind", report)
     assert report["moved"] == ["alice"] and report["kind"] == "signer"
     log = runner.invoke(app, ["kms", "log", "--data-dir", str(data_dir), "-o", "json"])
-    (entry,) = json.loads(log.stdout)
+    (entry,) = json.loads(log.stdout)["entries"]
     assert entry["owner"] == "alice" and entry["reason"] == "release 9"
 
 

@@ -47,6 +47,9 @@ class ServeProcess:
     extra_args: list[str] = field(default_factory=list)
     port: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    new_session: bool = False
+    """Start it as the leader of its own process group (to signal the group, as systemd
+    and `timeout` do)."""
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
 
@@ -75,6 +78,7 @@ class ServeProcess:
             stdout=out,
             stderr=err,
             env=env,
+            start_new_session=self.new_session,
         )
         out.close()
         err.close()

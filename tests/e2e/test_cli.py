@@ -58,9 +58,9 @@ class Fn:
 
 def _deploy(account: Account, folder: Path, *args: str) -> Fn:
     data = account("deploy", str(folder), "--no-vendor", "-o", "json", *args).json()
-    assert set(data) == {"function_id", "function_checksum", "function_name"}, data
-    assert ID22.fullmatch(data["function_id"]) and HEX64.fullmatch(data["function_checksum"])
-    return Fn(data["function_id"], data["function_checksum"], data["function_name"], folder)
+    assert set(data) == {"id", "checksum", "name", "public", "vendored"}, data
+    assert ID22.fullmatch(data["id"]) and HEX64.fullmatch(data["checksum"])
+    return Fn(data["id"], data["checksum"], data["name"], folder)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_version_config_and_pcrs(tmp_path: Path) -> None:
     for name in ("url", "ca_file", "attestation_root"):
         assert name in listed.stdout, listed.describe()
     shown = cape(config, "config", "-o", "json").json()
-    assert {"url", "ca_file", "attestation_root"} <= set(shown["options"])
+    assert set(shown["settings"]) == {"url", "ca_file", "attestation_root"}
     assert shown["presets"] == {} and Path(shown["config_dir"]) == config
 
     url = "https://cape.example:8443"
@@ -238,7 +238,7 @@ def test_deploy_run_test_list_delete(account: Account, tmp_path: Path) -> None:
     assert second.checksum == first["Checksum"] and second.id != first["ID"]
     assert second.name == f"{account.username}/renamed"
 
-    assert ok(account("run", first["ID"], "hello there")).stdout_bytes == b"hello there\n"
+    assert ok(account("run", first["ID"], "hello there")).stdout_bytes == b"hello there"
     as_json = account("run", first["ID"], "héllo", "-o", "json").json()
     attested = as_json.pop("attestation")
     assert as_json == {"output": "héllo", "output_base64": _b64("héllo".encode())}
@@ -247,14 +247,14 @@ def test_deploy_run_test_list_delete(account: Account, tmp_path: Path) -> None:
     pcrs = account("pcrs", "-o", "json").json()
     assert attested["pcrs"]["0"] == pcrs["PCR0"] and len(attested["root_sha256"]) == 64
     by_name = account("run", second.name, "by name", "--function-checksum", second.checksum)
-    assert ok(by_name).stdout_bytes == b"by name\n"
+    assert ok(by_name).stdout_bytes == b"by name"
     binary = tmp_path / "input.bin"
     binary.write_bytes(b"\x00\xff binary")
     from_file = account("run", first["ID"], "-f", str(binary), "-o", "json").json()
     from_file.pop("attestation")
     assert from_file == {"output": None, "output_base64": _b64(b"\x00\xff binary")}
     piped = ok(account("run", first["ID"], "-f", "-", stdin=b"from stdin"))
-    assert piped.stdout_bytes == b"from stdin\n"
+    assert piped.stdout_bytes == b"from stdin"
 
     assert ok(account("test", str(folder), "try me", "--no-vendor")).stdout_bytes == b"try me"
     tried = account("test", str(folder), "-f", str(binary), "--no-vendor", "-o", "json").json()
@@ -273,7 +273,8 @@ def test_deploy_run_test_list_delete(account: Account, tmp_path: Path) -> None:
         assert row["checksum"] == second.checksum and row["public"] is public
         assert abs(_time(row["created_at"]) - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=5)
     newest = account("list", "--limit", "1", "-o", "json").json()
-    assert newest["count"] == 1 and newest["deployments"][0]["id"] == second.id
+    assert len(newest["deployments"]) == 1 and newest["deployments"][0]["id"] == second.id
+    assert newest["count"] == listed["count"]  # the total, not the page size
     older = account("list", "--limit", "1", "--offset", "1", "-o", "json").json()
     assert [row["id"] for row in older["deployments"]] == [first["ID"]]
 
@@ -316,7 +317,7 @@ def test_function_create(account: Account, tmp_path: Path) -> None:
     assert tried.stdout_bytes == b"hello, tester"
     greeter = _deploy(account, folder)
     assert greeter.name == f"{account.username}/greeter"
-    assert ok(account("run", greeter.id, "world")).stdout_bytes == b"hello, world\n"
+    assert ok(account("run", greeter.id, "world")).stdout_bytes == b"hello, world"
 
 
 # -- encryption ------------------------------------------------------------------------------
@@ -339,11 +340,11 @@ def test_encrypt_round_trips(account: Account, echo_fn: Fn, tmp_path: Path) -> N
         ciphertext = _one_ciphertext(ok(account("encrypt", *args)).stdout)
         assert plaintext not in ciphertext.encode()
         ran = ok(account("run", echo_fn.id, ciphertext))
-        assert ran.stdout_bytes == plaintext + b"\n", ran.describe()
+        assert ran.stdout_bytes == plaintext, ran.describe()
     piped = _one_ciphertext(ok(account("encrypt", "-f", "-", stdin=b"secret on stdin")).stdout)
     sealed_file.write_text(piped + "\n")
     ran = ok(account("run", echo_fn.id, "-f", str(sealed_file)))
-    assert ran.stdout_bytes == b"secret on stdin\n"
+    assert ran.stdout_bytes == b"secret on stdin"
 
 
 def test_encrypt_output_option(account: Account, echo_fn: Fn, tmp_path: Path) -> None:
@@ -351,21 +352,21 @@ def test_encrypt_output_option(account: Account, echo_fn: Fn, tmp_path: Path) ->
     as_json = account("encrypt", "json secret", "-o", "json").json()
     assert as_json["form"] == "text"
     ciphertext = _one_ciphertext(as_json["ciphertext"])
-    assert ok(account("run", echo_fn.id, ciphertext)).stdout_bytes == b"json secret\n"
+    assert ok(account("run", echo_fn.id, ciphertext)).stdout_bytes == b"json secret"
 
     text_file = tmp_path / "sealed.txt"
     written = ok(account("encrypt", "file secret", "-o", str(text_file)))
     assert written.stdout == "", written.describe()
     _one_ciphertext(text_file.read_text())
     ran = ok(account("run", echo_fn.id, "-f", str(text_file)))
-    assert ran.stdout_bytes == b"file secret\n"
+    assert ran.stdout_bytes == b"file secret"
 
     stream_file = tmp_path / "sealed.bin"
     streamed = ok(account("encrypt", "--stream", "stream secret", "-o", str(stream_file)))
     assert streamed.stdout == "", streamed.describe()
     assert stream_file.read_bytes().startswith(b"cape-stream-v1:")
     ran = ok(account("run", echo_fn.id, "-f", str(stream_file)))
-    assert ran.stdout_bytes == b"stream secret\n"
+    assert ran.stdout_bytes == b"stream secret"
     error(account("encrypt", "--stream", "x", "-o", "json"), "-o FILE", code=2)
 
 
@@ -376,9 +377,9 @@ def test_other_users_keys_and_public_functions(
     bob_fn = _deploy(bob, write_function(tmp_path / "bobecho", ECHO_APP), "--public")
     assert bob_fn.name == f"{bob.username}/bobecho"
     for_bob = _one_ciphertext(ok(account("encrypt", "--username", bob.username, "for bob")).stdout)
-    assert ok(bob("run", bob_fn.id, for_bob)).stdout_bytes == b"for bob\n"
+    assert ok(bob("run", bob_fn.id, for_bob)).stdout_bytes == b"for bob"
     # Bob's function is public: the other account runs it by name; the reverse is refused.
-    assert ok(account("run", bob_fn.name, "hi bob")).stdout_bytes == b"hi bob\n"
+    assert ok(account("run", bob_fn.name, "hi bob")).stdout_bytes == b"hi bob"
     error(bob("run", echo_fn.id, "let me in"))
 
 
@@ -407,8 +408,9 @@ def test_tokens(account: Account, echo_fn: Fn, boom_fn: Fn) -> None:
     ).json()
     assert set(scoped) == {"id", "token"} and ID22.fullmatch(scoped["id"]), scoped
 
-    tokens = account("token", "list", "-o", "json").json()
-    assert isinstance(tokens, list)
+    listed = account("token", "list", "-o", "json").json()
+    tokens = listed["tokens"]
+    assert isinstance(tokens, list) and listed["count"] == len(tokens)
     rows = {row["name"]: row for row in tokens}
     keys = {"id", "name", "description", "created_at", "expires_at", "last_used", "function_id"}
     assert all(set(row) == keys for row in tokens), tokens
@@ -422,7 +424,7 @@ def test_tokens(account: Account, echo_fn: Fn, boom_fn: Fn) -> None:
 
     token = scoped["token"]
     ran = ok(account("run", echo_fn.id, "scoped run", "-t", token))
-    assert ran.stdout_bytes == b"scoped run\n"
+    assert ran.stdout_bytes == b"scoped run"
     error(account("run", boom_fn.id, "x", "-t", token), "scoped")
     error(account("deploy", str(echo_fn.folder), "--no-vendor", "-t", token), "scoped")
 
@@ -434,7 +436,7 @@ def test_tokens(account: Account, echo_fn: Fn, boom_fn: Fn) -> None:
     removed = ok(account("token", "delete", rows["plain-token"]["id"]))
     assert removed.stdout == ""
     error(account("list", "-t", everything), "401")
-    left = {row["id"] for row in account("token", "list", "-o", "json").json()}
+    left = {row["id"] for row in account("token", "list", "-o", "json").json()["tokens"]}
     assert not left & {scoped["id"], rows["plain-token"]["id"]}
     error(account("token", "create", "--name", "later", "--expiry", "soon"), "--expiry", code=2)
 
@@ -454,7 +456,7 @@ def test_pcr_pins(account: Account, echo_fn: Fn) -> None:
     """`cape pcrs` predicts what the local (simulated) enclaves measure."""
     pcrs = account("pcrs", "-o", "json").json()
     pins = [arg for i in range(3) for arg in ("--pcr", f"{i}:{pcrs[f'PCR{i}']}")]
-    assert ok(account("run", echo_fn.id, "pinned", *pins)).stdout_bytes == b"pinned\n"
+    assert ok(account("run", echo_fn.id, "pinned", *pins)).stdout_bytes == b"pinned"
     assert ok(account("key", "--refresh", *pins)).stdout.startswith("-----BEGIN PUBLIC KEY-----")
     wrong = ("--pcr", f"0:{WRONG_PCR}")
     line = error(account("run", echo_fn.id, "x", *wrong), "PCR0", WRONG_PCR)

@@ -66,6 +66,8 @@ def test_the_first_readme_command_runs_the_demo(demo_tmp: Path) -> None:
         pytest.skip("no exported examples/imagenet/model.onnx (setup.sh exports it, once)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPE_", "PIP_"))}
     env["TMPDIR"] = str(tmp_path)  # the demo's throwaway directory lands here
+    user_cache = tmp_path / "user-cache"  # where vendored wheels would be cached per user
+    env["XDG_CACHE_HOME"] = str(user_cache)
     start = time.monotonic()
     done = subprocess.run(
         command,
@@ -106,3 +108,4 @@ def test_the_first_readme_command_runs_the_demo(demo_tmp: Path) -> None:
     # Nothing left behind: no server or enclave process, no throwaway directory.
     assert not _processes_mentioning(str(tmp_path)), _processes_mentioning(str(tmp_path))
     assert not list(tmp_path.glob("cape-demo.*"))
+    assert not (user_cache / "cape").exists(), list(user_cache.rglob("*"))[:10]

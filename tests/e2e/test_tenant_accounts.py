@@ -244,8 +244,9 @@ def _invites(server: ServeProcess, *extra: str) -> tuple[str, str]:
             *extra,
         )
     )
-    (created,) = result.json()
-    return created["code"], created["id"]
+    created = result.json()
+    ((code,), (invite,)) = created["codes"], created["invites"]
+    return code, invite["id"]
 
 
 def test_invite_signup_accepts_valid_unused_unexpired_codes_once(
@@ -294,7 +295,7 @@ def test_invite_signup_accepts_valid_unused_unexpired_codes_once(
     # A revoked code and an expired one are refused the same way.
     revoked, revoked_id = _invites(invite_server)
     expiring = _invite(invite_server, "--expires-in", "1s")
-    listed = ok(cape(config, "admin", "invite", "list", *data, "-o", "json")).json()
+    listed = ok(cape(config, "admin", "invite", "list", *data, "-o", "json")).json()["invites"]
     states = {item["id"]: item["state"] for item in listed}
     assert states[revoked_id] == "unused"
     assert [item["state"] for item in listed if item["used_by"] == first] == ["used"]

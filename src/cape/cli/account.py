@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from cape.cli.common import Common, UsageError, command, emit_json, stderr, stdout
+from cape.cli.common import Column, Common, UsageError, command, emit_json, print_table, stderr
 from cape.errors import CapeError
 from cape.verify.roots import fingerprint
 
@@ -77,6 +76,13 @@ def _account(
     trust_root: str | None,
     invite: str | None = None,
 ) -> None:
+    if trust_root is not None:
+        from cape.sdk.client import normalize_fingerprint
+
+        try:
+            trust_root = normalize_fingerprint(trust_root)
+        except CapeError as exc:
+            raise UsageError(f"--trust-root: {exc.diagnostics()}") from None
     password = _password(password_stdin)
     cape = common.client()
     if trust_root is not None:
@@ -158,7 +164,7 @@ def login(
     _account(common, "login", username, password_stdin, trust_root)
 
 
-@command(app, "logout")
+@command(app, "logout", offline=True)
 def logout(common: Common) -> None:
     """Forget the saved login and the cached Cape key."""
     from cape.sdk import config as client_config
@@ -221,7 +227,7 @@ def token_create(
     name: Annotated[str, typer.Option("--name", "-n", help="A name for the token.")],
     description: Annotated[str, typer.Option("--description", "-d")] = "",
     function: Annotated[
-        str | None, typer.Option("--function", "-f", help="Scope the token to this function id.")
+        str | None, typer.Option("--function", help="Scope the token to this function id.")
     ] = None,
     expiry: Annotated[
         str | None, typer.Option("--expiry", "-e", help="Lifetime, e.g. 300s, 1h, 7d.")
@@ -245,23 +251,26 @@ def token_list(common: Common) -> None:
     """List your tokens."""
     tokens = common.client().tokens()
     if common.json:
-        emit_json([t.__dict__ for t in tokens])
+        emit_json({"tokens": [t.__dict__ for t in tokens], "count": len(tokens)})
         return
     if not tokens:
         stderr.print("No tokens found. You can create tokens with cape token create", markup=False)
         return
-    table = Table("ID", "Name", "Description", "Function", "Created At", "Last Used", "Expires")
-    for t in tokens:
-        table.add_row(
-            t.id,
-            t.name,
-            t.description,
-            t.function_id or "-",
-            t.created_at,
-            t.last_used or "Never",
-            t.expires_at or "Never",
-        )
-    stdout.print(table)
+    columns = [
+        Column("ID", keep=True),
+        Column("Name", keep=True),
+        Column("Description", rank=0),
+        Column("Function", rank=4),
+        Column("Created At", rank=1),
+        Column("Last Used", rank=2),
+        Column("Expires", rank=3),
+    ]
+    rows = [
+        [t.id, t.name, t.description, t.function_id or "-", t.created_at,
+         t.last_used or "Never", t.expires_at or "Never"]
+        for t in tokens
+    ]  # fmt: skip
+    print_table(columns, rows)
 
 
 @command(token_app, "delete")
@@ -274,11 +283,11 @@ def token_delete(common: Common, token_id: Annotated[str, typer.Argument(metavar
         stderr.print(f"Deleted token {token_id}", markup=False)
 
 
-@command(app, "config")
+@command(app, "config", offline=True)
 def config(
     common: Common,
-    key_name: Annotated[str | None, typer.Argument(metavar="[KEY]")] = None,
-    value: Annotated[str | None, typer.Argument(metavar="[VALUE]")] = None,
+    key_name: Annotated[str | None, typer.Argument(metavar="KEY")] = None,
+    value: Annotated[str | None, typer.Argument(metavar="VALUE")] = None,
     unset: Annotated[bool, typer.Option("--unset", help="Remove KEY from the presets.")] = False,
 ) -> None:
     """Show the settings, or set one in presets.json (`cape config url https://…`)."""
@@ -287,23 +296,7 @@ def config(
     if key_name is None:
         if unset or value is not None:
             raise UsageError("give the KEY to set or unset")
-        presets = client_config.read_presets()
-        if common.json:
-            emit_json(
-                {
-                    "config_dir": str(client_config.config_dir()),
-                    "presets": presets,
-                    "options": client_config.PRESETS,
-                }
-            )
-            return
-        lines = [
-            f"Config directory: {client_config.config_dir()}",
-            "Here are the configurable options:",
-        ]
-        for name, meaning in client_config.PRESETS.items():
-            lines.append(f"  {name:<18} {presets.get(name, '(unset)'):<40} {meaning}")
-        sys.stdout.write("\n".join(lines) + "\n")
+        _show_config(common)
         return
     if unset == (value is not None):
         raise UsageError("give a VALUE to set, or --unset to remove")
@@ -319,7 +312,50 @@ def config(
         stderr.print(f"{'Unset' if value is None else 'Set'} {key_name} in {path}", markup=False)
 
 
-@command(app, "pcrs")
+def _show_config(common: Common) -> None:
+    """The settings commands would use now, where each comes from, and the saved login."""
+    from cape.sdk import config as client_config
+
+    settings = client_config.effective()
+    presets = client_config.read_presets()
+    login = client_config.saved_login()
+    url = settings["url"].value
+    login_here = url is not None and client_config.login_matches(
+        login, url, client_config.read_serve_record()
+    )
+    account = {
+        "username": login.get("username"),
+        "url": login.get("url"),
+        "valid_for_url": bool(login.get("access_token")) and login_here,
+    }
+    if common.json:
+        emit_json(
+            {
+                "config_dir": str(client_config.config_dir()),
+                "settings": {
+                    name: {"value": setting.value, "source": setting.source}
+                    for name, setting in settings.items()
+                },
+                "presets": presets,
+                "login": account if login.get("access_token") else None,
+            }
+        )
+        return
+    lines = [f"Config directory: {client_config.config_dir()}", "Settings in effect:"]
+    for name, setting in settings.items():
+        shown = setting.value if setting.value is not None else "(unset)"
+        lines.append(f"  {name:<17} {shown}")
+        lines.append(f"  {'':<17} from {setting.source}; {client_config.PRESETS[name]}")
+    if login.get("access_token"):
+        state = "" if account["valid_for_url"] else " (not for the URL in effect)"
+        lines.append(f"Logged in as {login.get('username')} at {login.get('url')}{state}")
+    else:
+        lines.append("Not logged in.")
+    lines.append("Set a preset with `cape config KEY VALUE`, remove it with `--unset`.")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@command(app, "pcrs", offline=True)
 def pcrs(
     common: Common,
     eif: Annotated[

@@ -17,7 +17,16 @@ import typer
 
 from cape._internal.timefile import utc_now
 from cape.cli.account import parse_duration
-from cape.cli.common import OutputFormat, UsageError, emit_json, fail, stderr, stdout
+from cape.cli.common import (
+    Column,
+    OutputFormat,
+    UsageError,
+    emit_json,
+    fail,
+    print_table,
+    stderr,
+    stdout,
+)
 from cape.errors import CapeError
 from cape.host.signup import DEFAULT_INVITE_TTL, Invites
 
@@ -122,7 +131,12 @@ def invite_create(
             now = utc_now()
             created = [invites.create(now=now, ttl=ttl, note=note) for _ in range(count)]
         if output is OutputFormat.json:
-            emit_json([{"code": c.code, **_invite_json(c.invite, "unused")} for c in created])
+            emit_json(
+                {
+                    "invites": [_invite_json(c.invite, "unused") for c in created],
+                    "codes": [c.code for c in created],
+                }
+            )
             return
         for item in created:
             stdout.print(item.code, markup=False)
@@ -141,24 +155,32 @@ def invite_list(data_dir: _DataDir = None, output: _Output = OutputFormat.plain)
             listed = invites.list()
         now = utc_now()
         if output is OutputFormat.json:
-            emit_json([_invite_json(i, i.state(now=now)) for i in listed])
+            invites_json = [_invite_json(i, i.state(now=now)) for i in listed]
+            emit_json({"invites": invites_json, "count": len(invites_json)})
             return
         if not listed:
             stderr.print("No invites.", markup=False)
             return
-        from rich.table import Table
-
-        table = Table("id", "state", "created", "expires", "used by", "note", box=None)
-        for invite in listed:
-            table.add_row(
+        columns = [
+            Column("ID", keep=True),
+            Column("State", keep=True),
+            Column("Created", rank=0),
+            Column("Expires", rank=2),
+            Column("Used By", rank=3),
+            Column("Note", rank=1),
+        ]
+        rows = [
+            [
                 invite.id,
                 invite.state(now=now),
                 _when(invite.created_at),
                 _when(invite.expires_at),
                 invite.used_by or ("(deleted account)" if invite.used_at else ""),
                 invite.note,
-            )
-        stdout.print(table)
+            ]
+            for invite in listed
+        ]
+        print_table(columns, rows)
 
 
 @invite_app.command("revoke")

@@ -74,7 +74,7 @@ def _root(
     set_verbose(verbose)
 
 
-@command(app, "version")
+@command(app, "version", offline=True)
 def version(common: Common) -> None:
     """Print cape's version."""
     if common.json:
@@ -102,7 +102,7 @@ def _read_input(data: str | None, file: str | None) -> tuple[BinaryIO, int | Non
 def encrypt(
     common: Common,
     data: Annotated[
-        str | None, typer.Argument(metavar="[INPUT]", help="Text to encrypt (UTF-8).")
+        str | None, typer.Argument(metavar="INPUT", help="Text to encrypt (UTF-8).")
     ] = None,
     file: Annotated[
         str | None, typer.Option("-f", "--file", help="Read the input from FILE, or - for stdin.")
@@ -127,17 +127,28 @@ def encrypt(
     ] = None,
     stream: Annotated[
         bool,
-        typer.Option("--stream", help="Use the streaming form (automatic for inputs over 64 MiB)."),
+        typer.Option(
+            "--stream",
+            help="Use the streaming form (automatic when the text form would not fit the "
+            "server's input limit).",
+        ),
     ] = False,
 ) -> None:
     """Envelope-encrypt data so that only an attested enclave can read it.
 
     Prints Cape's text form, `cape:` + base64 (RSA-OAEP-wrapped AES-256-GCM), for your own
     Cape key (cached by `cape key`/`cape login`), another user's (--username) or a key file.
-    Inputs over 64 MiB, or any input with --stream, use the binary streaming form
-    `cape-stream-v1:`. There is no client-side decrypt: only attested enclaves decrypt.
+    The text form is a third larger than the input: when it would not fit the server's input
+    limit (learnt from the server; 64 MiB without one), or with --stream, the binary
+    streaming form `cape-stream-v1:` is written instead. There is no client-side decrypt:
+    only attested enclaves decrypt.
     """
     as_json = output is not None and output.lower() == "json"
+    if output is not None and output.lower() in _NOT_FORMATS:
+        raise UsageError(
+            f"-o {output}: the output formats are plain and json (to write a file of that "
+            f"name, use -o ./{output})"
+        )
     out_path = None if output is None or output.lower() in ("json", "plain") else Path(output)
     if key is not None and username is not None:
         raise UsageError("give either --key or --username, not both")
@@ -147,39 +158,83 @@ def encrypt(
         from cape.crypto.keys import load_rsa_public_key
 
         public_key = load_rsa_public_key(common.client().key(username=username))
+    limit = _input_limit(common)
     source, size = _read_input(data, file)
     with source:
-        streaming = stream or (size is not None and size > encrypt_sdk.STREAM_THRESHOLD_BYTES)
+        threshold = encrypt_sdk.largest_text_input(limit, public_key)
+        streaming = stream or (size is not None and size > threshold)
         reader = _with_progress(source, size)
         if out_path is not None:
             with encrypt_sdk.atomic_output(out_path) as sink:
                 result = encrypt_sdk.encrypt_stream_to(
-                    reader, sink, public_key, force_stream=streaming, size_hint=size
+                    reader,
+                    sink,
+                    public_key,
+                    force_stream=streaming,
+                    size_hint=size,
+                    text_limit=limit,
                 )
             form = "streaming" if result.streaming else "text"
-            if as_json:
-                emit_json({"file": str(out_path), "form": form, "bytes": result.bytes_written})
-            else:
-                stderr.print(
-                    f"Encrypted ({form} form, {result.bytes_written} bytes) to {out_path}",
-                    markup=False,
-                )
+            stderr.print(
+                f"Encrypted ({form} form, {result.bytes_written} bytes) to {out_path}",
+                markup=False,
+            )
+            _warn_over_limit(result.bytes_written, limit)
             return
         if as_json:
             if streaming:
-                raise UsageError("the streaming form is binary: write it with -o FILE")
+                raise UsageError(
+                    "this input needs the streaming form, which is binary: write it with -o FILE"
+                )
             buffer = io.BytesIO()
-            encrypt_sdk.encrypt_stream_to(reader, buffer, public_key, size_hint=size)
+            result = encrypt_sdk.encrypt_stream_to(
+                reader, buffer, public_key, size_hint=size, text_limit=limit
+            )
+            if result.streaming:
+                raise UsageError(
+                    "this input needs the streaming form, which is binary: write it with -o FILE"
+                )
             emit_json({"ciphertext": buffer.getvalue().decode("ascii").strip(), "form": "text"})
             return
         if streaming and sys.stdout.isatty():
             raise UsageError(
                 "the streaming form is binary: write it with -o FILE or redirect stdout"
             )
-        encrypt_sdk.encrypt_stream_to(
-            reader, sys.stdout.buffer, public_key, force_stream=streaming, size_hint=size
+        result = encrypt_sdk.encrypt_stream_to(
+            reader,
+            sys.stdout.buffer,
+            public_key,
+            force_stream=streaming,
+            size_hint=size,
+            text_limit=limit,
         )
         sys.stdout.flush()
+        _warn_over_limit(result.bytes_written, limit)
+
+
+#: Words users try as ``-o`` formats; ``cape encrypt -o`` refuses them rather than writing a
+#: file of that name.
+_NOT_FORMATS = frozenset({"yaml", "yml", "text", "txt", "table", "csv", "toml", "raw"})
+
+
+def _input_limit(common: Common) -> int:
+    """The server's input limit (``GET /v1/runtime``), or the default when there is no server
+    to ask (``--key`` offline) or it does not say."""
+    try:
+        limit = common.client().input_limit()
+    except CapeError:
+        return encrypt_sdk.DEFAULT_INPUT_LIMIT_BYTES
+    return limit if limit is not None else encrypt_sdk.DEFAULT_INPUT_LIMIT_BYTES
+
+
+def _warn_over_limit(written: int, limit: int) -> None:
+    if written > limit:
+        stderr.print(
+            f"Note: this ciphertext is {written} bytes, over the server's input limit of "
+            f"{limit} bytes, so `cape run` cannot send it; the operator can raise the limit "
+            "(`cape serve --max-input-mib N`).",
+            markup=False,
+        )
 
 
 class _Counting:
@@ -386,6 +441,27 @@ def serve(
         float,
         typer.Option("--idle-timeout", min=60, help="Seconds before an idle session is closed."),
     ] = 120.0,
+    sandbox_uids: Annotated[
+        str,
+        typer.Option(
+            "--sandbox-uids",
+            metavar="START-END",
+            help="Host uids for sandboxes; must lie outside every range in /etc/passwd, "
+            "/etc/group, /etc/subuid, /etc/subgid and /etc/login.defs (checked at start).",
+        ),
+    ] = "2000000000-2000049999",
+    max_input_mib: Annotated[
+        int,
+        typer.Option("--max-input-mib", min=1, max=1024, help="Largest function input, in MiB."),
+    ] = 64,
+    no_run: Annotated[
+        bool,
+        typer.Option(
+            "--no-run",
+            help="Start even where user code cannot be sandboxed (no bubblewrap or user "
+            "namespaces): keys and deploys only, every run is refused.",
+        ),
+    ] = False,
     signup: Annotated[
         str,
         typer.Option(
@@ -413,8 +489,10 @@ def serve(
     """Run the whole platform on this machine: HTTPS/WSS API, key service, enclaves.
 
     Simulated mode: no hardware guarantee. Prints `Ready: https://HOST:PORT` once it accepts
-    connections and records the URL and CA for this user's `cape` commands. Stop it with
-    Ctrl-C or SIGTERM; sessions in progress finish first.
+    connections and records the URL and CA for this user's `cape` commands. Refuses to start
+    where user code cannot be sandboxed (see --no-run) and when another `cape serve` uses the
+    data directory. Stop it with Ctrl-C or SIGTERM (to it or its whole process group);
+    sessions in progress finish first.
     """
     from cape.host.signup import SignupMode
     from cape.platform.config import load_settings
@@ -435,6 +513,9 @@ def serve(
             "forwarded_allow_ips": "trusted_proxies",
             "database_url": "database_url",
             "blob_store": "blob_store",
+            "sandbox_uids": "sandbox_uids",
+            "max_input_mib": "max_input_bytes",
+            "no_run": "run_functions",
         }
         flags = {
             setting: ("--" + flag.replace("_", "-"), ctx.params[flag])
@@ -443,6 +524,10 @@ def serve(
         }
         if "data_dir" in flags:
             flags["data_dir"] = ("--data-dir", str(flags["data_dir"][1]))
+        if "max_input_bytes" in flags:
+            flags["max_input_bytes"] = ("--max-input-mib", max_input_mib << 20)
+        if "run_functions" in flags:
+            flags["run_functions"] = ("--no-run", not no_run)
         settings = load_settings(config_file, flags=flags)
         settings.setdefault("data_dir", default_data_dir())
         config = ServeConfig(**settings)
@@ -453,6 +538,32 @@ def serve(
         _fail(CapeError(f"cannot serve: {exc.strerror or exc}"))
 
 
+def cli_root() -> Any:
+    """The click command tree typer builds from :data:`app`, with flags shown as flags: no
+    ``<bool>`` type beside ``--verbose`` and the like in ``-h`` (and the CLI reference)."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+
+    def flag(param: Any) -> Any:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        return param
+
+    def fix(command: Any) -> None:
+        for param in command.params:
+            flag(param)
+        help_option = command.get_help_option
+        command.get_help_option = lambda ctx: flag(help_option(ctx))
+        for sub in getattr(command, "commands", {}).values():
+            fix(sub)
+
+    fix(root)
+    help_flags = {"help_option_names": ["-h", "--help"]}
+    root.context_settings = {**help_flags, **(root.context_settings or {})}
+    return root
+
+
 def main() -> None:
     """Console-script entry point.
 
@@ -461,7 +572,7 @@ def main() -> None:
     reader that goes away (``cape key | head -1``) ends the command quietly.
     """
     try:
-        code = app(prog_name="cape", standalone_mode=False)
+        code = cli_root().main(prog_name="cape", standalone_mode=False)
     except BrokenPipeError:
         quiet_stdout()
         sys.exit(141)  # 128 + SIGPIPE, as a shell reports a command killed by it
@@ -473,8 +584,7 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `cape token`: typer showed the help
             sys.exit(2)
         command = " ".join(sys.argv[1:2]) or "COMMAND"
-        stderr.print(
-            f"Error: {' '.join(str(show()).split())} (see `cape {command} -h`)", markup=False
-        )
+        text = " ".join(str(show()).split()).replace("Value error, ", "")
+        stderr.print(f"Error: {text} (see `cape {command} -h`)", markup=False)
         sys.exit(exit_code)
     sys.exit(code if isinstance(code, int) else 0)

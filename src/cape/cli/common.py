@@ -21,12 +21,13 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, NoReturn, TypeVar
+from typing import Annotated, Any, BinaryIO, Final, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
 from cape.errors import CapeError, FormatError
+from cape.sdk.hints import add_hint
 
 __all__ = [
     "Common",
@@ -36,6 +37,7 @@ __all__ = [
     "emit_json",
     "fail",
     "open_input_file",
+    "print_table",
     "quiet_stdout",
     "stderr",
     "stdout",
@@ -106,7 +108,7 @@ def fail(exc: BaseException) -> NoReturn:
     if _state["verbose"]:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, CapeError):
-        message = exc.diagnostics()
+        message = add_hint(exc).diagnostics()
     elif isinstance(exc, KeyboardInterrupt):
         message = "interrupted"
     else:
@@ -128,6 +130,42 @@ def open_input_file(file: str) -> tuple[BinaryIO, int]:
     except OSError as exc:
         raise FormatError(f"cannot read {file}: {exc.strerror}") from None
     return handle, size
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column. ``keep`` columns (ids, names: what users copy) are never dropped;
+    the others go, lowest ``rank`` first, when the table would not fit the terminal."""
+
+    header: str
+    keep: bool = False
+    rank: int = 0
+
+
+def print_table(columns: list[Column], rows: list[list[str]]) -> None:
+    """A table on stdout that never truncates a cell: columns that are not ``keep`` are
+    dropped until the rest fit the terminal's width, and a cell still too wide folds onto
+    the next line (every character stays)."""
+    from rich.table import Table
+
+    widths = [
+        max([len(column.header), *(len(row[i]) for row in rows)])
+        for i, column in enumerate(columns)
+    ]
+    shown = list(range(len(columns)))
+    optional = sorted(
+        (i for i, column in enumerate(columns) if not column.keep), key=lambda i: columns[i].rank
+    )
+    # rich's default box: one border per column plus one, and one space of padding each side.
+    while sum(widths[i] + 3 for i in shown) + 1 > stdout.width and optional:
+        shown.remove(optional.pop(0))
+    table = Table(*(columns[i].header for i in shown))
+    for position, i in enumerate(shown):
+        table.columns[position].overflow = "fold"
+        table.columns[position].no_wrap = columns[i].keep
+    for row in rows:
+        table.add_row(*(row[i] for i in shown))
+    stdout.print(table)
 
 
 def emit_json(value: Any) -> None:
@@ -183,13 +221,19 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
+#: What a command that makes no request takes (``cape version``, ``logout``, ``config``,
+#: ``pcrs``, ``function create``): no server, token or trust options.
+OFFLINE_OPTIONS: Final = ("output", "verbose")
+
+
 def command(
-    app: typer.Typer, name: str | None = None, *, own_output: bool = False
+    app: typer.Typer, name: str | None = None, *, own_output: bool = False, offline: bool = False
 ) -> Callable[[F], F]:
     """Register ``fn(common: Common, …)`` as a command with the shared options added.
 
     With ``own_output`` the command declares ``-o`` itself (``cape encrypt``, where ``-o``
-    also names an output file) and receives it as its own parameter.
+    also names an output file) and receives it as its own parameter. An ``offline`` command
+    makes no request, so it lists only ``-o`` and ``-v``.
     """
 
     def decorate(fn: F) -> F:
@@ -200,18 +244,22 @@ def command(
             for p in signature.parameters.values()
             if p.name != "common"
         ]
+        keys = [
+            key
+            for key in _OPTIONS
+            if not (own_output and key == "output") and (not offline or key in OFFLINE_OPTIONS)
+        ]
         shared = [
             inspect.Parameter(
-                key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+                key, inspect.Parameter.KEYWORD_ONLY, default=_OPTIONS[key][1],
+                annotation=_OPTIONS[key][0],
             )
-            for key, (annotation, default) in _OPTIONS.items()
-            if not (own_output and key == "output")
-        ]
+            for key in keys
+        ]  # fmt: skip
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
-            shared = [key for key in _OPTIONS if not (own_output and key == "output")]
-            values = {key: kwargs.pop(key) for key in shared if key in kwargs}
+            values = {key: kwargs.pop(key) for key in keys if key in kwargs}
             common = Common(**values)
             set_verbose(common.verbose)
             try:

@@ -85,7 +85,7 @@ def describe_lines(description: EifDescription) -> list[str]:
     return lines
 
 
-@command(app, "build", own_output=True)
+@command(app, "build", own_output=True, offline=True)
 def build(
     common: Common,
     blobs: Annotated[
@@ -140,7 +140,7 @@ def build(
         sys.stdout.write(f"PCR{index}\t{value.hex()}\n")
 
 
-@command(app, "describe")
+@command(app, "describe", offline=True)
 def describe(
     common: Common,
     image: Annotated[Path, typer.Argument(help="The enclave image file.")],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import importlib.metadata
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,17 +13,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-from rich.table import Table
 
 from cape.cli.account import pcr_option
 from cape.cli.common import (
+    Column,
     Common,
     UsageError,
     command,
     emit_json,
     open_input_file,
+    print_table,
     stderr,
-    stdout,
 )
 from cape.errors import FormatError
 
@@ -36,7 +37,7 @@ _Pcr = Annotated[
     list[str] | None,
     typer.Option("--pcr", "-p", help="Allowed PCR value I:HEX; repeat to allow several."),
 ]
-_Input = Annotated[str | None, typer.Argument(metavar="[INPUT]", help="Input text (UTF-8).")]
+_Input = Annotated[str | None, typer.Argument(metavar="INPUT", help="Input text (UTF-8).")]
 _File = Annotated[
     str | None, typer.Option("-f", "--file", help="Read the input from FILE, or - for stdin.")
 ]
@@ -118,7 +119,13 @@ def deploy(
         )
     if common.json:
         emit_json(
-            {"function_id": done.id, "function_checksum": done.checksum, "function_name": done.name}
+            {
+                "id": done.id,
+                "name": done.name,
+                "checksum": done.checksum,
+                "public": public,
+                "vendored": list(done.vendored),
+            }
         )
     else:
         sys.stdout.write(
@@ -143,8 +150,20 @@ def _render_output(common: Common, output: bytes, newline: bool, attested: Any =
             result["attestation"] = attested.to_json()
         emit_json(result)
         return
-    sys.stdout.buffer.write(output + (b"\n" if newline else b""))
+    sys.stdout.buffer.write(output + (b"\n" if newline and _wants_newline(output) else b""))
     sys.stdout.flush()
+
+
+def _wants_newline(output: bytes) -> bool:
+    """``cape run`` ends text on a terminal with a newline, so the prompt starts on its own
+    line; into a file or pipe, or when the result is not UTF-8 text, the bytes are exact."""
+    if not sys.stdout.isatty() or output.endswith(b"\n"):
+        return False
+    try:
+        output.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 @command(app, "run")
@@ -195,24 +214,31 @@ def list_functions(
     offset: Annotated[int, typer.Option("--offset", min=0)] = 0,
 ) -> None:
     """List your deployed functions."""
-    functions = common.client().functions(limit=limit, offset=offset)
+    cape = common.client()
+    functions = cape.functions(limit=limit, offset=offset)
     if common.json:
-        emit_json({"deployments": [f.__dict__ for f in functions], "count": len(functions)})
+        total = offset + len(functions)
+        if len(functions) == limit:  # a full page: count the rest
+            total += cape.count_functions(offset=offset + limit)
+        emit_json({"deployments": [f.__dict__ for f in functions], "count": total})
         return
     if not functions:
         stderr.print("No functions deployed.", markup=False)
         return
-    table = Table("#", "Name")
-    table.add_column("ID", no_wrap=True, min_width=22)
-    table.add_column("Checksum", no_wrap=True)
-    table.add_column("Public")
-    table.add_column("Created At", no_wrap=True)
-    for number, f in enumerate(functions, start=offset + 1):
-        table.add_row(
-            str(number), f.name, f.id, (f.checksum or "")[:12], "yes" if f.public else "no",
-            _when(f.created_at),
-        )  # fmt: skip
-    stdout.print(table)
+    columns = [
+        Column("#", rank=1),
+        Column("Name", keep=True),
+        Column("ID", keep=True),
+        Column("Checksum", rank=0),
+        Column("Public", rank=2),
+        Column("Created At", rank=3),
+    ]
+    rows = [
+        [str(number), f.name, f.id, f.checksum or "", "yes" if f.public else "no",
+         _when(f.created_at)]
+        for number, f in enumerate(functions, start=offset + 1)
+    ]  # fmt: skip
+    print_table(columns, rows)
 
 
 def _when(stamp: str) -> str:
@@ -256,7 +282,13 @@ def cape_handler(x: float, y: float) -> float:
 '''
 
 
-@command(function_app, "create")
+_REQUIREMENTS_NOTE = (
+    "# Dependencies listed here are vendored into the bundle by `cape deploy`; pin exact\n"
+    "# versions (name==version) so that every build measures the same code.\n"
+)
+
+
+@command(function_app, "create", offline=True)
 def function_create(
     common: Common,
     name: Annotated[str, typer.Argument(help="Folder to create.")],
@@ -275,9 +307,8 @@ def function_create(
         raise FormatError(f"{target} already exists")
     files: dict[str, str] = {
         "app.py": SERDIO_APP if use_serdio else ECHO_APP,
-        "requirements.txt": "msgpack>=1.0\n"
-        if use_serdio
-        else "# Dependencies listed here are vendored into the bundle by `cape deploy`.\n",
+        "requirements.txt": _REQUIREMENTS_NOTE
+        + (f"msgpack=={importlib.metadata.version('msgpack')}\n" if use_serdio else ""),
     }
     if use_serdio:
         from cape import serdio

@@ -44,7 +44,7 @@ def _pcr(text: str, what: str) -> bytes:
     return value
 
 
-@command(app, "rebind")
+@command(app, "rebind", offline=True)
 def rebind(
     common: Common,
     to: Annotated[
@@ -110,7 +110,7 @@ def rebind(
     sys.stdout.write("".join(f"{key.owner}\n" for key in report.moved))
 
 
-@command(app, "policy")
+@command(app, "policy", offline=True)
 def policy(
     common: Common,
     aws: Annotated[
@@ -141,28 +141,27 @@ def policy(
     )
 
 
-@command(app, "log")
+@command(app, "log", offline=True)
 def log(common: Common, data_dir: _DataDir = None) -> None:
     """The key service's audit log of operator actions (rebinds)."""
     from cape.platform.operator import key_log
 
     entries = key_log(_data_dir(data_dir))
     if common.json:
-        emit_json(
-            [
-                {
-                    "at": e.at.isoformat(),
-                    "actor": e.actor,
-                    "action": e.action,
-                    "owner": e.owner,
-                    "key_id": e.key_id,
-                    "old_policy": e.old_policy,
-                    "new_policy": e.new_policy,
-                    "reason": e.reason,
-                }
-                for e in entries
-            ]
-        )
+        listed = [
+            {
+                "at": e.at.isoformat(),
+                "actor": e.actor,
+                "action": e.action,
+                "owner": e.owner,
+                "key_id": e.key_id,
+                "old_policy": e.old_policy,
+                "new_policy": e.new_policy,
+                "reason": e.reason,
+            }
+            for e in entries
+        ]
+        emit_json({"entries": listed, "count": len(listed)})
         return
     for e in entries:
         sys.stdout.write(f"{e.at.isoformat()}\t{e.actor}\t{e.action}\t{e.owner}\t{e.reason}\n")

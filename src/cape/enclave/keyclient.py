@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cape.crypto.cms import open_for_recipient
 from cape.crypto.envelope import DEK_SIZE, KeyUnwrapper
 from cape.crypto.keys import public_key_der
+from cape.enclave.lanes import Lanes
 from cape.enclave.secure_module.base import SecureModule
 from cape.errors import (
     CapeError,
@@ -43,7 +44,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class EnclaveKeyClient:
     """Key-service calls from inside the enclave; answers arrive through :meth:`resolve`."""
 
-    def __init__(self, module: SecureModule, send: Send) -> None:
+    def __init__(self, module: SecureModule, send: Send, lanes: Lanes | None = None) -> None:
+        self._lanes = lanes or Lanes()
         self._module = module
         self._send = send
         self._recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -69,7 +71,12 @@ class EnclaveKeyClient:
                 future.set_exception(TransportError(reason))
         self._pending.clear()
 
-    async def _call(self, op: str, **arguments: Any) -> Any:
+    async def _call(self, op: str, owner: str, **arguments: Any) -> Any:
+        # At most so many requests in flight, shared fairly across owners (lanes.py).
+        async with self._lanes.kms.slot(owner):
+            return await self._call_now(op, owner=owner, **arguments)
+
+    async def _call_now(self, op: str, **arguments: Any) -> Any:
         rid = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
@@ -86,20 +93,22 @@ class EnclaveKeyClient:
 
     async def public_key(self, owner: str) -> bytes:
         """The owner's Cape key (DER SPKI), created on first request."""
-        result = await self._call("get_public_key", owner=owner, create=True)
+        result = await self._call("get_public_key", owner, create=True)
         if not isinstance(result, bytes):
             raise CapeError("the key service returned a malformed public key")
         return result
 
     async def unwrap(self, owner: str, wrapped_key: bytes) -> bytes:
         """Have the key service re-encrypt a DEK to this enclave, and open it here."""
-        document = await asyncio.to_thread(self._recipient_document)
-        cms = await self._call("decrypt", owner=owner, blob=wrapped_key, document=document)
+        attestation = self._lanes.attestation
+        document = await attestation.run(owner, self._recipient_document)
+        cms = await self._call("decrypt", owner, blob=wrapped_key, document=document)
         if not isinstance(cms, bytes):
             raise CapeError("the key service returned a malformed answer")
-        return await asyncio.to_thread(
-            open_for_recipient, cms, self._recipient_key, expected_length=DEK_SIZE
-        )
+        return await attestation.run(owner, self._open, cms)
+
+    def _open(self, cms: bytes) -> bytes:
+        return open_for_recipient(cms, self._recipient_key, expected_length=DEK_SIZE)
 
     def unwrapper_for(self, owner: str, loop: asyncio.AbstractEventLoop) -> KeyUnwrapper:
         """A synchronous :data:`KeyUnwrapper` for envelope code running in a worker thread."""

@@ -15,22 +15,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+from cape.enclave import cgroups
 from cape.enclave.keyclient import EnclaveKeyClient
+from cape.enclave.lanes import CALLS, LaneLimits, Lanes
 from cape.enclave.measure import measure_runtime, simulated_pcrs
 from cape.enclave.provision import decode_credentials, image_signature
-from cape.enclave.sandbox import SandboxLimits
+from cape.enclave.sandbox import UIDS, SandboxLimits
 from cape.enclave.secure_module.base import SecureModule
 from cape.enclave.secure_module.nitro import NitroSecureModule
 from cape.enclave.secure_module.simulated import SimulatedSecureModule
-from cape.enclave.session import SessionConfig, run_session
+from cape.enclave.session import Inbox, SessionConfig, run_session
+from cape.enclave.uids import DEFAULT_RANGE, UidRange, parse_range
 from cape.enclave.warm import WarmPool
 from cape.errors import CapeError, FormatError
 from cape.formats.frames import encode_frame, read_frame
@@ -38,6 +44,9 @@ from cape.formats.frames import encode_frame, read_frame
 __all__ = ["Runtime", "main"]
 
 log = logging.getLogger("cape.enclave")
+#: Default cap of the enclave's private tmpfs (unpacked functions and per-session copies).
+STORAGE_BYTES = 8 << 30
+_PR_SET_DUMPABLE = 4
 
 
 class Runtime:
@@ -56,7 +65,7 @@ class Runtime:
         self._writer = writer
         self._config = config
         self._write_lock = asyncio.Lock()
-        self._sessions: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._sessions: dict[int, Inbox] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._module: SecureModule | None = None
         self._keys: EnclaveKeyClient | None = None
@@ -65,6 +74,7 @@ class Runtime:
                 config.workdir,
                 sandbox_limits=config.sandbox_limits,
                 bundle_limits=config.bundle_limits,
+                lanes=config.lanes,
             )
             if config.warm_pool
             else None
@@ -88,7 +98,9 @@ class Runtime:
         else:
             module, pcrs = await self._provision_simulated()
         self._module = module
-        self._keys = await asyncio.to_thread(EnclaveKeyClient, module, self.send)
+        self._keys = await asyncio.to_thread(
+            EnclaveKeyClient, module, self.send, self._config.lanes
+        )
         await self.send({"t": "ready", "pcrs": pcrs})
 
     async def _provision_simulated(self) -> tuple[SecureModule, dict[int, bytes]]:
@@ -113,7 +125,7 @@ class Runtime:
         elif kind == "open":
             if sid in self._sessions or sid == 0:
                 raise FormatError(f"session {sid} is already open or invalid")
-            inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            inbox = Inbox()
             self._sessions[sid] = inbox
             task = asyncio.create_task(
                 run_session(
@@ -128,10 +140,14 @@ class Runtime:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif kind in ("input", "bundle", "chunk", "close"):
+        elif kind in ("input", "bundle", "chunk"):
             queue = self._sessions.get(sid)
             if queue is not None:
                 queue.put_nowait(message)
+        elif kind == "close":
+            queue = self._sessions.get(sid)
+            if queue is not None:
+                queue.close()
         else:
             raise FormatError(f"unexpected {kind!r} frame from the host")
 
@@ -160,12 +176,49 @@ class Runtime:
                 await self._pool.close()
 
 
-def _mount_private_tmpfs(workdir: Path) -> None:
-    """Mount a tmpfs over the work directory, in this process's own mount namespace."""
+def _mount_private_tmpfs(workdir: Path, size_bytes: int) -> None:
+    """Mount a size-capped tmpfs over the work directory, in this process's mount namespace."""
+    options = f"mode=0711,nosuid,nodev,size={size_bytes}"
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "mode=0711,nosuid,nodev", "cape-enclave", str(workdir)],
+        ["mount", "-t", "tmpfs", "-o", options, "cape-enclave", str(workdir)],
         check=True,
         capture_output=True,
+    )
+
+
+def _quiet_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's handler for errors nobody awaited, with a fixed, data-free line: the default
+    prints the exception and its traceback, which may quote user code or its messages, and the
+    enclave's log goes to the host (issue 18, finding 8)."""
+    exc = context.get("exception")
+    log.error("an unhandled error in a background task (%s)", type(exc).__name__)
+
+
+def _quiet_thread_errors(args: threading.ExceptHookArgs) -> None:
+    log.error("an unhandled error in a thread (%s)", args.exc_type.__name__)
+
+
+def _not_dumpable() -> None:
+    """No core dumps of, and no ptrace or /proc/<pid>/mem access to, this process by
+    unprivileged users (the keys it holds live in its memory). Linux only; cheap."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _uid_range(text: str) -> UidRange:
+    try:
+        return parse_range(text)
+    except CapeError as exc:
+        raise argparse.ArgumentTypeError(exc.diagnostics()) from None
+
+
+def _lane_limits(args: argparse.Namespace) -> LaneLimits:
+    return LaneLimits(
+        threads=args.call_threads,
+        per_party=min(args.calls_per_user, args.call_threads),
+        queue_per_party=args.call_queue,
+        queue=max(args.call_queue, 4 * args.call_threads),
     )
 
 
@@ -193,6 +246,7 @@ def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
 
 
 async def _amain(sock: socket.socket, config: SessionConfig, *, nitro: bool) -> None:
+    asyncio.get_running_loop().set_exception_handler(_quiet_errors)
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     try:
         await Runtime(reader, writer, config, nitro=nitro).serve()
@@ -214,25 +268,48 @@ def main(argv: list[str] | None = None) -> int:
         "--no-warm-pool", action="store_true", help="decrypt, unpack and start per session"
     )
     parser.add_argument("--call-timeout", type=float, default=SandboxLimits().call_timeout_s)
+    parser.add_argument(
+        "--sandbox-uids",
+        type=_uid_range,
+        default=DEFAULT_RANGE,
+        metavar="START-END",
+        help="host uids for sandboxes (cape serve checks them against the system's ranges)",
+    )
+    parser.add_argument(
+        "--storage-bytes",
+        type=int,
+        default=STORAGE_BYTES,
+        help="size cap of the private tmpfs holding unpacked functions",
+    )
+    parser.add_argument("--call-threads", type=int, default=CALLS.threads)
+    parser.add_argument("--calls-per-user", type=int, default=CALLS.per_party)
+    parser.add_argument("--call-queue", type=int, default=CALLS.queue_per_party)
     args = parser.parse_args(argv)
     args.nitro = args.nitro or os.environ.get("CAPE_SECURE_MODULE") == "nitro"
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="enclave: %(message)s")
+    threading.excepthook = _quiet_thread_errors
+    _not_dumpable()
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(args.workdir, 0o711)  # noqa: S103 - traverse-only, for the sandbox's uid
     if args.private_tmpfs:
-        _mount_private_tmpfs(args.workdir)
+        _mount_private_tmpfs(args.workdir, args.storage_bytes)
+    UIDS.configure(args.sandbox_uids)
+    groups, why = cgroups.shared()
+    if groups is None:
+        log.warning("cgroups unavailable (%s): sandboxes have per-process rlimits only", why)
     try:
         config = SessionConfig(
             workdir=args.workdir,
             sandbox_limits=SandboxLimits(call_timeout_s=args.call_timeout),
             warm_pool=not args.no_warm_pool,
+            lanes=Lanes(calls=_lane_limits(args)),
         )
         asyncio.run(_amain(_channel_socket(args.fd, args.vsock), config, nitro=args.nitro))
     except CapeError as exc:
-        log.error("%s", exc.diagnostics())
+        log.error("the runtime stopped: %s", type(exc).__name__)
         return 1
-    except OSError as exc:
-        log.error("the channel could not be opened: %s", exc)
+    except (OSError, ValueError) as exc:
+        log.error("the runtime could not start: %s", type(exc).__name__)
         return 1
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -25,11 +26,13 @@ from cape.crypto import envelope, hpke, results, stream
 from cape.crypto.keys import load_rsa_public_key
 from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
 from cape.enclave.keyclient import KMS_TIMEOUT_S, EnclaveKeyClient
+from cape.enclave.lanes import Lanes
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
 from cape.enclave.secure_module.base import SecureModule
-from cape.enclave.unpack import unpack_bundle
+from cape.enclave.unpack import check_bundle, unpack_bundle
 from cape.enclave.warm import Lease, WarmPool
 from cape.errors import (
+    BusyError,
     CapeError,
     DecryptionError,
     FormatError,
@@ -37,14 +40,31 @@ from cape.errors import (
     KeyReleaseDeniedError,
     LimitExceededError,
 )
-from cape.formats.bundle import BundleLimits, inspect_bundle
+from cape.formats.bundle import BundleLimits
 
-__all__ = ["SessionConfig", "run_session"]
+__all__ = ["Inbox", "SessionConfig", "run_session"]
 
 log = logging.getLogger("cape.enclave")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 KINDS = frozenset({"key", "deploy", "run", "test"})
 MAX_NONCE_BYTES = 1024
+MAX_PARTY_CHARS = 256
+
+
+class Inbox(asyncio.Queue[dict[str, Any]]):
+    """A session's frames from the host. Its ``close`` also ends a call in progress (or
+    waiting for a thread): the sandbox is killed, so nothing of a session the client left
+    keeps running or holds a place in the enclave's lanes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_close: Callable[[], object] | None = None
+
+    def close(self) -> None:
+        self.put_nowait({"t": "close"})
+        callback, self.on_close = self.on_close, None
+        if callback is not None:
+            callback()
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,7 @@ class SessionConfig:
     bundle_limits: BundleLimits = field(default_factory=BundleLimits)
     max_input_bytes: int = 64 << 20
     warm_pool: bool = True
+    lanes: Lanes = field(default_factory=Lanes)  # bounded, fairly shared threads
 
 
 @dataclass
@@ -63,13 +84,14 @@ class _Context:
     sid: int
     kind: str
     owner: str
+    party: str  # whom fair queueing counts this session against: the caller, else the owner
     nonce: bytes
     response_key: bytes | None
     module: SecureModule
     keys: EnclaveKeyClient
     config: SessionConfig
     send: Send
-    inbox: asyncio.Queue[dict[str, Any]]
+    inbox: Inbox
     pool: WarmPool | None
 
     async def reply(self, message: dict[str, Any]) -> None:
@@ -91,18 +113,20 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _check_open(message: dict[str, Any]) -> tuple[str, str, bytes, bytes | None]:
+def _check_open(message: dict[str, Any]) -> tuple[str, str, str, bytes, bytes | None]:
     kind, owner, nonce = message.get("kind"), message.get("owner"), message.get("nonce", b"")
-    response_key = message.get("response_key")
+    response_key, caller = message.get("response_key"), message.get("caller", owner)
     if kind not in KINDS:
         raise FormatError(f"unknown session kind {kind!r}")
     if not isinstance(owner, str) or not owner:
         raise FormatError("session owner must be a non-empty string")
+    if not isinstance(caller, str) or not caller or len(caller) > MAX_PARTY_CHARS:
+        raise FormatError("session caller must be a short non-empty string")
     if not isinstance(nonce, bytes) or len(nonce) > MAX_NONCE_BYTES:
         raise FormatError(f"nonce must be at most {MAX_NONCE_BYTES} bytes")
     if response_key is not None:
         hpke.load_public_key(response_key)  # KeyFormatError for anything but an X25519 key
-    return kind, owner, nonce, response_key
+    return kind, owner, caller, nonce, response_key
 
 
 def _attest(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str]) -> bytes:
@@ -122,7 +146,7 @@ async def _decrypt_input(ctx: _Context, data: bytes) -> bytes:
     if not stream.is_ciphertext(data):
         return data
     unwrapper = ctx.keys.unwrapper_for(ctx.owner, asyncio.get_running_loop())
-    return await asyncio.to_thread(stream.decrypt_any, data, unwrapper)
+    return await ctx.config.lanes.keys.run(ctx.party, stream.decrypt_any, data, unwrapper)
 
 
 def _services(ctx: _Context, loop: asyncio.AbstractEventLoop) -> Services:
@@ -144,7 +168,8 @@ def _services(ctx: _Context, loop: asyncio.AbstractEventLoop) -> Services:
 
 async def _key_session(ctx: _Context) -> None:
     public_der = await ctx.keys.public_key(ctx.owner)
-    document = await asyncio.to_thread(
+    document = await ctx.config.lanes.attestation.run(
+        ctx.party,
         # "owner" (our extension) binds the key to its account, so a host cannot answer a
         # request for one user's key with another user's document.
         _attest,
@@ -158,33 +183,31 @@ async def _key_session(ctx: _Context) -> None:
 async def _assemble(ctx: _Context, size: object) -> bytearray | None:
     """Collect a bundle sent as ``chunk`` frames into one buffer of the announced size.
 
-    The buffer is returned as is (no ``bytes`` copy): a ``cape:`` bundle is decrypted in it.
+    The buffer grows as the bytes arrive: nothing is allocated for what a client only
+    announced (issue 18, finding 4), and the announcement is bounded by the maximum bundle
+    size. It is returned as is (no ``bytes`` copy): a ``cape:`` bundle is decrypted in it.
     """
     limit = ctx.config.bundle_limits.max_bundle_bytes
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise FormatError("bundle 'size' must be a positive integer")
     if size > limit:
         raise LimitExceededError("bundle size in bytes", limit, size)
-    buffer = bytearray(size)
-    view, filled = memoryview(buffer), 0
-    while filled < size:
+    buffer = bytearray()
+    while len(buffer) < size:
         message = await ctx.next_frame("chunk")
         if message is None:
             return None
         piece = message.get("data")
-        if not isinstance(piece, bytes) or not piece or filled + len(piece) > size:
+        if not isinstance(piece, bytes) or not piece or len(buffer) + len(piece) > size:
             raise FormatError("bundle chunks must be non-empty and add up to the announced size")
-        view[filled : filled + len(piece)] = piece
-        filled += len(piece)
-    view.release()
+        buffer += piece
+        del message, piece
     return buffer
 
 
 async def _deploy_session(ctx: _Context) -> None:
     session_key = hpke.generate_keypair()
-    await ctx.reply(
-        {"t": "attestation", "document": await asyncio.to_thread(_attest, ctx, session_key, {})}
-    )
+    await _attestation(ctx, session_key, {})
     message = await ctx.next_frame("bundle")
     if message is None:
         return
@@ -206,7 +229,9 @@ async def _deploy_session(ctx: _Context) -> None:
         checksum = await _open_chunked_bundle(ctx, data)
     else:
         zip_bytes = await _decrypt_input(ctx, bytes(data))
-        await asyncio.to_thread(inspect_bundle, zip_bytes, ctx.config.bundle_limits)
+        await ctx.config.lanes.keys.run(
+            ctx.party, check_bundle, zip_bytes, ctx.config.bundle_limits
+        )
         checksum = hashlib.sha256(zip_bytes).hexdigest()
     await ctx.reply({"t": "deployed", "checksum": checksum, "name": name, "owner": ctx.owner})
 
@@ -222,12 +247,12 @@ async def _open_chunked_bundle(ctx: _Context, buffer: bytearray) -> str:
     def open_and_check() -> str:
         plaintext = envelope.decrypt_in_place(buffer, unwrapper)
         try:
-            inspect_bundle(plaintext, ctx.config.bundle_limits)
+            check_bundle(plaintext, ctx.config.bundle_limits)
             return hashlib.sha256(plaintext).hexdigest()
         finally:
             plaintext.release()
 
-    return await asyncio.to_thread(open_and_check)
+    return await ctx.config.lanes.keys.run(ctx.party, open_and_check)
 
 
 async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hpke.KeyPair) -> None:
@@ -263,7 +288,13 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
         plaintext = hpke.open(session_key, data)
         try:
             plaintext = await _decrypt_input(ctx, plaintext)
-            output = await asyncio.to_thread(sandbox.call, plaintext)
+            ctx.inbox.on_close = functools.partial(
+                asyncio.get_running_loop().run_in_executor, None, sandbox.close
+            )
+            try:
+                output = await ctx.config.lanes.calls.run(ctx.party, sandbox.call, plaintext)
+            finally:
+                ctx.inbox.on_close = None
         except (FunctionError, LimitExceededError, DecryptionError, KeyReleaseDeniedError) as exc:
             # One bad input (the function raised, an oversized output, a cape: input that
             # does not open or whose key is refused) ends that call, not the session. A dead
@@ -279,7 +310,9 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
 
 
 async def _attestation(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str]) -> None:
-    document = await asyncio.to_thread(_attest, ctx, session_key, user_data)
+    document = await ctx.config.lanes.attestation.run(
+        ctx.party, _attest, ctx, session_key, user_data
+    )
     await ctx.reply({"t": "attestation", "document": document})
 
 
@@ -289,12 +322,16 @@ async def _cold_lease(ctx: _Context, zip_bytes: bytes) -> Lease:
     try:
         holder.chmod(0o711)  # the sandbox's unprivileged uid must traverse to its function dir
         limits = ctx.config.bundle_limits
-        root = await asyncio.to_thread(unpack_bundle, zip_bytes, holder, limits)
-        sandbox = await asyncio.to_thread(
-            FunctionSandbox.start,
-            root,
-            limits=ctx.config.sandbox_limits,
-            services=_services(ctx, asyncio.get_running_loop()),
+        lanes = ctx.config.lanes
+        root = await lanes.keys.run(ctx.party, unpack_bundle, zip_bytes, holder, limits)
+        sandbox = await lanes.calls.run(
+            ctx.party,
+            functools.partial(
+                FunctionSandbox.start,
+                root,
+                limits=ctx.config.sandbox_limits,
+                services=_services(ctx, asyncio.get_running_loop()),
+            ),
         )
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, holder, True)
@@ -344,7 +381,7 @@ async def _run_session(ctx: _Context, bundle: object, digest: object = None) -> 
         else:
             raise FormatError("run session needs the stored bundle")
         checksum, lease = await ctx.pool.acquire(
-            ctx.owner, name, decrypt, _services(ctx, asyncio.get_running_loop())
+            ctx.owner, name, decrypt, _services(ctx, asyncio.get_running_loop()), party=ctx.party
         )
         fetched.clear()
     else:
@@ -385,15 +422,15 @@ async def run_session(
     keys: EnclaveKeyClient,
     config: SessionConfig,
     send: Send,
-    inbox: asyncio.Queue[dict[str, Any]],
+    inbox: Inbox,
     pool: WarmPool | None = None,
 ) -> None:
     """Serve one session from its ``open`` frame to the end; never raises."""
     sid = message["sid"]
     try:
-        kind, owner, nonce, response_key = _check_open(message)
+        kind, owner, caller, nonce, response_key = _check_open(message)
         ctx = _Context(
-            sid, kind, owner, nonce, response_key, module, keys, config, send, inbox, pool
+            sid, kind, owner, caller, nonce, response_key, module, keys, config, send, inbox, pool
         )
         if kind == "key":
             await _key_session(ctx)
@@ -405,9 +442,14 @@ async def run_session(
             await _test_session(ctx)
         await send({"t": "close", "sid": sid})
     except CapeError as exc:
-        await send({"t": "error", "sid": sid, "message": exc.diagnostics(), "fatal": True})
+        reply = {"t": "error", "sid": sid, "message": exc.diagnostics(), "fatal": True}
+        if isinstance(exc, BusyError):
+            reply["busy"] = True  # the host answers "try again later" (close 1013)
+        await send(reply)
     except asyncio.CancelledError:
         raise
-    except Exception:  # a bug: report generically, keep serving other sessions
-        log.exception("session %d failed", sid)
+    except Exception as exc:  # a bug: report generically, keep serving other sessions
+        # Only the exception's type: its message or traceback could carry a file name, an
+        # input or a message of user code, and the enclave's log goes to the host.
+        log.error("session %d failed: internal error (%s)", sid, type(exc).__name__)
         await send({"t": "error", "sid": sid, "message": "internal enclave error", "fatal": True})

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cape.enclave.lanes import Lanes
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
 from cape.enclave.unpack import unpack_bundle
 from cape.errors import CapeError
@@ -76,9 +77,11 @@ class WarmPool:
         *,
         sandbox_limits: SandboxLimits,
         bundle_limits: BundleLimits,
+        lanes: Lanes,
         capacity: int = 8,
         spares: bool = True,
     ) -> None:
+        self._lanes = lanes
         self._workdir = workdir
         self._sandbox_limits = sandbox_limits
         self._bundle_limits = bundle_limits
@@ -95,6 +98,8 @@ class WarmPool:
         ciphertext_sha256: bytes,
         decrypt: Callable[[], Awaitable[bytes]],
         services: Services,
+        *,
+        party: str,
     ) -> tuple[bytes, Lease]:
         """The function's checksum and a sandbox for one session (the caller releases it).
 
@@ -102,9 +107,10 @@ class WarmPool:
         only when this one is not held (it may fetch the ciphertext first, and must check it
         against the hash). ``services`` serves ``cape_encrypt`` for the owner; a spare started
         for an earlier session of the same owner and function carries an equivalent one.
+        Starting sandboxes and unpacking count against ``party`` in the runtime's lanes.
         """
         key = (owner, ciphertext_sha256)
-        entry = self._entries.get(key) or await self._load_once(key, decrypt)
+        entry = self._entries.get(key) or await self._load_once(key, decrypt, party)
         # No await between looking up and taking the spare: the event loop makes it atomic.
         self._entries.move_to_end(key)
         spare, entry.spare = entry.spare, None
@@ -118,21 +124,21 @@ class WarmPool:
                 else:
                     await asyncio.to_thread(candidate.release)
         if lease is None:
-            lease = await asyncio.to_thread(
-                _start, entry.source, self._workdir, self._sandbox_limits, services
+            lease = await self._lanes.calls.run(
+                party, _start, entry.source, self._workdir, self._sandbox_limits, services
             )
-        self._refill(entry, services)
+        self._refill(entry, services, party)
         return entry.checksum, lease
 
     async def _load_once(
-        self, key: tuple[str, bytes], decrypt: Callable[[], Awaitable[bytes]]
+        self, key: tuple[str, bytes], decrypt: Callable[[], Awaitable[bytes]], party: str
     ) -> _Entry:
         lock = self._loading.setdefault(key, asyncio.Lock())
         async with lock:
             entry = self._entries.get(key)
             if entry is not None:  # loaded while we waited
                 return entry
-            entry = await self._load(decrypt)
+            entry = await self._load(decrypt, party)
             existing = self._entries.get(key)
             if existing is not None:  # a loader under an evicted-and-recreated lock won
                 await self._discard(entry)
@@ -147,22 +153,26 @@ class WarmPool:
             await self._discard(old)
         return entry
 
-    async def _load(self, decrypt: Callable[[], Awaitable[bytes]]) -> _Entry:
+    async def _load(self, decrypt: Callable[[], Awaitable[bytes]], party: str) -> _Entry:
         zip_bytes = await decrypt()
         checksum = hashlib.sha256(zip_bytes).digest()
         holder = Path(tempfile.mkdtemp(prefix="function-", dir=self._workdir))
         try:
-            source = await asyncio.to_thread(unpack_bundle, zip_bytes, holder, self._bundle_limits)
+            source = await self._lanes.keys.run(
+                party, unpack_bundle, zip_bytes, holder, self._bundle_limits
+            )
         except BaseException:
             shutil.rmtree(holder, ignore_errors=True)
             raise
         return _Entry(checksum=checksum, holder=holder, source=source)
 
-    def _refill(self, entry: _Entry, services: Services) -> None:
+    def _refill(self, entry: _Entry, services: Services, party: str) -> None:
         if not self._spares or entry.spare is not None:
             return
         entry.spare = asyncio.create_task(
-            asyncio.to_thread(_start, entry.source, self._workdir, self._sandbox_limits, services)
+            self._lanes.calls.run(
+                party, _start, entry.source, self._workdir, self._sandbox_limits, services
+            )
         )
 
     async def _discard(self, entry: _Entry) -> None:

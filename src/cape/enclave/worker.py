@@ -81,6 +81,17 @@ def _set_limits(limits: dict[str, int]) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def _not_dumpable() -> None:
+    """PR_SET_DUMPABLE 0: no ptrace or /proc/<pid>/mem of the worker by other unprivileged
+    processes (defence in depth; children that exec become dumpable again)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def _silence_stdio() -> None:
     null_in = os.open(os.devnull, os.O_RDONLY)
     null_out = os.open(os.devnull, os.O_WRONLY)
@@ -262,6 +273,7 @@ def main(argv: list[str]) -> None:
     services = config.get("services")
     try:
         _set_limits(config["limits"])
+        _not_dumpable()
         _close_inherited_fds({fd} if services is None else {fd, services["fd"]})
         _silence_stdio()
     except OSError:

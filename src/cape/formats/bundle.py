@@ -5,12 +5,18 @@ zip's single top-level folder (Cape's CLI zips ``<folder>/<files>``). Nothing in
 trusted: entry names, declared sizes, compression ratios and file types are all checked, and
 sizes are counted while decompressing rather than read from the headers.
 
-Rules (each violation is a :class:`~cape.errors.FormatError` or
-:class:`~cape.errors.LimitExceededError` with a clear message):
+Rules (each violation is a :class:`BundleError` (a :class:`~cape.errors.FormatError`) or a
+:class:`~cape.errors.LimitExceededError` with a clear message; a :class:`BundleError` also
+carries :attr:`BundleError.rule`, the same reason without any entry name, which is what the
+enclave reports through the host):
 
 - a readable zip; no encryption; stored or deflated entries only;
 - names: relative, no ``..`` component, no backslashes, no drive letters or NUL, no duplicates
   (also after case folding, so an unpacked tree cannot shadow itself), valid UTF-8;
+- names that unpack everywhere (issue 18, finding 8): each component at most
+  :data:`MAX_NAME_BYTES` (NAME_MAX), the whole path at most :data:`MAX_PATH_BYTES` (PATH_MAX
+  less room for the directory it is unpacked in), at most :data:`MAX_DEPTH` directories deep,
+  and no name both a file and a directory (``lib`` and ``lib/x``, also after case folding);
 - regular files and directories only: symlinks, devices and FIFOs are refused (a link could
   escape the unpack directory);
 - at most ``max_files`` entries, ``max_unpacked_bytes`` in total, and a per-entry compression
@@ -36,6 +42,10 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
+    "BundleError",
     "BundleInfo",
     "BundleLimits",
     "inspect_bundle",
@@ -46,6 +56,21 @@ __all__ = [
 HANDLER_NAME = "cape_handler"
 APP_FILE = "app.py"
 _CHUNK = 1 << 20
+#: NAME_MAX of Linux file systems: the longest file or directory name, in bytes.
+MAX_NAME_BYTES = 255
+#: PATH_MAX (4096) less 1 KiB for the directory a bundle is unpacked in (the enclave's work
+#: directory and session folders, or ``/function`` in the sandbox).
+MAX_PATH_BYTES = 3072
+#: Folders deep: far beyond real code, well within what copying and walking a tree handles.
+MAX_DEPTH = 64
+
+
+class BundleError(FormatError):
+    """A bundle that fails a rule; :attr:`rule` says which without naming any entry."""
+
+    def __init__(self, rule: str, name: str | None = None) -> None:
+        self.rule = f"bundle refused: {rule}"
+        super().__init__(f"bundle entry {name!r}: {rule}" if name is not None else self.rule)
 
 
 @dataclass(frozen=True)
@@ -71,14 +96,20 @@ class BundleInfo:
 
 def _check_name(name: str) -> PurePosixPath:
     if not name or "\x00" in name or "\\" in name:
-        raise FormatError(f"bundle entry name {name!r} is not allowed")
+        raise BundleError("an entry name is not allowed (empty, NUL or backslash)", name)
     path = PurePosixPath(name)
     if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
-        raise FormatError(f"bundle entry {name!r} has an absolute path")
+        raise BundleError("an entry has an absolute path", name)
     if any(part in ("..", ".") for part in path.parts) or posixpath.normpath(name) != name.rstrip(
         "/"
     ):
-        raise FormatError(f"bundle entry {name!r} is not a plain relative path")
+        raise BundleError("an entry name is not a plain relative path", name)
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in path.parts):
+        raise BundleError(f"a file or folder name is longer than {MAX_NAME_BYTES} bytes", name)
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise BundleError(f"an entry's path is longer than {MAX_PATH_BYTES} bytes", name)
+    if len(path.parts) > MAX_DEPTH + 1:
+        raise BundleError(f"an entry lies more than {MAX_DEPTH} folders deep", name)
     return path
 
 
@@ -168,24 +199,27 @@ def open_bundle(data: bytes | memoryview, limits: BundleLimits) -> zipfile.ZipFi
 def _check_entries(archive: zipfile.ZipFile, limits: BundleLimits) -> list[zipfile.ZipInfo]:
     entries = archive.infolist()
     if not entries:
-        raise FormatError("bundle is an empty zip")
+        raise BundleError("the zip is empty")
     if len(entries) > limits.max_files:
         raise LimitExceededError("bundle file count", limits.max_files, len(entries))
     seen: set[str] = set()
+    files: dict[str, str] = {}  # case-folded file path -> its name
+    folders: dict[str, str] = {}  # case-folded folder path (explicit or implied) -> a name
     declared = 0
     for info in entries:
         if info.flag_bits & 0x1:
-            raise FormatError(f"bundle entry {info.filename!r} is encrypted")
+            raise BundleError("an entry is encrypted", info.filename)
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise FormatError(f"bundle entry {info.filename!r} uses an unsupported compression")
-        _check_name(info.filename)
+            raise BundleError("an entry uses an unsupported compression", info.filename)
+        path = _check_name(info.filename)
         kind = _entry_kind(info)
         if kind in ("symlink", "special file"):
-            raise FormatError(f"bundle entry {info.filename!r} is a {kind}; only files allowed")
+            raise BundleError(f"an entry is a {kind}; only files and folders", info.filename)
         folded = info.filename.rstrip("/").casefold()
         if folded in seen:
-            raise FormatError(f"bundle has a duplicate entry {info.filename!r}")
+            raise BundleError("duplicate entry names (ignoring case)", info.filename)
         seen.add(folded)
+        _check_clash(path, kind, info.filename, files, folders)
         declared += info.file_size
         if declared > limits.max_unpacked_bytes:
             raise LimitExceededError(
@@ -198,6 +232,27 @@ def _check_entries(archive: zipfile.ZipFile, limits: BundleLimits) -> list[zipfi
     return entries
 
 
+def _check_clash(
+    path: PurePosixPath, kind: str, name: str, files: dict[str, str], folders: dict[str, str]
+) -> None:
+    """No name may be a file and a folder at once (``lib`` and ``lib/x``), ignoring case."""
+    parts = [part.casefold() for part in path.parts]
+    for depth in range(1, len(parts)):  # every parent is a folder
+        parent = "/".join(parts[:depth])
+        if parent in files:
+            raise BundleError("a name is both a file and a folder", name)
+        folders.setdefault(parent, name)
+    full = "/".join(parts)
+    if kind == "directory":
+        if full in files:
+            raise BundleError("a name is both a file and a folder", name)
+        folders.setdefault(full, name)
+    else:
+        if full in folders:
+            raise BundleError("a name is both a file and a folder", name)
+        files[full] = name
+
+
 def _find_root(entries: list[zipfile.ZipInfo]) -> str:
     names = {info.filename for info in entries if not info.is_dir()}
     if APP_FILE in names:
@@ -207,7 +262,7 @@ def _find_root(entries: list[zipfile.ZipInfo]) -> str:
         (top,) = tops
         if f"{top}/{APP_FILE}" in names:
             return top
-    raise FormatError("bundle has no app.py at its root or inside its single top-level folder")
+    raise BundleError("no app.py at the root or inside the single top-level folder")
 
 
 def read_entry(
@@ -224,7 +279,7 @@ def read_entry(
                         "bundle unpacked size in bytes", limits.max_unpacked_bytes
                     )
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise FormatError(f"bundle entry {info.filename!r} is corrupt: {exc}") from None
+        raise BundleError(f"an entry is corrupt ({type(exc).__name__})", info.filename) from None
     return bytes(out)
 
 
@@ -244,9 +299,13 @@ def _check_handler(source: bytes) -> None:
     try:
         tree = ast.parse(source, filename=APP_FILE)
     except (SyntaxError, ValueError) as exc:
-        raise FormatError(f"app.py does not parse: {exc}") from None
+        line = getattr(exc, "lineno", None)
+        where = f" (line {line})" if isinstance(line, int) else ""
+        error = BundleError(f"app.py does not parse{where}")
+        error.args = (f"app.py does not parse: {exc}",)  # the client's own check shows it
+        raise error from None
     if not any(_defines_handler(node) for node in tree.body):
-        raise FormatError("app.py does not define cape_handler at module level")
+        raise BundleError("app.py does not define cape_handler at module level")
 
 
 def inspect_bundle(data: bytes | memoryview, limits: BundleLimits | None = None) -> BundleInfo:

@@ -28,6 +28,7 @@ from typing import Any
 from cape._internal.tempdirs import private_tempdir
 from cape.errors import CapeError, FormatError, TransportError
 from cape.formats.frames import encode_frame, encode_frame_parts, read_frame
+from cape.host.errors import UnavailableError
 
 __all__ = ["EnclaveConnection", "EnclaveLauncher", "HostSession", "SimulatedLauncher"]
 
@@ -60,13 +61,19 @@ class HostSession:
         await self._connection.send({**message, "sid": self.sid})
 
     async def receive(self) -> dict[str, Any]:
-        """The next frame from the enclave for this session; ``close``/fatal errors end it."""
+        """The next frame from the enclave for this session; ``close``/fatal errors end it.
+
+        A fatal error marked ``busy`` (a full queue in the enclave) raises
+        :class:`~cape.host.errors.UnavailableError`: "try again later", close 1013.
+        """
         message = await self.inbox.get()
         if message is None:
             self.closed = True
             raise TransportError("the enclave is gone")
         if message["t"] == "close" or (message["t"] == "error" and message.get("fatal")):
             self.closed = True
+            if message["t"] == "error" and message.get("busy") is True:
+                raise UnavailableError(str(message.get("message", "the enclave is busy")))
         return message
 
     async def close(self) -> None:
@@ -99,6 +106,9 @@ class EnclaveConnection:
         self._write_lock = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # An enclave that dies while nobody waits for it (a start cut short by shutdown) must
+        # not log "Future exception was never retrieved".
+        self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._cleanup: list[Callable[[], None]] = []
 
     @property
@@ -177,9 +187,13 @@ class EnclaveConnection:
         response_key: bytes | None = None,
         bundle: bytes | None = None,
         bundle_sha256: bytes | None = None,
+        caller: str | None = None,
     ) -> HostSession:
         """Open a session; the caller then reads the ``attestation`` frame from it (for a run
-        opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first)."""
+        opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first).
+
+        ``caller`` (the user running someone else's function) is whom the enclave's fair
+        queueing counts the session against; it defaults to ``owner``."""
         if not self.alive:
             raise TransportError("the enclave is not running")
         sid = next(self._ids)
@@ -198,6 +212,8 @@ class EnclaveConnection:
             message["bundle"] = bundle
         if bundle_sha256 is not None:
             message["bundle_sha256"] = bundle_sha256
+        if caller is not None:
+            message["caller"] = caller
         await self.send(message)
         return session
 
@@ -306,6 +322,9 @@ class SimulatedLauncher(EnclaveLauncher):
             await connection.close()
             if isinstance(exc, TimeoutError):
                 raise TransportError("the enclave did not become ready in time") from None
+            raise
+        except asyncio.CancelledError:  # shutdown: stop it and remove its directory
+            await asyncio.shield(connection.close())
             raise
         return connection
 

@@ -63,6 +63,7 @@ class EnclavePool:
         self._slots = [_Slot(i) for i in range(size)]
         self._supervisors: list[asyncio.Task[None]] = []
         self._closing = False
+        self._healing = True
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -109,10 +110,17 @@ class EnclavePool:
                 await connection.wait_closed()
                 if self._closing:
                     return
-                log.warning("enclave %d exited; starting a new one", slot.index)
                 slot.ready.clear()
                 slot.connection = None
+                if not self._healing:  # draining: a signal to the process group ended it
+                    log.info("enclave %d exited during shutdown", slot.index)
+                    await connection.close()  # reaps it and removes its temporary directory
+                    self._changed.set()
+                    return
+                log.warning("enclave %d exited; starting a new one", slot.index)
                 await connection.close()
+            if not self._healing:
+                return
             try:
                 slot.connection = await self._launcher.start()
             except (CapeError, OSError) as exc:
@@ -127,6 +135,11 @@ class EnclavePool:
             slot.restarts += 1
             slot.ready.set()
             self._changed.set()
+
+    def stop_healing(self) -> None:
+        """Stop restarting enclaves that exit (the server is draining; safe to call from a
+        signal handler). Sessions still running keep their enclaves."""
+        self._healing = False
 
     def _live(self) -> list[_Slot]:
         return [s for s in self._slots if s.connection is not None and s.connection.alive]
@@ -150,7 +163,7 @@ class EnclavePool:
     async def _pick(self, affinity: str | None) -> _Slot:
         deadline = asyncio.get_running_loop().time() + WAIT_FOR_ENCLAVE_S
         while (slot := self._choose(affinity)) is None:
-            if self._closing:
+            if self._closing or not self._healing:
                 raise TransportError("the enclave pool is shutting down")
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -171,8 +184,12 @@ class EnclavePool:
         bundle: bytes | None = None,
         bundle_sha256: bytes | None = None,
         affinity: str | None = None,
+        caller: str | None = None,
     ) -> AsyncIterator[HostSession]:
-        """Open a session on a live enclave; closes it (and frees the slot) on exit."""
+        """Open a session on a live enclave; closes it (and frees the slot) on exit.
+
+        ``caller`` (who runs the function, if not its owner) is whom the enclave counts the
+        session against when it shares its capacity between users."""
         slot = await self._pick(affinity)
         connection = slot.connection
         assert connection is not None
@@ -185,6 +202,7 @@ class EnclavePool:
                 response_key=response_key,
                 bundle=bundle,
                 bundle_sha256=bundle_sha256,
+                caller=caller,
             )
             try:
                 yield session

@@ -75,6 +75,14 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0"}:
+        return value.strip().lower() in {"true", "1"}
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
 def _signup(value: Any) -> SignupMode:
     return SignupMode(_choice(*SignupMode.__members__)(value))
 
@@ -141,6 +149,8 @@ SETTINGS: Final[Mapping[str, Setting]] = {
     "auth_dir": Setting("auth_dir", _path, "the token signing key's directory"),
     "image_signing_dir": Setting("image_signing_dir", _path, "the runtime image-signing key"),
     "log_format": Setting("log_format", _choice("text", "json"), "text or json lines"),
+    "sandbox_uids": Setting("sandbox_uids", _text, "uids for sandboxed functions (FIRST-LAST)"),
+    "run_functions": Setting("run_functions", _bool, "false: serve but run no functions"),
 }
 
 

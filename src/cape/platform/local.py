@@ -31,6 +31,7 @@ from cape.kms.proxy import serve_kms_request
 __all__ = [
     "IMAGE_SIGNING_DIR",
     "LocalPlatform",
+    "isolation_problem",
     "load_image_signer",
     "runtime_key_policy",
     "signer_key_policy",
@@ -132,3 +133,16 @@ def runtime_pcrs(data_dir: Path | None = None) -> dict[int, bytes]:
         if signer is not None:
             pcrs[8] = signer.identity.pcr8
     return pcrs
+
+
+def isolation_problem() -> str | None:
+    """Why this machine cannot sandbox user code (bubblewrap, user namespaces, root), with
+    the install command; ``None`` when it can. Runs one probe sandbox (cached)."""
+    from cape.enclave.sandbox import check_isolation
+    from cape.errors import SandboxError
+
+    try:
+        check_isolation()
+    except SandboxError as exc:
+        return exc.diagnostics()
+    return None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
@@ -31,6 +32,7 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +42,12 @@ from typing import Any, Final, TextIO
 import uvicorn
 from cryptography import x509
 from starlette.types import ASGIApp
+from websockets.exceptions import InvalidState
 
 from cape._internal.timefile import write_private
+from cape.enclave.sandbox import describe_containment
 from cape.enclave.secure_module.simulated import SimulatedAuthority
+from cape.enclave.uids import DEFAULT_RANGE, check_range, parse_range
 from cape.errors import CapeError, FormatError, KeyFormatError
 from cape.host.api.app import create_app
 from cape.host.api.operations import Metrics, Readiness, create_operation_routes
@@ -64,7 +69,12 @@ from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import User
 from cape.kms.local import load_master_key
-from cape.platform.local import IMAGE_SIGNING_DIR, LocalPlatform, load_image_signer
+from cape.platform.local import (
+    IMAGE_SIGNING_DIR,
+    LocalPlatform,
+    isolation_problem,
+    load_image_signer,
+)
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
 from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
@@ -81,10 +91,27 @@ __all__ = [
 log = logging.getLogger("cape.serve")
 DEFAULT_PORT: Final = 8443
 
-BANNER: Final = """\
-  SIMULATED MODE: no hardware guarantee. The secure module, the key service's master key
-  and the enclaves all run on this machine; whoever controls it can read everything.
-  Use it to develop and test; deploy on AWS Nitro Enclaves for real confidentiality."""
+#: The docs page whose statement on hardware enclaves the banner repeats (keep them equal:
+#: tests/e2e/test_first_hour.py checks the page says what the banner says).
+HARDWARE_STATUS_DOC: Final = "docs/concepts.md"
+HARDWARE_STATUS: Final = (
+    "For confidentiality from the operator you need hardware-backed enclaves (AWS Nitro "
+    "Enclaves): this release builds and signs their images but does not run on them yet."
+)
+BANNER: Final = "\n".join(
+    [
+        "  SIMULATED MODE: no hardware guarantee. The secure module, the key service's master key",
+        "  and the enclaves all run on this machine; whoever controls it can read everything.",
+        *textwrap.wrap(
+            f"Use it to develop and test. {HARDWARE_STATUS} See {HARDWARE_STATUS_DOC}.",
+            width=90,
+            break_on_hyphens=False,
+            initial_indent="  ",
+            subsequent_indent="  ",
+        ),
+    ]
+)
+LOCK_FILE: Final = "serve.lock"
 
 
 def default_data_dir() -> Path:
@@ -107,6 +134,9 @@ class ServeConfig:
     drain_timeout_s: float = 30.0
     max_input_bytes: int = 64 << 20
     max_bundle_bytes: int = 1_000_000_000
+    run_functions: bool = True
+    """False (``cape serve --no-run``): start without OS isolation for user code; keys and
+    deploys work, every run and test is refused. True refuses to start without isolation."""
     signup: SignupMode = SignupMode.open
     """Who may sign up: anyone, holders of an invite code, or nobody (docs/limits.md)."""
     signups_per_hour: int = DEFAULT_SIGNUPS_PER_HOUR
@@ -115,6 +145,9 @@ class ServeConfig:
     """Proxies whose ``X-Forwarded-For`` names the client (addresses or networks, ``*`` for
     any); by default none, so the client is always the TCP peer."""
     runtime_args: Sequence[str] = ()
+    sandbox_uids: str = str(DEFAULT_RANGE)
+    """Host uids for sandboxes, ``START-END``: checked at every start against the ranges the
+    system hands out (issue 18, finding 5); the enclaves get it as ``--sandbox-uids``."""
     extra_env: Mapping[str, str] | None = None
     record_for_cli: bool = True
     config_dir: Path = field(default_factory=config_dir)
@@ -189,9 +222,14 @@ class _Uvicorn(uvicorn.Server):
     """uvicorn, with a drain step before it closes connections on a signal."""
 
     def __init__(
-        self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float
+        self,
+        config: uvicorn.Config,
+        lifecycle: Lifecycle,
+        drain_timeout_s: float,
+        on_drain: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(config)
+        self._on_drain = on_drain
         self._lifecycle = lifecycle
         self._drain_timeout_s = drain_timeout_s
         self._draining = False
@@ -203,6 +241,9 @@ class _Uvicorn(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): uvicorn would re-raise the signal after shutting down.
+        # At once, in the signal handler: a signal to the whole process group (systemd,
+        # `timeout`, Ctrl-C) reaches the enclaves too, and the pool must not restart them.
+        self._on_drain()
         if self._draining or self._loop is None:
             self.should_exit = True
             self.force_exit = self._draining
@@ -220,6 +261,27 @@ class _Uvicorn(uvicorn.Server):
         """What a signal does, for callers in the same process (tests, embedding)."""
         self.handle_exit(signal.SIGTERM, None)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's websockets-sansio protocol sends close 1012 on every connection it still
+        # holds; one whose peer's close frame already arrived (its transport closing, the TLS
+        # shutdown still in flight) raises InvalidState there and would end the server with a
+        # traceback. Such connections are over: just let their transport close.
+        for connection in list(self.server_state.connections):
+            connection.shutdown = _guarded_shutdown(connection)  # type: ignore[method-assign]
+        await super().shutdown(sockets)
+
+
+def _guarded_shutdown(connection: Any) -> Callable[[], None]:
+    original = connection.shutdown
+
+    def shutdown() -> None:
+        try:
+            original()
+        except InvalidState:
+            connection.transport.close()
+
+    return shutdown
+
 
 class Server:
     """The assembled platform: use :meth:`running` to start and stop it."""
@@ -233,6 +295,8 @@ class Server:
         self.lifecycle = Lifecycle()
         self._uvicorn: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
+        self.isolation_problem: str | None = None
+        """Why user code cannot run here (``None`` when it can); set at start."""
 
     @property
     def ca_file(self) -> Path:
@@ -245,8 +309,24 @@ class Server:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Server]:
         """Start everything and serve until the block ends (or a signal drains it)."""
-        config = self.config
+        # Before anything starts: one clear line when the sandbox uids overlap the system's.
+        check_range(parse_range(self.config.sandbox_uids))
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = _lock_data_dir(self.data_dir)  # one server per data directory
+        with lock:
+            async with self._running(lock) as server:
+                yield server
+
+    @contextlib.asynccontextmanager
+    async def _running(self, lock: _DataDirLock) -> AsyncIterator[Server]:
+        config = self.config
+        sandbox_uids = parse_range(config.sandbox_uids)  # checked in running()
+        self.isolation_problem = await asyncio.to_thread(isolation_problem)
+        if self.isolation_problem is not None and config.run_functions:
+            raise CapeError(
+                f"cannot run functions on this machine: {self.isolation_problem}. Fix that, or "
+                "start with `cape serve --no-run` to serve keys and deploys only"
+            )
         listener = _listen(config.host, config.port)  # fail fast, before starting enclaves
         with listener:
             tls = ensure_tls(self.data_dir / "tls", config.host)
@@ -273,7 +353,9 @@ class Server:
             )
             pool = EnclavePool(
                 platform.launcher(
-                    extra_env=config.extra_env, tap=config.tap, runtime_args=config.runtime_args
+                    extra_env=config.extra_env,
+                    tap=config.tap,
+                    runtime_args=[*config.runtime_args, "--sandbox-uids", str(sandbox_uids)],
                 ),
                 config.enclaves,
             )
@@ -321,6 +403,7 @@ class Server:
                         attestation_root_pem=authority.root_pem,
                         key_documents=key_document,
                         on_signup=on_signup,
+                        max_input_bytes=config.max_input_bytes,
                     ),
                     SessionDeps(
                         store=store,
@@ -356,7 +439,9 @@ class Server:
                     proxy_headers=bool(config.forwarded_allow_ips),
                     forwarded_allow_ips=list(config.forwarded_allow_ips),
                 )
-                server = _Uvicorn(uv_config, self.lifecycle, config.drain_timeout_s)
+                server = _Uvicorn(
+                    uv_config, self.lifecycle, config.drain_timeout_s, on_drain=pool.stop_healing
+                )
                 self._uvicorn = server
                 task = self._task = asyncio.create_task(server.serve(sockets=[listener]))
                 while not server.started:
@@ -368,8 +453,11 @@ class Server:
                 if config.host in WILDCARD_HOSTS:
                     host = "127.0.0.1"
                 self.url = f"https://{host}:{port}"
+                lock.record(self.url)
                 if config.record_for_cli:
-                    _record_for_cli(config.config_dir, self.url, self.ca_file, self.root_file)
+                    _record_for_cli(
+                        config.config_dir, self.url, self.ca_file, self.root_file, self.data_dir
+                    )
                 try:
                     yield self
                 finally:
@@ -409,7 +497,61 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def _record_for_cli(config_dir: Path, url: str, ca_file: Path, root_file: Path) -> None:
+class _DataDirLock:
+    """An exclusive ``flock`` on ``DIR/serve.lock`` for the server's lifetime; the file says
+    which process holds it and at which URL (the kernel drops the lock if the process dies)."""
+
+    def __init__(self, path: Path, handle: TextIO) -> None:
+        self.path = path
+        self._handle = handle
+
+    def record(self, url: str | None) -> None:
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(json.dumps({"pid": os.getpid(), "url": url}) + "\n")
+        self._handle.flush()
+
+    def __enter__(self) -> _DataDirLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.seek(0)
+            self._handle.truncate()
+        self._handle.close()  # releases the lock
+
+
+def _lock_data_dir(data_dir: Path) -> _DataDirLock:
+    path = data_dir / LOCK_FILE
+    try:
+        handle = path.open("a+")
+    except OSError as exc:
+        raise CapeError(f"cannot use the data directory {data_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        text = handle.read()
+        handle.close()
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
+        pid = holder.get("pid", "unknown")
+        where = holder.get("url") or "still starting"
+        raise CapeError(
+            f"the data directory {data_dir} is in use by another cape serve (PID {pid}, "
+            f"{where}); stop that one first, or pass another --data-dir"
+        ) from None
+    lock = _DataDirLock(path, handle)
+    lock.record(None)
+    return lock
+
+
+def _record_for_cli(
+    config_dir: Path, url: str, ca_file: Path, root_file: Path, data_dir: Path
+) -> None:
     """Tell the local user's ``cape`` where this server is (``serve.json``, 0600)."""
     try:
         _private_dir(config_dir)
@@ -417,6 +559,7 @@ def _record_for_cli(config_dir: Path, url: str, ca_file: Path, root_file: Path) 
             "url": url,
             "ca_file": str(ca_file.resolve()),
             "attestation_root": str(root_file.resolve()),
+            "data_dir": str(data_dir.resolve()),
         }
         write_private(config_dir / SERVE_FILE, json.dumps(record, indent=2).encode())
     except OSError as exc:
@@ -436,6 +579,13 @@ def describe(server: Server, out: TextIO) -> None:
         print(f"  Node:              {config.node_name}", file=out)
         print(f"  Database:          {server.storage[0]}", file=out)
         print(f"  Blob store:        {server.storage[1]}", file=out)
+    print(f"  Sandbox uids:      {config.sandbox_uids}", file=out)
+    print(f"  Sandbox limits:    {describe_containment()}", file=out)
+    if server.isolation_problem is not None:
+        print(
+            f"  Functions:         NOT RUNNABLE (--no-run): {server.isolation_problem}",
+            file=out,
+        )
     print(f"  Signup:            {config.signup.value}", file=out)
     if config.forwarded_allow_ips:
         print(f"  Trusted proxies:   {', '.join(config.forwarded_allow_ips)}", file=out)
@@ -481,4 +631,6 @@ def serve(
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter(config.node_name))
     logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
+    # Alembic reports each migration step at INFO, before the banner; only problems matter.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     asyncio.run(_serve(config, out, on_ready))

@@ -2,8 +2,9 @@
 
 :class:`AsyncCape` is the implementation (every network call is a coroutine);
 :class:`Cape` offers the same calls synchronously and, like pycape, also from async code: a
-call made while an event loop runs in the calling thread returns an awaitable instead. For
-typed async code use ``cape.aio``, the :class:`AsyncCape` behind a :class:`Cape`.
+call made from a coroutine returns an awaitable instead (plain code in a running event loop,
+such as a Jupyter cell, gets the result). For typed async code use ``cape.aio``, the
+:class:`AsyncCape` behind a :class:`Cape`.
 
 Every session verifies before anything secret leaves this process (see
 :mod:`cape.sdk.session`): the attestation document must chain to the pinned root and carry
@@ -18,8 +19,11 @@ import base64
 import binascii
 import datetime as dt
 import hmac
+import inspect
 import json
 import os
+import re
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,11 +37,12 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cape import serdio
 from cape.crypto import envelope
 from cape.crypto.keys import load_rsa_public_key, public_key_der
-from cape.errors import CapeError, FormatError, VerificationError
+from cape.errors import CapeError, FormatError, TransportError, VerificationError
 from cape.sdk import config as client_config
 from cape.sdk import flows
 from cape.sdk.bundle import Bundle, build_bundle
 from cape.sdk.function_ref import FunctionRef
+from cape.sdk.hints import add_hint
 from cape.sdk.rest import RestClient
 from cape.sdk.session import Session, SessionOptions
 from cape.verify.policy import AttestationPolicy, pcr_allow_list
@@ -55,6 +60,7 @@ __all__ = [
     "PcrPins",
     "TokenInfo",
     "UntrustedRootError",
+    "normalize_fingerprint",
 ]
 
 T = TypeVar("T")
@@ -174,6 +180,21 @@ def _function_id(text: str) -> str:
     return ref.id
 
 
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def normalize_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint in any printed form: with or without ``sha256:``, colons or
+    spaces, any case (``cape serve`` prints ``sha256:6b25…``) → 64 lower-case hex digits."""
+    cleaned = re.sub(r"[\s:]", "", text.lower()).removeprefix("sha256")
+    if not _FINGERPRINT.fullmatch(cleaned):
+        raise FormatError(
+            f"{text!r} is not a SHA-256 fingerprint (64 hex digits, as `cape serve` prints it: "
+            "sha256:6b25…)"
+        )
+    return cleaned
+
+
 def _load_token(token: str | os.PathLike[str]) -> str:
     """A token string, or the contents of a token file (pycape accepts both)."""
     if isinstance(token, os.PathLike) or (
@@ -245,7 +266,17 @@ class AsyncCape:
             with RestClient(self.url, self._ssl, token) as rest:
                 return call(rest)
 
-        return await asyncio.to_thread(run)
+        try:
+            return await asyncio.to_thread(run)
+        except CapeError as exc:
+            raise add_hint(exc) from None
+
+    async def input_limit(self) -> int | None:
+        """The largest function input the server accepts, in bytes (``GET /v1/runtime``);
+        ``None`` when the server does not say (an older server)."""
+        answer = await self._rest(lambda rest: rest.request("GET", "/v1/runtime"))
+        limit = answer.get("max_input_bytes") if isinstance(answer, dict) else None
+        return limit if isinstance(limit, int) and limit > 0 else None
 
     async def server_root(self) -> x509.Certificate:
         """The root the server offers (NOT trusted: check its fingerprint out of band)."""
@@ -254,7 +285,7 @@ class AsyncCape:
 
     async def trust_root(self, expected_fingerprint: str) -> x509.Certificate:
         """Fetch the server's root, require its SHA-256 fingerprint, and pin it for this URL."""
-        want = expected_fingerprint.replace(":", "").strip().lower()
+        want = normalize_fingerprint(expected_fingerprint)
         cert = await self.server_root()
         got = fingerprint(cert)
         if not hmac.compare_digest(got, want):
@@ -279,9 +310,20 @@ class AsyncCape:
         )
 
     def token(self, token: str | os.PathLike[str] | None = None) -> str:
-        """A token string from ``token`` (string or file), else the configured login."""
+        """A token string from ``token`` (string or file), else the configured login.
+
+        Without either, an unreachable server is reported as such rather than as "not
+        logged in" (the login may well exist for it once it is up)."""
         if token is not None:
             return _load_token(token)
+        if not self.settings.token:
+            with RestClient(self.url, self._ssl) as rest:  # raises "cannot reach …"
+                try:
+                    rest.request("GET", "/v1/runtime")
+                except TransportError as exc:
+                    raise add_hint(exc) from None
+                except CapeError:
+                    pass  # reachable: then the missing login is the problem
         return self.settings.require_token()
 
     def function(
@@ -415,9 +457,12 @@ class AsyncCape:
         """Open a verified session with the function's enclave (one at a time)."""
         ref = self.function(function_ref)
         await self.close()
-        self._session = session = await Session.open(
-            self.url, ref.path, self.token(token), self._options(pcrs, ref.checksum)
-        )
+        try:
+            self._session = session = await Session.open(
+                self.url, ref.path, self.token(token), self._options(pcrs, ref.checksum)
+            )
+        except CapeError as exc:
+            raise add_hint(exc) from None
         checksum = session.user_data.get("func_checksum")
         try:
             checksum_hex = base64.b64decode(checksum, validate=True).hex() if checksum else None
@@ -449,7 +494,10 @@ class AsyncCape:
             if kwargs or len(args) != 1 or not isinstance(args[0], bytes | bytearray):
                 raise TypeError("without use_serdio, invoke takes exactly one bytes argument")
             data = bytes(args[0])
-        output = await self._session.invoke(data)
+        try:
+            output = await self._session.invoke(data)
+        except CapeError as exc:
+            raise add_hint(exc) from None
         if hooks is not None or use_serdio:
             return serdio.deserialize(output, decoder=hooks.decoder if hooks else None)
         return output
@@ -550,9 +598,12 @@ class AsyncCape:
     ) -> bytes:
         """Run a folder or zip once on ``input`` without storing it."""
         bundle = path if isinstance(path, Bundle) else await self.build(path, vendor=vendor)
-        results = await flows.test(
-            self.url, self.token(token), self._options(pcrs), bundle.data, [bytes(input)]
-        )
+        try:
+            results = await flows.test(
+                self.url, self.token(token), self._options(pcrs), bundle.data, [bytes(input)]
+            )
+        except CapeError as exc:
+            raise add_hint(exc) from None
         return results[0]
 
     # -- management (REST) -------------------------------------------------------------------
@@ -582,6 +633,15 @@ class AsyncCape:
             ]
         except (KeyError, TypeError):
             raise FormatError("the server's function list is malformed") from None
+
+    async def count_functions(self, *, offset: int = 0, token: str | None = None) -> int:
+        """How many of one's functions there are from ``offset`` on (pages through them)."""
+        count = 0
+        while True:
+            page = await self.functions(limit=1000, offset=offset + count, token=token)
+            count += len(page)
+            if len(page) < 1000:
+                return count
 
     async def delete_function(self, function_id: str, *, token: str | None = None) -> None:
         """Delete one of your functions by id (its stored bundle goes with it)."""
@@ -667,17 +727,27 @@ class _Portal:
             coro.close()
             raise CapeError("a Cape method was called from inside its own event loop")
         future = asyncio.run_coroutine_threadsafe(coro, loop)
-        if running is not None:
+        if running is not None and _called_from_coroutine():
             return asyncio.wrap_future(future)  # type: ignore[return-value]
+        # Plain code, even while the thread's loop runs (a Jupyter cell): the call runs on the
+        # portal's own loop, so waiting here cannot deadlock.
         return future.result()
+
+
+def _called_from_coroutine() -> bool:
+    """True when the code calling a :class:`Cape` method is itself a coroutine (``async def``
+    or a cell with top-level ``await``): pycape's callers ``await`` the result there."""
+    frame = sys._getframe(3)  # _called_from_coroutine <- _Portal.call <- Cape.method <- caller
+    return bool(frame.f_code.co_flags & inspect.CO_COROUTINE)
 
 
 class Cape:
     """The synchronous face of :class:`AsyncCape` (same arguments, same methods).
 
-    ``with Cape() as cape: cape.run("user/fn", None, b"input")``. Called from async code,
-    each network method returns an awaitable (pycape's behaviour); ``cape.aio`` is the typed
-    async client.
+    ``with Cape() as cape: cape.run("user/fn", None, b"input")``. Called from a coroutine
+    (``async def``, or a notebook cell using top-level ``await``) each network method returns
+    an awaitable (pycape's behaviour); called from plain code it returns the result, also while
+    an event loop runs in the thread (a Jupyter cell). ``cape.aio`` is the typed async client.
     """
 
     def __init__(
@@ -716,6 +786,9 @@ class Cape:
 
     def server_root(self) -> x509.Certificate:
         return _Portal.call(self.aio.server_root())
+
+    def input_limit(self) -> int | None:
+        return _Portal.call(self.aio.input_limit())
 
     def trust_root(self, expected_fingerprint: str) -> x509.Certificate:
         return _Portal.call(self.aio.trust_root(expected_fingerprint))
@@ -843,6 +916,9 @@ class Cape:
         self, *, limit: int = 50, offset: int = 0, token: str | None = None
     ) -> list[FunctionInfo]:
         return _Portal.call(self.aio.functions(limit=limit, offset=offset, token=token))
+
+    def count_functions(self, *, offset: int = 0, token: str | None = None) -> int:
+        return _Portal.call(self.aio.count_functions(offset=offset, token=token))
 
     def delete_function(self, function_id: str, *, token: str | None = None) -> None:
         return _Portal.call(self.aio.delete_function(function_id, token=token))

@@ -35,14 +35,21 @@ __all__ = [
     "PRESETS_FILE",
     "SERVE_FILE",
     "ClientConfig",
+    "Setting",
     "cached_key_path",
     "clear_login",
     "config_dir",
+    "effective",
     "ensure_config_dir",
+    "login_matches",
+    "not_logged_in",
     "pinned_root_path",
     "read_presets",
+    "read_serve_record",
     "resolve",
+    "same_server",
     "save_token",
+    "saved_login",
     "write_presets",
 ]
 
@@ -130,8 +137,116 @@ class ClientConfig:
 
     def require_token(self) -> str:
         if not self.token:
-            raise CapeError("not logged in: run `cape login` (or pass --token / CAPE_TOKEN)")
+            raise CapeError(not_logged_in(self.url))
         return self.token
+
+
+def not_logged_in(url: str) -> str:
+    """Why there is no token for ``url``, naming the login that exists, if any."""
+    auth = saved_login()
+    other = auth.get("url")
+    if isinstance(other, str) and auth.get("access_token"):
+        return (
+            f"not logged in at {url}: the saved login is {auth.get('username')} at {other}; "
+            f"run `cape login --url {url}`, or pass --url {other} (or --token / CAPE_TOKEN)"
+        )
+    return f"not logged in at {url}: run `cape login` (or pass --token / CAPE_TOKEN)"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One effective setting and where it came from (what ``cape config`` shows)."""
+
+    value: str | None
+    source: str
+
+
+def _first(*candidates: tuple[object, str]) -> Setting:
+    for value, source in candidates:
+        if (isinstance(value, str) and value) or isinstance(value, Path):
+            return Setting(str(value), source)
+    return Setting(None, "unset")
+
+
+def effective(
+    *,
+    url: str | None = None,
+    ca_file: Path | None = None,
+    attestation_root: Path | None = None,
+) -> dict[str, Setting]:
+    """The settings a command would use, each with its source: flag, environment, presets,
+    the local ``cape serve`` record, or the root pinned for the URL."""
+    directory = config_dir()
+    served = _read_json(directory / SERVE_FILE)
+    presets = read_presets()
+    env = os.environ
+    chosen = _first(
+        (url, "--url"),
+        (env.get("CAPE_URL"), "env CAPE_URL"),
+        (env.get("CAPE_ENCLAVE_HOST"), "env CAPE_ENCLAVE_HOST"),
+        (presets.get("url"), f"{PRESETS_FILE}"),
+        (served.get("url"), f"the local cape serve ({SERVE_FILE})"),
+    )
+    if chosen.value is not None:
+        chosen = Setting(chosen.value.rstrip("/"), chosen.source)
+    local = chosen.value is not None and same_server(served.get("url"), chosen.value)
+    ca = _first(
+        (ca_file, "--ca-file"),
+        (env.get("CAPE_CA_FILE"), "env CAPE_CA_FILE"),
+        (presets.get("ca_file"), PRESETS_FILE),
+        (served.get("ca_file") if local else None, f"the local cape serve ({SERVE_FILE})"),
+    )
+    pinned = pinned_root_path(chosen.value) if chosen.value is not None else None
+    local_source = f"the local cape serve ({SERVE_FILE})"
+    root = _first(
+        (attestation_root, "--attestation-root"),
+        (env.get("CAPE_ATTESTATION_ROOT"), "env CAPE_ATTESTATION_ROOT"),
+        (presets.get("attestation_root"), PRESETS_FILE),
+        (served.get("attestation_root") if local else None, local_source),
+        (pinned if pinned is not None and pinned.exists() else None, "cape login --trust-root"),
+    )
+    return {"url": chosen, "ca_file": ca, "attestation_root": root}
+
+
+def same_server(recorded: object, url: str) -> bool:
+    """Whether two URLs name the same server: equal once ``localhost`` is read as
+    ``127.0.0.1`` (the loopback address ``cape serve`` prints) and a trailing ``/`` dropped."""
+    if not isinstance(recorded, str):
+        return False
+    return _canonical(recorded) == _canonical(url)
+
+
+def _canonical(url: str) -> str:
+    parts = urlsplit(url.strip().rstrip("/"))
+    host = (parts.hostname or "").lower()
+    if host == "localhost":
+        host = "127.0.0.1"
+    return f"{parts.scheme.lower()}://{host}:{parts.port or 443}{parts.path}"
+
+
+def login_matches(auth: dict[str, Any], url: str, served: dict[str, Any]) -> bool:
+    """Whether the saved login ``auth`` is valid at ``url``: made there (see
+    :func:`same_server`), or made at the local ``cape serve`` that still serves the same data
+    directory, now at ``url`` (a restart with ``--port 0`` picks a new port; the tokens are
+    signed with the data directory's key, so they stay valid)."""
+    if auth.get("url") is None or same_server(auth.get("url"), url):
+        return True
+    data_dir = auth.get("serve_data_dir")
+    return (
+        isinstance(data_dir, str)
+        and served.get("data_dir") == data_dir
+        and same_server(served.get("url"), url)
+    )
+
+
+def read_serve_record() -> dict[str, Any]:
+    """What the local ``cape serve`` recorded (``serve.json``; empty when none)."""
+    return _read_json(config_dir() / SERVE_FILE)
+
+
+def saved_login() -> dict[str, Any]:
+    """The saved login record (``url``, ``username``; empty when logged out)."""
+    return _read_json(config_dir() / AUTH_FILE)
 
 
 def resolve(
@@ -142,45 +257,22 @@ def resolve(
     token: str | None = None,
 ) -> ClientConfig:
     """Flags, then environment, then presets, then the recorded local server and saved login."""
-    directory = config_dir()
-    served = _read_json(directory / SERVE_FILE)
-    presets = read_presets()
-    auth = _read_json(directory / AUTH_FILE)
-    chosen_url = (
-        url
-        or os.environ.get("CAPE_URL")
-        or os.environ.get("CAPE_ENCLAVE_HOST")
-        or presets.get("url")
-        or served.get("url")
-    )
+    settings = effective(url=url, ca_file=ca_file, attestation_root=attestation_root)
+    chosen_url = settings["url"].value
     if not chosen_url:
         raise CapeError(
             "no server configured: pass --url, set CAPE_ENCLAVE_HOST, or start `cape serve`"
         )
-    chosen_url = str(chosen_url).rstrip("/")
-    local = served.get("url") == chosen_url
-    ca = (
-        ca_file
-        or _path(os.environ.get("CAPE_CA_FILE"))
-        or _path(presets.get("ca_file"))
-        or (_path(served.get("ca_file")) if local else None)
-    )
-    root = (
-        attestation_root
-        or _path(os.environ.get("CAPE_ATTESTATION_ROOT"))
-        or _path(presets.get("attestation_root"))
-        or (_path(served.get("attestation_root")) if local else None)
-    )
-    if root is None and pinned_root_path(chosen_url).exists():
-        root = pinned_root_path(chosen_url)
-    logged_in = auth.get("url") in (None, chosen_url)
+    served = _read_json(config_dir() / SERVE_FILE)
+    auth = saved_login()
+    logged_in = login_matches(auth, chosen_url, served)
     saved = auth.get("access_token") if logged_in else None
     chosen_token = token or os.environ.get("CAPE_TOKEN") or saved
     username = auth.get("username") if logged_in and chosen_token == saved else None
     return ClientConfig(
         chosen_url,
-        ca,
-        root,
+        _path(settings["ca_file"].value),
+        _path(settings["attestation_root"].value),
         chosen_token or None,
         username if isinstance(username, str) else None,
     )
@@ -193,12 +285,17 @@ def _path(value: object) -> Path | None:
 def save_token(url: str, username: str, token: str) -> Path:
     """Keep the login token for ``url`` in ``auth`` (0600, directory 0700), atomically.
 
-    The cached own Cape key belongs to the previous login, so it is dropped.
+    The cached own Cape key belongs to the previous login, so it is dropped. A login at the
+    local ``cape serve`` also records that server's data directory, so that it follows the
+    server to a new port (:func:`login_matches`).
     """
     directory = ensure_config_dir()
     (directory / KEY_FILE).unlink(missing_ok=True)
     path = directory / AUTH_FILE
-    record = {"url": url, "username": username, "access_token": token}
+    record: dict[str, str] = {"url": url, "username": username, "access_token": token}
+    served = _read_json(directory / SERVE_FILE)
+    if same_server(served.get("url"), url) and isinstance(served.get("data_dir"), str):
+        record["serve_data_dir"] = served["data_dir"]
     write_private(path, json.dumps(record).encode())
     return path
 

@@ -25,16 +25,42 @@ from cape.crypto.keys import load_rsa_public_key_file
 from cape.errors import CapeError
 
 __all__ = [
+    "DEFAULT_INPUT_LIMIT_BYTES",
     "STREAM_THRESHOLD_BYTES",
     "EncryptResult",
     "OutputError",
     "atomic_output",
     "encrypt_stream_to",
+    "largest_text_input",
     "load_encryption_key",
+    "text_form_size",
 ]
 
 #: Inputs larger than this use the streaming form (issue: "Inputs over 64 MiB").
 STREAM_THRESHOLD_BYTES = 64 * 1024 * 1024
+#: The input limit assumed when the server cannot be asked (``cape serve``'s default).
+DEFAULT_INPUT_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+def text_form_size(input_size: int, public_key: RSAPublicKey) -> int:
+    """Bytes of the text form (``cape:`` + base64 + newline) of an ``input_size``-byte input."""
+    raw = public_key.key_size // 8 + envelope.NONCE_SIZE + input_size + envelope.TAG_SIZE
+    return len(envelope.PREFIX) + 4 * -(-raw // 3) + 1
+
+
+def largest_text_input(limit: int | None, public_key: RSAPublicKey) -> int:
+    """The largest input whose text form fits ``limit`` bytes (the server's input limit) and
+    stays in memory (:data:`STREAM_THRESHOLD_BYTES`); larger ones take the streaming form."""
+    if limit is None:
+        return STREAM_THRESHOLD_BYTES
+    fixed = text_form_size(0, public_key)
+    if limit < fixed:
+        return -1
+    # text_form_size grows by 4 bytes per 3 input bytes: step back from the estimate.
+    guess = min(STREAM_THRESHOLD_BYTES, (limit - fixed) * 3 // 4 + 3)
+    while guess >= 0 and text_form_size(guess, public_key) > limit:
+        guess -= 1
+    return guess
 
 
 class OutputError(CapeError):
@@ -83,18 +109,24 @@ def encrypt_stream_to(
     force_stream: bool = False,
     text: bool = True,
     size_hint: int | None = None,
+    text_limit: int | None = None,
 ) -> EncryptResult:
     """Encrypt everything ``source`` yields into ``destination``.
 
-    Reads at most :data:`STREAM_THRESHOLD_BYTES` + 1 bytes before deciding the form, so memory
-    stays bounded for inputs of any size. The single-shot form is written as text (``cape:`` +
-    base64 and a newline) when ``text`` is true, else as binary (``cape:`` + raw envelope).
+    The form is chosen by the size of what would be written: the single-shot text form while
+    it fits ``text_limit`` bytes (pass the server's input limit, so that ``cape run`` can send
+    the file; the text form is a third larger than the input) and
+    :data:`STREAM_THRESHOLD_BYTES`, else the streaming form. Reads at most that many bytes + 1
+    before deciding, so memory stays bounded for inputs of any size. The single-shot form is
+    written as text (``cape:`` + base64 and a newline) when ``text`` is true, else as binary
+    (``cape:`` + raw envelope).
     """
-    if force_stream or (size_hint is not None and size_hint > STREAM_THRESHOLD_BYTES):
+    threshold = largest_text_input(text_limit, public_key) if text else STREAM_THRESHOLD_BYTES
+    if force_stream or (size_hint is not None and size_hint > threshold):
         written = stream.encrypt_stream(source, destination, public_key)
         return EncryptResult(streaming=True, bytes_written=written)
-    head = source.read(STREAM_THRESHOLD_BYTES + 1)
-    if len(head) > STREAM_THRESHOLD_BYTES:
+    head = source.read(max(threshold, 0) + 1)
+    if len(head) > threshold:
         reader = io.BufferedReader(_Prefixed(head, source), buffer_size=1024 * 1024)
         written = stream.encrypt_stream(reader, destination, public_key)
         return EncryptResult(streaming=True, bytes_written=written)

@@ -36,6 +36,8 @@ image_signing_dir = "/srv/cape/image-signing"
 log_format = "json"
 max_input_bytes = 1048576
 max_bundle_bytes = 8388608
+sandbox_uids = "3000000000-3000049999"
+run_functions = false
 """
 
 
@@ -56,6 +58,7 @@ def test_a_full_file_fills_the_serve_config(tmp_path: Path) -> None:
     assert config.tls_cert == Path("/etc/cape/tls/server.pem")
     assert config.log_format == "json"
     assert config.max_input_bytes == 1 << 20 and config.max_bundle_bytes == 8 << 20
+    assert config.sandbox_uids == "3000000000-3000049999" and config.run_functions is False
     # Every setting but the data directory (a flag's job) is shown here.
     assert set(SETTINGS) - {"data_dir"} == {line.split(" = ")[0] for line in FULL.split("\n")[1:-1]}
 
@@ -82,6 +85,7 @@ def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) 
         ("blob_store = 'gs://bucket'\n", {}, "blob_store must be a directory"),
         ("trusted_proxies = ['proxy.example']\n", {}, "is not an IP address"),
         ("log_format = 'xml'\n", {}, "log_format must be text or json"),
+        ("run_functions = 'maybe'\n", {}, "run_functions must be true or false"),
         ("tls_cert = '/c.pem'\n", {}, "tls_cert and tls_key go together"),
         ("[server]\nport = 1\n", {}, "[server]: settings are top-level names"),
         ("port = \n", {}, "not valid TOML"),

@@ -16,7 +16,7 @@ route                                  result
 ``GET /v1/user/{username}/key``        200 ``{"attestation_document": b64}`` · 404 (no auth)
 ``GET /v1/attestation/root``           the root certificate PEM (no auth)
 ``GET /v1/runtime``                    200 ``{"python_version","implementation","abi",
-                                       "platforms"}`` (no auth)
+                                       "platforms","max_input_bytes"}`` (no auth)
 =====================================  =======================================================
 
 Decisions:
@@ -117,6 +117,9 @@ class ApiDeps:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     clock: Callable[[], dt.datetime] = field(default=utc_now)
     runtime: RuntimeTarget = field(default_factory=RuntimeTarget.local)
+    max_input_bytes: int = 64 << 20
+    """The largest function input a session accepts (``GET /v1/runtime`` tells clients, so
+    that ``cape encrypt`` writes a form ``cape run`` can send)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -391,7 +394,7 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
     async def attestation_root(_request: Request) -> Response:
         return Response(deps.attestation_root_pem, media_type=PEM_MEDIA_TYPE)
 
-    runtime_json = deps.runtime.to_json()
+    runtime_json = {**deps.runtime.to_json(), "max_input_bytes": deps.max_input_bytes}
 
     async def runtime(_request: Request) -> Response:
         return JSONResponse(runtime_json)

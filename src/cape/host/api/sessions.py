@@ -499,7 +499,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
         await _serve_calls(websocket, session, deps, bundle_first=True)
 
     def run_handler(function: Function) -> Handler:
-        async def run(websocket: WebSocket, _principal: Principal) -> None:
+        async def run(websocket: WebSocket, principal: Principal) -> None:
             nonce_bytes, response_key = await nonce(websocket)
             # The enclave is told the stored ciphertext's SHA-256 and asks for the bytes only
             # when it does not hold the function warm; the first run reads them to learn it.
@@ -512,6 +512,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
             async with deps.pool.session(
                 "run",
                 owner=function.owner_name,
+                caller=principal.user.username,  # the enclave's fair share (its lanes)
                 nonce=nonce_bytes,
                 response_key=response_key,
                 bundle=bundle,

@@ -1,9 +1,10 @@
-"""Echo, plus a per-session counter; module-level code records each import in the cwd."""
+"""Echo, plus a per-session counter; module-level code records each import in scratch (/tmp)."""
 
+import os
 from pathlib import Path
 
 calls = 0
-with Path("imports.log").open("a") as log:
+with Path("/tmp/imports.log").open("a") as log:
     log.write("imported\n")
 
 
@@ -11,6 +12,8 @@ def cape_handler(data: bytes) -> bytes:
     global calls
     calls += 1
     if data == b"count":
-        imports = Path("imports.log").read_text().count("imported")
+        imports = Path("/tmp/imports.log").read_text().count("imported")
         return f"{calls} {imports}".encode()
+    if data == b"cwd":
+        return os.getcwd().encode()
     return data

@@ -391,7 +391,8 @@ def test_runtime_route_describes_the_enclave_python_without_auth(client: TestCli
     response = client.get("/v1/runtime")
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"python_version", "implementation", "abi", "platforms"}
+    assert set(body) == {"python_version", "implementation", "abi", "platforms", "max_input_bytes"}
+    assert body["max_input_bytes"] == 64 << 20  # what `cape encrypt` sizes its output for
     # The default is this host's interpreter: simulated enclaves run it.
     assert RuntimeTarget.from_json(body) == RuntimeTarget.local()
 

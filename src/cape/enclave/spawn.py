@@ -1,0 +1,292 @@
+"""Start one bubblewrap sandbox and talk to it: the argv, the descriptors, the framed I/O.
+
+:class:`Spawn` builds the sandbox described in :mod:`cape.enclave.sandbox` (namespaces, the
+read-only mount tree, size-capped scratch tmpfs, the function directory read-only at
+``/function``, the seccomp filter) and forks bubblewrap as the sandbox's host uid. With
+``block=True`` the sandbox's first process waits on a pipe before running anything, so that
+the caller can place every process of the sandbox in its cgroup first (:meth:`Spawn.release`).
+
+The helpers below read and write the worker's frames against a deadline; they raise the
+small private exceptions the sandbox turns into :class:`cape.errors.SandboxError` reasons.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import os
+import select
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cape.enclave.staging import SUPPORT, Layout
+from cape.errors import SandboxError
+
+__all__ = ["BWRAP", "FUNCTION_PATH", "GUEST_PATH", "WORKER_PATH", "Spawn"]
+
+#: The bubblewrap executable; ``None`` when it is not installed (then nothing runs).
+BWRAP: str | None = shutil.which("bwrap")
+#: The uid and gid the function sees inside its namespace.
+INNER_UID = 1000
+WORKER_SOURCE = Path(__file__).with_name("worker.py")
+WORKER_PATH = "/cape-worker/worker.py"
+GUEST_SOURCE = Path(__file__).with_name("guest")
+GUEST_MODULES = ("cape_encrypt.py",)  # bound read-only into every sandbox
+GUEST_PATH = "/cape-worker/guest"
+FUNCTION_PATH = "/function"
+# Paths inside the sandbox's own mount namespace (private tmpfs, not the host's /tmp).
+_TMP = "/tmp"  # noqa: S108
+_SHM = "/dev/shm"  # noqa: S108
+_MAX_STDERR_BYTES = 4 << 10
+
+
+# bwrap's --die-with-parent follows the *thread* that forked it, so every sandbox is forked
+# by one long-lived thread rather than by whichever (possibly short-lived) thread asked.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cape-sandbox")
+
+
+@functools.cache
+def _worker_source() -> bytes:
+    return WORKER_SOURCE.read_bytes()
+
+
+@functools.cache
+def _guest_sources() -> tuple[tuple[str, bytes], ...]:
+    return tuple((name, (GUEST_SOURCE / name).read_bytes()) for name in GUEST_MODULES)
+
+
+def _data_fd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+class Spawn:
+    """One bubblewrap process and the runtime's ends of its descriptors."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        uid: int | None,
+        function_dir: Path,
+        tmp_bytes: int,
+        python_args: Callable[[int, int | None], list[str]],
+        *,
+        services: bool = False,
+        block: bool = False,
+    ) -> None:
+        from cape.enclave import seccomp  # here: a missing libseccomp must fail closed, later
+
+        if BWRAP is None:
+            raise SandboxError("unavailable", "bubblewrap is not installed")
+        self.services: socket.socket | None = None
+        self.channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_sockets = [child_channel]
+        self.info_fd, info_w = os.pipe()
+        self.err_fd, err_w = os.pipe()
+        child_fds = [info_w, err_w]
+        self._block_w: int | None = None
+        passwd = f"cape:x:{INNER_UID}:{INNER_UID}:cape function:/tmp:/usr/sbin/nologin\n"
+        try:
+            if services:
+                self.services, child_services = socket.socketpair(
+                    socket.AF_UNIX, socket.SOCK_STREAM
+                )
+                child_sockets.append(child_services)
+            if block:
+                block_r, self._block_w = os.pipe()
+                child_fds.append(block_r)
+            seccomp_fd = seccomp.program_fd()
+            child_fds.append(seccomp_fd)
+            worker_fd = _data_fd("worker", _worker_source())
+            child_fds.append(worker_fd)
+            passwd_fd = _data_fd("passwd", passwd.encode())
+            child_fds.append(passwd_fd)
+            group_fd = _data_fd("group", f"cape:x:{INNER_UID}:\n".encode())
+            child_fds.append(group_fd)
+            guest_fds: list[tuple[int, str]] = []
+            for module, text in _guest_sources():
+                guest_fds.append((_data_fd(module, text), f"{GUEST_PATH}/{module}"))
+                child_fds.append(guest_fds[-1][0])
+        except BaseException:
+            for sock in child_sockets:
+                sock.close()
+            for fd in child_fds:
+                os.close(fd)
+            self.close_fds()
+            raise
+        child_fds += [sock.fileno() for sock in child_sockets]
+        argv = [BWRAP, "--unshare-all", "--unshare-user", "--disable-userns"]
+        argv += ["--die-with-parent", "--as-pid-1", "--new-session", "--hostname", "cape-sandbox"]
+        argv += ["--uid", str(INNER_UID), "--gid", str(INNER_UID), "--clearenv"]
+        env = {
+            "PATH": f"{layout.python_bin}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": _TMP,
+            "TMPDIR": _TMP,
+            "LANG": "C.UTF-8",
+            "USER": "cape",
+            "LOGNAME": "cape",
+            # glibc reserves 64 MiB of address space per malloc arena and thread; under
+            # RLIMIT_AS that would starve threaded code long before real memory runs out.
+            "MALLOC_ARENA_MAX": "2",
+        }
+        for name, value in env.items():
+            argv += ["--setenv", name, value]
+        for source, dest in layout.binds:
+            argv += ["--ro-bind", source, dest]
+        for target, path in layout.symlinks:
+            argv += ["--symlink", target, path]
+        for path in layout.hidden:
+            argv += ["--ro-bind", str(SUPPORT.empty), path]
+        argv += ["--proc", "/proc", "--dev", "/dev"]
+        argv += ["--size", str(tmp_bytes), "--perms", "1777", "--tmpfs", _SHM]
+        argv += ["--size", str(tmp_bytes), "--perms", "1777", "--tmpfs", _TMP]
+        argv += ["--ro-bind", str(function_dir), FUNCTION_PATH]  # read-only: finding 18.4
+        argv += ["--ro-bind-data", str(worker_fd), WORKER_PATH]
+        for fd, path in guest_fds:
+            argv += ["--ro-bind-data", str(fd), path]
+        argv += ["--ro-bind-data", str(passwd_fd), "/etc/passwd"]
+        argv += ["--ro-bind-data", str(group_fd), "/etc/group"]
+        argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
+        argv += ["--chdir", FUNCTION_PATH, "--info-fd", str(info_w), "--seccomp", str(seccomp_fd)]
+        if block:
+            argv += ["--block-fd", str(block_r)]
+        child_services_fd = child_sockets[1].fileno() if services else None
+        argv += [
+            layout.python,
+            "-I",
+            "-S",
+            "-B",
+            *python_args(child_channel.fileno(), child_services_fd),
+        ]
+        try:
+            self.proc = _SPAWNER.submit(self._popen, argv, uid, child_fds).result()
+        except BaseException:
+            self.close_fds()
+            raise
+        finally:
+            for sock in child_sockets:
+                sock.close()
+            for fd in child_fds[: -len(child_sockets)]:
+                os.close(fd)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.channel.setblocking(False)
+        if self.services is not None:
+            self.services.setblocking(False)
+
+    @staticmethod
+    def _popen(argv: list[str], uid: int | None, fds: list[int]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=fds[1],
+            pass_fds=fds,
+            env={},
+            start_new_session=True,
+            user=uid,
+            group=uid,
+            extra_groups=[] if uid is not None else None,
+        )
+
+    def release(self) -> None:
+        """Let a sandbox started with ``block=True`` go on (idempotent)."""
+        if self._block_w is not None:
+            fd, self._block_w = self._block_w, None
+            with contextlib.suppress(OSError):
+                os.write(fd, b"go")
+            os.close(fd)
+
+    def read_stderr(self) -> str:
+        """bubblewrap's own complaints (the worker's stderr is /dev/null), one line, bounded."""
+        os.set_blocking(self.err_fd, False)
+        try:
+            data = os.read(self.err_fd, _MAX_STDERR_BYTES)
+        except OSError:
+            data = b""
+        return " ".join(data.decode("utf-8", "replace").split())
+
+    def close_fds(self) -> None:
+        block, self._block_w = self._block_w, None
+        for fd in (self.info_fd, self.err_fd, getattr(self, "pidfd", -1), block or -1):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.channel.close()
+        if self.services is not None:
+            self.services.close()
+
+
+# --- frames against a deadline ----------------------------------------------------------------
+
+
+class Timeout(Exception):
+    pass
+
+
+class WorkerGone(Exception):
+    pass
+
+
+class OutputTooLarge(Exception):
+    pass
+
+
+class ProtocolViolation(Exception):
+    pass
+
+
+def wait_for(fd: int, events: int, deadline: float) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout
+        if poller.poll(remaining * 1000):
+            return
+
+
+def read_some(fd: int, deadline: float, size: int) -> bytes:
+    wait_for(fd, select.POLLIN, deadline)
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return b""
+
+
+def send_all(sock: socket.socket, chunks: tuple[bytes, ...], deadline: float) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            wait_for(sock.fileno(), select.POLLOUT, deadline)
+            try:
+                sent = sock.send(view, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise WorkerGone from exc
+            view = view[sent:]
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        wait_for(sock.fileno(), select.POLLIN, deadline)
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError as exc:
+            raise WorkerGone from exc
+        if k == 0:
+            raise WorkerGone
+        got += k
+    return bytes(buf)
