@@ -52,6 +52,9 @@ PADDING_BYTES = (200_000, 400_000, 1_300_000)
 """Bundle padding sizes, chosen at random: the largest goes in two chunks with our SDK."""
 KILL_AFTER_S = (0.05, 0.7)
 """The kill comes at a uniformly random moment in this window after the deploys start."""
+SHARED_KILL_AFTER_S = (0.3, 2.5)
+"""The same on PostgreSQL + S3, where a deploy takes longer: in its fewer rounds some deploys
+must get through before a kill, even on a loaded machine."""
 GONE_TIMEOUT_S = 10.0
 ECHO = "def cape_handler(data):\n    return data\n"
 PAGE = 100
@@ -182,8 +185,10 @@ async def storm(
     index: int,
     rng: random.Random,
     enclaves: Enclaves,
+    kill_after: tuple[float, float] = KILL_AFTER_S,
 ) -> Round:
-    """WORKERS clients deploy distinct names back to back until the server is SIGKILLed."""
+    """WORKERS clients deploy distinct names back to back until the server is SIGKILLed (at
+    a random moment within ``kill_after`` seconds)."""
     result = Round()
     killed = asyncio.Event()
     in_flight: set[str] = set()
@@ -222,7 +227,7 @@ async def storm(
                 return
 
     tasks = [asyncio.create_task(worker(number)) for number in range(WORKERS)]
-    await asyncio.sleep(rng.uniform(*KILL_AFTER_S))
+    await asyncio.sleep(rng.uniform(*kill_after))
     result.in_flight_at_kill = len(in_flight)
     killed.set()
     assert server.process is not None
@@ -247,6 +252,7 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
     env = {"TMPDIR": str(enclave_tmp)}
     shared = backend == "postgres_s3"
     rounds = SHARED_ROUNDS if shared else ROUNDS
+    kill_after = SHARED_KILL_AFTER_S if shared else KILL_AFTER_S
     if shared:
         postgres: Postgres = request.getfixturevalue("postgres")
         moto_s3: MotoS3 = request.getfixturevalue("moto_s3")
@@ -288,7 +294,7 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
         running = enclaves.pids()
         assert len(running) >= server.enclaves, f"enclaves not found: {running} {context}"
         try:
-            result = run(storm(server, user, key, index, rng, enclaves))
+            result = run(storm(server, user, key, index, rng, enclaves, kill_after))
         finally:
             server.kill()
         results.append(result)
