@@ -462,6 +462,15 @@ def serve(
             "namespaces): keys and deploys only, every run is refused.",
         ),
     ] = False,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit",
+            metavar="NAME=VALUE",
+            help="Change a server limit, e.g. sessions_per_user=8 (repeatable; every name and "
+            "default is in docs/limits.md).",
+        ),
+    ] = None,
     signup: Annotated[
         str,
         typer.Option(
@@ -516,6 +525,7 @@ def serve(
             "sandbox_uids": "sandbox_uids",
             "max_input_mib": "max_input_bytes",
             "no_run": "run_functions",
+            "limit": "limits",
         }
         flags = {
             setting: ("--" + flag.replace("_", "-"), ctx.params[flag])

@@ -212,7 +212,7 @@ class EnclaveConnection:
             message["bundle"] = bundle
         if bundle_sha256 is not None:
             message["bundle_sha256"] = bundle_sha256
-        if caller is not None:
+        if caller is not None:  # whom the enclave's fair queues count the session against
             message["caller"] = caller
         await self.send(message)
         return session
@@ -332,7 +332,10 @@ class SimulatedLauncher(EnclaveLauncher):
 def expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
     """Check a relayed frame's type; a fatal ``error`` frame becomes a CapeError."""
     if message["t"] == "error":
-        raise CapeError(str(message.get("message", "enclave error")))
+        text = str(message.get("message", "enclave error"))
+        if message.get("busy"):  # a bounded queue of the enclave is full: try again later
+            raise UnavailableError(text)
+        raise CapeError(text)
     if message["t"] != kind:
         raise FormatError(f"expected {kind!r} from the enclave, got {message['t']!r}")
     return message

@@ -25,6 +25,7 @@ from typing import Any, Final
 from cape.errors import FormatError
 from cape.host.signup import SignupMode
 from cape.host.store.backends import check_database_url
+from cape.platform.limits import ServerLimits, parse_limits
 
 __all__ = ["ENV_PREFIX", "SETTINGS", "Setting", "load_settings"]
 
@@ -104,6 +105,13 @@ def _proxies(value: Any) -> tuple[str, ...]:
         raise ValueError(str(exc).removeprefix("--forwarded-allow-ips: ")) from None
 
 
+def _limits(value: Any) -> ServerLimits:
+    try:
+        return parse_limits(_list(value))
+    except FormatError as exc:
+        raise ValueError(f"NAME=VALUE server limits: {exc}") from None
+
+
 def _database_url(value: Any) -> str:
     try:
         return check_database_url(_text(value))
@@ -135,7 +143,7 @@ SETTINGS: Final[Mapping[str, Setting]] = {
     "enclaves": Setting("enclaves", _int(1, 64), "enclave processes to run"),
     "idle_timeout_s": Setting("idle_timeout_s", _float(60), "seconds before idle sessions end"),
     "max_input_bytes": Setting("max_input_bytes", _int(1, 1 << 40), "largest run input"),
-    "max_bundle_bytes": Setting("max_bundle_bytes", _int(1, 1 << 40), "largest bundle"),
+    "limits": Setting("limits", _limits, "server limits as NAME=VALUE (docs/limits.md)"),
     "signup": Setting("signup", _signup, "open, invite or closed"),
     "signup_rate": Setting("signups_per_hour", _int(0, 1 << 31), "signups per hour per address"),
     "trusted_proxies": Setting("forwarded_allow_ips", _proxies, "trusted X-Forwarded-For sources"),

@@ -49,7 +49,9 @@ from cape.enclave.sandbox import describe_containment
 from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.enclave.uids import DEFAULT_RANGE, check_range, parse_range
 from cape.errors import CapeError, FormatError, KeyFormatError
+from cape.host.admission import Admission
 from cape.host.api.app import create_app
+from cape.host.api.frames import MAX_TEXT_FRAME_BYTES
 from cape.host.api.operations import Metrics, Readiness, create_operation_routes
 from cape.host.api.rest import ApiDeps
 from cape.host.api.sessions import Lifecycle, SessionDeps
@@ -69,6 +71,7 @@ from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import User
 from cape.kms.local import load_master_key
+from cape.platform.limits import ServerLimits
 from cape.platform.local import (
     IMAGE_SIGNING_DIR,
     LocalPlatform,
@@ -76,6 +79,7 @@ from cape.platform.local import (
     load_image_signer,
 )
 from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
+from cape.platform.wire_limits import SizedWebSocketProtocol, http_protocol
 from cape.sdk.config import SERVE_FILE, config_dir
 from cape.verify.roots import fingerprint
 
@@ -133,7 +137,9 @@ class ServeConfig:
     idle_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0
     max_input_bytes: int = 64 << 20
-    max_bundle_bytes: int = 1_000_000_000
+    """The largest function input (``--max-input-mib``)."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Sessions, deploys, bundle sizes and client deadlines (``--limit NAME=VALUE``)."""
     run_functions: bool = True
     """False (``cape serve --no-run``): start without OS isolation for user code; keys and
     deploys work, every run and test is refused. True refuses to start without isolation."""
@@ -411,11 +417,14 @@ class Server:
                         accounts=accounts,
                         pool=pool,
                         lifecycle=self.lifecycle,
+                        admission=Admission(config.limits.admission()),
                         idle_timeout_s=config.idle_timeout_s,
+                        frame_timeout_s=config.limits.frame_timeout_s,
                         max_input_bytes=config.max_input_bytes,
-                        max_bundle_bytes=config.max_bundle_bytes,
+                        max_bundle_bytes=config.limits.bundle_bytes,
                     ),
                     create_operation_routes(readiness, metrics),
+                    body_timeout_s=config.limits.body_timeout_s,
                 )
                 counted = metrics.wrap(app)
                 served = counted if config.wrap_app is None else config.wrap_app(counted)
@@ -425,8 +434,11 @@ class Server:
                     port=config.port,
                     ssl_certfile=str(config.tls_cert or tls.server_cert),
                     ssl_keyfile=str(config.tls_key or tls.server_key),
-                    ws="websockets-sansio",
-                    ws_max_size=config.max_bundle_bytes + (1 << 20),
+                    # Per-message websocket limits, set by each session before each message
+                    # (the first is a nonce), and a deadline for HTTP request heads.
+                    ws=SizedWebSocketProtocol,
+                    ws_max_size=MAX_TEXT_FRAME_BYTES,
+                    http=http_protocol(config.limits.header_timeout_s),
                     ws_per_message_deflate=False,
                     lifespan="off",
                     log_config=None,

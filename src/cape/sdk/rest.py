@@ -28,10 +28,15 @@ def refusal_text(body: bytes | bytearray) -> str | None:
     return str(parsed.get("error") or parsed.get("message") or "")[:300]
 
 
-def refused(message: str, text: str, status: int) -> RequestRefusedError:
-    """A refusal, with the re-login hint when the server says the token expired."""
+def refused(
+    message: str, text: str, status: int, retry_after: str | None = None
+) -> RequestRefusedError:
+    """A refusal, with the re-login hint when the server says the token expired and the
+    server's ``Retry-After`` (whole seconds) when it says when to try again."""
     if "token is expired" in text:
         message += "; log in again"
+    if retry_after is not None and retry_after.strip().isdigit() and len(retry_after) < 8:
+        message += f"; try again in {int(retry_after)} s"
     return RequestRefusedError(message, status=status)
 
 
@@ -73,7 +78,12 @@ class RestClient:
         if text is None:
             text = response.text[:200]
         status = response.status_code
-        raise refused(f"{text or 'request failed'} (HTTP {status})", text, status)
+        raise refused(
+            f"{text or 'request failed'} (HTTP {status})",
+            text,
+            status,
+            response.headers.get("retry-after"),
+        )
 
     def signup(self, username: str, password: str, invite: str | None = None) -> dict[str, Any]:
         """Create an account; ``invite`` is the code an invite-only server needs."""

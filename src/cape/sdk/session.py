@@ -77,11 +77,24 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+CLOSE_MEANINGS: Final = {
+    1009: "a message was over the server's size limit",
+    1013: "the server is busy; try again later",
+}
+"""How close codes that are not errors of ours read (refusals; docs/limits.md)."""
+
+
 def _close_error(exc: websockets.ConnectionClosed) -> CapeError:
     frame = exc.rcvd
     if frame is not None and frame.code == 1000 and frame.reason == "idle timeout":
         return TransportError(
             "the session was closed after being idle; connect again", close_code=1000
+        )
+    if frame is not None and frame.code in CLOSE_MEANINGS:
+        reason = f": {frame.reason}" if frame.reason else ""
+        return TransportError(
+            f"the server closed the session ({CLOSE_MEANINGS[frame.code]}){reason}",
+            close_code=frame.code,
         )
     if frame is not None and frame.reason:
         return TransportError(
@@ -260,7 +273,7 @@ def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError:
     status = exc.response.status_code
     text = refusal_text(exc.response.body or b"") or ""
     message = f"the server refused the session ({status}): {text or 'no reason given'}"
-    return refused(message, text, status)
+    return refused(message, text, status, exc.response.headers.get("Retry-After"))
 
 
 async def _receive_frame(websocket: ClientConnection) -> dict[str, Any]:

@@ -35,7 +35,7 @@ auth_dir = "/srv/cape"
 image_signing_dir = "/srv/cape/image-signing"
 log_format = "json"
 max_input_bytes = 1048576
-max_bundle_bytes = 8388608
+limits = ["bundle_bytes=8388608"]
 sandbox_uids = "3000000000-3000049999"
 run_functions = false
 """
@@ -57,7 +57,7 @@ def test_a_full_file_fills_the_serve_config(tmp_path: Path) -> None:
     assert config.blob_store == "s3://cape-bundles/prod"
     assert config.tls_cert == Path("/etc/cape/tls/server.pem")
     assert config.log_format == "json"
-    assert config.max_input_bytes == 1 << 20 and config.max_bundle_bytes == 8 << 20
+    assert config.max_input_bytes == 1 << 20 and config.limits.bundle_bytes == 8 << 20
     assert config.sandbox_uids == "3000000000-3000049999" and config.run_functions is False
     # Every setting but the data directory (a flag's job) is shown here.
     assert set(SETTINGS) - {"data_dir"} == {line.split(" = ")[0] for line in FULL.split("\n")[1:-1]}
@@ -86,6 +86,7 @@ def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) 
         ("trusted_proxies = ['proxy.example']\n", {}, "is not an IP address"),
         ("log_format = 'xml'\n", {}, "log_format must be text or json"),
         ("run_functions = 'maybe'\n", {}, "run_functions must be true or false"),
+        ("limits = ['speed=9']\n", {}, "limits must be NAME=VALUE server limits"),
         ("tls_cert = '/c.pem'\n", {}, "tls_cert and tls_key go together"),
         ("[server]\nport = 1\n", {}, "[server]: settings are top-level names"),
         ("port = \n", {}, "not valid TOML"),

@@ -9,14 +9,15 @@ or an environment failure and gets status 500 / close code 1011 with the generic
 exception (first match in this order)       status  close  extra
 ==========================================  ======  =====  ==============================
 :class:`BodyTooLargeError`                  413     1009
+:class:`ClientTooSlowError`                 408     1008
 :class:`~cape.errors.FormatError`           400     1008
 :class:`~cape.errors.LimitExceededError`    400     1008
 :class:`~cape.host.errors.ForbiddenError`   403     1008
-:class:`~cape.host.errors.RateLimitedError` 429     1008   ``Retry-After: <whole seconds>``
+:class:`~cape.host.errors.RateLimitedError` 429     1013   ``Retry-After: <whole seconds>``
 :class:`~cape.host.errors.AuthError`        401     1008   ``WWW-Authenticate: Bearer``
 :class:`~cape.host.errors.NotFoundError`    404     1008
 :class:`~cape.host.errors.ConflictError`    409     1008
-:class:`~cape.host.errors.UnavailableError` 503     1013
+:class:`~cape.host.errors.UnavailableError` 503     1013   ``Retry-After`` if it has one
 any other :class:`~cape.errors.CapeError`   400     1008
 Starlette ``HTTPException`` (routing)       its own 1008   its headers
 anything else                               500     1011   generic text
@@ -55,6 +56,7 @@ __all__ = [
     "EXCEPTION_HANDLERS",
     "INTERNAL_ERROR_TEXT",
     "BodyTooLargeError",
+    "ClientTooSlowError",
     "close_code_for",
     "error_body",
     "error_response",
@@ -77,13 +79,18 @@ class BodyTooLargeError(LimitExceededError):
     """A request body (or message) larger than the API accepts (HTTP 413)."""
 
 
+class ClientTooSlowError(FormatError):
+    """The client did not send a request (or a message) within its deadline (HTTP 408)."""
+
+
 # The table, most specific class first: (class, HTTP status, close code).
 _TABLE: Final[tuple[tuple[type[BaseException], int, int], ...]] = (
     (BodyTooLargeError, 413, CLOSE_MESSAGE_TOO_BIG),
+    (ClientTooSlowError, 408, CLOSE_POLICY_VIOLATION),
     (FormatError, 400, CLOSE_POLICY_VIOLATION),
     (LimitExceededError, 400, CLOSE_POLICY_VIOLATION),
     (ForbiddenError, 403, CLOSE_POLICY_VIOLATION),
-    (RateLimitedError, 429, CLOSE_POLICY_VIOLATION),
+    (RateLimitedError, 429, CLOSE_TRY_AGAIN_LATER),
     (AuthError, 401, CLOSE_POLICY_VIOLATION),
     (NotFoundError, 404, CLOSE_POLICY_VIOLATION),
     (ConflictError, 409, CLOSE_POLICY_VIOLATION),
@@ -134,8 +141,9 @@ def error_response(exc: BaseException) -> Response:
     headers: dict[str, str] = {}
     if isinstance(exc, HTTPException) and exc.headers:
         headers.update(exc.headers)
-    if isinstance(exc, RateLimitedError):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    retry_after = getattr(exc, "retry_after_s", None)
+    if isinstance(exc, RateLimitedError | UnavailableError) and retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     elif isinstance(exc, AuthError) and not isinstance(exc, ForbiddenError):
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)

@@ -21,11 +21,28 @@ no account deletion); functions run with their owner's key.
 The server reads only what it must: the nonce frame (nonce and optional response key) and,
 on deploy, the function-info frame. Inputs, results and bundles pass through as ciphertext.
 Every client frame gets its reply before the next one is read, so neither a slow client nor
-a slow enclave makes the server buffer more than one message per session (the ASGI server
-stops reading a socket while a message waits). Errors:
+a slow enclave makes the server buffer more than one message per session.
+
+**Tenants share the server safely** (docs/limits.md, "Server"):
+
+- a session is admitted (:mod:`cape.host.admission`) before the upgrade is accepted: per user
+  and server-wide limits on sessions, deploys and bundle bytes in flight, refused with 429 or
+  503 and ``Retry-After``;
+- every client message has a size limit set before it is read and a deadline
+  (:mod:`cape.host.api.frames`): ``frame_timeout_s`` within an exchange (nonce, function
+  info, bundle, each chunk), ``idle_timeout_s`` between calls; and the client must take
+  each reply within ``frame_timeout_s`` too (:class:`~cape.host.api.app.SendDeadline`);
+- client-paced work holds no thread: a deploy's chunks are written as they arrive, each
+  write a bounded job on the dedicated ``blob_io`` executor;
+- every frame of a run or test session re-checks its authorisation: an expired token, a
+  deleted (revoked) token or a deleted function ends the session before the next call.
+
+Errors:
 
 - a function error (or a bad ``cape:`` input) is ``{"error": …}`` and the session goes on;
-- a protocol error is ``{"error": …}``, then close 1008; an enclave failure close 1011;
+- a protocol error is ``{"error": …}``, then close 1008 (1009 for a message over its limit,
+  1013 when a limit of the server or the enclave says "try again later"); an enclave
+  failure close 1011;
 - an idle session (no frame for ``idle_timeout_s``) is closed with 1000;
 - at shutdown an idle session gets ``{"error": "the server is shutting down"}`` and close
   1001; a call in progress finishes first, and a deploy in progress is committed first.
@@ -35,32 +52,42 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import datetime as dt
 import functools
 import hashlib
 import json
 import logging
-import queue
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from cape._internal.timefile import utc_now
 from cape.errors import CapeError, FormatError, LimitExceededError, TransportError
+from cape.host.admission import Admission, Reservation, ServerBusyError
 from cape.host.api.errors import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
-    BodyTooLargeError,
+    ClientTooSlowError,
     close_code_for,
     error_body,
     error_response,
+)
+from cape.host.api.frames import (
+    MAX_TEXT_FRAME_BYTES,
+    Closed,
+    Draining,
+    Idle,
+    b64_field,
+    binary,
+    json_message,
+    receive,
 )
 from cape.host.auth import Accounts, Principal, authorize_account, authorize_run
 from cape.host.errors import AuthError, NotFoundError, UnavailableError
@@ -77,16 +104,17 @@ log = logging.getLogger("cape.host.sessions")
 
 SUBPROTOCOL: Final = "cape.runtime"
 MAX_NONCE_BYTES: Final = 1024
-MAX_TEXT_FRAME_BYTES: Final = 64 * 1024
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 SHUTDOWN_TEXT: Final = "the server is shutting down"
 MAX_CHUNK_BYTES: Final = 8 << 20
+"""The largest deploy chunk, and the chunk limit when the function info announces none."""
 #: Chunks a single-frame (Cape client) bundle is cut into for the enclave: small enough that
 #: the enclave's transient frame copies stay a few percent of a 100 MiB bundle.
 ENCLAVE_CHUNK_BYTES: Final = 1 << 20
 DIGEST_CACHE_SIZE: Final = 4096
-QUEUED_CHUNKS: Final = 2
+BLOB_IO_THREADS: Final = 4
+_T = TypeVar("_T")
 
 
 class Lifecycle:
@@ -119,6 +147,10 @@ class Lifecycle:
         return True
 
 
+def _blob_io() -> Executor:
+    return ThreadPoolExecutor(BLOB_IO_THREADS, thread_name_prefix="cape-blob-io")
+
+
 @dataclass
 class SessionDeps:
     """What the websocket routes need."""
@@ -128,9 +160,15 @@ class SessionDeps:
     accounts: Accounts
     pool: EnclavePool
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    admission: Admission = field(default_factory=Admission)
     idle_timeout_s: float = 120.0
+    """Between calls of a run or test session (the session then ends normally)."""
+    frame_timeout_s: float = 30.0
+    """For a message due within an exchange: nonce, function info, bundle, each chunk."""
     max_input_bytes: int = 64 << 20
     max_bundle_bytes: int = 1_000_000_000
+    blob_io: Executor = field(default_factory=_blob_io)
+    """Where blob reads and writes run: bounded jobs only, never one waiting for a client."""
     clock: Callable[[], dt.datetime] = field(default=utc_now)
     bundle_digests: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
     """SHA-256 of stored ciphertexts by blob key, learnt on a function's first run (blobs are
@@ -139,6 +177,8 @@ class SessionDeps:
     def __post_init__(self) -> None:
         if self.idle_timeout_s < 60:
             raise ValueError("the idle timeout may not be below 60 s (pycape expects it)")
+        if self.frame_timeout_s <= 0:
+            raise ValueError("the frame timeout must be positive")
 
     def remember_digest(self, blob_key: str, digest: bytes) -> None:
         self.bundle_digests[blob_key] = digest
@@ -146,17 +186,44 @@ class SessionDeps:
         while len(self.bundle_digests) > DIGEST_CACHE_SIZE:
             self.bundle_digests.popitem(last=False)
 
-
-class _Closed(Exception):
-    """The client went away (or we closed the socket): stop quietly."""
-
-
-class _Idle(Exception):
-    """No frame within the idle timeout."""
+    async def io(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``call(*args, **kwargs)`` on the blob executor."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.blob_io, functools.partial(call, *args, **kwargs))
 
 
-class _Draining(Exception):
-    """The server is shutting down."""
+@dataclass
+class _Grant:
+    """What a session was authorised as, re-checked before every call."""
+
+    principal: Principal
+    function: Function | None
+    seen: int
+    """The store's revocation count when the handshake authorised the session."""
+
+
+async def _still_allowed(deps: SessionDeps, grant: _Grant) -> None:
+    """Raise unless the session's token is unexpired and unrevoked and its function exists.
+
+    Cheap: the expiry is known, and the store is asked again only after a token or function
+    was deleted somewhere (its revocation count moved)."""
+    expires_at = grant.principal.token.expires_at
+    if expires_at is not None and deps.clock() > expires_at:
+        raise AuthError("token is expired")
+    current = deps.store.revocations
+    if current == grant.seen:
+        return
+    token_id = grant.principal.token.id
+    function = grant.function
+
+    def recheck() -> None:
+        if deps.store.get_token(token_id) is None:
+            raise AuthError("token revoked")
+        if function is not None and deps.store.get_function(function.id) is None:
+            raise NotFoundError("function deleted")
+
+    await run_in_threadpool(recheck)
+    grant.seen = current
 
 
 # --------------------------------------------------------------------------- client frames
@@ -174,76 +241,33 @@ def _token(websocket: WebSocket) -> str:
     raise AuthError(f"missing token: offer the subprotocols '{SUBPROTOCOL}' and your token")
 
 
-async def _receive(websocket: WebSocket, lifecycle: Lifecycle, timeout_s: float) -> str | bytes:
-    """The next client frame; raises _Closed, _Idle or _Draining instead."""
-    receive = asyncio.ensure_future(websocket.receive())
-    drain = asyncio.ensure_future(lifecycle.draining.wait())
-    try:
-        done, _ = await asyncio.wait(
-            {receive, drain}, timeout=timeout_s, return_when="FIRST_COMPLETED"
-        )
-    finally:
-        drain.cancel()
-    if receive not in done:
-        receive.cancel()
-        with contextlib.suppress(BaseException):
-            await receive
-        raise _Draining() if drain in done else _Idle()
-    message = receive.result()
-    if message["type"] == "websocket.disconnect":
-        raise _Closed()
-    if message.get("bytes") is not None:
-        data: bytes = message["bytes"]
-        return data
-    text: str = message.get("text") or ""
-    return text
-
-
-def _json_message(frame: str | bytes, what: str) -> dict[str, Any]:
-    """``{"message": {...}}`` from a text frame."""
-    if not isinstance(frame, str):
-        raise FormatError(f"expected the {what} as a text frame, got a binary frame")
-    if len(frame) > MAX_TEXT_FRAME_BYTES:
-        raise BodyTooLargeError(f"{what} frame size in bytes", MAX_TEXT_FRAME_BYTES, len(frame))
-    try:
-        parsed = json.loads(frame)
-    except ValueError:
-        raise FormatError(f"the {what} frame is not JSON") from None
-    message = parsed.get("message") if isinstance(parsed, dict) else None
-    if not isinstance(message, dict):
-        raise FormatError(f'the {what} frame must be {{"message": {{...}}}}')
-    return message
-
-
-def _b64_field(message: dict[str, Any], name: str, limit: int) -> bytes | None:
-    value = message.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise FormatError(f"'{name}' must be a base64 string")
-    try:
-        decoded = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise FormatError(f"'{name}' is not valid base64") from None
-    if len(decoded) > limit:
-        raise LimitExceededError(f"{name} size in bytes", limit, len(decoded))
-    return decoded
-
-
 def _nonce_frame(frame: str | bytes) -> tuple[bytes, bytes | None]:
-    message = _json_message(frame, "nonce")
-    nonce = _b64_field(message, "nonce", MAX_NONCE_BYTES)
+    message = json_message(frame, "nonce")
+    nonce = b64_field(message, "nonce", MAX_NONCE_BYTES)
     if nonce is None:
         raise FormatError("the first frame must carry 'nonce'")
-    return nonce, _b64_field(message, "response_key", 64)
+    return nonce, b64_field(message, "response_key", 64)
 
 
-def _binary(frame: str | bytes, what: str, limit: int) -> bytes:
-    if not isinstance(frame, bytes):
-        raise FormatError(f"expected the {what} as a binary frame, got a text frame")
-    if len(frame) > limit:
-        raise LimitExceededError(f"{what} size in bytes", limit, len(frame))
-    return frame
+async def _next(
+    websocket: WebSocket, deps: SessionDeps, limit: int, what: str, *, idle: bool = False
+) -> str | bytes:
+    """The next client message (``what``): at most ``limit`` bytes, within the frame timeout
+    (or, for ``idle`` waits between calls, the idle timeout)."""
+    timeout_s = deps.idle_timeout_s if idle else deps.frame_timeout_s
+    return await receive(
+        websocket, deps.lifecycle.draining, limit=limit, timeout_s=timeout_s, idle=idle, what=what
+    )
+
+
+def _bundle_room(deps: SessionDeps, reservation: Reservation) -> int:
+    """Reserve room for a single-frame bundle: the bundle limit, or what is left of the
+    caller's and the server's bundle bytes in flight. Raises if nothing is left."""
+    room = min(deps.max_bundle_bytes, reservation.available())
+    if room <= 0:
+        raise ServerBusyError("too many bundle bytes in flight; try again later")
+    reservation.resize(room)
+    return room
 
 
 def _b64(data: bytes) -> str:
@@ -256,13 +280,14 @@ def _b64(data: bytes) -> str:
 async def _send(websocket: WebSocket, payload: dict[str, Any]) -> None:
     try:
         await websocket.send_text(json.dumps(payload, separators=(",", ":")))
-    except (OSError, RuntimeError) as exc:
-        raise _Closed() from exc
+    except (OSError, RuntimeError, WebSocketDisconnect, ClientTooSlowError) as exc:
+        # the client went away, or stopped reading
+        raise Closed() from exc
 
 
 async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
     if websocket.application_state == WebSocketState.CONNECTED:
-        with contextlib.suppress(OSError, RuntimeError):
+        with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect, ClientTooSlowError):
             await websocket.close(code, reason)
 
 
@@ -291,9 +316,12 @@ async def _reply(websocket: WebSocket, session: HostSession) -> bool:
         await _send(websocket, {"message": payload})
         return True
     if kind == "error":
+        text = str(message.get("message", "function error"))
+        if message.get("busy"):  # the enclave's queue for this work is full
+            raise ServerBusyError(text)
         if message.get("fatal"):
-            raise _EnclaveSaid(str(message.get("message", "enclave error")))
-        reply: dict[str, Any] = {"error": str(message.get("message", "function error"))}
+            raise _EnclaveSaid(text)
+        reply: dict[str, Any] = {"error": text}
         if isinstance(message.get("sealed"), bytes):  # our extension: details for the client
             reply["sealed"] = _b64(message["sealed"])
         await _send(websocket, reply)
@@ -304,37 +332,35 @@ async def _reply(websocket: WebSocket, session: HostSession) -> bool:
 
 
 async def _serve_calls(
-    websocket: WebSocket, session: HostSession, deps: SessionDeps, *, bundle_first: bool
+    websocket: WebSocket,
+    session: HostSession,
+    deps: SessionDeps,
+    grant: _Grant,
+    reservation: Reservation,
+    *,
+    bundle_first: bool,
 ) -> None:
     """run/test: each binary frame is one call and gets exactly one reply, in order."""
-    first = bundle_first
+    if bundle_first:
+        room = _bundle_room(deps, reservation)
+        bundle = binary(await _next(websocket, deps, room, "test bundle"), "test bundle", room)
+        await _still_allowed(deps, grant)
+        await session.send({"t": "bundle", "data": bundle})
+        del bundle
+        reservation.release()
     while True:
         try:
-            frame = await _receive(websocket, deps.lifecycle, deps.idle_timeout_s)
-        except _Idle:
+            frame = await _next(websocket, deps, deps.max_input_bytes, "input", idle=True)
+        except Idle:
             await _close(websocket, CLOSE_NORMAL, "idle timeout")
             return
-        limit = deps.max_bundle_bytes if first else deps.max_input_bytes
-        data = _binary(frame, "test bundle" if first else "input", limit)
-        if first:
-            await session.send({"t": "bundle", "data": data})
-            first = False
-            continue
+        data = binary(frame, "input", deps.max_input_bytes)
+        await _still_allowed(deps, grant)
         await session.send({"t": "input", "data": data})
+        del data, frame
         if not await _reply(websocket, session):
             await _close(websocket, CLOSE_NORMAL)
             return
-
-
-class _Abort(Exception):
-    """Stops the blob writer thread of a chunked deploy (its temp file is removed)."""
-
-
-def _queued(chunks: queue.Queue[bytes | _Abort | None]) -> Iterator[bytes]:
-    while (item := chunks.get()) is not None:
-        if isinstance(item, _Abort):
-            raise item
-        yield item
 
 
 async def _receive_chunks(
@@ -342,56 +368,66 @@ async def _receive_chunks(
     session: HostSession,
     deps: SessionDeps,
     size: int,
+    chunk_limit: int,
     blob_key: str,
 ) -> None:
-    """Relay ``size`` bytes of binary frames to the enclave and, through a bounded queue, to
-    the blob writer thread: the server holds a few chunks, never the bundle."""
-    chunks: queue.Queue[bytes | _Abort | None] = queue.Queue(maxsize=QUEUED_CHUNKS)
-    writer = asyncio.ensure_future(
-        asyncio.to_thread(deps.blobs.put_stream, blob_key, _queued(chunks), max_bytes=size)
-    )
+    """Relay ``size`` bytes of binary frames to the enclave and the blob store as they
+    arrive: the server holds one chunk, never the bundle, and no thread waits for the
+    client (each write is one bounded job on the blob executor)."""
+    writer = await deps.io(deps.blobs.begin, blob_key, max_bytes=size)
     try:
         received = 0
         while received < size:
-            frame = await _receive(websocket, deps.lifecycle, deps.idle_timeout_s)
-            piece = _binary(frame, "bundle chunk", min(MAX_CHUNK_BYTES, size - received))
+            limit = min(chunk_limit, size - received)
+            piece = binary(
+                await _next(websocket, deps, limit, "bundle chunk"), "bundle chunk", limit
+            )
             if not piece:
                 raise FormatError("bundle chunks must not be empty")
             await session.send({"t": "chunk", "data": piece})
-            await asyncio.to_thread(chunks.put, piece)
+            await deps.io(writer.write, piece)
             received += len(piece)
-        await asyncio.to_thread(chunks.put, None)
-        await writer
+        await deps.io(writer.commit)
     except BaseException:
-        if not writer.done():
-            await asyncio.to_thread(chunks.put, _Abort())
-        with contextlib.suppress(Exception):
-            await writer
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(deps.blobs.delete, blob_key)
+        await deps.io(writer.abort)
         raise
 
 
+def _positive_int(info: dict[str, Any], name: str) -> int | None:
+    value = info.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise FormatError(f"'{name}' must be a positive integer")
+    return value
+
+
 async def _deploy(
-    websocket: WebSocket, session: HostSession, deps: SessionDeps, owner: User
+    websocket: WebSocket,
+    session: HostSession,
+    deps: SessionDeps,
+    owner: User,
+    reservation: Reservation,
 ) -> None:
     """Function info, then the bundle: one binary frame (Cape's protocol), or, when the info
-    announces ``bundle_size`` (our SDK), binary frames of at most 8 MiB adding up to it."""
-    info = _json_message(
-        await _receive(websocket, deps.lifecycle, deps.idle_timeout_s), "function info"
+    announces ``bundle_size`` (our SDK), binary frames of at most ``chunk_size`` (default and
+    at most 8 MiB) adding up to it."""
+    info = json_message(
+        await _next(websocket, deps, MAX_TEXT_FRAME_BYTES, "function info frame"), "function info"
     )
     name = check_function_name(info.get("function_name"))
     public = info.get("public", False)
     if not isinstance(public, bool):
         raise FormatError("'public' must be true or false")
-    size = info.get("bundle_size")
+    size = _positive_int(info, "bundle_size")
+    chunk_limit = _positive_int(info, "chunk_size") or MAX_CHUNK_BYTES
+    if chunk_limit > MAX_CHUNK_BYTES:
+        raise LimitExceededError("chunk size in bytes", MAX_CHUNK_BYTES, chunk_limit)
     blob_key = new_id()
     if size is None:
-        bundle = _binary(
-            await _receive(websocket, deps.lifecycle, deps.idle_timeout_s),
-            "bundle",
-            deps.max_bundle_bytes,
-        )
+        room = _bundle_room(deps, reservation)
+        bundle = binary(await _next(websocket, deps, room, "bundle"), "bundle", room)
+        reservation.resize(len(bundle))
         # The websocket layer hands over the whole frame; the enclave still gets it in chunks,
         # so it assembles and decrypts one copy in place (as for our SDK's chunked deploys).
         await session.send({"t": "bundle", "size": len(bundle), "name": name, "public": public})
@@ -403,17 +439,16 @@ async def _deploy(
                 )
         finally:
             view.release()
-        stored: int = await run_in_threadpool(
+        stored: int = await deps.io(
             deps.blobs.put_stream, blob_key, [bundle], max_bytes=deps.max_bundle_bytes
         )
         del bundle
     else:
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise FormatError("'bundle_size' must be a positive integer")
         if size > deps.max_bundle_bytes:
             raise LimitExceededError("bundle size in bytes", deps.max_bundle_bytes, size)
+        reservation.resize(size)
         await session.send({"t": "bundle", "size": size, "name": name, "public": public})
-        await _receive_chunks(websocket, session, deps, size, blob_key)
+        await _receive_chunks(websocket, session, deps, size, chunk_limit, blob_key)
         stored = size
     try:
         deployed = expect(await session.receive(), "deployed")
@@ -432,7 +467,7 @@ async def _deploy(
         )
     except BaseException:
         with contextlib.suppress(OSError):
-            await asyncio.to_thread(deps.blobs.delete, blob_key)
+            await deps.io(deps.blobs.delete, blob_key)
         raise
     log.info("deployed function %s (%s/%s)", function.id, owner.username, name)
     await _send(
@@ -445,8 +480,8 @@ async def _deploy(
 # --------------------------------------------------------------------------- routes
 
 
-Handler = Callable[[WebSocket, Principal], Awaitable[None]]
-Body = Callable[[WebSocket, HostSession, User], Awaitable[None]]
+Handler = Callable[[WebSocket, _Grant, Reservation], Awaitable[None]]
+Body = Callable[[WebSocket, HostSession, _Grant, Reservation], Awaitable[None]]
 
 
 def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
@@ -472,89 +507,100 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
         return function
 
     async def nonce(websocket: WebSocket) -> tuple[bytes, bytes | None]:
-        return _nonce_frame(await _receive(websocket, deps.lifecycle, deps.idle_timeout_s))
+        return _nonce_frame(await _next(websocket, deps, MAX_TEXT_FRAME_BYTES, "nonce frame"))
 
     def account_session(kind: str, body: Body) -> Handler:
         """key, deploy, test: the caller's own account (no function-scoped tokens), their key."""
 
-        async def serve(websocket: WebSocket, principal: Principal) -> None:
-            authorize_account(principal)
+        async def serve(websocket: WebSocket, grant: _Grant, reservation: Reservation) -> None:
             nonce_bytes, response_key = await nonce(websocket)
+            user = grant.principal.user
             async with deps.pool.session(
-                kind, owner=principal.user.username, nonce=nonce_bytes, response_key=response_key
+                kind, owner=user.username, nonce=nonce_bytes, response_key=response_key
             ) as session:
                 await _attestation(websocket, session)
-                await body(websocket, session, principal.user)
+                await body(websocket, session, grant, reservation)
 
         return serve
 
-    async def key(websocket: WebSocket, session: HostSession, _user: User) -> None:
+    async def key(websocket: WebSocket, session: HostSession, *_: Any) -> None:
         expect(await session.receive(), "close")
         await _close(websocket, CLOSE_NORMAL)
 
-    async def deploy(websocket: WebSocket, session: HostSession, user: User) -> None:
-        await _deploy(websocket, session, deps, user)
+    async def deploy(
+        websocket: WebSocket, session: HostSession, grant: _Grant, reservation: Reservation
+    ) -> None:
+        await _deploy(websocket, session, deps, grant.principal.user, reservation)
 
-    async def test(websocket: WebSocket, session: HostSession, _user: User) -> None:
-        await _serve_calls(websocket, session, deps, bundle_first=True)
+    async def test(
+        websocket: WebSocket, session: HostSession, grant: _Grant, reservation: Reservation
+    ) -> None:
+        await _serve_calls(websocket, session, deps, grant, reservation, bundle_first=True)
 
-    def run_handler(function: Function) -> Handler:
-        async def run(websocket: WebSocket, principal: Principal) -> None:
-            nonce_bytes, response_key = await nonce(websocket)
-            # The enclave is told the stored ciphertext's SHA-256 and asks for the bytes only
-            # when it does not hold the function warm; the first run reads them to learn it.
-            digest = deps.bundle_digests.get(function.blob_key)
-            bundle = None
-            if digest is None:
-                bundle = await run_in_threadpool(deps.blobs.get, function.blob_key)
-                digest = hashlib.sha256(bundle).digest()
-                deps.remember_digest(function.blob_key, digest)
-            async with deps.pool.session(
-                "run",
-                owner=function.owner_name,
-                caller=principal.user.username,  # the enclave's fair share (its lanes)
-                nonce=nonce_bytes,
-                response_key=response_key,
-                bundle=bundle,
-                bundle_sha256=digest,
-                affinity=function.id,
-            ) as session:
-                del bundle
+    async def run(websocket: WebSocket, grant: _Grant, reservation: Reservation) -> None:
+        function = grant.function
+        assert function is not None
+        nonce_bytes, response_key = await nonce(websocket)
+        # The enclave is told the stored ciphertext's SHA-256 and asks for the bytes only
+        # when it does not hold the function warm; the first run reads them to learn it.
+        digest = deps.bundle_digests.get(function.blob_key)
+        bundle = None
+        if digest is None:
+            bundle = await deps.io(deps.blobs.get, function.blob_key)
+            digest = hashlib.sha256(bundle).digest()
+            deps.remember_digest(function.blob_key, digest)
+        async with deps.pool.session(
+            "run",
+            owner=function.owner_name,
+            nonce=nonce_bytes,
+            response_key=response_key,
+            bundle=bundle,
+            bundle_sha256=digest,
+            affinity=function.id,
+            caller=grant.principal.user.username,
+        ) as session:
+            del bundle
+            frame = await session.receive()
+            if frame["t"] == "need_bundle":
+                stored = await deps.io(deps.blobs.get, function.blob_key)
+                await session.send({"t": "bundle", "data": stored})
+                del stored
                 frame = await session.receive()
-                if frame["t"] == "need_bundle":
-                    stored = await run_in_threadpool(deps.blobs.get, function.blob_key)
-                    await session.send({"t": "bundle", "data": stored})
-                    del stored
-                    frame = await session.receive()
-                await _attestation(websocket, session, frame)
-                await _serve_calls(websocket, session, deps, bundle_first=False)
+            await _attestation(websocket, session, frame)
+            await _serve_calls(websocket, session, deps, grant, reservation, bundle_first=False)
 
-        return run
-
-    def endpoint(handler: Handler | None) -> Callable[[WebSocket], Awaitable[None]]:
+    def endpoint(kind: str, handler: Handler) -> Callable[[WebSocket], Awaitable[None]]:
         async def serve(websocket: WebSocket) -> None:
-            try:
-                if deps.lifecycle.draining.is_set():
-                    raise UnavailableError(SHUTDOWN_TEXT)
-                principal = await authenticate(websocket)
-                chosen = handler
-                if chosen is None:
-                    chosen = run_handler(await run_in_threadpool(resolve, websocket, principal))
-            except Exception as exc:  # refuse the upgrade with the table's status and body
-                await _deny(websocket, exc)
-                return
-            await websocket.accept(subprotocol=SUBPROTOCOL)
-            with deps.lifecycle.track():
-                await _guard(websocket, chosen(websocket, principal))
+            with contextlib.ExitStack() as admitted:
+                try:
+                    if deps.lifecycle.draining.is_set():
+                        raise UnavailableError(SHUTDOWN_TEXT)
+                    seen = deps.store.revocations  # before the checks: no deletion slips by
+                    principal = await authenticate(websocket)
+                    function = None
+                    if kind == "run":
+                        function = await run_in_threadpool(resolve, websocket, principal)
+                    else:
+                        authorize_account(principal)
+                    reservation = admitted.enter_context(
+                        deps.admission.session(principal.user.id, deploy=kind == "deploy")
+                    )
+                except Exception as exc:  # refuse the upgrade with the table's status and body
+                    await _deny(websocket, exc)
+                    return
+                await websocket.accept(subprotocol=SUBPROTOCOL)
+                grant = _Grant(principal, function, seen)
+                with deps.lifecycle.track():
+                    await _guard(websocket, handler(websocket, grant, reservation))
 
         return serve
 
     return [
-        WebSocketRoute("/v1/key", endpoint(account_session("key", key))),
-        WebSocketRoute("/v1/deploy", endpoint(account_session("deploy", deploy))),
-        WebSocketRoute("/v1/test", endpoint(account_session("test", test))),
-        WebSocketRoute("/v1/run/{id}", endpoint(None)),
-        WebSocketRoute("/v1/run/{user}/{name}", endpoint(None)),
+        WebSocketRoute("/v1/key", endpoint("key", account_session("key", key))),
+        WebSocketRoute("/v1/deploy", endpoint("deploy", account_session("deploy", deploy))),
+        WebSocketRoute("/v1/test", endpoint("test", account_session("test", test))),
+        WebSocketRoute("/v1/run/{id}", endpoint("run", run)),
+        WebSocketRoute("/v1/run/{user}/{name}", endpoint("run", run)),
     ]
 
 
@@ -570,24 +616,24 @@ async def _guard(websocket: WebSocket, work: Awaitable[None]) -> None:
     """Run one accepted session; every failure becomes an error frame and a close code."""
     try:
         await work
-    except _Closed:
+    except Closed:
         pass
-    except _Idle:
+    except Idle:
         await _close(websocket, CLOSE_NORMAL, "idle timeout")
-    except _Draining:
-        with contextlib.suppress(_Closed):
+    except Draining:
+        with contextlib.suppress(Closed):
             await _send(websocket, {"error": SHUTDOWN_TEXT})
         await _close(websocket, CLOSE_GOING_AWAY, SHUTDOWN_TEXT)
     except _EnclaveSaid as exc:
-        with contextlib.suppress(_Closed):
+        with contextlib.suppress(Closed):
             await _send(websocket, {"error": str(exc)})
         await _close(websocket, CLOSE_POLICY_VIOLATION, str(exc)[:120])
     except TransportError as exc:  # the enclave died or the pool has none
-        with contextlib.suppress(_Closed):
+        with contextlib.suppress(Closed):
             await _send(websocket, error_body(exc))
         await _close(websocket, CLOSE_INTERNAL_ERROR, close_code_for(exc)[1])
     except Exception as exc:  # the table decides the text and code; unknown → 1011
         code, reason = close_code_for(exc)
-        with contextlib.suppress(_Closed):
+        with contextlib.suppress(Closed):
             await _send(websocket, error_body(exc))
         await _close(websocket, code, reason)

@@ -33,7 +33,14 @@ from cape.errors import LimitExceededError
 from cape.host.errors import NotFoundError
 from cape.host.ids import new_id
 
-__all__ = ["CHUNK_BYTES", "KEY_PATTERN", "BlobStore", "DirectoryBlobStore", "check_key"]
+__all__ = [
+    "CHUNK_BYTES",
+    "KEY_PATTERN",
+    "BlobStore",
+    "BlobWriter",
+    "DirectoryBlobStore",
+    "check_key",
+]
 
 KEY_PATTERN: Final = re.compile(r"[A-Za-z0-9]{16,64}")
 """What a blob key must match in full (our keys are 22-character ids)."""
@@ -70,10 +77,37 @@ def _chunks_of(source: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:
         yield bytes(chunk)
 
 
+class BlobWriter(abc.ABC):
+    """One blob being written: :meth:`write` pieces, then :meth:`commit` or :meth:`abort`.
+
+    Each call does a bounded amount of work and returns: the writer never waits for its
+    bytes, so a client that sends them slowly holds no thread (the API writes a deploy's
+    chunks on a dedicated executor as they arrive)."""
+
+    @abc.abstractmethod
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``. Raises LimitExceededError past the writer's ``max_bytes``."""
+
+    @abc.abstractmethod
+    def commit(self) -> int:
+        """Make the blob durable under its key; return its size."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard what was written (idempotent; nothing is stored under the key)."""
+
+
 class BlobStore(abc.ABC):
     """Opaque bytes by key (the ``BlobStore`` seam of DESIGN.md)."""
 
     @abc.abstractmethod
+    def begin(self, key: str, *, max_bytes: int | None = None) -> BlobWriter:
+        """Start writing the blob ``key``.
+
+        Raises:
+            FileExistsError: ``key`` is taken (keys are never reused).
+        """
+
     def put_stream(
         self, key: str, chunks: Iterable[bytes] | BinaryIO, *, max_bytes: int | None = None
     ) -> int:
@@ -85,6 +119,15 @@ class BlobStore(abc.ABC):
             FileExistsError: ``key`` is taken (keys are never reused).
             LimitExceededError: more than ``max_bytes`` bytes arrived.
         """
+        source = _chunks_of(chunks)  # type errors before anything is created
+        writer = self.begin(key, max_bytes=max_bytes)
+        try:
+            for chunk in source:
+                writer.write(chunk)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
 
     def put(self, key: str, data: bytes) -> int:
         """:meth:`put_stream` for bytes in memory."""
@@ -142,6 +185,54 @@ def _private_dir(path: Path) -> bool:
     return True
 
 
+class _FileWriter(BlobWriter):
+    """A temp file under ``root/.tmp``, fsynced and renamed into place on commit."""
+
+    def __init__(self, root: Path, temp: Path, final: Path, max_bytes: int | None) -> None:
+        self._root, self._temp, self._final, self._max_bytes = root, temp, final, max_bytes
+        self.size = 0
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._out: BinaryIO | None = os.fdopen(fd, "wb")
+
+    def _file(self) -> BinaryIO:
+        if self._out is None:
+            raise ValueError("this blob writer is finished")
+        return self._out
+
+    def write(self, chunk: bytes) -> None:
+        out = self._file()
+        if self._max_bytes is not None and self.size + len(chunk) > self._max_bytes:
+            raise LimitExceededError("blob size", self._max_bytes)
+        out.write(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> int:
+        out = self._file()
+        try:
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+            self._out = None
+            if _private_dir(self._final.parent):
+                fsync_dir(self._root)
+            if self._final.exists():
+                raise FileExistsError(f"blob {self._final.name} exists")
+            os.rename(self._temp, self._final)
+            fsync_dir(self._final.parent)
+        except BaseException:
+            self.abort()
+            raise
+        return self.size
+
+    def abort(self) -> None:
+        if self._out is not None:
+            with contextlib.suppress(OSError):
+                self._out.close()
+            self._out = None
+        with contextlib.suppress(FileNotFoundError):
+            self._temp.unlink()
+
+
 class DirectoryBlobStore(BlobStore):
     """Blobs as files under ``root`` (created 0700 if absent)."""
 
@@ -161,33 +252,11 @@ class DirectoryBlobStore(BlobStore):
         key = check_key(key)
         return self.root / key[:2] / key
 
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes] | BinaryIO, *, max_bytes: int | None = None
-    ) -> int:
+    def begin(self, key: str, *, max_bytes: int | None = None) -> BlobWriter:
         final = self._path(key)
         if final.exists():
             raise FileExistsError(f"blob {key} exists")
-        temp = self._temp / new_id()
-        size = 0
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in _chunks_of(chunks):
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise LimitExceededError("blob size", max_bytes)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if _private_dir(final.parent):
-                fsync_dir(self.root)
-            os.rename(temp, final)
-            fsync_dir(final.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
-            raise
-        return size
+        return _FileWriter(self.root, self._temp / new_id(), final, max_bytes)
 
     def open(self, key: str) -> BinaryIO:
         try:

@@ -187,6 +187,10 @@ class MetadataStore(abc.ABC):
     match nothing); records are frozen dataclasses, safe to pass between threads.
     """
 
+    revocations: int = 0
+    """Bumped after a token or function is deleted: open sessions re-check their
+    authorisation when it moves (:mod:`cape.host.api.sessions`)."""
+
     # users
     @abc.abstractmethod
     def create_user(self, username: str, password_hash: str) -> User:
@@ -647,7 +651,8 @@ class SqlMetadataStore(MetadataStore):
             # database enforcing foreign keys.
             session.execute(delete(TokenRow).where(TokenRow.function_id == function_id))
             session.execute(delete(FunctionRow).where(FunctionRow.id == function_id))
-            return record
+        self.revocations += 1
+        return record
 
     def all_blob_keys(self) -> set[str]:
         with self._session() as session:
@@ -717,7 +722,9 @@ class SqlMetadataStore(MetadataStore):
             result = session.execute(
                 delete(TokenRow).where(TokenRow.id == token_id, TokenRow.user_id == user_id)
             )
-            return _rowcount(result) > 0
+            deleted = _rowcount(result) > 0
+        self.revocations += int(deleted)
+        return deleted
 
     def touch_token(self, token_id: str, when: dt.datetime) -> None:
         with self._session() as session:
@@ -730,7 +737,9 @@ class SqlMetadataStore(MetadataStore):
                     TokenRow.expires_at.is_not(None), TokenRow.expires_at < before
                 )
             )
-            return _rowcount(result)
+            removed = _rowcount(result)
+        self.revocations += int(removed > 0)
+        return removed
 
 
 def _rowcount(result: object) -> int:

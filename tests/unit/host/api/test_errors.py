@@ -21,10 +21,12 @@ from cape.errors import (
     LimitExceededError,
     VerificationError,
 )
+from cape.host.admission import QuotaExceededError, ServerBusyError
 from cape.host.api.errors import (
     EXCEPTION_HANDLERS,
     INTERNAL_ERROR_TEXT,
     BodyTooLargeError,
+    ClientTooSlowError,
     close_code_for,
     error_response,
 )
@@ -34,6 +36,7 @@ from cape.host.errors import (
     ForbiddenError,
     NotFoundError,
     RateLimitedError,
+    UnavailableError,
 )
 
 SECRET = "hunter2-secret-detail"
@@ -49,13 +52,15 @@ def body_of(response: Response) -> dict[str, str]:
     ("exc", "status", "close"),
     [
         (BodyTooLargeError("request body", 10, 11), 413, 1009),
+        (ClientTooSlowError("too slow"), 408, 1008),
+        (ServerBusyError("too many sessions"), 503, 1013),
         (FormatError("bad frame"), 400, 1008),
         (KeyFormatError("bad key"), 400, 1008),
         (DecryptionError("could not decrypt"), 400, 1008),
         (LimitExceededError("input", 10, 11), 400, 1008),
         (AuthError("invalid token"), 401, 1008),
         (ForbiddenError("not yours"), 403, 1008),
-        (RateLimitedError("slow down", retry_after_s=3.0), 429, 1008),
+        (RateLimitedError("slow down", retry_after_s=3.0), 429, 1013),
         (NotFoundError("no such function"), 404, 1008),
         (ConflictError("username taken"), 409, 1008),
         (VerificationError("bad document"), 400, 1008),
@@ -79,6 +84,13 @@ def test_rate_limited_sets_retry_after_in_whole_seconds() -> None:
     response = error_response(RateLimitedError("slow down", retry_after_s=2.2))
     assert response.headers["retry-after"] == "3"
     assert "www-authenticate" not in response.headers
+
+
+def test_admission_refusals_set_retry_after() -> None:
+    assert error_response(ServerBusyError("busy", retry_after_s=4.5)).headers["retry-after"] == "5"
+    quota = error_response(QuotaExceededError("too many", retry_after_s=5))
+    assert quota.status_code == 429 and quota.headers["retry-after"] == "5"
+    assert "retry-after" not in error_response(UnavailableError("shutting down")).headers
 
 
 def test_unauthenticated_sets_www_authenticate_but_forbidden_does_not() -> None:

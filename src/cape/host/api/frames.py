@@ -1,0 +1,196 @@
+"""Reading client frames of a websocket session: every wait has a deadline, every message a
+size limit set before it is read, and JSON frames are parsed strictly.
+
+**Limits before buffering.** Before each receive the session states the largest message it
+accepts next through the ASGI scope extension :data:`NEXT_MESSAGE_EXTENSION` (``cape serve``'s
+websocket protocol, :mod:`cape.platform.wire_limits`, refuses a larger frame from its header,
+with ``{"error"}`` and close 1009, before reading its payload). Under another ASGI server the
+extension is absent and the same limits are checked after the message arrives.
+
+**Strict JSON.** Session JSON is a UTF-8 object of at most :data:`MAX_TEXT_FRAME_BYTES`,
+nested at most :data:`MAX_JSON_DEPTH` deep, without duplicate keys or ``NaN``/``Infinity``;
+anything else is a :class:`~cape.errors.FormatError` (``{"error"}`` and close 1008), never an
+internal error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any, Final, NoReturn
+
+from starlette.websockets import WebSocket
+
+from cape.errors import FormatError, LimitExceededError
+from cape.host.api.errors import BodyTooLargeError, ClientTooSlowError
+
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_TEXT_FRAME_BYTES",
+    "NEXT_MESSAGE_EXTENSION",
+    "Closed",
+    "Draining",
+    "Idle",
+    "b64_field",
+    "binary",
+    "json_message",
+    "receive",
+    "strict_json",
+]
+
+NEXT_MESSAGE_EXTENSION: Final = "cape.websocket.next_message_limit"
+"""ASGI scope extension: a callable taking the byte limit of the next client message and what
+that message is (for the refusal's text, e.g. "input")."""
+MAX_TEXT_FRAME_BYTES: Final = 64 * 1024
+MAX_JSON_DEPTH: Final = 8
+
+
+class Closed(Exception):
+    """The client went away (or we closed the socket): stop quietly."""
+
+
+class Idle(Exception):
+    """No frame within the idle timeout (between calls: the session ends normally)."""
+
+
+class Draining(Exception):
+    """The server is shutting down."""
+
+
+async def receive(
+    websocket: WebSocket,
+    draining: asyncio.Event,
+    *,
+    limit: int,
+    timeout_s: float,
+    idle: bool = False,
+    what: str = "message",
+) -> str | bytes:
+    """The next client message (``what``, e.g. "input"), of at most ``limit`` bytes, within
+    ``timeout_s``.
+
+    Raises:
+        Closed: the client disconnected.
+        Draining: the server started shutting down while waiting.
+        Idle: ``idle`` and no message came in time (the session ends normally).
+        ClientTooSlowError: not ``idle`` and no message came in time.
+        BodyTooLargeError: the message is larger than ``limit`` (another ASGI server).
+    """
+    allow: Callable[[int, str], None] | None = (websocket.scope.get("extensions") or {}).get(
+        NEXT_MESSAGE_EXTENSION
+    )
+    if allow is not None:
+        allow(limit, what)
+    message_task = asyncio.ensure_future(websocket.receive())
+    drain = asyncio.ensure_future(draining.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {message_task, drain}, timeout=timeout_s, return_when="FIRST_COMPLETED"
+        )
+    finally:
+        drain.cancel()
+    if message_task not in done:
+        message_task.cancel()
+        with contextlib.suppress(BaseException):
+            await message_task
+        if drain in done:
+            raise Draining()
+        if idle:
+            raise Idle()
+        raise ClientTooSlowError(f"no message within {timeout_s:.0f} s; closing the session")
+    message = message_task.result()
+    if message["type"] == "websocket.disconnect":
+        raise Closed()
+    data: str | bytes
+    if message.get("bytes") is not None:
+        data = message["bytes"]
+        size = len(data)
+    else:
+        data = message.get("text") or ""
+        size = len(data.encode()) if len(data) * 4 > limit else len(data)
+    if size > limit:
+        raise BodyTooLargeError(f"{what} size in bytes", limit, size)
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise FormatError("duplicate key")
+    return result
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise FormatError(f"{name} is not allowed")
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests arrays and objects (iteratively)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def strict_json(text: str, what: str) -> Any:
+    """Parse ``text`` as strict JSON (see the module docstring)."""
+    if len(text) > MAX_TEXT_FRAME_BYTES:
+        raise BodyTooLargeError(f"{what} frame size in bytes", MAX_TEXT_FRAME_BYTES, len(text))
+    try:
+        parsed = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError:
+        raise FormatError(f"the {what} frame nests too deeply") from None
+    except FormatError as exc:
+        raise FormatError(f"the {what} frame is not strict JSON: {exc}") from None
+    except ValueError:
+        raise FormatError(f"the {what} frame is not JSON") from None
+    if _depth(parsed) > MAX_JSON_DEPTH:
+        raise FormatError(f"the {what} frame nests more than {MAX_JSON_DEPTH} levels deep")
+    return parsed
+
+
+def json_message(frame: str | bytes, what: str) -> dict[str, Any]:
+    """``{"message": {...}}`` from a text frame."""
+    if not isinstance(frame, str):
+        raise FormatError(f"expected the {what} as a text frame, got a binary frame")
+    parsed = strict_json(frame, what)
+    message = parsed.get("message") if isinstance(parsed, dict) else None
+    if not isinstance(message, dict):
+        raise FormatError(f'the {what} frame must be {{"message": {{...}}}}')
+    return message
+
+
+def b64_field(message: dict[str, Any], name: str, limit: int) -> bytes | None:
+    value = message.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise FormatError(f"'{name}' must be a base64 string")
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise FormatError(f"'{name}' is not valid base64") from None
+    if len(decoded) > limit:
+        raise LimitExceededError(f"{name} size in bytes", limit, len(decoded))
+    return decoded
+
+
+def binary(frame: str | bytes, what: str, limit: int) -> bytes:
+    if not isinstance(frame, bytes):
+        raise FormatError(f"expected the {what} as a binary frame, got a text frame")
+    if len(frame) > limit:
+        raise LimitExceededError(f"{what} size in bytes", limit, len(frame))
+    return frame
