@@ -5,9 +5,10 @@ The same contract as :class:`~cape.host.store.blobs.DirectoryBlobStore`, for a c
 
 - a blob is the object ``<prefix>/<key>``; keys are validated as for the directory store, so no
   key names an object outside the prefix;
-- :meth:`S3BlobStore.put_stream` is a multipart upload fed from the chunks as they arrive, one
-  part (:data:`PART_BYTES`) buffered at a time, so memory stays bounded whatever the size; S3
-  makes an object visible only when the upload completes, so a blob is whole or absent, and
+- a write (:meth:`S3BlobStore.begin`, which ``put_stream`` uses) is a multipart upload fed
+  from the chunks as they arrive, one part (:data:`PART_BYTES`) buffered at a time, so memory
+  stays bounded whatever the size; S3 makes an object visible only when the upload
+  completes, so a blob is whole or absent, and
   ``CompleteMultipartUpload`` (or ``PutObject`` for a blob smaller than one part) returns only
   once the object is durably stored: the deploy's row is written after that (DESIGN.md
   invariant 7, :mod:`~cape.host.store.deploys`);
@@ -30,13 +31,13 @@ import contextlib
 import datetime as dt
 import io
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Final
 from urllib.parse import urlsplit
 
 from cape.errors import FormatError, LimitExceededError
 from cape.host.errors import NotFoundError
-from cape.host.store.blobs import BlobStore, _chunks_of, check_key
+from cape.host.store.blobs import BlobStore, BlobWriter, check_key
 
 __all__ = ["PART_BYTES", "ObjectStoreError", "S3BlobStore", "parse_s3_url"]
 
@@ -93,6 +94,74 @@ class _Body(io.RawIOBase):
         super().close()
 
 
+class _S3Writer(BlobWriter):
+    """One blob being written: parts of :data:`PART_BYTES` go up as they fill (a multipart
+    upload, started by the first full part); a blob smaller than one part is one ``PutObject``
+    at :meth:`commit`. Nothing is visible under the key before the commit returns."""
+
+    def __init__(self, store: S3BlobStore, name: str, max_bytes: int | None) -> None:
+        self._store = store
+        self._name = name
+        self._max_bytes = max_bytes
+        self._size = 0
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._done = False
+
+    def write(self, chunk: bytes) -> None:
+        if self._done:
+            raise ValueError("the blob writer is closed")
+        self._size += len(chunk)
+        if self._max_bytes is not None and self._size > self._max_bytes:
+            raise LimitExceededError("blob size", self._max_bytes)
+        self._buffer += chunk
+        while len(self._buffer) >= PART_BYTES:
+            self._upload(self._buffer[:PART_BYTES])
+            del self._buffer[:PART_BYTES]
+
+    def _upload(self, data: bytes | bytearray) -> None:
+        store = self._store
+        if self._upload_id is None:
+            self._upload_id = store._call(
+                "start upload", "create_multipart_upload", Bucket=store.bucket, Key=self._name
+            )["UploadId"]
+        number = len(self._parts) + 1
+        self._parts.append(store._part(self._name, self._upload_id, number, data))
+
+    def commit(self) -> int:
+        store = self._store
+        if self._upload_id is None:
+            store._call(
+                "put", "put_object", Bucket=store.bucket, Key=self._name, Body=bytes(self._buffer)
+            )
+        else:
+            if self._buffer:
+                self._upload(self._buffer)
+            store._call(
+                "complete upload",
+                "complete_multipart_upload",
+                Bucket=store.bucket,
+                Key=self._name,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+            self._upload_id = None
+        self._done = True
+        self._buffer.clear()
+        return self._size
+
+    def abort(self) -> None:
+        self._done = True
+        self._buffer.clear()
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            with contextlib.suppress(Exception):
+                self._store._client.abort_multipart_upload(
+                    Bucket=self._store.bucket, Key=self._name, UploadId=upload_id
+                )
+
+
 class S3BlobStore(BlobStore):
     """Blobs as objects under ``s3://bucket/prefix`` (see the module docstring)."""
 
@@ -141,51 +210,11 @@ class S3BlobStore(BlobStore):
         except NotFoundError:
             raise ObjectStoreError(f"object store: no bucket {self.bucket!r}") from None
 
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes] | BinaryIO, *, max_bytes: int | None = None
-    ) -> int:
+    def begin(self, key: str, *, max_bytes: int | None = None) -> BlobWriter:
         name = self._name(key)
         if self.exists(key):
             raise FileExistsError(f"blob {key} exists")
-        size = 0
-        buffer = bytearray()
-        upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
-        try:
-            for chunk in _chunks_of(chunks):
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise LimitExceededError("blob size", max_bytes)
-                buffer += chunk
-                while len(buffer) >= PART_BYTES:
-                    if upload_id is None:
-                        upload_id = self._call(
-                            "start upload", "create_multipart_upload", Bucket=self.bucket, Key=name
-                        )["UploadId"]
-                    parts.append(self._part(name, upload_id, len(parts) + 1, buffer[:PART_BYTES]))
-                    del buffer[:PART_BYTES]
-            if upload_id is None:
-                self._call("put", "put_object", Bucket=self.bucket, Key=name, Body=bytes(buffer))
-                return size
-            if buffer or not parts:
-                parts.append(self._part(name, upload_id, len(parts) + 1, buffer))
-            self._call(
-                "complete upload",
-                "complete_multipart_upload",
-                Bucket=self.bucket,
-                Key=name,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-            upload_id = None
-        except BaseException:
-            if upload_id is not None:
-                with contextlib.suppress(Exception):
-                    self._client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=name, UploadId=upload_id
-                    )
-            raise
-        return size
+        return _S3Writer(self, name, max_bytes)
 
     def _part(
         self, name: str, upload_id: str, number: int, data: bytes | bytearray
