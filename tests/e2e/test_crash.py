@@ -265,7 +265,10 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
         return len(list((data_dir / "blobs" / ".tmp").iterdir()))
 
     def start(label: str) -> ServeProcess:
-        return ServeProcess(data_dir, config_dir, tmp_path / "logs" / label, env=env).start()
+        # WORKERS deploys at once from one account: more than a node admits by default.
+        admit = ["--limit", f"deploys_per_user={WORKERS}"]
+        logs = tmp_path / "logs" / label
+        return ServeProcess(data_dir, config_dir, logs, env=env, extra_args=admit).start()
 
     server = start("setup")
     try:
