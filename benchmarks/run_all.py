@@ -33,6 +33,7 @@ SCRIPTS = (
     "enclave",
     "imagenet",
     "server",
+    "cluster",
     "image",
     "js",
     "java",
