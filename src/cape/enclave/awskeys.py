@@ -164,7 +164,7 @@ class AwsEnclaveKeyClient(EnclaveKeyClient):
         return await asyncio.to_thread(self._public_key, owner)
 
     async def unwrap(self, owner: str, wrapped_key: bytes) -> bytes:
-        document = await asyncio.to_thread(self._recipient_document)
+        document, _ = await asyncio.to_thread(self._recipient_document, True)
         try:
             cms = await asyncio.to_thread(
                 self._service.decrypt,
