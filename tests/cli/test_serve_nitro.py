@@ -83,3 +83,26 @@ def test_on_a_machine_without_the_nitro_driver_the_allocator_is_named(
     code, line = _error(_nitro_args(tmp_path))
     assert code == 1
     assert line.startswith("Error: the nitro_enclaves kernel module is not loaded")
+
+
+def test_a_config_file_nitro_table_is_the_same_as_the_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eif = tmp_path / "cape.eif"
+    eif.write_bytes(b"image")
+    config = tmp_path / "cape.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\nport = 0\n\n[nitro]\neif = "{eif}"\n'
+        f'aws_root = "{AWS_ROOT}"\nregion = "us-east-1"\naccount_id = "{ACCOUNT}"\n'
+        f'admin_role_arn = "arn:aws:iam::{ACCOUNT}:role/cape-admin"\n'
+        f'enclave_role_arn = "arn:aws:iam::{ACCOUNT}:role/cape-enclave"\nmemory_mib = 1024\n'
+    )
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    code, line = _error(["serve", "--config", str(config)])
+    assert code == 1
+    assert line.startswith("Error: nitro-cli is not on PATH")  # Nitro mode, from the file
+    config.write_text(config.read_text().replace('region = "us-east-1"\n', "colour = 1\n"))
+    code, line = _error(["serve", "--config", str(config)])
+    assert code == 1
+    assert line.startswith(f"Error: {config}: nitro must be a table of eif, aws_root")
+    assert "unknown colour; missing region" in line

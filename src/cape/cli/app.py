@@ -566,7 +566,12 @@ def serve(
         settings = load_settings(config_file, flags=flags)
         settings.setdefault("data_dir", default_data_dir())
         config = ServeConfig(**settings)
-        config.nitro = nitro_options(enclave_mode, eif, enclave_cpus, enclave_memory, aws or [])
+        nitro_given = any(  # the command line wins over a config file's [nitro] table
+            getattr(ctx.get_parameter_source(flag), "name", "") == "COMMANDLINE"
+            for flag in ("enclave_mode", "eif", "aws")
+        )
+        if nitro_given:
+            config.nitro = nitro_options(enclave_mode, eif, enclave_cpus, enclave_memory, aws or [])
         run_server(config)
     except CapeError as exc:
         _fail(exc)

@@ -126,6 +126,44 @@ def _blob_store(value: Any) -> str:
     return text
 
 
+_NITRO_KEYS: Final = {
+    "eif": "eif",
+    "aws_root": "aws_root",
+    "region": "region",
+    "account_id": "account_id",
+    "admin_role_arn": "admin_role_arn",
+    "enclave_role_arn": "enclave_role_arn",
+    "cpu_count": "cpu_count",
+    "memory_mib": "memory_mib",
+}
+
+
+def _nitro(value: Any) -> Any:
+    """A ``[nitro]`` table: ``cape serve --enclave nitro``'s options (docs/deploy-aws.md)."""
+    from cape.platform.nitro import NitroOptions
+
+    if not isinstance(value, dict):
+        raise ValueError("a [nitro] table (it cannot come from the environment)")
+    unknown = sorted(set(value) - set(_NITRO_KEYS))
+    missing = sorted(set(_NITRO_KEYS) - {"cpu_count", "memory_mib"} - set(value))
+    if unknown or missing:
+        raise ValueError(
+            f"a table of {', '.join(_NITRO_KEYS)}"
+            + (f"; unknown {', '.join(unknown)}" if unknown else "")
+            + (f"; missing {', '.join(missing)}" if missing else "")
+        )
+    return NitroOptions(
+        eif=_path(value["eif"]),
+        aws_root=_path(value["aws_root"]),
+        region=_text(value["region"]),
+        account_id=_text(value["account_id"]),
+        admin_role_arn=_text(value["admin_role_arn"]),
+        enclave_role_arn=_text(value["enclave_role_arn"]),
+        cpu_count=_int(1, 256)(value.get("cpu_count", 2)),
+        memory_mib=_int(64, 1 << 24)(value.get("memory_mib", 2048)),
+    )
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: the :class:`~cape.platform.serve.ServeConfig` field it fills, its check."""
@@ -159,6 +197,7 @@ SETTINGS: Final[Mapping[str, Setting]] = {
     "log_format": Setting("log_format", _choice("text", "json"), "text or json lines"),
     "sandbox_uids": Setting("sandbox_uids", _text, "uids for sandboxed functions (FIRST-LAST)"),
     "run_functions": Setting("run_functions", _bool, "false: serve but run no functions"),
+    "nitro": Setting("nitro", _nitro, "a [nitro] table: run on AWS Nitro Enclaves"),
 }
 
 
@@ -198,7 +237,7 @@ def load_settings(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise FormatError(f"{path}: not valid TOML: {exc}") from None
         for name, value in document.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and name != "nitro":  # [nitro]: the one table
                 raise FormatError(f"{path}: [{name[:60]}]: settings are top-level names")
             _apply(out, name, value, str(path))
     environ = os.environ if env is None else env
