@@ -420,7 +420,7 @@ def serve(
             "--blob-store",
             metavar="URL",
             help="Bundle store: a directory (default: in the data directory) or "
-            "s3://BUCKET[/PREFIX].",
+            "s3://BUCKET\\[/PREFIX].",
         ),
     ] = None,
     data_dir: Annotated[
