@@ -55,6 +55,7 @@ from cape.host.api.frames import MAX_TEXT_FRAME_BYTES
 from cape.host.api.rest import ApiDeps
 from cape.host.api.sessions import Lifecycle, SessionDeps
 from cape.host.auth import Accounts, TokenIssuer
+from cape.host.hashgate import PasswordHashGate
 from cape.host.keydocs import KeyDocuments
 from cape.host.launcher import Tap
 from cape.host.pool import EnclavePool
@@ -361,6 +362,9 @@ class Server:
                         key_documents=key_document,
                         on_signup=on_signup,
                         max_input_bytes=config.max_input_bytes,
+                        hash_gate=PasswordHashGate(
+                            config.limits.password_hashes, config.limits.password_hash_queue
+                        ),
                     ),
                     SessionDeps(
                         store=store,
