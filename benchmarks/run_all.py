@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from _hot_path import hot_path_lines
 from _results import Curve, Figure, Results, Series
 
 HERE = Path(__file__).resolve().parent
@@ -28,9 +29,11 @@ SCRIPTS = (
     "crypto",
     "attestation",
     "sandbox",
+    "hops",
     "enclave",
     "imagenet",
     "server",
+    "cluster",
     "image",
     "js",
     "java",
@@ -194,6 +197,7 @@ def write_report(
         *(f"| {k} | {v} |" for k, v in machine()),
         "",
     ]
+    lines += hot_path_lines(results)
     goals = [f for r in results.values() for f in r.figures if f.goal is not None]
     if goals:
         lines += ["## Goals", "", *figure_rows(goals), ""]

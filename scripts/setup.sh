@@ -23,6 +23,27 @@ if ! command -v bwrap >/dev/null 2>&1; then
     fi
 fi
 
+# The cluster tests (tests/services.py, tests/e2e/test_cluster.py) start a real PostgreSQL
+# server and HAProxy themselves, from Debian's packages (no service is enabled or started).
+case ",${1:-}," in *,test,*)
+    need=()
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+    command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+    if [ "${#need[@]}" -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "cape: installing ${need[*]} with apt-get (for the cluster tests)" >&2
+            if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }; then
+                echo "Error: could not install ${need[*]} (the cluster tests need them)" >&2
+                exit 1
+            fi
+        else
+            echo "cape: ${need[*]} not installed; the cluster tests will skip" >&2
+        fi
+    fi
+    ;;
+esac
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PYTHON" -m venv .venv 2>/dev/null; then
         # Debian's python3 ships venv separately.

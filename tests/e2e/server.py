@@ -45,6 +45,7 @@ class ServeProcess:
     log_dir: Path
     enclaves: int = 2
     extra_args: list[str] = field(default_factory=list)
+    port: int = 0
     env: dict[str, str] = field(default_factory=dict)
     new_session: bool = False
     """Start it as the leader of its own process group (to signal the group, as systemd
@@ -69,7 +70,7 @@ class ServeProcess:
                 "--data-dir",
                 str(self.data_dir),
                 "--port",
-                "0",
+                str(self.port),
                 "--enclaves",
                 str(self.enclaves),
                 *self.extra_args,

@@ -7,6 +7,10 @@ be gone (they are its children; they end when their channel closes). After the l
 more start (whose orphan sweep runs before anything is served) must list every acknowledged
 deploy, run every listed function with the checksum it was acknowledged or listed with, and
 leave exactly one blob per function and no temp files.
+
+The same runs on a node storing into PostgreSQL and S3 (tests/services.py): there the
+unfinished writes are multipart uploads, and since a node sweeps shared stores only of
+orphans hours old, the final check sweeps with no age once every node has stopped.
 """
 
 from __future__ import annotations
@@ -29,20 +33,28 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from cape.crypto import envelope
 from cape.errors import TransportError
+from cape.host.store.backends import open_blob_store, open_metadata_store
+from cape.host.store.deploys import sweep_orphans
 from cape.host.store.metadata import SqlMetadataStore
 from cape.sdk.flows import Deployed, deploy, fetch_key
 from cape.sdk.session import Session, SessionOptions
-from tests.e2e.conftest import requires_enclaves
+from tests.e2e.conftest import cluster_env, requires_enclaves
 from tests.e2e.server import ServeProcess, User, run, zip_app
+from tests.services import MotoS3, Postgres
 
 pytestmark = [requires_enclaves, pytest.mark.slow]
 
 ROUNDS = 12
+SHARED_ROUNDS = 4
+"""Rounds on PostgreSQL + S3: the same kills, fewer of them (each round restarts a node)."""
 WORKERS = 4
 PADDING_BYTES = (200_000, 400_000, 1_300_000)
 """Bundle padding sizes, chosen at random: the largest goes in two chunks with our SDK."""
 KILL_AFTER_S = (0.05, 0.7)
 """The kill comes at a uniformly random moment in this window after the deploys start."""
+SHARED_KILL_AFTER_S = (0.3, 2.5)
+"""The same on PostgreSQL + S3, where a deploy takes longer: in its fewer rounds some deploys
+must get through before a kill, even on a loaded machine."""
 GONE_TIMEOUT_S = 10.0
 ECHO = "def cape_handler(data):\n    return data\n"
 PAGE = 100
@@ -173,8 +185,10 @@ async def storm(
     index: int,
     rng: random.Random,
     enclaves: Enclaves,
+    kill_after: tuple[float, float] = KILL_AFTER_S,
 ) -> Round:
-    """WORKERS clients deploy distinct names back to back until the server is SIGKILLed."""
+    """WORKERS clients deploy distinct names back to back until the server is SIGKILLed (at
+    a random moment within ``kill_after`` seconds)."""
     result = Round()
     killed = asyncio.Event()
     in_flight: set[str] = set()
@@ -213,7 +227,7 @@ async def storm(
                 return
 
     tasks = [asyncio.create_task(worker(number)) for number in range(WORKERS)]
-    await asyncio.sleep(rng.uniform(*KILL_AFTER_S))
+    await asyncio.sleep(rng.uniform(*kill_after))
     result.in_flight_at_kill = len(in_flight)
     killed.set()
     assert server.process is not None
@@ -224,19 +238,37 @@ async def storm(
     return result
 
 
+@pytest.mark.parametrize("backend", ["local", "postgres_s3"])
 def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
-    tmp_path: Path, enclave_tmp: Path
+    tmp_path: Path, enclave_tmp: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    """On the embedded node (SQLite, a blob directory) and on one storing into PostgreSQL and
+    S3 (fewer rounds there, to keep the suite's time down)."""
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
-    context = f"(seed {seed})"
+    context = f"(seed {seed}, {backend})"
     data_dir, config_dir = tmp_path / "data", tmp_path / "config"
     enclaves = Enclaves(str(enclave_tmp) + "/")
+    env = {"TMPDIR": str(enclave_tmp)}
+    shared = backend == "postgres_s3"
+    rounds = SHARED_ROUNDS if shared else ROUNDS
+    kill_after = SHARED_KILL_AFTER_S if shared else KILL_AFTER_S
+    if shared:
+        postgres: Postgres = request.getfixturevalue("postgres")
+        moto_s3: MotoS3 = request.getfixturevalue("moto_s3")
+        env |= cluster_env(postgres, moto_s3)
+        bucket = env["CAPE_BLOB_STORE"].removeprefix("s3://").split("/")[0]
+
+    def unfinished_writes() -> int:
+        if shared:
+            return len(moto_s3.uploads(bucket))
+        return len(list((data_dir / "blobs" / ".tmp").iterdir()))
 
     def start(label: str) -> ServeProcess:
-        return ServeProcess(
-            data_dir, config_dir, tmp_path / "logs" / label, env={"TMPDIR": str(enclave_tmp)}
-        ).start()
+        # WORKERS deploys at once from one account: more than a node admits by default.
+        admit = ["--limit", f"deploys_per_user={WORKERS}"]
+        logs = tmp_path / "logs" / label
+        return ServeProcess(data_dir, config_dir, logs, env=env, extra_args=admit).start()
 
     server = start("setup")
     try:
@@ -249,14 +281,15 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
     assert not enclaves.wait_gone(GONE_TIMEOUT_S)[1]
 
     acknowledged: dict[str, Deployed] = {}
-    rounds: list[Round] = []
+    results: list[Round] = []
     gone_after: list[float] = []
     began = time.monotonic()
-    for index in range(ROUNDS):
+    for index in range(rounds):
         server = start(f"round{index}")
-        if rounds:
-            rounds[-1].swept_at_next_start = swept(server)
-            assert swept(server) >= rounds[-1].temp_files_after_kill, context
+        if results:
+            results[-1].swept_at_next_start = swept(server)
+            if not shared:  # shared stores: only orphans older than hours are swept at start
+                assert swept(server) >= results[-1].temp_files_after_kill, context
         user = User(server, user.username, user.token)
         # Every deploy acknowledged so far survived the earlier kills and the sweep.
         names = {f["name"] for f in list_functions(user)}
@@ -264,11 +297,11 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
         running = enclaves.pids()
         assert len(running) >= server.enclaves, f"enclaves not found: {running} {context}"
         try:
-            result = run(storm(server, user, key, index, rng, enclaves))
+            result = run(storm(server, user, key, index, rng, enclaves, kill_after))
         finally:
             server.kill()
-        rounds.append(result)
-        result.temp_files_after_kill = len(list((data_dir / "blobs" / ".tmp").iterdir()))
+        results.append(result)
+        result.temp_files_after_kill = unfinished_writes()
         assert not result.errors_before_kill, f"{result.errors_before_kill} {context}"
         assert not result.unexpected_errors, f"{result.unexpected_errors} {context}"
         acknowledged.update(result.acknowledged)
@@ -278,11 +311,11 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
     storm_s = time.monotonic() - began
 
     # The kills did land mid-deploy, and some deploys got through.
-    assert sum(r.in_flight_at_kill for r in rounds) >= ROUNDS, context
-    assert len(acknowledged) >= ROUNDS, context
+    assert sum(r.in_flight_at_kill for r in results) >= rounds, context
+    assert len(acknowledged) >= rounds, context
 
     server = start("final")
-    rounds[-1].swept_at_next_start = swept(server)
+    results[-1].swept_at_next_start = swept(server)
     try:
         user = User(server, user.username, user.token)
         functions = list_functions(user)
@@ -329,27 +362,43 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
     assert code == 0, server.stderr()[-3000:]
     assert not enclaves.wait_gone(GONE_TIMEOUT_S)[1]
 
-    # The start-up sweep left exactly the referenced blobs and no unfinished writes.
-    blobs = data_dir / "blobs"
-    temp = list((blobs / ".tmp").iterdir())
-    assert not temp, f"temp files left: {temp}"
-    shards = [p for p in blobs.iterdir() if p.name != ".tmp"]
-    assert all(p.is_dir() for p in shards), shards
-    blob_files = {path.name for shard in shards for path in shard.iterdir()}
-    with SqlMetadataStore(f"sqlite:///{data_dir / 'metadata.sqlite3'}") as store:
-        referenced = store.all_blob_keys()
-    assert blob_files == referenced, f"orphans {blob_files - referenced}"
-    assert len(blob_files) == len(listed)
+    if shared:
+        # A node sweeps shared stores only of orphans hours old (another node may have a
+        # deploy in flight). With every node stopped, an operator's sweep with no age leaves
+        # exactly the referenced blobs and no unfinished upload.
+        with open_metadata_store(env["CAPE_DATABASE_URL"]) as store:
+            blob_store = open_blob_store(
+                env["CAPE_BLOB_STORE"], endpoint_url=env["CAPE_BLOB_ENDPOINT_URL"]
+            )
+            referenced = store.all_blob_keys()
+            assert referenced <= set(blob_store.keys()), "a listed function's blob is missing"
+            sweep_orphans(store, blob_store)
+            blob_files = set(blob_store.keys())
+        assert not moto_s3.uploads(bucket), "unfinished uploads left"
+        assert blob_files == referenced, f"orphans {blob_files - referenced}"
+        assert len(blob_files) == len(listed)
+    else:
+        # The start-up sweep left exactly the referenced blobs and no unfinished writes.
+        blobs = data_dir / "blobs"
+        temp = list((blobs / ".tmp").iterdir())
+        assert not temp, f"temp files left: {temp}"
+        shards = [p for p in blobs.iterdir() if p.name != ".tmp"]
+        assert all(p.is_dir() for p in shards), shards
+        blob_files = {path.name for shard in shards for path in shard.iterdir()}
+        with SqlMetadataStore(f"sqlite:///{data_dir / 'metadata.sqlite3'}") as store:
+            referenced = store.all_blob_keys()
+        assert blob_files == referenced, f"orphans {blob_files - referenced}"
+        assert len(blob_files) == len(listed)
 
     print(
-        f"\n{ROUNDS} rounds in {storm_s:.1f}s (seed {seed}): "
-        f"{sum(r.started for r in rounds)} deploys started, {len(acknowledged)} acknowledged, "
+        f"\n{rounds} rounds in {storm_s:.1f}s (seed {seed}): "
+        f"{sum(r.started for r in results)} deploys started, {len(acknowledged)} acknowledged, "
         f"{len(unacknowledged)} committed without ack, "
-        f"in flight at kill {[r.in_flight_at_kill for r in rounds]}, "
-        f"temp files at kill {[r.temp_files_after_kill for r in rounds]}, "
-        f"swept at restart {[r.swept_at_next_start for r in rounds]}, "
-        f"raw ConnectionClosed {sum(r.raw_connection_closed for r in rounds)}, "
-        f"server descendants at kill {[r.processes_at_kill for r in rounds]}, "
+        f"in flight at kill {[r.in_flight_at_kill for r in results]}, "
+        f"temp files at kill {[r.temp_files_after_kill for r in results]}, "
+        f"swept at restart {[r.swept_at_next_start for r in results]}, "
+        f"raw ConnectionClosed {sum(r.raw_connection_closed for r in results)}, "
+        f"server descendants at kill {[r.processes_at_kill for r in results]}, "
         f"all gone after {max(gone_after):.2f}s at most; "
         f"{len(listed)} functions listed and run, {len(blob_files)} blobs"
     )

@@ -1,4 +1,5 @@
-"""End to end over real TLS on loopback: a `cape serve` process and the SDK's verifying client."""
+"""End to end over real TLS on loopback: a `cape serve` process and the SDK's verifying client,
+on SQLite + a blob directory and on PostgreSQL + S3 (tests/e2e/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import pytest
 
 from cape.errors import ChecksumMismatchError, FunctionError, RequestRefusedError, VerificationError
 from tests.e2e.server import ServeProcess, User, run
+
+# Every test here runs on the embedded node and on one storing into PostgreSQL + S3.
+pytestmark = pytest.mark.all_backends
 
 ECHO = "def cape_handler(data):\n    return data\n"
 FAILING = (

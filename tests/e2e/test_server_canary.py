@@ -8,6 +8,8 @@ every output; the key, deploy, run (by id and by name) and test flows carry it t
 
 - every file under the server's data directory (SQLite databases with their WAL files, looked
   at while the server runs and after it stopped; blobs; key documents; the key service);
+- on a node storing into PostgreSQL and S3 (subprocess variant), every row of its database
+  and every object in its bucket, while it runs and after it stopped;
 - the server's logs (its stdout and stderr; in the in-process variant every log record at
   DEBUG, and everything written to file descriptors 1 and 2, enclaves' stderr included);
 - the server's traffic (in-process variant): every enclave channel frame (``ServeConfig.tap``)
@@ -44,10 +46,11 @@ from cape.sdk import flows as sdk
 from cape.sdk.flows import Deployed, deploy, fetch_key, run_path
 from cape.sdk.rest import RestClient
 from cape.sdk.session import Session, SessionOptions
-from tests.e2e.conftest import requires_enclaves
+from tests.e2e.conftest import cluster_env, requires_enclaves
 from tests.e2e.server import ServeProcess
 from tests.e2e.test_crash import deploy_one_frame
 from tests.integration.test_canary import forms
+from tests.services import MotoS3, Postgres
 
 pytestmark = requires_enclaves
 
@@ -363,14 +366,32 @@ def test_canary_never_reaches_the_server_in_process(
 # --------------------------------------------------------------------------- cape serve process
 
 
-def test_canary_never_reaches_the_server_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["local", "postgres_s3"])
+def test_canary_never_reaches_the_server_process(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """On the embedded node, and on one storing into PostgreSQL and S3: there every row of its
+    database (``pg_dump``) and every object of its bucket are searched too."""
     canary = b"CANARY-" + secrets.token_hex(12).encode()
     planted = "PLANTED-" + secrets.token_hex(12)
+    env = {"CAPE_TEST_PLANTED": planted}
+    if backend == "postgres_s3":
+        env |= cluster_env(request.getfixturevalue("postgres"), request.getfixturevalue("moto_s3"))
+
+    def shared_stores() -> list[tuple[str, bytes]]:
+        """Every row of the node's PostgreSQL database and every object of its bucket."""
+        if backend != "postgres_s3":
+            return []
+        postgres: Postgres = request.getfixturevalue("postgres")
+        moto_s3: MotoS3 = request.getfixturevalue("moto_s3")
+        bucket = env["CAPE_BLOB_STORE"].removeprefix("s3://").split("/")[0]
+        return [
+            ("database dump", postgres.dump(env["CAPE_DATABASE_URL"])),
+            *((f"object {name}", data) for name, data in moto_s3.objects(bucket)),
+        ]
+
     process = ServeProcess(
-        tmp_path / "data",
-        tmp_path / "config",
-        tmp_path / "logs",
-        env={"CAPE_TEST_PLANTED": planted},
+        tmp_path / "data", tmp_path / "config", tmp_path / "logs", env=env
     ).start()
     try:
         outputs, deployed = asyncio.run(
@@ -379,12 +400,19 @@ def test_canary_never_reaches_the_server_process(tmp_path: Path) -> None:
         assert process.process is not None
         memory = list(writable_memory(process.process.pid))
         while_running = [
-            f"(running) {hit}" for hit in findings(files_under(process.data_dir), canary)
+            f"(running) {hit}"
+            for hit in findings([*files_under(process.data_dir), *shared_stores()], canary)
         ]
     finally:
         code = process.stop()
     assert code == 0, process.stderr()[-3000:]
     check_outputs(outputs, canary)
+    shared = shared_stores()
+    if backend == "postgres_s3":  # the node really stored there, and only there
+        assert not (process.data_dir / "metadata.sqlite3").exists()
+        assert not (process.data_dir / "blobs").exists()
+        assert deployed.id.encode() in shared[0][1]
+        assert len(shared) == 1 + 2  # the dump and the two deploys' blobs
     # The memory reader sees the server's memory: its environment, and in its heap the id
     # it made for the deploy; the logs are the server's.
     assert findings(memory, planted.encode()), "the memory scan read nothing useful"
@@ -395,6 +423,7 @@ def test_canary_never_reaches_the_server_process(tmp_path: Path) -> None:
 
     sources = [
         *files_under(process.data_dir),
+        *shared,
         ("stdout", process.stdout().encode()),
         ("stderr", process.stderr().encode()),
         *memory,

@@ -59,6 +59,7 @@ from cape.errors import (
 from cape.platform.tls import TlsFiles, ensure_tls
 from cape.sdk import flows
 from cape.sdk.session import Session, SessionOptions
+from cape.verify import verifier
 from tests.integration.hostile import (
     FAIL_INPUT,
     FAIL_TEXT,
@@ -1487,3 +1488,36 @@ def test_refusal_with_deeply_nested_body_is_a_request_refused_error(
         RequestRefusedError, r"^the server refused the session \(401\): no reason given$"
     )
     assert isinstance(error, RequestRefusedError) and error.status == 401
+
+
+def test_later_sessions_to_one_enclave_verify_its_chain_once(
+    tls: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh PKI: no earlier test has verified this chain in this process.
+    fresh = Pki.generate()
+    chains: list[int] = []
+    verify_chain = verifier._verify_chain
+
+    def counting(*args: Any) -> None:
+        chains.append(1)
+        verify_chain(*args)
+
+    monkeypatch.setattr(verifier, "_verify_chain", counting)
+    enclave_module = fresh.module()  # one enclave: its documents share one certificate chain
+
+    async def same_enclave(enclave: Enclave) -> None:
+        await enclave.read_start()
+        await enclave.send_document(enclave.document(module=enclave_module))
+        await enclave.serve_inputs()
+
+    for _ in range(2):
+        server = HostileServer(tls, fresh, same_enclave)
+        outcome = attack(server, run_client(options(tls, fresh), INPUTS))
+        assert outcome.error is None
+        assert outcome.value == [echo(data) for data in INPUTS]
+    assert len(chains) == 1
+    # The document itself is checked every time: a stale one on that chain is refused.
+    module = fresh.module(clock=_shifted(dt.timedelta(minutes=-10)))
+    script = document_script(lambda e: e.document(module=module))
+    outcome = attack(HostileServer(tls, fresh, script), run_client(options(tls, fresh)))
+    outcome.refused(DocumentExpiredError, "more than 300 s before")

@@ -57,3 +57,49 @@ def test_report_has_ratios_goals_and_plots(tmp_path: Path) -> None:
         assert f"]({plot})" in text
     summary = run_all.summary({"server": _results()}, {"enclave": "exit status 1"})
     assert "NOT met" in summary and "enclave_bench.py FAILED" in summary
+
+
+def test_report_opens_with_the_hot_path_goal_table(tmp_path: Path) -> None:
+    server = Results("server", quick=False)
+    for clients, rate, plain in ((1, 20.0, 400.0), (16, 30.0, 100.0)):
+        plural = "s" * (clients > 1)
+        server.figure("throughput", f"completed runs/s, {clients} concurrent client{plural}",
+                      rate, "runs/s", reference="plain websocket runs/s",
+                      reference_value=plain)  # fmt: skip
+        server.figure("throughput", f"errors, {clients} concurrent client{plural}", 0, "errors")
+        server.series.append(
+            Series(
+                "run latency",
+                f"cape run, {clients} client{plural}",
+                "ms",
+                [10.0] * 98 + [50.0, 90.0],
+            )
+        )
+    server.figure("warm invoke", "cape warm invoke p50, 1 KiB", 0.5, "ms",
+                  reference="plain websocket echo p50", reference_value=0.2)  # fmt: skip
+    crypto = Results("crypto", quick=True)
+    crypto.figure("encryption (issue 16 goals)", "stream form encrypt 1 MiB", 900.0, "MB/s",
+                  reference="the cipher alone", reference_value=1000.0)  # fmt: skip
+    crypto.figure("encryption (issue 16 goals)", "stream form encrypt 1 GiB", 800.0, "MB/s",
+                  reference="the cipher alone", reference_value=1000.0)  # fmt: skip
+    crypto.figure("encryption (issue 16 goals)",
+                  "binary envelope into a reused buffer encrypt 1 MiB", 900.0, "MB/s",
+                  reference="the cipher alone", reference_value=1000.0)  # fmt: skip
+    crypto.figure("encryption", "binary envelope encrypt 1 MiB", 300.0, "MB/s",
+                  reference="fresh raw", reference_value=600.0)  # fmt: skip
+    text = run_all.write_report(
+        tmp_path, {"server": server, "crypto": crypto}, {"server": 1.0, "crypto": 1.0}, {}, False
+    )
+    table = text[text.index("## Hot path (issue 16)") :]
+    assert "| completed runs/s, 16 clients" in table and "| 0.30x | ≥ 0.25x: met |" in table
+    assert "| warm invoke p50, 1 KiB | 0.5 ms |" in table and "2.50x | ≤ 2x: **NOT met** |" in table
+    assert "| warm invoke p50, 1 MiB | not measured in this run (`server_bench.py`)" in table
+    assert "| key-service data-key release p50 (the enclave's document reused) | not" in table
+    # The goal's own size wins; a smoke run's largest size is shown but not judged.
+    assert "stream encrypt (in-memory input, discarding sink), 1 GiB" in table
+    assert "0.80x | ≥ 0.9x: **NOT met** |" in table
+    assert "binary envelope encrypt into a reused buffer, 1 MiB" in table
+    assert "not judged at 1 MiB (judged at 1 GiB)" in table
+    assert "| binary envelope encrypt, fresh output, 1 MiB | 300 MB/s | fresh raw" in table
+    assert "| 16 | 30.0 | 100 | 0.300x | 0 | 10 ms | 50 ms |" in table
+    assert "| 1 | 20.0 | 400 | 0.050x | 0 | 10 ms | 50 ms |" in table

@@ -394,6 +394,34 @@ def attestation_verify(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            help="A node's settings in TOML (docs: Running a cluster); CAPE_* variables and "
+            "the flags given here override it.",
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            metavar="URL",
+            help="Metadata database: sqlite:///PATH (default: in the data directory) or "
+            "postgresql+psycopg://USER:PASSWORD@HOST/DB.",
+        ),
+    ] = None,
+    blob_store: Annotated[
+        str | None,
+        typer.Option(
+            "--blob-store",
+            metavar="URL",
+            help="Bundle store: a directory (default: in the data directory) or "
+            "s3://BUCKET[/PREFIX].",
+        ),
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -476,27 +504,43 @@ def serve(
     sessions in progress finish first.
     """
     from cape.host.signup import SignupMode
-    from cape.platform.limits import parse_limits
-    from cape.platform.serve import ServeConfig, default_data_dir, parse_forwarded_allow_ips
+    from cape.platform.config import load_settings
+    from cape.platform.serve import ServeConfig, default_data_dir
     from cape.platform.serve import serve as run_server
 
     try:
         if signup not in SignupMode.__members__:
             raise UsageError(f"--signup must be open, invite or closed, not {signup[:40]!r}")
-        config = ServeConfig(
-            data_dir=data_dir or default_data_dir(),
-            host=host,
-            port=port,
-            enclaves=enclaves,
-            idle_timeout_s=idle_timeout,
-            limits=parse_limits(limit or ()),
-            signup=SignupMode(signup),
-            signups_per_hour=signup_rate,
-            forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
-            sandbox_uids=sandbox_uids,
-            max_input_bytes=max_input_mib << 20,
-            run_functions=not no_run,
-        )
+        given = {  # flag name -> setting name: only what the command line set overrides
+            "data_dir": "data_dir",
+            "host": "host",
+            "port": "port",
+            "enclaves": "enclaves",
+            "idle_timeout": "idle_timeout_s",
+            "signup": "signup",
+            "signup_rate": "signup_rate",
+            "forwarded_allow_ips": "trusted_proxies",
+            "database_url": "database_url",
+            "blob_store": "blob_store",
+            "sandbox_uids": "sandbox_uids",
+            "max_input_mib": "max_input_bytes",
+            "no_run": "run_functions",
+            "limit": "limits",
+        }
+        flags = {
+            setting: ("--" + flag.replace("_", "-"), ctx.params[flag])
+            for flag, setting in given.items()
+            if getattr(ctx.get_parameter_source(flag), "name", "") == "COMMANDLINE"
+        }
+        if "data_dir" in flags:
+            flags["data_dir"] = ("--data-dir", str(flags["data_dir"][1]))
+        if "max_input_bytes" in flags:
+            flags["max_input_bytes"] = ("--max-input-mib", max_input_mib << 20)
+        if "run_functions" in flags:
+            flags["run_functions"] = ("--no-run", not no_run)
+        settings = load_settings(config_file, flags=flags)
+        settings.setdefault("data_dir", default_data_dir())
+        config = ServeConfig(**settings)
         run_server(config)
     except CapeError as exc:
         _fail(exc)

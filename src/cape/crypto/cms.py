@@ -105,13 +105,58 @@ def recipient_key_identifier(recipient_spki_der: bytes) -> bytes:
     return hashlib.sha256(recipient_spki_der).digest()
 
 
-def _oaep_parameters() -> algos.RSAESOAEPParams:
-    return algos.RSAESOAEPParams(
-        {
-            "hash_algorithm": {"algorithm": "sha256"},
-            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
-        }
+# The building side writes DER directly: the message has one fixed shape, and only four fields
+# vary (rid, encryptedKey, IV, encryptedContent). asn1crypto took ~5-12 ms to build it, longer
+# than the RSA work of a release; tests/unit/crypto/test_cms.py checks these bytes against
+# asn1crypto's encoding of the same fields and against OpenSSL's parser.
+_ID_ENVELOPED_DATA = bytes.fromhex("06092a864886f70d010703")  # OID 1.2.840.113549.1.7.3
+_ID_DATA = bytes.fromhex("06092a864886f70d010701")  # OID 1.2.840.113549.1.7.1
+_ID_AES256_CBC = bytes.fromhex("060960864801650304012a")  # OID 2.16.840.1.101.3.4.1.42
+_VERSION_2 = bytes.fromhex("020102")  # INTEGER 2
+# AlgorithmIdentifier { id-RSAES-OAEP, RSAES-OAEP-params { [0] sha256 (NULL params),
+#   [1] mgf1(sha256 (NULL params)) } }: the only key transport we write.
+_RSAES_OAEP_SHA256 = bytes.fromhex(
+    "303c06092a864886f70d010107302fa00f300d06096086480165030402010500"
+    "a11c301a06092a864886f70d010108300d06096086480165030402010500"
+)
+
+
+def _der_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes((length,))
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(octets),)) + octets
+
+
+def _tlv(tag: int, *contents: bytes) -> bytes:
+    """One DER element: ``tag`` (a single identifier octet), definite length, ``contents``."""
+    body = b"".join(contents)
+    return bytes((tag,)) + _der_length(len(body)) + body
+
+
+_SEQUENCE, _SET, _OCTET_STRING = 0x30, 0x31, 0x04
+_CONTEXT_0_PRIMITIVE, _CONTEXT_0_CONSTRUCTED = 0x80, 0xA0
+
+
+def _enveloped_data_der(
+    subject_key_identifier: bytes, encrypted_key: bytes, iv: bytes, encrypted_content: bytes
+) -> bytes:
+    """The DER ``ContentInfo`` of the module docstring around these four fields."""
+    recipient_info = _tlv(
+        _SEQUENCE,
+        _VERSION_2,
+        _tlv(_CONTEXT_0_PRIMITIVE, subject_key_identifier),  # rid [0] IMPLICIT OCTET STRING
+        _RSAES_OAEP_SHA256,
+        _tlv(_OCTET_STRING, encrypted_key),
     )
+    encrypted_content_info = _tlv(
+        _SEQUENCE,
+        _ID_DATA,
+        _tlv(_SEQUENCE, _ID_AES256_CBC, _tlv(_OCTET_STRING, iv)),
+        _tlv(_CONTEXT_0_PRIMITIVE, encrypted_content),  # [0] IMPLICIT OCTET STRING
+    )
+    enveloped = _tlv(_SEQUENCE, _VERSION_2, _tlv(_SET, recipient_info), encrypted_content_info)
+    return _tlv(_SEQUENCE, _ID_ENVELOPED_DATA, _tlv(_CONTEXT_0_CONSTRUCTED, enveloped))
 
 
 def _seal_with(plaintext: bytes, recipient_spki_der: bytes, *, cek: bytes, iv: bytes) -> bytes:
@@ -132,33 +177,9 @@ def _seal_with(plaintext: bytes, recipient_spki_der: bytes, *, cek: bytes, iv: b
     padded = padder.update(bytes(plaintext)) + padder.finalize()
     encryptor = Cipher(algorithms.AES256(cek), modes.CBC(iv)).encryptor()
     encrypted_content = encryptor.update(padded) + encryptor.finalize()
-
-    recipient_info = cms.KeyTransRecipientInfo(
-        {
-            "version": "v2",
-            "rid": cms.RecipientIdentifier(
-                name="subject_key_identifier", value=recipient_key_identifier(spki)
-            ),
-            "key_encryption_algorithm": {
-                "algorithm": "rsaes_oaep",
-                "parameters": _oaep_parameters(),
-            },
-            "encrypted_key": recipient.encrypt(cek, _OAEP),
-        }
+    return _enveloped_data_der(
+        recipient_key_identifier(spki), recipient.encrypt(cek, _OAEP), iv, encrypted_content
     )
-    enveloped = cms.EnvelopedData(
-        {
-            "version": "v2",
-            "recipient_infos": [cms.RecipientInfo(name="ktri", value=recipient_info)],
-            "encrypted_content_info": {
-                "content_type": "data",
-                "content_encryption_algorithm": {"algorithm": "aes256_cbc", "parameters": iv},
-                "encrypted_content": encrypted_content,
-            },
-        }
-    )
-    content_info = cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped})
-    return bytes(content_info.dump())
 
 
 def seal_for_recipient(plaintext: bytes, recipient_spki_der: bytes) -> bytes:

@@ -83,6 +83,8 @@ _SALT_SIZE = 16
 _PAYLOAD_INFO = b"cape-stream-v1 payload"
 _COUNTER_BYTES = 11
 _MAX_CHUNKS = 1 << (8 * _COUNTER_BYTES)
+_PLAIN_READS = 2
+"""Chunks sealed without the reused buffers (their set-up costs more than short inputs)."""
 _LAST = b"\x01"
 _NOT_LAST = b"\x00"
 
@@ -145,7 +147,7 @@ def _read_exact(src: BinaryIO, size: int, what: str) -> bytes:
     return data
 
 
-def _write_all(dst: BinaryIO, data: bytes) -> int:
+def _write_all(dst: BinaryIO, data: bytes | memoryview) -> int:
     view = memoryview(data)
     while view:
         n = dst.write(view)
@@ -170,20 +172,78 @@ def encrypted_stream_size(
 # -- encryption ---------------------------------------------------------------------------------
 
 
-def encrypt_stream(
-    src: BinaryIO,
-    dst: BinaryIO,
-    public_key: RSAPublicKey,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+def _readinto_full(src: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``src`` (``readinto`` when it has one); fewer bytes only at EOF."""
+    readinto = getattr(src, "readinto", None)
+    filled = 0
+    while filled < len(view):
+        if readinto is not None:
+            n: int | None = readinto(view[filled:])
+            if n is None:
+                raise ValueError("non-blocking source streams are not supported")
+        else:
+            data: bytes | None = src.read(len(view) - filled)
+            if data is None:
+                raise ValueError("non-blocking source streams are not supported")
+            n = len(data)
+            view[filled : filled + n] = data
+        if not n:
+            break
+        filled += n
+    return filled
+
+
+class _Chunks:
+    """The plaintext chunks of a stream, as views; at most two (current and look-ahead) live.
+
+    The first :data:`_PLAIN_READS` chunks are read with plain ``read`` calls, so inputs of a
+    chunk or two allocate nothing else; later ones are read into two reused chunk-sized
+    buffers in turn (no allocation per chunk).
+    """
+
+    def __init__(self, src: BinaryIO, chunk_size: int) -> None:
+        self._src = src
+        self._size = chunk_size
+        self._reads = 0
+        self._buffers: list[memoryview] = []
+        self._done = False
+
+    def next(self) -> memoryview:
+        if self._done:
+            return memoryview(b"")
+        self._reads += 1
+        if self._reads <= _PLAIN_READS:
+            data = memoryview(_read_upto(self._src, self._size))
+        else:
+            if not self._buffers:
+                self._buffers = [memoryview(bytearray(self._size)) for _ in range(2)]
+            view = self._buffers[self._reads % 2]
+            data = view[: _readinto_full(self._src, view)]
+        self._done = len(data) < self._size
+        return data
+
+
+class _SliceChunks:
+    """The plaintext chunks of an in-memory input, as zero-copy views of it."""
+
+    def __init__(self, data: memoryview, chunk_size: int) -> None:
+        self._data = data
+        self._size = chunk_size
+        self._offset = 0
+
+    def next(self) -> memoryview:
+        start = self._offset
+        self._offset = min(start + self._size, len(self._data))
+        return self._data[start : self._offset]
+
+
+def _seal_chunks(
+    chunks: _Chunks | _SliceChunks, dst: BinaryIO, public_key: RSAPublicKey, chunk_size: int
 ) -> int:
-    """Encrypt everything ``src`` yields into ``dst`` in the stream form; return bytes written.
+    """Write the header and every sealed chunk to ``dst``; return the bytes written.
 
-    Holds at most two plaintext chunks (one of look-ahead) and one sealed chunk in memory.
-
-    Raises:
-        KeyFormatError: ``public_key`` is not an RSA public key of at least 2048 bits.
-        ValueError: ``chunk_size`` is outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE].
+    Each chunk is sealed into one reused output buffer and written from it (``write`` must not
+    keep what it is given, as the ``io`` contract says).
     """
     _check_chunk_size(chunk_size)
     check_rsa_public_key(public_key)
@@ -193,13 +253,21 @@ def encrypt_stream(
     aead = _payload_aead(dek, salt, header)
     written = _write_all(dst, header)
 
-    current = _read_upto(src, chunk_size)
+    sealed: memoryview | None = None
+    current = chunks.next()
     index = 0
     while True:
         # A full chunk is the last one only if nothing follows it: look one chunk ahead.
-        ahead = _read_upto(src, chunk_size) if len(current) == chunk_size else b""
+        ahead = chunks.next() if len(current) == chunk_size else memoryview(b"")
         last = not ahead
-        written += _write_all(dst, aead.encrypt(_nonce(index, last), current, None))
+        nonce = _nonce(index, last)
+        if len(current) < chunk_size or index < _PLAIN_READS:  # short inputs: no buffer
+            written += _write_all(dst, aead.encrypt(nonce, current, None))
+        else:
+            if sealed is None:
+                sealed = memoryview(bytearray(chunk_size + TAG_SIZE))
+            aead.encrypt_into(nonce, current, None, sealed)
+            written += _write_all(dst, sealed)
         if last:
             return written
         index += 1
@@ -208,15 +276,54 @@ def encrypt_stream(
         current = ahead
 
 
+def encrypt_stream(
+    src: BinaryIO | bytes | bytearray | memoryview,
+    dst: BinaryIO,
+    public_key: RSAPublicKey,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> int:
+    """Encrypt everything ``src`` yields into ``dst`` in the stream form; return bytes written.
+
+    ``src`` is a binary stream, read a chunk at a time into two buffers reused from chunk to
+    chunk (at most two plaintext chunks, one of look-ahead, and one sealed chunk in memory), or
+    an in-memory bytes-like input, encrypted in place without copying it.
+
+    Raises:
+        KeyFormatError: ``public_key`` is not an RSA public key of at least 2048 bits.
+        ValueError: ``chunk_size`` is outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE].
+    """
+    _check_chunk_size(chunk_size)
+    if isinstance(src, bytes | bytearray | memoryview):
+        chunks: _Chunks | _SliceChunks = _SliceChunks(memoryview(src).cast("B"), chunk_size)
+    else:
+        chunks = _Chunks(src, chunk_size)
+    return _seal_chunks(chunks, dst, public_key, chunk_size)
+
+
 def encrypt_stream_bytes(
     plaintext: bytes, public_key: RSAPublicKey, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> bytes:
-    """Encrypt an in-memory plaintext to the stream form."""
+    """Encrypt an in-memory plaintext to the stream form (read in place, written once)."""
     if not isinstance(plaintext, bytes | bytearray | memoryview):
         raise TypeError(f"plaintext must be bytes, not {type(plaintext).__name__}")
+    _check_chunk_size(chunk_size)
+    data = memoryview(plaintext).cast("B")
+    size = encrypted_stream_size(
+        len(data), chunk_size=chunk_size, wrapped_key_len=_wrapped_len(public_key)
+    )
     out = io.BytesIO()
-    encrypt_stream(io.BytesIO(plaintext), out, public_key, chunk_size=chunk_size)
+    out.seek(size - 1)
+    out.write(b"\0")  # one allocation of the exact size, then overwritten in place
+    out.seek(0)
+    written = _seal_chunks(_SliceChunks(data, chunk_size), out, public_key, chunk_size)
+    if written != size:  # pragma: no cover - encrypted_stream_size is exact
+        raise AssertionError(f"stream size {written} != {size}")
     return out.getvalue()
+
+
+def _wrapped_len(public_key: RSAPublicKey) -> int:
+    return (check_rsa_public_key(public_key).key_size + 7) // 8
 
 
 # -- decryption ---------------------------------------------------------------------------------
@@ -295,7 +402,9 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, key: RSAPrivateKey | KeyUnwrapp
         current = ahead
 
 
-def decrypt_stream_bytes(data: bytes, key: RSAPrivateKey | KeyUnwrapper) -> bytes:
+def decrypt_stream_bytes(
+    data: bytes | bytearray | memoryview, key: RSAPrivateKey | KeyUnwrapper
+) -> bytes:
     """Decrypt an in-memory stream form (all-or-nothing: nothing is returned on error)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"a ciphertext must be bytes, not {type(data).__name__}")

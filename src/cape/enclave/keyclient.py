@@ -1,9 +1,15 @@
 """The enclave's side of the key service: attested requests over the host's proxy.
 
-Every release asks the secure module for a fresh attestation document whose ``public_key`` is
-this enclave process's ephemeral RSA-2048 key (the KMS ``Recipient``). The key service checks
-the document and answers with CMS ``CiphertextForRecipient``, which only this process can open.
-The host relays the request and the answer but can read neither.
+A release sends an attestation document whose ``public_key`` is this enclave process's
+ephemeral RSA-2048 key (the KMS ``Recipient``). The key service checks the document and answers
+with CMS ``CiphertextForRecipient``, which only this process can open. The host relays the
+request and the answer but can read neither.
+
+One document serves the releases of :data:`DOCUMENT_REUSE_S` seconds (the key service caches
+its verification, so further releases skip the signature and chain checks). Reuse gives the
+host nothing: a document only ever unlocks CMS addressed to this process's key. A key whose
+policy allows younger documents only refuses a reused one; that refusal is retried once with a
+fresh document.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +40,9 @@ from cape.errors import (
 __all__ = ["EnclaveKeyClient"]
 
 KMS_TIMEOUT_S = 30.0
+DOCUMENT_REUSE_S = 30.0
+"""How long one recipient document serves further releases (well under the default 5-minute
+age limit of key policies)."""
 _ERRORS: dict[str, type[CapeError]] = {
     "denied": KeyReleaseDeniedError,
     "not_found": KeyNotFoundError,
@@ -52,6 +63,8 @@ class EnclaveKeyClient:
         self._recipient_spki = public_key_der(self._recipient_key)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._document_lock = threading.Lock()
+        self._document: tuple[bytes, float] | None = None  # (document, monotonic time made)
 
     def resolve(self, message: dict[str, Any]) -> None:
         """Deliver a ``kms_result`` frame to the call waiting for it."""
@@ -88,8 +101,19 @@ class EnclaveKeyClient:
         finally:
             self._pending.pop(rid, None)
 
-    def _recipient_document(self) -> bytes:
-        return self._module.attestation(public_key=self._recipient_spki, nonce=os.urandom(16))
+    def _recipient_document(self, fresh: bool) -> tuple[bytes, bool]:
+        """A recipient document and whether it was reused (see the module docstring)."""
+        with self._document_lock:
+            now = time.monotonic()
+            if not fresh and self._document is not None:
+                document, made = self._document
+                if now - made < DOCUMENT_REUSE_S:
+                    return document, True
+            document = self._module.attestation(
+                public_key=self._recipient_spki, nonce=os.urandom(16)
+            )
+            self._document = (document, now)
+            return document, False
 
     async def public_key(self, owner: str) -> bytes:
         """The owner's Cape key (DER SPKI), created on first request."""
@@ -101,8 +125,15 @@ class EnclaveKeyClient:
     async def unwrap(self, owner: str, wrapped_key: bytes) -> bytes:
         """Have the key service re-encrypt a DEK to this enclave, and open it here."""
         attestation = self._lanes.attestation
-        document = await attestation.run(owner, self._recipient_document)
-        cms = await self._call("decrypt", owner, blob=wrapped_key, document=document)
+        document, reused = await attestation.run(owner, self._recipient_document, False)
+        try:
+            cms = await self._call("decrypt", owner, blob=wrapped_key, document=document)
+        except KeyReleaseDeniedError:
+            if not reused:
+                raise
+            # Perhaps too old for this key's policy: once more with a fresh document.
+            document, _ = await attestation.run(owner, self._recipient_document, True)
+            cms = await self._call("decrypt", owner, blob=wrapped_key, document=document)
         if not isinstance(cms, bytes):
             raise CapeError("the key service returned a malformed answer")
         return await attestation.run(owner, self._open, cms)

@@ -50,7 +50,7 @@ from cape.errors import (
 )
 from cape.formats.attestation import MAX_DOCUMENT_BYTES
 from cape.verify.policy import AttestationPolicy
-from cape.verify.verifier import verify_attestation
+from cape.verify.verifier import VerificationCache, verify_attestation
 
 __all__ = [
     "BINDING_PCRS",
@@ -396,13 +396,16 @@ def check_recipient(
     root: x509.Certificate,
     policy: KeyPolicy,
     now: dt.datetime,
+    cache: VerificationCache | None = None,
 ) -> RSAPublicKey:
     """The release check: may ``recipient`` receive a key governed by ``policy`` at ``now``?
 
     In order: the key encryption algorithm is ``RSAES_OAEP_SHA_256``; the document verifies
     against the service's trusted ``root`` (signature, chain, age, debug mode, PCR allow-lists
     from ``policy``); it carries a ``public_key`` that is a DER RSA SubjectPublicKeyInfo of at
-    least 2048 bits. Returns that key.
+    least 2048 bits. Returns that key. With a ``cache``, a document (or chain) that verified
+    before skips the signature and chain checks while its certificates are valid; the policy
+    checks always run (see :mod:`cape.verify.verifier`).
 
     Raises:
         KeyReleaseDeniedError: naming the failed check; a verification failure is chained as
@@ -419,6 +422,7 @@ def check_recipient(
             root=root,
             now=now,
             policy=policy.attestation_policy(),
+            cache=cache,
         )
     except (VerificationError, FormatError) as exc:
         raise KeyReleaseDeniedError(_denial(exc)) from exc

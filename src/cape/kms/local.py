@@ -30,7 +30,10 @@ when the file is readable by group or others, or is not exactly 32 bytes.
 **Release.** :meth:`~LocalKeyService.decrypt` and :meth:`~LocalKeyService.generate_data_key`
 run :func:`~cape.kms.base.check_recipient` with the trusted root the service was given and the
 key's stored policy, then answer with CMS for the document's public key. Plaintext keys are
-never returned, logged or stored unsealed.
+never returned, logged or stored unsealed. A document (or a certificate chain) that already
+verified is not verified again while its certificates are valid (a
+:class:`~cape.verify.verifier.VerificationCache`); its age, PCRs and debug mode are checked
+against the key's policy on every request.
 
 **No hardware guarantee.** Whoever runs this process holds the master key; in simulated mode
 that is the operator. It enforces the policy against everyone else, including clients and
@@ -75,6 +78,7 @@ from cape.kms.base import (
     check_owner,
     check_recipient,
 )
+from cape.verify.verifier import VerificationCache
 
 __all__ = [
     "DB_FILE",
@@ -288,6 +292,7 @@ class LocalKeyService(KeyService):
         self._lock = threading.Lock()
         self._creation_locks = tuple(threading.Lock() for _ in range(_CREATION_LOCKS))
         self._cache: dict[str, _KeyRecord] = {}
+        self._documents = VerificationCache(CACHE_ENTRIES)
         self._db = self._connect(Path(db_path))
         self._data_version = -1
 
@@ -497,7 +502,11 @@ class LocalKeyService(KeyService):
     def _check(self, record: _KeyRecord, recipient: Recipient, operation: str) -> RSAPublicKey:
         try:
             return check_recipient(
-                recipient, root=self._root, policy=record.metadata.policy, now=self._now()
+                recipient,
+                root=self._root,
+                policy=record.metadata.policy,
+                now=self._now(),
+                cache=self._documents,
             )
         except KeyReleaseDeniedError as exc:
             _log.info("KMS %s for owner %s refused: %s", operation, record.metadata.owner, exc)

@@ -52,6 +52,7 @@ from cape.errors import CapeError, FormatError, KeyFormatError
 from cape.host.admission import Admission
 from cape.host.api.app import create_app
 from cape.host.api.frames import MAX_TEXT_FRAME_BYTES
+from cape.host.api.operations import Metrics, Readiness, create_operation_routes
 from cape.host.api.rest import ApiDeps
 from cape.host.api.sessions import Lifecycle, SessionDeps
 from cape.host.auth import Accounts, TokenIssuer
@@ -61,10 +62,15 @@ from cape.host.launcher import Tap
 from cape.host.pool import EnclavePool
 from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR, SignupRateLimiter
 from cape.host.signup import SignupMode
-from cape.host.store.blobs import DirectoryBlobStore
+from cape.host.store.backends import (
+    open_blob_store,
+    open_metadata_store,
+    safe_database_url,
+    sweep_age_s,
+)
 from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
-from cape.host.store.metadata import SqlMetadataStore, User
+from cape.host.store.metadata import User
 from cape.kms.local import load_master_key
 from cape.platform.limits import ServerLimits
 from cape.platform.local import (
@@ -155,6 +161,27 @@ class ServeConfig:
     log_level: str = "info"
     tap: Tap | None = None
     """Test and audit hook: observes every enclave channel frame."""
+    # Scale-out (docs/cluster.md): shared stores and keys, set by cape.platform.config.
+    node_name: str = field(default_factory=socket.gethostname)
+    database_url: str | None = None
+    """Default ``sqlite:///DATA_DIR/metadata.sqlite3``; ``postgresql+psycopg://…`` to share."""
+    blob_store: str | None = None
+    """Default ``DATA_DIR/blobs``; ``s3://BUCKET[/PREFIX]`` to share."""
+    blob_endpoint_url: str | None = None
+    tls_cert: Path | None = None
+    """The operator's certificate chain and key; default the local CA's under DATA_DIR/tls."""
+    tls_key: Path | None = None
+    attestation_dir: Path | None = None
+    """Default DATA_DIR/attestation; one shared directory gives a cluster one root."""
+    kms_dir: Path | None = None
+    """Default DATA_DIR/kms; shared by the nodes of a cluster on one machine."""
+    auth_dir: Path | None = None
+    """The directory holding ``auth/signing.key``; default DATA_DIR."""
+    image_signing_dir: Path | None = None
+    """The simulated runtime's image-signing key (PCR8, which new keys' release policy names);
+    default DATA_DIR/image-signing. Shared by a cluster's nodes, or one node's enclaves could
+    not receive keys made through another."""
+    log_format: str = "text"
     wrap_app: Callable[[ASGIApp], ASGIApp] | None = None
     """Test and audit hook: wraps the API application before uvicorn serves it (e.g. an ASGI
     middleware that records every websocket message received and sent). Not for production:
@@ -270,6 +297,8 @@ class Server:
         self.config = config
         self.data_dir = config.data_dir
         self.url = ""
+        self.storage = ("", "")
+        """The database URL (no password) and blob store this node uses, once started."""
         self.lifecycle = Lifecycle()
         self._uvicorn: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -282,7 +311,7 @@ class Server:
 
     @property
     def root_file(self) -> Path:
-        return self.data_dir / "attestation" / "root.pem"
+        return (self.config.attestation_dir or self.data_dir / "attestation") / "root.pem"
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Server]:
@@ -308,18 +337,26 @@ class Server:
         listener = _listen(config.host, config.port)  # fail fast, before starting enclaves
         with listener:
             tls = ensure_tls(self.data_dir / "tls", config.host)
-            authority = load_authority(self.data_dir / "attestation")
+            authority = load_authority(self.root_file.parent)
             self.root_fingerprint = fingerprint(authority.root_certificate)
-            store = SqlMetadataStore(f"sqlite:///{self.data_dir / 'metadata.sqlite3'}")
-            blobs = DirectoryBlobStore(self.data_dir / "blobs")
-            swept = await asyncio.to_thread(sweep_orphans, store, blobs)
+            database_url = config.database_url or f"sqlite:///{self.data_dir / 'metadata.sqlite3'}"
+            blob_url = config.blob_store or str(self.data_dir / "blobs")
+            self.storage = (safe_database_url(database_url), blob_url)
+            store = await asyncio.to_thread(open_metadata_store, database_url)
+            blobs = open_blob_store(blob_url, endpoint_url=config.blob_endpoint_url)
+            swept = await asyncio.to_thread(
+                sweep_orphans, store, blobs, min_age_s=sweep_age_s(database_url, blob_url)
+            )
             if swept:
                 log.info("removed %d unfinished deploy(s) left by an earlier run", swept)
+            kms_dir = config.kms_dir or self.data_dir / "kms"
             platform = LocalPlatform(
-                self.data_dir / "kms",
+                kms_dir,
                 authority=authority,
-                master_key=load_master_key(self.data_dir / "kms"),
-                signer=load_image_signer(self.data_dir / IMAGE_SIGNING_DIR),
+                master_key=load_master_key(kms_dir),
+                signer=load_image_signer(
+                    config.image_signing_dir or self.data_dir / IMAGE_SIGNING_DIR
+                ),
             )
             pool = EnclavePool(
                 platform.launcher(
@@ -333,7 +370,7 @@ class Server:
                 await pool.start()
                 accounts = Accounts(
                     store,
-                    TokenIssuer.open(self.data_dir),
+                    TokenIssuer.open(config.auth_dir or self.data_dir),
                     signup_mode=config.signup,
                     invites=InviteStore(store),
                     signup_limiter=SignupRateLimiter(per_hour=config.signups_per_hour),
@@ -353,6 +390,18 @@ class Server:
                 async def on_signup(user: User) -> None:
                     await keydocs.ensure(user, pool)
 
+                metrics = Metrics(
+                    config.node_name,
+                    live_enclaves=lambda: pool.stats().alive,
+                    restarts=lambda: pool.stats().restarts,
+                    active=lambda: self.lifecycle.active,
+                )
+                readiness = Readiness(
+                    database=store.ping,
+                    blob_store=blobs.check,
+                    live_enclaves=lambda: pool.stats().alive,
+                    draining=self.lifecycle.draining.is_set,
+                )
                 app = create_app(
                     ApiDeps(
                         store=store,
@@ -378,15 +427,17 @@ class Server:
                         max_input_bytes=config.max_input_bytes,
                         max_bundle_bytes=config.limits.bundle_bytes,
                     ),
+                    create_operation_routes(readiness, metrics),
                     body_timeout_s=config.limits.body_timeout_s,
                 )
-                served: ASGIApp = app if config.wrap_app is None else config.wrap_app(app)
+                counted = metrics.wrap(app)
+                served = counted if config.wrap_app is None else config.wrap_app(counted)
                 uv_config = uvicorn.Config(
                     served,
                     host=config.host,
                     port=config.port,
-                    ssl_certfile=str(tls.server_cert),
-                    ssl_keyfile=str(tls.server_key),
+                    ssl_certfile=str(config.tls_cert or tls.server_cert),
+                    ssl_keyfile=str(config.tls_key or tls.server_key),
                     # Per-message websocket limits, set by each session before each message
                     # (the first is a nonce), and a deadline for HTTP request heads.
                     ws=SizedWebSocketProtocol,
@@ -540,6 +591,10 @@ def describe(server: Server, out: TextIO) -> None:
     print(f"  Attestation root:  {server.root_file}", file=out)
     print(f"  Root fingerprint:  sha256:{server.root_fingerprint}", file=out)
     print(f"  Enclaves:          {config.enclaves}", file=out)
+    if config.database_url or config.blob_store:
+        print(f"  Node:              {config.node_name}", file=out)
+        print(f"  Database:          {server.storage[0]}", file=out)
+        print(f"  Blob store:        {server.storage[1]}", file=out)
     print(f"  Sandbox uids:      {config.sandbox_uids}", file=out)
     print(f"  Sandbox limits:    {describe_containment()}", file=out)
     if server.isolation_problem is not None:
@@ -586,6 +641,11 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if config.log_format == "json":
+        from cape.platform.logs import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter(config.node_name))
     logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     # Alembic reports each migration step at INFO, before the banner; only problems matter.
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -444,7 +444,7 @@ class AsyncCape:
     ) -> bytes:
         """``cape:`` + base64 envelope of ``input`` for one's own key or ``username``'s."""
         der = key if key is not None else await self.key(username=username, key_path=key_path)
-        return envelope.encrypt_text(bytes(input), load_rsa_public_key(der)).encode("ascii")
+        return envelope.encrypt_text_bytes(bytes(input), load_rsa_public_key(der))
 
     # -- functions ---------------------------------------------------------------------------
 

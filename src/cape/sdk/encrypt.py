@@ -131,7 +131,7 @@ def encrypt_stream_to(
         written = stream.encrypt_stream(reader, destination, public_key)
         return EncryptResult(streaming=True, bytes_written=written)
     if text:
-        out = envelope.encrypt_text(head, public_key).encode("ascii") + b"\n"
+        out = envelope.encrypt_text_bytes(head, public_key) + b"\n"
     else:
         out = envelope.encrypt(head, public_key)
     destination.write(out)

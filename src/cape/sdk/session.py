@@ -41,9 +41,14 @@ from cape.errors import (
 from cape.formats.attestation import AttestationDocument
 from cape.sdk.rest import refusal_text, refused
 from cape.verify.policy import AttestationPolicy
-from cape.verify.verifier import verify_attestation
+from cape.verify.verifier import VerificationCache, verify_attestation
 
 __all__ = ["Session", "SessionOptions", "ws_url"]
+
+_VERIFIED = VerificationCache(max_entries=256)
+"""Certificate chains this process has verified: every session to one enclave brings a fresh
+document but the same chain, which is then not verified again while all its certificates are
+valid (the document's signature, time, nonce and PCRs are checked every time)."""
 
 SUBPROTOCOL: Final = "cape.runtime"
 NONCE_BYTES: Final = 16
@@ -163,6 +168,7 @@ class Session:
             root=options.root,
             now=now,
             policy=AttestationPolicy(nonce=nonce, pcrs=options.pcrs),
+            cache=_VERIFIED,
         )
         user_data = _user_data(document)
         channel = None

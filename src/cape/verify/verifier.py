@@ -19,13 +19,29 @@ One pipeline, in this order; each step raises its own exception type:
 The check time is always a parameter; :func:`verify_archived_attestation` uses the
 document's own signed timestamp, so archived documents with long-expired 3-hour leaves still
 verify.
+
+**Caching.** Steps 0-2 depend only on the bytes (and, through certificate validity, on the
+check time); steps 3-6 depend on the time and the policy. A :class:`VerificationCache` passed
+to :func:`verify_attestation` remembers, by SHA-256 of the exact bytes and the pinned root, a
+document that passed steps 0-2 and a certificate chain that passed step 2, together with the
+window in which every certificate involved (leaf, cabundle, root) is valid. A hit inside that
+window skips those steps; steps 3-6 always run with the caller's time and policy. A key
+service releasing several keys to one enclave session (the same document each time, or
+documents of one enclave instance, which share a chain) thus pays the ECDSA and the chain
+verification once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
+import threading
 import warnings
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -50,9 +66,10 @@ from cape.errors import (
 from cape.formats.attestation import AttestationDocument, SignedAttestation, parse_attestation
 from cape.verify.policy import AttestationPolicy
 
-__all__ = ["verify_archived_attestation", "verify_attestation"]
+__all__ = ["VerificationCache", "verify_archived_attestation", "verify_attestation"]
 
 _MAX_CHAIN_DEPTH = 8
+_V = TypeVar("_V")
 
 
 def _load_der(der: bytes, what: str) -> x509.Certificate:
@@ -156,25 +173,135 @@ def _verify_claims(document: AttestationDocument, policy: AttestationPolicy) -> 
             raise PCRMismatchError(index, sorted(allowed), actual)
 
 
+@dataclass(frozen=True)
+class _Window:
+    """When every certificate of a verified chain is valid (both ends inclusive)."""
+
+    start: dt.datetime
+    end: dt.datetime
+
+    @classmethod
+    def of(cls, certificates: Iterable[x509.Certificate]) -> _Window:
+        certs = list(certificates)
+        return cls(
+            max(c.not_valid_before_utc for c in certs), min(c.not_valid_after_utc for c in certs)
+        )
+
+    def __contains__(self, at: object) -> bool:
+        return isinstance(at, dt.datetime) and self.start <= at <= self.end
+
+
+class _Lru(Generic[_V]):
+    """A bounded, thread-safe map; the least recently used entry goes first."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[bytes, _V] = OrderedDict()
+
+    def get(self, key: bytes) -> _V | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: bytes, value: _V) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+
+class VerificationCache:
+    """Documents that passed steps 0-2 and chains that passed step 2, with their validity
+    windows (see the module docstring). Thread-safe; least recently used entries go first."""
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._documents: _Lru[tuple[AttestationDocument, _Window]] = _Lru(max_entries)
+        self._chains: _Lru[_Window] = _Lru(max_entries)
+        self.hits = 0
+        """Documents answered from the cache (steps 0-2 skipped); for tests and figures."""
+
+    @staticmethod
+    def _key(root: x509.Certificate, *parts: bytes) -> bytes:
+        digest = hashlib.sha256(root.fingerprint(hashes.SHA256()))
+        for part in parts:  # length-prefixed, so no two sequences of parts collide
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        return digest.digest()
+
+    def document(
+        self, data: bytes, root: x509.Certificate, at: dt.datetime
+    ) -> AttestationDocument | None:
+        """The parsed document if these exact bytes passed steps 0-2 and ``at`` is in the
+        window of its certificates."""
+        entry = self._documents.get(self._key(root, data))
+        if entry is None or at not in entry[1]:
+            return None
+        self.hits += 1
+        return entry[0]
+
+    def add_document(
+        self, data: bytes, root: x509.Certificate, document: AttestationDocument, window: _Window
+    ) -> None:
+        self._documents.put(self._key(root, data), (document, window))
+
+    def chain(self, document: AttestationDocument, root: x509.Certificate) -> _Window | None:
+        """The window of this leaf + cabundle + root if that chain passed step 2 before."""
+        return self._chains.get(self._key(root, document.certificate, *document.cabundle))
+
+    def add_chain(
+        self, document: AttestationDocument, root: x509.Certificate, window: _Window
+    ) -> None:
+        self._chains.put(self._key(root, document.certificate, *document.cabundle), window)
+
+
+def _chain_window(
+    document: AttestationDocument, leaf: x509.Certificate, root: x509.Certificate
+) -> _Window:
+    bundle = [_load_der(der, f"cabundle[{i}]") for i, der in enumerate(document.cabundle)]
+    return _Window.of([leaf, root, *bundle])
+
+
 def verify_attestation(
     data: bytes | SignedAttestation,
     *,
     root: x509.Certificate,
     now: dt.datetime,
     policy: AttestationPolicy | None = None,
+    cache: VerificationCache | None = None,
 ) -> AttestationDocument:
     """Verify a document (raw COSE bytes or already parsed) as of ``now``.
+
+    With a ``cache``, steps 0-2 of raw bytes already verified (and chains already verified)
+    are not repeated while every certificate involved is valid at ``now``; steps 3-6 always run.
 
     Returns the verified payload; raises a :class:`~cape.errors.VerificationError` subclass
     or :class:`~cape.errors.FormatError` naming the first failed step.
     """
     policy = policy or AttestationPolicy()
     at = as_utc(now, "check time")
-    signed = data if isinstance(data, SignedAttestation) else parse_attestation(data)  # step 0
-    document = signed.document
-    leaf = _load_der(document.certificate, "document certificate")
-    _verify_signature(signed, leaf)  # step 1
-    _verify_chain(document, leaf, root, at)  # step 2
+    raw = None if isinstance(data, SignedAttestation) else bytes(data)
+    cached = cache.document(raw, root, at) if cache is not None and raw is not None else None
+    if cached is not None:
+        document = cached
+    else:
+        signed = data if isinstance(data, SignedAttestation) else parse_attestation(data)  # 0
+        document = signed.document
+        leaf = _load_der(document.certificate, "document certificate")
+        _verify_signature(signed, leaf)  # step 1
+        window = cache.chain(document, root) if cache is not None else None
+        if window is None or at not in window:
+            _verify_chain(document, leaf, root, at)  # step 2
+            if cache is not None:
+                window = _chain_window(document, leaf, root)
+                cache.add_chain(document, root, window)
+        if cache is not None and raw is not None and window is not None:
+            cache.add_document(raw, root, document, window)
     _verify_time(document, at, policy)  # step 3
     _verify_claims(document, policy)  # steps 4-6
     return document

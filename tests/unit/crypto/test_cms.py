@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from asn1crypto import cms, parser
+from asn1crypto import algos, cms, parser
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import padding as sym_padding
@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from cape.crypto.cms import (
     DECRYPTION_FAILED,
     MAX_CMS_BYTES,
+    _enveloped_data_der,
     _seal_with,
     open_for_recipient,
     recipient_key_identifier,
@@ -186,6 +187,66 @@ def test_fixed_cek_and_iv_give_the_expected_content(key: RSAPrivateKey, spki: by
     padded = padder.update(DEK) + padder.finalize()
     encryptor = Cipher(algorithms.AES256(bytes(32)), modes.CBC(bytes(16))).encryptor()
     assert content["encrypted_content"].native == encryptor.update(padded) + encryptor.finalize()
+    assert open_for_recipient(sealed, key) == DEK
+
+
+def asn1crypto_enveloped_data(
+    skid: bytes, encrypted_key: bytes, iv: bytes, encrypted_content: bytes
+) -> bytes:
+    """The reference encoding of the same four fields, built with asn1crypto's CMS specs (what
+    seal_for_recipient used before it wrote the fixed DER itself)."""
+    oaep = algos.RSAESOAEPParams(
+        {
+            "hash_algorithm": {"algorithm": "sha256"},
+            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
+        }
+    )
+    recipient = cms.KeyTransRecipientInfo(
+        {
+            "version": "v2",
+            "rid": cms.RecipientIdentifier(name="subject_key_identifier", value=skid),
+            "key_encryption_algorithm": {"algorithm": "rsaes_oaep", "parameters": oaep},
+            "encrypted_key": encrypted_key,
+        }
+    )
+    enveloped = cms.EnvelopedData(
+        {
+            "version": "v2",
+            "recipient_infos": [cms.RecipientInfo(name="ktri", value=recipient)],
+            "encrypted_content_info": {
+                "content_type": "data",
+                "content_encryption_algorithm": {"algorithm": "aes256_cbc", "parameters": iv},
+                "encrypted_content": encrypted_content,
+            },
+        }
+    )
+    return bytes(cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump())
+
+
+@pytest.mark.parametrize("key_bits", [2048, 3072, 4096])
+@pytest.mark.parametrize("length", [0, 32, 100, 111, 112, 200, 300, 5000, 70000])
+def test_fixed_der_equals_asn1cryptos_encoding_of_the_same_fields(
+    key_bits: int, length: int
+) -> None:
+    # Lengths cross every DER length-of-length step (short form, 0x81, 0x82, 0x83).
+    encrypted_key = bytes(range(256)) * (key_bits // 2048) + bytes(key_bits % 2048 // 8)
+    content = bytes(i % 251 for i in range(length))
+    skid, iv = hashlib.sha256(b"spki").digest(), bytes(range(16))
+    ours = _enveloped_data_der(skid, encrypted_key, iv, content)
+    assert ours == asn1crypto_enveloped_data(skid, encrypted_key, iv, content)
+
+
+def test_sealed_message_equals_asn1cryptos_encoding(key: RSAPrivateKey, spki: bytes) -> None:
+    sealed = _seal_with(DEK, spki, cek=bytes(32), iv=bytes(16))
+    ktri = cms.ContentInfo.load(sealed)["content"]["recipient_infos"][0].chosen
+    content = cms.ContentInfo.load(sealed)["content"]["encrypted_content_info"]
+    reference = asn1crypto_enveloped_data(
+        recipient_key_identifier(spki),
+        ktri["encrypted_key"].native,
+        bytes(16),
+        content["encrypted_content"].native,
+    )
+    assert sealed == reference
     assert open_for_recipient(sealed, key) == DEK
 
 

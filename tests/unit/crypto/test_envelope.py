@@ -181,8 +181,8 @@ def test_round_trip_through_an_unwrapper(cape_key: RSAPrivateKey, plaintext: byt
 
 
 def test_tolerates_bytearray_and_memoryview(cape_key: RSAPrivateKey) -> None:
-    # Typed as bytes, but other bytes-like objects work too.
-    data = envelope.encrypt(bytearray(b"abc"), cape_key.public_key())  # type: ignore[arg-type]
+    # Encryption is typed for any bytes-like input; decryption takes them too, typed as bytes.
+    data = envelope.encrypt(bytearray(b"abc"), cape_key.public_key())
     assert envelope.decrypt(bytearray(data), cape_key) == b"abc"  # type: ignore[arg-type]
     assert envelope.decrypt(memoryview(data), cape_key) == b"abc"  # type: ignore[arg-type]
 

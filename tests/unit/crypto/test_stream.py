@@ -658,3 +658,54 @@ def test_one_gib_streams_in_bounded_memory(cape_key: RSAPrivateKey) -> None:
     limit_kib = 64 * 1024
     assert result["after_encrypt"] - result["before"] < limit_kib, result
     assert result["after_decrypt"] - result["before"] < limit_kib, result
+
+
+# -- reused buffers (chunks after the first two are read and opened into reused memory) --------
+
+
+@pytest.fixture(scope="module")
+def six_chunks(cape_key: RSAPrivateKey) -> tuple[bytes, bytes]:
+    """(plaintext, stream) with six full 1 KiB chunks: an exact multiple, past the plain reads."""
+    plaintext = bytes(i % 241 for i in range(6 * KIB))
+    return plaintext, stream.encrypt_stream_bytes(plaintext, cape_key.public_key(), chunk_size=KIB)
+
+
+def test_long_streams_round_trip_from_every_source(
+    cape_key: RSAPrivateKey, six_chunks: tuple[bytes, bytes]
+) -> None:
+    plaintext, data = six_chunks
+    assert independent_decrypt(data, cape_key) == plaintext
+    for source in (data, bytearray(data), memoryview(data)):
+        assert stream.decrypt_stream_bytes(source, cape_key) == plaintext
+    for reader in (io.BytesIO(data), Trickle(data, 300), ReadOnly(data)):
+        out = io.BytesIO()
+        assert stream.decrypt_stream(reader, out, cape_key) == len(plaintext)  # type: ignore[arg-type]
+        assert out.getvalue() == plaintext
+    again = io.BytesIO()
+    stream.encrypt_stream(Trickle(plaintext, 700), again, cape_key.public_key(), chunk_size=KIB)  # type: ignore[arg-type]
+    assert independent_decrypt(again.getvalue(), cape_key) == plaintext
+
+
+def test_late_chunk_failures_keep_their_errors(
+    cape_key: RSAPrivateKey, six_chunks: tuple[bytes, bytes]
+) -> None:
+    _, data = six_chunks
+    offsets = chunk_offsets(data)
+    start, end = offsets[4]
+    tampered = bytearray(data)
+    tampered[start + 3] ^= 1
+    dropped = data[: offsets[5][0]]  # the final chunk is gone: chunk 4 is not marked last
+    swapped = data[:start] + data[offsets[3][0] : offsets[3][1]] + data[end:]
+    for source in (bytes(tampered), swapped):
+        with pytest.raises(DecryptionError) as exc:
+            stream.decrypt_stream_bytes(source, cape_key)
+        assert_crypto_failure(exc)
+        with pytest.raises(DecryptionError) as exc:
+            stream.decrypt_stream(io.BytesIO(source), io.BytesIO(), cape_key)
+        assert_crypto_failure(exc)
+    for run in (
+        lambda: stream.decrypt_stream_bytes(dropped, cape_key),
+        lambda: stream.decrypt_stream(io.BytesIO(dropped), io.BytesIO(), cape_key),
+    ):
+        with pytest.raises(MalformedEnvelopeError, match="ends without a final chunk"):
+            run()

@@ -27,9 +27,13 @@ from cape.host.store.metadata import Function, SqlMetadataStore, User
 CHECKSUM = hashlib.sha256(b"plaintext bundle").hexdigest()
 
 
-@pytest.fixture
-def metadata(tmp_path: Path) -> Iterator[SqlMetadataStore]:
-    with SqlMetadataStore(f"sqlite:///{tmp_path / 'meta.db'}") as store:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def metadata(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlMetadataStore]:
+    """The metadata store on SQLite and on a real PostgreSQL server (tests/services.py)."""
+    url = f"sqlite:///{tmp_path / 'meta.db'}"
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+    with SqlMetadataStore(url) as store:
         yield store
 
 

@@ -1,12 +1,16 @@
-"""SqlMetadataStore on real SQLite files: Alembic schema, users, functions, token records."""
+"""SqlMetadataStore on real SQLite files and a real PostgreSQL server (tests/services.py):
+Alembic schema, users, functions, token records; migrations by many nodes at once."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import inspect
 import io
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from cape.host.store.metadata import (
     check_username,
     migration_config,
 )
+from tests.services import Postgres
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -51,9 +56,26 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "meta.db"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test of the store runs on SQLite and on PostgreSQL, except those that look at
+    SQLite's own file (they take ``db_path``) or pragmas (named ``test_sqlite_…``)."""
+    if "database_url" in metafunc.fixturenames:
+        own = inspect.signature(metafunc.function).parameters
+        sqlite_only = "db_path" in own or metafunc.function.__name__.startswith("test_sqlite")
+        backends = ["sqlite"] if sqlite_only else ["sqlite", "postgresql"]
+        metafunc.parametrize("database_url", backends, indirect=True)
+
+
 @pytest.fixture
-def store(db_path: Path, clock: Clock) -> Iterator[SqlMetadataStore]:
-    with SqlMetadataStore(f"sqlite:///{db_path}", clock=clock) as store:
+def database_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres").new_database())
+    return f"sqlite:///{db_path}"
+
+
+@pytest.fixture
+def store(database_url: str, clock: Clock) -> Iterator[SqlMetadataStore]:
+    with SqlMetadataStore(database_url, clock=clock) as store:
         yield store
 
 
@@ -114,6 +136,52 @@ def test_migrations_render_for_postgresql() -> None:
     assert "seq BIGSERIAL" in sql
     assert "created_at TIMESTAMP WITH TIME ZONE NOT NULL" in sql
     assert "ON DELETE CASCADE" in sql
+
+
+NODE = """
+import sys
+from cape.host.store.metadata import SqlMetadataStore
+store = SqlMetadataStore(sys.argv[1], migrate=False)
+with store.connect():  # connected: only the migration is left
+    pass
+print("ready", flush=True)
+sys.stdin.readline()
+store.migrate()
+store.close()
+"""
+
+
+def test_postgresql_nodes_starting_together_migrate_in_turn(postgres: Postgres) -> None:
+    """Nodes of a cluster open a fresh database at once: an advisory lock makes them migrate in
+    turn (without it they race to create the same tables and some fail; two databases with
+    four nodes each, released together once all are connected, make a miss unlikely)."""
+    urls = [postgres.new_database() for _ in range(2)]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-c", NODE, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for url in urls
+        for _ in range(4)
+    ]
+    for node in nodes:
+        assert node.stdout is not None and node.stdout.readline() == b"ready\n"
+    for node in nodes:
+        assert node.stdin is not None
+        node.stdin.write(b"go\n")
+        node.stdin.flush()
+    failures = [
+        err.decode(errors="replace")[-600:]
+        for node in nodes
+        for _out, err in [node.communicate(timeout=120)]
+        if node.returncode
+    ]
+    assert failures == []
+    for url in urls:
+        with SqlMetadataStore(url) as store, store.connect() as conn:
+            command.check(migration_config(conn))
 
 
 def test_migration_files_ship_with_the_package() -> None:

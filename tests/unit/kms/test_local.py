@@ -291,6 +291,27 @@ def test_blob_wrapping_a_non_dek_is_refused(service: LocalKeyService, document: 
         service.decrypt(OWNER, blob, recipient=Recipient(document))
 
 
+def test_a_document_verified_once_is_still_checked_against_each_keys_policy(
+    service: LocalKeyService, document: bytes, enclave_key: RSAPrivateKey, clock: Clock
+) -> None:
+    dek = os.urandom(32)
+    blob = wrapped_dek(service, dek)
+    for _ in range(2):  # the second release skips the signature and chain checks
+        sealed = service.decrypt(OWNER, blob, recipient=Recipient(document))
+        assert open_for_recipient(sealed, enclave_key) == dek
+    assert service._documents.hits == 1
+    # The cached document still meets the age limit and the policy on every request.
+    service.rebind(
+        KeyPolicy(pcrs={0: frozenset({b"\x11" * 48})}), actor="test", reason="another build"
+    )
+    with pytest.raises(KeyReleaseDeniedError, match="PCR0"):
+        service.decrypt(OWNER, blob, recipient=Recipient(document))
+    assert service._documents.hits == 2
+    clock.now += dt.timedelta(minutes=6)
+    with pytest.raises(KeyReleaseDeniedError, match="too old"):
+        service.decrypt(OWNER, blob, recipient=Recipient(document))
+
+
 # -- refusals -------------------------------------------------------------------------------
 
 

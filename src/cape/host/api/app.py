@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cape.host.api.errors import EXCEPTION_HANDLERS, ClientTooSlowError
@@ -81,15 +83,22 @@ class SendDeadline:
 def create_app(
     rest: ApiDeps,
     sessions: SessionDeps,
+    operations: Sequence[BaseRoute] = (),
     *,
     body_timeout_s: float = 30.0,
     send_timeout_s: float | None = None,
 ) -> ASGIApp:
     """Every route of protocol.md over the given dependencies (no lifespan: the caller owns
-    the enclave pool and the stores), with a deadline for request bodies and one for
+    the enclave pool and the stores) and the node's ``operations`` routes
+    (:mod:`cape.host.api.operations`), with a deadline for request bodies and one for
     websocket clients to read what is sent to them (default: the sessions' frame timeout)."""
     app = Starlette(
-        routes=[*create_rest_routes(rest), *create_session_routes(sessions), *console_routes()],
+        routes=[
+            *create_rest_routes(rest),
+            *create_session_routes(sessions),
+            *console_routes(),
+            *operations,
+        ],
         exception_handlers=dict(EXCEPTION_HANDLERS),
     )
     send_deadline = SendDeadline(app, send_timeout_s or sessions.frame_timeout_s)

@@ -168,6 +168,10 @@ class BlobStore(abc.ABC):
             return False
         return True
 
+    def check(self) -> None:
+        """Raise :class:`OSError` unless the store can be reached (a node's readiness)."""
+        next(iter(self.keys()), None)
+
 
 def _private_dir(path: Path) -> bool:
     """Create ``path`` as a 0700 directory if absent; True if it was created."""
@@ -239,6 +243,10 @@ class DirectoryBlobStore(BlobStore):
         self._temp = self.root / TEMP_DIR_NAME
         if _private_dir(self._temp):
             fsync_dir(self.root)
+
+    def check(self) -> None:
+        if not (self.root.is_dir() and self._temp.is_dir()):
+            raise FileNotFoundError(f"blob directory {self.root} is missing")
 
     def _path(self, key: str) -> Path:
         key = check_key(key)

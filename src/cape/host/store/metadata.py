@@ -49,6 +49,7 @@ from sqlalchemy import (
     delete,
     event,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, make_url
@@ -99,6 +100,9 @@ MAX_PAGE_SIZE: Final = 1000
 """The largest ``limit`` :meth:`MetadataStore.list_functions` accepts."""
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+MIGRATION_LOCK: Final = 0x63617065_6D696772
+"""The PostgreSQL advisory lock key migrations hold ("capemigr")."""
 
 
 # --------------------------------------------------------------------------- records
@@ -485,9 +489,23 @@ class SqlMetadataStore(MetadataStore):
             self.migrate()
 
     def migrate(self) -> None:
-        """Apply every pending migration (Alembic ``upgrade head``) in one transaction."""
+        """Apply every pending migration (Alembic ``upgrade head``) in one transaction.
+
+        On PostgreSQL the transaction first takes an advisory lock (:data:`MIGRATION_LOCK`),
+        so nodes of a cluster starting together migrate one after another: the first applies
+        the revisions, the others then find the schema at head.
+        """
         with self._engine.begin() as connection:
+            if not self.is_sqlite:
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                )
             command.upgrade(migration_config(connection), "head")
+
+    def ping(self) -> None:
+        """One round trip to the database (a node's readiness); raises if it does not answer."""
+        with self._engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
 
     def close(self) -> None:
         self._engine.dispose()
