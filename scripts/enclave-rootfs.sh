@@ -97,6 +97,9 @@ if [ "$OFFLINE" = 1 ]; then
             || die "offline: $CACHE/wheels/$file is missing or does not match the lock"
     done
 else
+    # A cape wheel left in the cache by an earlier build has this one's name but maybe not its
+    # dependencies, and pip download would resolve from the stale one's metadata.
+    rm -f "$CACHE/wheels"/cape-*.whl
     "$PYTHON" -m pip download --quiet "${TARGET_ARGS[@]}" -d "$CACHE/wheels" "$SELF[aws]" >/dev/null
 fi
 SITE="$OUT/usr/local/lib/python$PYVER/dist-packages"

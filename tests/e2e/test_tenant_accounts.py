@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -401,3 +402,86 @@ def test_other_users_private_functions_look_missing_on_every_route(
         assert hidden_answer[0] == 404
     # The owner still sees and runs it; the function was never touched.
     assert run(owner.run(private.id, b"still mine")) == b"still mine"
+
+
+# --------------------------------------------------------------------------- password hashing
+
+FLOOD_THREADS = 12
+HASH_NICE = 10
+
+
+def _nice_values(pid: int) -> set[int]:
+    """The nice values of every thread of process ``pid`` (``/proc/PID/task/*/stat``)."""
+    values = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended
+            continue
+        values.add(int(fields[16]))  # field 19, "nice"
+    return values
+
+
+def test_a_login_flood_is_refused_beyond_the_hash_gate_and_runs_go_on(
+    tmp_path: Path,
+) -> None:
+    """A tenant floods logins to its own account with the right password (nothing throttles
+    those: each costs a full argon2 hash). With one hash at a time and one waiting, the
+    rest are refused at once with 503 and Retry-After; the hashing threads run at a lower
+    priority; and the victim's token-authenticated run succeeds during the flood."""
+    server = _start(
+        tmp_path, *("--limit", "password_hashes=1"), *("--limit", "password_hash_queue=1")
+    )
+    try:
+        victim = sign_up(server, VICTIM_ADDRESS, "victim")
+        function = run(victim.deploy(ECHO_APP, name="echo")).id
+        attacker = sign_up(server, ATTACKER_ADDRESS, "flood")
+        statuses: list[int] = []
+        refusals: list[httpx.Response] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+        refused = threading.Event()
+        barrier = threading.Barrier(FLOOD_THREADS)
+
+        def flood() -> None:
+            with client(server, ATTACKER_ADDRESS) as http:
+                barrier.wait(timeout=60)
+                while not stop.is_set():
+                    body = {"username": attacker.username, "password": PASSWORD}
+                    response = http.post("/v1/login", json=body)
+                    with lock:
+                        statuses.append(response.status_code)
+                        if response.status_code == 503:
+                            refusals.append(response)
+                            refused.set()
+
+        threads = [threading.Thread(target=flood, daemon=True) for _ in range(FLOOD_THREADS)]
+        for thread in threads:
+            thread.start()
+        try:
+            # Event-driven: the gate has refused someone, so the flood is at its bound.
+            assert refused.wait(timeout=120), f"no refusal among {len(statuses)}: {statuses}"
+            assert server.process is not None
+            niced = _nice_values(server.process.pid)
+            assert run(victim.run(function, b"still served")) == b"still served"
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=120)
+        counts = {status: statuses.count(status) for status in set(statuses)}
+        assert set(counts) <= {200, 503}, counts
+        assert counts.get(200, 0) >= 1, counts  # hashing goes on, within the bound
+        for response in refusals:
+            assert int(response.headers["retry-after"]) >= 1
+            assert "try again later" in response.json()["error"]
+        assert HASH_NICE in niced, niced  # the hashing threads yield the CPU
+        # The victim (and the attacker) can log in once the flood is over.
+        again = post(
+            server,
+            "/v1/login",
+            {"username": victim.username, "password": PASSWORD},
+            address=VICTIM_ADDRESS,
+        )
+        assert again.status_code == 200, again.text
+    finally:
+        assert server.stop() == 0, server.stderr()[-3000:]

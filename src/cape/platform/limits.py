@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cape.errors import FormatError
 from cape.host.admission import Limits
+from cape.host.hashgate import DEFAULT_HASH_QUEUE, default_hash_concurrency
 
 __all__ = ["ServerLimits", "parse_limits"]
 
@@ -30,6 +31,10 @@ class ServerLimits:
     frame_timeout_s: float = 30.0
     header_timeout_s: float = 30.0
     body_timeout_s: float = 30.0
+    password_hashes: int = field(default_factory=default_hash_concurrency)
+    """Password hashes (signups, logins) computed at once; by default half the CPUs."""
+    password_hash_queue: int = DEFAULT_HASH_QUEUE
+    """Signups and logins that may wait for a hash turn; more get 503 at once."""
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):

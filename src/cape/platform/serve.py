@@ -56,6 +56,7 @@ from cape.host.api.operations import Metrics, Readiness, create_operation_routes
 from cape.host.api.rest import ApiDeps
 from cape.host.api.sessions import Lifecycle, SessionDeps
 from cape.host.auth import Accounts, TokenIssuer
+from cape.host.hashgate import PasswordHashGate
 from cape.host.keydocs import KeyDocuments
 from cape.host.launcher import EnclaveLauncher, Tap
 from cape.host.pool import EnclavePool
@@ -422,6 +423,9 @@ class Server:
                         key_documents=key_document,
                         on_signup=on_signup,
                         max_input_bytes=config.max_input_bytes,
+                        hash_gate=PasswordHashGate(
+                            config.limits.password_hashes, config.limits.password_hash_queue
+                        ),
                     ),
                     SessionDeps(
                         store=store,

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,6 +236,8 @@ while True:
 """
 
 KILLS = 30
+LIVENESS_S = 120.0
+"""Only for a child that stops making progress; a loaded machine is merely slow."""
 
 
 def _all_functions(metadata: SqlMetadataStore, owner: User) -> dict[str, Function]:
@@ -269,15 +272,24 @@ def _crash_loop(tmp_path: Path, url: str, metadata: SqlMetadataStore) -> None:
                 stderr=err,
             )
             assert child.stdout is not None
-            ready = child.stdout.readline()
-            if ready != b"ready\n":
+            # Event-driven, not timed: the kill waits for the child to be under way (started,
+            # and one deploy acknowledged), then lands at a random moment of the deploys that
+            # follow. A watchdog only bounds a child that stops making progress.
+            watchdog = threading.Timer(LIVENESS_S, child.kill)
+            watchdog.start()
+            try:
+                ready = child.stdout.readline()
+                first = child.stdout.readline() if ready == b"ready\n" else b""
+            finally:
+                watchdog.cancel()
+            if not first.endswith(b"\n"):
                 child.kill()
                 child.stdout.close()
                 child.wait()
-                pytest.fail(f"child did not start: {(tmp_path / 'child.err').read_text()}")
+                pytest.fail(f"child made no deploy: {(tmp_path / 'child.err').read_text()}")
             time.sleep(rng.uniform(0.0, 0.050))
             child.send_signal(signal.SIGKILL)
-            output = child.stdout.read()
+            output = first + child.stdout.read()
             child.stdout.close()
             child.wait()
         assert child.returncode == -signal.SIGKILL, (tmp_path / "child.err").read_text()
@@ -302,7 +314,7 @@ def _crash_loop(tmp_path: Path, url: str, metadata: SqlMetadataStore) -> None:
         assert list((blobs.root / ".tmp").iterdir()) == [], context
         unacknowledged_rows = len(set(functions) - set(acknowledged))
 
-    assert len(acknowledged) >= KILLS  # the kills landed while deploys were under way
+    assert len(acknowledged) >= KILLS  # each kill waited for a deploy of its own round
     print(  # shown with -s: how often a kill fell between the steps
         f"seed={seed}: {len(acknowledged)} acknowledged, {unacknowledged_rows} committed "
         f"but unacknowledged, {removed_total} orphans/temp files swept"

@@ -4,8 +4,8 @@
 route                                  result
 =====================================  =======================================================
 ``POST /v1/signup``                    201 ``{"access_token","token_type","expires_at",
-                                       "user_id","username"}`` · 403 · 409 · 429
-``POST /v1/login``                     200, same shape · 401 · 429
+                                       "user_id","username"}`` · 403 · 409 · 429 · 503
+``POST /v1/login``                     200, same shape · 401 · 429 · 503
 ``GET /v1/functions?limit&offset``     200 ``[{"id","name","created_at","checksum","public"}]``
 ``GET /v1/functions/{id}``             200 that object · 404 · 403
 ``DELETE /v1/functions/{id}``          200 ``{"id"}`` · 404 · 403
@@ -33,7 +33,9 @@ Decisions:
 - ``POST /v1/signup`` takes ``{"username","password"}`` and, on an invite-only server,
   ``"invite"``. The signup mode (open, invite, closed) refuses with 403 ``{"error"}``; too many
   signups from one address, or failed logins, get 429 with ``Retry-After``
-  (:mod:`cape.host.ratelimit`). The client address is the TCP peer, or the
+  (:mod:`cape.host.ratelimit`). When the server is already hashing as many passwords as it
+  takes and its short queue is full, a signup or login gets 503 with ``Retry-After`` at once
+  (:mod:`cape.host.hashgate`). The client address is the TCP peer, or the
   ``X-Forwarded-For`` address when the peer is a proxy the operator listed: the ASGI server
   decides that (``cape serve --forwarded-allow-ips``), never this module.
 - ``expiry`` on ``POST /v1/token`` is either an RFC 3339 timestamp with an offset (what Cape's
@@ -78,6 +80,7 @@ from cape.host.auth import (
     authorize_run,
 )
 from cape.host.errors import AuthError, NotFoundError
+from cape.host.hashgate import PasswordHashGate
 from cape.host.store.blobs import BlobStore
 from cape.host.store.deploys import delete_deploy
 from cape.host.store.metadata import Function, MetadataStore, Token, User
@@ -120,6 +123,8 @@ class ApiDeps:
     max_input_bytes: int = 64 << 20
     """The largest function input a session accepts (``GET /v1/runtime`` tells clients, so
     that ``cape encrypt`` writes a form ``cape run`` can send)."""
+    hash_gate: PasswordHashGate = field(default_factory=PasswordHashGate)
+    """Where signups and logins hash passwords (bounded; beyond its queue, 503)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -309,7 +314,7 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
             user = accounts.signup(username, password, client=client, invite=invite)
             return user, _login(username, password, client)
 
-        user, result = await run_in_threadpool(run)
+        user, result = await deps.hash_gate.run(run)
         if deps.on_signup is not None:
             try:
                 await deps.on_signup(user)
@@ -320,7 +325,8 @@ def create_rest_routes(deps: ApiDeps) -> list[Route]:
     async def login(request: Request) -> Response:
         body = await _json_object(deps, request)
         username, password = _required_str(body, "username"), _required_str(body, "password")
-        result = await run_in_threadpool(_login, username, password, _client(request))
+        client = _client(request)
+        result = await deps.hash_gate.run(lambda: _login(username, password, client))
         return JSONResponse(result)
 
     def _function_for(function_id: str) -> Function:
