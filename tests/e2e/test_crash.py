@@ -265,8 +265,15 @@ def test_kill_9_during_deploys_loses_no_acknowledged_deploy(
         return len(list((data_dir / "blobs" / ".tmp").iterdir()))
 
     def start(label: str) -> ServeProcess:
-        # WORKERS deploys at once from one account: more than a node admits by default.
-        admit = ["--limit", f"deploys_per_user={WORKERS}"]
+        # WORKERS deploys at once from one account: more than a node admits by default. A
+        # single-frame (Cape client) deploy announces no size, so it holds the whole bundle
+        # limit in flight until its frame arrives: room for WORKERS of them.
+        admit = [
+            "--limit",
+            f"deploys_per_user={WORKERS}",
+            "--limit",
+            f"bundle_bytes_in_flight_per_user={WORKERS * 1_000_000_000}",
+        ]
         logs = tmp_path / "logs" / label
         return ServeProcess(data_dir, config_dir, logs, env=env, extra_args=admit).start()
 
