@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from _results import Results, Series, timed
 from cape.crypto import envelope, hpke
 from cape.crypto.cms import open_for_recipient, seal_for_recipient
+from cape.crypto.keyanswers import IDENTITY_PCR, identity_measurement
 from cape.crypto.keys import generate_cape_key, load_rsa_public_key, public_key_der
 from cape.enclave.measure import measure_runtime, simulated_pcrs
 from cape.enclave.sandbox import FunctionSandbox
@@ -318,6 +319,9 @@ def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None
         image_signature=platform.image_signature,
     )
     module = SimulatedSecureModule(credentials, pcrs=pcrs)
+    # ...trusting the platform's key service, as the runtime measures it (PCR16).
+    module.extend_pcr(IDENTITY_PCR, identity_measurement(platform.identity.public_bytes))
+    module.lock_pcr(IDENTITY_PCR)
     recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     spki = public_key_der(recipient_key)
     public = load_rsa_public_key(platform.kms.get_public_key(OWNER))
