@@ -11,9 +11,12 @@ from typer.testing import CliRunner
 
 from cape.cli.app import app
 from cape.platform.serve import LOCK_FILE
+from tests.samples import ROOT_PEM
 
 runner = CliRunner()
-AWS_ROOT = Path(__file__).resolve().parents[2] / "deploy" / "aws" / "AWS_NitroEnclaves_Root-G1.pem"
+# The real AWS root from ../shared/nitro-samples (never copied into the repository).
+AWS_ROOT = ROOT_PEM
+needs_root = pytest.mark.skipif(not AWS_ROOT.is_file(), reason=f"no AWS root at {AWS_ROOT}")
 ACCOUNT = "123456789012"
 
 
@@ -57,6 +60,7 @@ def test_bad_nitro_options_are_one_usage_line(args: list[str], message: str) -> 
     assert line.startswith(message)
 
 
+@needs_root
 def test_without_nitro_cli_the_start_fails_before_any_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -70,6 +74,7 @@ def test_without_nitro_cli_the_start_fails_before_any_file(
     assert {p.name for p in (tmp_path / "data").iterdir()} <= {LOCK_FILE}
 
 
+@needs_root
 def test_on_a_machine_without_the_nitro_driver_the_allocator_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,6 +90,7 @@ def test_on_a_machine_without_the_nitro_driver_the_allocator_is_named(
     assert line.startswith("Error: the nitro_enclaves kernel module is not loaded")
 
 
+@needs_root
 def test_a_config_file_nitro_table_is_the_same_as_the_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
