@@ -310,8 +310,10 @@ async def one_enclave(
         await enclave.close()
 
 
-def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None:
-    # The platform's own signed runtime (its PCR8 is what new keys' signer policy allows).
+def platform_runtime_module(platform: LocalPlatform) -> SimulatedSecureModule:
+    """A secure module reporting what the platform's own runtime reports: its signed image's
+    PCR8 (what new keys' signer policy allows) and, as the runtime measures it, trust in the
+    platform's key service (PCR16)."""
     credentials = platform.authority.issue_instance(dt.datetime.now(dt.UTC))
     pcrs = simulated_pcrs(
         measure_runtime(),
@@ -319,9 +321,13 @@ def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None
         image_signature=platform.image_signature,
     )
     module = SimulatedSecureModule(credentials, pcrs=pcrs)
-    # ...trusting the platform's key service, as the runtime measures it (PCR16).
     module.extend_pcr(IDENTITY_PCR, identity_measurement(platform.identity.public_bytes))
     module.lock_pcr(IDENTITY_PCR)
+    return module
+
+
+def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None:
+    module = platform_runtime_module(platform)
     recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     spki = public_key_der(recipient_key)
     public = load_rsa_public_key(platform.kms.get_public_key(OWNER))
@@ -355,14 +361,7 @@ def kms_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None
 
 def document_samples(platform: LocalPlatform, repeats: int, samples: Samples) -> None:
     """Producing one run-session document alone, and verifying it alone (in this process)."""
-    # The platform's own signed runtime (its PCR8 is what new keys' signer policy allows).
-    credentials = platform.authority.issue_instance(dt.datetime.now(dt.UTC))
-    pcrs = simulated_pcrs(
-        measure_runtime(),
-        instance_id=credentials.instance_id,
-        image_signature=platform.image_signature,
-    )
-    module = SimulatedSecureModule(credentials, pcrs=pcrs)
+    module = platform_runtime_module(platform)
     root = platform.authority.root_certificate
     user_data = json.dumps({"func_checksum": "x" * 43}).encode()
     for _ in range(repeats):
