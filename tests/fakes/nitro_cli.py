@@ -17,12 +17,15 @@ print ``message`` to stderr and exit 1, as nitro-cli does with its ``[ Ennn ]`` 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +51,19 @@ def _load() -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """Serialise read-modify-write of ``enclaves.json``: the launcher runs several nitro-cli
+    processes at once (N enclaves start together), and an unlocked update loses entries."""
+    with (_state() / "enclaves.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _save(enclaves: list[dict[str, Any]]) -> None:
     path = _state() / "enclaves.json"
-    path.with_suffix(".tmp").write_text(json.dumps(enclaves))
-    path.with_suffix(".tmp").replace(path)
+    path.with_suffix(f".{os.getpid()}.tmp").write_text(json.dumps(enclaves))
+    path.with_suffix(f".{os.getpid()}.tmp").replace(path)
 
 
 def _alive(pid: int) -> bool:
@@ -103,8 +115,8 @@ def run_enclave(args: list[str]) -> dict[str, Any]:
         "cpus": int(_option(args, "--cpu-count")),
         "memory": int(_option(args, "--memory")),
     }
-    enclaves = [e for e in _load() if e["cid"] != cid]
-    _save([*enclaves, entry])
+    with _locked():
+        _save([*(e for e in _load() if e["cid"] != cid), entry])
     return _describe(entry)
 
 
@@ -128,7 +140,8 @@ def terminate_enclave(args: list[str]) -> dict[str, Any]:
             time.sleep(0.05)
         else:
             os.killpg(pid, signal.SIGKILL)
-    _save([e for e in enclaves if e["id"] != enclave_id])
+    with _locked():
+        _save([e for e in _load() if e["id"] != enclave_id])
     return {"EnclaveName": "cape", "EnclaveID": enclave_id, "Terminated": True}
 
 
