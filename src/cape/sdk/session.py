@@ -120,8 +120,12 @@ class Session:
         document: AttestationDocument,
         user_data: dict[str, Any],
         channel: ResultChannel | None,
+        *,
+        binary_results: bool = False,
     ) -> None:
         self._ws = websocket
+        self._binary_results = binary_results
+        """The server confirmed results as binary frames (it may also still send text)."""
         self.document = document
         self.user_data = user_data
         self._channel = channel
@@ -201,7 +205,8 @@ class Session:
                 raise ChecksumMismatchError(
                     f"function checksum does not match: got {got}, want {want}"
                 )
-        return cls(websocket, document, user_data, channel)
+        binary = message.get("result_frames") == "binary"
+        return cls(websocket, document, user_data, channel, binary_results=binary)
 
     async def invoke(self, data: bytes) -> bytes:
         """Send one input, HPKE-sealed to the attested key; return the function's output."""
@@ -218,7 +223,7 @@ class Session:
         """
         frame = await _receive_any(self._ws)
         sequence, self._replies = self._replies, self._replies + 1
-        if isinstance(frame, bytes):
+        if isinstance(frame, bytes) and self._binary_results:
             return self._open_binary_result(sequence, frame)
         parsed = _parse_frame(frame)
         if parsed.get("error"):

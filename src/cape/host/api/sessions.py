@@ -314,13 +314,18 @@ async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
 
 
 async def _attestation(
-    websocket: WebSocket, session: HostSession, frame: dict[str, Any] | None = None
+    websocket: WebSocket,
+    session: HostSession,
+    frame: dict[str, Any] | None = None,
+    *,
+    binary_results: bool = False,
 ) -> None:
+    """Relay the session's document; with ``binary_results``, confirm that form (ours)."""
     frame = expect(frame if frame is not None else await session.receive(), "attestation")
-    await _send(
-        websocket,
-        {"message": {"type": "attestation_doc", "message": _b64(frame["document"])}},
-    )
+    message = {"type": "attestation_doc", "message": _b64(frame["document"])}
+    if binary_results:
+        message["result_frames"] = "binary"
+    await _send(websocket, {"message": message})
 
 
 class _EnclaveSaid(CapeError):
@@ -551,7 +556,9 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
             async with deps.pool.session(
                 kind, owner=user.username, nonce=start.nonce, response_key=start.response_key
             ) as session:
-                await _attestation(websocket, session)
+                # results exist only in test sessions (run has its own handler)
+                binary = start.binary_results and kind == "test"
+                await _attestation(websocket, session, binary_results=binary)
                 await body(websocket, session, grant, reservation, start)
 
         return serve
@@ -615,7 +622,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
                 await session.send({"t": "bundle", "data": stored})
                 del stored
                 frame = await session.receive()
-            await _attestation(websocket, session, frame)
+            await _attestation(websocket, session, frame, binary_results=start.binary_results)
             await _serve_calls(
                 websocket,
                 session,
