@@ -18,8 +18,11 @@ and ``{"error": …}`` of :mod:`cape.host.api.errors`.
 The key service knows a user by their username (canonical, lower case, never reused: there is
 no account deletion); functions run with their owner's key.
 
-The server reads only what it must: the nonce frame (nonce and optional response key) and,
-on deploy, the function-info frame. Inputs, results and bundles pass through as ciphertext.
+The server reads only what it must: the nonce frame (nonce, optional response key, the result
+form the client asks for) and, on deploy, the function-info frame. Inputs, results and bundles
+pass through as ciphertext: an input frame goes to the enclave as it came, and a result goes
+back as JSON text (Cape's form) or, when the client asked for ``result_frames: "binary"``
+(our SDK; protocol.md "Result frames"), as one binary frame: a tag byte and the bytes.
 Every client frame gets its reply before the next one is read, so neither a slow client nor
 a slow enclave makes the server buffer more than one message per session.
 
