@@ -5,6 +5,7 @@ their limit in a binary session, get the typed error."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -142,7 +143,10 @@ def test_a_bad_result_frames_value_is_a_format_error(server: ServeProcess, value
     async def flow() -> tuple[int | None, list[Any]]:
         ws = await _raw_session(server, path, user.token)
         await ws.send(json.dumps({"message": start}))
-        return await _closed_with(ws)
+        try:  # a server that ignored the value would wait for an input: fail, do not hang
+            return await asyncio.wait_for(_closed_with(ws), 30)
+        finally:
+            await ws.close()
 
     code, frames = run(flow())
     assert code == 1008, frames
