@@ -29,10 +29,12 @@ driven by the same ``websockets`` client:
    same number of plain runs (connect, echo 1 KiB, close) at the same concurrency; failed runs
    are counted and shown (goal: 0 errors), and warnings the server logged meanwhile are shown.
 
-Run: ``.venv/bin/python benchmarks/server_bench.py [--quick] [--json PATH]`` (needs root and
-bubblewrap, as simulated enclaves do; ``--quick`` is a seconds-long smoke run with a 1 MiB
-bundle). ``--json`` also writes the figures, the raw latency samples and the curves as a
-:class:`_results.Results` (benchmark ``server``).
+Run: ``.venv/bin/python benchmarks/server_bench.py [--quick] [--json PATH] [--only SECTION]``
+(needs root and bubblewrap, as simulated enclaves do; ``--quick`` is a seconds-long smoke run
+with a 1 MiB bundle; ``--only invoke`` runs the warm-invoke section alone, e.g. for an A/B of
+two source trees). Our SDK asks for results as binary frames (protocol.md "Result frames");
+pycape's section measures Cape's JSON text form. ``--json`` also writes the figures, the raw
+latency samples and the curves as a :class:`_results.Results` (benchmark ``server``).
 """
 
 from __future__ import annotations
