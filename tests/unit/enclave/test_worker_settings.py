@@ -3,12 +3,15 @@ import ``json``, issue 16); anything malformed ends the worker before it runs a 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cape.enclave import worker
+from cape.enclave.sandbox import FunctionSandbox
 from cape.enclave.worker import EXIT_SETUP, parse_settings, settings_args
 
 CONFIG = {
@@ -54,3 +57,19 @@ def test_malformed_settings_end_the_worker(change: object) -> None:
     done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, timeout=60)
     assert done.returncode == EXIT_SETUP, done
     assert b"parsed" not in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
+def test_the_worker_loads_no_costly_module_before_app_py(tmp_path: Path) -> None:
+    """Each session pays the worker's imports (issue 16): json, socket, typing and the like
+    cost 4-9 ms of CPU each, mostly through re and enum, before app.py is even read."""
+    (tmp_path / "app.py").write_text(
+        "import sys\nBEFORE = sorted(sys.modules)\n\n"
+        "def cape_handler(data):\n    return ' '.join(BEFORE)\n"
+    )
+    tmp_path.chmod(0o755)
+    with FunctionSandbox.start(tmp_path) as box:
+        loaded = set(box.call(b"").decode().split())
+    assert "cape_encrypt" in loaded  # the helper is loaded before app.py
+    costly = {"json", "socket", "typing", "importlib.util", "threading", "contextlib", "re"}
+    assert loaded & (costly | {"enum", "selectors", "collections"}) == set()
