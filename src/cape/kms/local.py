@@ -360,6 +360,14 @@ class LocalKeyService(KeyService):
             self._cache.clear()
             self._db.close()
 
+    def ping(self) -> None:
+        """Raise :class:`KeyStoreError` when the database does not answer (readiness)."""
+        try:
+            with self._lock:
+                self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"the key database does not answer: {exc}") from None
+
     # --- KeyService ---------------------------------------------------------------------
 
     def get_or_create_key(self, owner: str) -> KeyMetadata:

@@ -122,7 +122,10 @@ def _open_service(data_dir: Path, policy: KeyPolicy) -> LocalKeyService:
     root_path = data_dir / "attestation" / "root.pem"
     kms_dir = data_dir / "kms"
     if not root_path.is_file() or not (kms_dir / "kms.sqlite3").is_file():
-        raise RebindError(f"{data_dir} is not a cape serve data directory (no key service)")
+        raise RebindError(
+            f"{data_dir} holds no key service: give the data directory of cape serve, or of "
+            "cape kms serve on the key-service machine (a cluster node's holds no keys)"
+        )
     root = x509.load_pem_x509_certificate(root_path.read_bytes())
     return LocalKeyService(
         kms_dir / "kms.sqlite3",
