@@ -265,4 +265,5 @@ def serve_kms(config: KmsServeConfig, *, out: TextIO = sys.stdout) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     asyncio.run(KeyServiceServer(dataclasses.replace(config)).run(out))

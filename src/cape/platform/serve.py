@@ -707,4 +707,6 @@ def serve(
     logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     # Alembic reports each migration step at INFO, before the banner; only problems matter.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx logs every key-service request at INFO (a network key service): only problems.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(_serve(config, out, on_ready))
