@@ -26,6 +26,7 @@ import secrets
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -81,9 +82,9 @@ class NodeAuthority:
             raise ValueError("the intermediate certificate is not issued by the cluster root")
         try:
             certificate.verify_directly_issued_by(root)
-        except (ValueError, TypeError) as exc:
+        except (InvalidSignature, ValueError, TypeError):
             raise ValueError(
-                f"the intermediate certificate is not signed by the root: {exc}"
+                "the intermediate certificate is not issued by the cluster root"
             ) from None
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
         if not constraints.ca:
