@@ -21,6 +21,7 @@ service's URL, pin and token file, and the shared database, blob store and token
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -36,11 +37,13 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+import websockets
 from cryptography import x509
 
 from cape.crypto import envelope
 from cape.errors import CapeError
-from cape.sdk.flows import fetch_key
+from cape.sdk.flows import fetch_key, run_path
+from cape.sdk.session import SUBPROTOCOL, ws_url
 from cape.verify.roots import fingerprint
 from tests.e2e.conftest import requires_enclaves
 from tests.e2e.server import ServeProcess, User, run
@@ -232,6 +235,23 @@ def _readyz(node: ServeProcess) -> tuple[int, dict[str, object]]:
         return int(exc.code), json.loads(exc.read())
 
 
+async def _raw_run(node: ServeProcess, function: str, token: str) -> tuple[list[str], int]:
+    """Open a run session by hand: the frames the server sends, and its close code."""
+    frames: list[str] = []
+    async with websockets.connect(
+        ws_url(node.url, run_path(function)),
+        subprotocols=[SUBPROTOCOL, token],  # type: ignore[list-item]
+        ssl=node.ssl_context(),
+    ) as websocket:
+        nonce = base64.b64encode(secrets.token_bytes(16)).decode()
+        await websocket.send(json.dumps({"message": {"nonce": nonce}}))
+        try:
+            while True:
+                frames.append(str(await websocket.recv()))
+        except websockets.ConnectionClosed as exc:
+            return frames, exc.rcvd.code if exc.rcvd is not None else 1006
+
+
 def test_a_key_service_killed_mid_run_fails_key_calls_clearly_until_it_is_back(
     cluster: Cluster,
 ) -> None:
@@ -248,6 +268,9 @@ def test_a_key_service_killed_mid_run_fails_key_calls_clearly_until_it_is_back(
         with pytest.raises(CapeError) as raised:
             run(user.run(echo, ciphertext))
         assert str(raised.value) == "the key service is unavailable; try again later"
+        frames, code = run(_raw_run(cluster.a, echo, user.token))
+        assert code == 1013  # try again later: the enclave's typed KeyServiceUnavailableError
+        assert frames == ['{"error":"the key service is unavailable; try again later"}']
         # Connection refused: an answer at once, not after the relay's read timeout.
         assert time.monotonic() - started < 20
         status, body = _readyz(cluster.a)
