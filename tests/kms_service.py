@@ -27,16 +27,18 @@ class KeyServiceProcess:
     log_dir: Path
     token_file: Path
     port: int = field(default_factory=free_port)
+    database_url: str | None = None
+    """``--database-url`` (default: SQLite in the data directory)."""
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
     pin: str = ""
 
     @classmethod
-    def create(cls, base: Path) -> KeyServiceProcess:
+    def create(cls, base: Path, database_url: str | None = None) -> KeyServiceProcess:
         token_file = base / "node.token"
         base.mkdir(parents=True, exist_ok=True)
         token_file.write_text(secrets.token_hex(32) + "\n")
-        return cls(base / "data", base / "logs", token_file)
+        return cls(base / "data", base / "logs", token_file, database_url=database_url)
 
     def start(self) -> KeyServiceProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,7 @@ class KeyServiceProcess:
                     str(self.data_dir),
                     "--node-token-file",
                     str(self.token_file),
+                    *(["--database-url", self.database_url] if self.database_url else []),
                 ],
                 stdout=out,
                 stderr=err,

@@ -26,10 +26,8 @@ def _serve(tmp_path: Path, toml: str, *args: str) -> list[str]:
         ("lissen = '127.0.0.1:1'\n", "unknown setting 'lissen'"),
         ("listen = 'localhost'\n", "listen must be HOST:PORT"),
         ("listen = '127.0.0.1:99999'\n", "listen must be HOST:PORT"),
-        (
-            "database_url = 'postgresql+psycopg://db/keys'\n",
-            "database_url must be sqlite:///PATH: this release keeps the key service's keys",
-        ),
+        ("database_url = 'mysql://db/keys'\n", "database_url must be 'mysql' is not supported"),
+        ("database_url = 'postgresql+asyncpg://db/keys'\n", "use postgresql+psycopg://"),
         ("tls_cert = '/c.pem'\n", "tls_cert and tls_key go together"),
         ("listen = '127.0.0.1:7443'\n", "node_token_file is required"),
     ],

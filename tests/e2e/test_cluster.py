@@ -1,8 +1,8 @@
 """Many ``cape serve`` nodes behind HAProxy, sharing one PostgreSQL database and one S3 bucket.
 
 Three nodes (one enclave each) are configured by a TOML file each (``cape serve --config``):
-the same database, bucket and network key service (``cape kms serve``: URL, pin and node
-token; it keeps the keys and the cluster's attestation root); their own data directories, node
+the same database, bucket and network key service (``cape kms serve``, its keys in PostgreSQL
+too: URL, pin and node token; it keeps the keys and the cluster's attestation root); their own data directories, node
 names and copies of the token signing key and the operator's TLS certificate. The nodes share
 no directory. HAProxy (Debian's package) forwards TLS connections to them round robin and
 checks each node's ``/readyz``.
@@ -187,7 +187,7 @@ def cluster(tmp_path: Path, postgres: Postgres, moto_s3: MotoS3) -> Iterator[Clu
         moto_s3,
         postgres.new_database(),
         moto_s3.new_bucket(),
-        KeyServiceProcess.create(tmp_path / "kms"),
+        KeyServiceProcess.create(tmp_path / "kms", postgres.new_database()),
     )
     ports = [free_port() for _ in range(NODES)]
     try:
@@ -374,6 +374,7 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     # The canary is nowhere in the database, the bucket or any node's logs.
     sources = [
         ("database", cluster.postgres.dump(cluster.database_url)),
+        ("key database", cluster.postgres.dump(str(cluster.kms.database_url))),
         *cluster.moto_s3.objects(cluster.bucket),
         *cluster.logs(),
     ]

@@ -24,6 +24,16 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+_DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        metavar="URL",
+        envvar="CAPE_KMS_DATABASE_URL",
+        help="The key database when cape kms serve keeps it elsewhere (its database_url).",
+    ),
+]
+
 _DataDir = Annotated[
     Path | None,
     typer.Option(
@@ -62,7 +72,12 @@ def serve(
     ] = None,
     database_url: Annotated[
         str | None,
-        typer.Option("--database-url", metavar="URL", help="The key database, sqlite:///PATH."),
+        typer.Option(
+            "--database-url",
+            metavar="URL",
+            help="The key database: sqlite:///PATH or postgresql+psycopg://… (default: SQLite "
+            "in the data directory).",
+        ),
     ] = None,
     tls_cert: Annotated[
         Path | None,
@@ -146,6 +161,7 @@ def rebind(
         str, typer.Option("--reason", help="Why (kept in the audit log).")
     ] = "cape kms rebind",
     data_dir: _DataDir = None,
+    database_url: _DatabaseUrl = None,
 ) -> None:
     """Move keys to a signer policy or a new measurement, once the new runtime is proven signed."""
     from cape.platform.operator import KINDS, rebind_keys
@@ -161,6 +177,7 @@ def rebind(
         owners=owner,
         include_signer_keys=include_signer_keys,
         reason=reason,
+        database_url=database_url,
     )
     if common.json:
         emit_json(
@@ -212,11 +229,11 @@ def policy(
 
 
 @command(app, "log", offline=True)
-def log(common: Common, data_dir: _DataDir = None) -> None:
+def log(common: Common, data_dir: _DataDir = None, database_url: _DatabaseUrl = None) -> None:
     """The key service's audit log of operator actions (rebinds)."""
     from cape.platform.operator import key_log
 
-    entries = key_log(_data_dir(data_dir))
+    entries = key_log(_data_dir(data_dir), database_url=database_url)
     if common.json:
         listed = [
             {

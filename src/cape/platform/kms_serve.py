@@ -4,6 +4,7 @@ One data directory, laid out as a ``cape serve`` data directory's key-service pa
 operator commands ``cape kms log`` and ``cape kms rebind --data-dir DIR`` work on it::
 
     DIR/kms/master.key, kms.sqlite3     the master key and the default (SQLite) key database
+                                        (``database_url``: another SQLite file or PostgreSQL)
     DIR/attestation/root.pem, root.key  the cluster's attestation root (simulated mode)
     DIR/image-signing/key.pem, cert.pem the simulated runtime's release signer (PCR8)
     DIR/tls/pinned.pem, pinned.key      the self-signed certificate nodes pin (no tls_cert)
@@ -35,9 +36,11 @@ from cryptography.hazmat.primitives import serialization
 
 from cape.enclave.secure_module.cluster import INTERMEDIATE_LIFETIME
 from cape.errors import CapeError, FormatError
+from cape.host.store.backends import check_database_url
 from cape.kms.client import read_node_token
 from cape.kms.local import DB_FILE, LocalKeyService, load_master_key
 from cape.kms.server import KeyServiceApp, create_key_service_app
+from cape.kms.store import safe_location
 from cape.platform.config import Setting, load_settings
 from cape.platform.local import (
     IMAGE_SIGNING_DIR,
@@ -97,21 +100,18 @@ def _listen_value(value: Any) -> str:
 
 
 def _database_url(value: Any) -> str:
-    text = _text(value)
-    if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
-        return text
-    if text.startswith("postgresql"):
-        raise ValueError(
-            "sqlite:///PATH: this release keeps the key service's keys in SQLite only "
-            "(PostgreSQL is for the nodes' metadata)"
-        )
-    raise ValueError("sqlite:///PATH")
+    try:
+        return check_database_url(_text(value))
+    except FormatError as exc:
+        raise ValueError(str(exc).removeprefix("database_url: ")) from None
 
 
 KMS_SETTINGS: Final[Mapping[str, Setting]] = {
     "listen": Setting("listen", _listen_value, "HOST:PORT to serve HTTPS on"),
     "data_dir": Setting("data_dir", _path, "master key, root, signer, default database"),
-    "database_url": Setting("database_url", _database_url, "sqlite:///PATH of the keys"),
+    "database_url": Setting(
+        "database_url", _database_url, "sqlite:///PATH or postgresql+psycopg://… of the keys"
+    ),
     "tls_cert": Setting("tls_cert", _path, "the operator's certificate (PEM)"),
     "tls_key": Setting("tls_key", _path, "its private key (PEM)"),
     "node_token_file": Setting("node_token_file", _path, "the shared node token's file"),
@@ -179,12 +179,11 @@ class KeyServiceServer:
             signer = load_image_signer(data_dir / IMAGE_SIGNING_DIR)
             assert signer is not None  # created when missing
             identity = kms_identity(master_key)
-            db_path = kms_dir / DB_FILE
-            if config.database_url is not None:
-                db_path = Path(config.database_url.removeprefix("sqlite:///"))
-            self.database = str(db_path)
-            service = LocalKeyService(
-                db_path,
+            database: Path | str = config.database_url or kms_dir / DB_FILE
+            self.database = safe_location(database)
+            service = await asyncio.to_thread(
+                LocalKeyService,
+                database,
                 master_key=master_key,
                 trusted_root=authority.root_certificate,
                 default_policy=with_kms_identity(signer_key_policy(signer), identity.public_bytes),
