@@ -2,11 +2,10 @@
 
 Three nodes (one enclave each) are configured by a TOML file each (``cape serve --config``):
 the same database, bucket and network key service (``cape kms serve``, its keys in PostgreSQL
-too: URL, pin and node token; it keeps the keys and the cluster's attestation root); their own data directories, node
-names and copies of the token signing key and the operator's TLS certificate. The nodes share
-no directory. HAProxy (Debian's package) forwards TLS connections to them round robin and
-checks each node's ``/readyz``.
-The test shows:
+too; nodes know its URL, pin and node token; it keeps the keys and the cluster's attestation
+root); their own data directories, node names and copies of the token signing key and the
+operator's TLS certificate. The nodes share no directory. HAProxy (Debian's package) forwards
+TLS connections to them round robin and checks each node's ``/readyz``. The test shows:
 
 - an account made through one node logs in, deploys and runs through the others, and the
   attestation root is the same whichever node answers;
