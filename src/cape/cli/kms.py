@@ -15,7 +15,8 @@ from typing import Annotated
 
 import typer
 
-from cape.cli.common import Common, UsageError, command, emit_json, stderr
+from cape.cli.common import Common, UsageError, command, emit_json, fail, stderr
+from cape.errors import CapeError
 
 __all__ = ["app"]
 
@@ -44,9 +45,8 @@ _DataDir = Annotated[
 ]
 
 
-@command(app, "serve", offline=True)
+@app.command("serve")
 def serve(
-    common: Common,
     config_file: Annotated[
         Path | None,
         typer.Option(
@@ -110,7 +110,12 @@ def serve(
         ),
     }
     flags = {name: value for name, value in given.items() if value[1] is not None}
-    serve_kms(load_kms_config(config_file, flags=flags))
+    try:
+        serve_kms(load_kms_config(config_file, flags=flags))
+    except CapeError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(CapeError(f"cannot serve: {exc.strerror or exc}"))
 
 
 def _data_dir(value: Path | None) -> Path:
