@@ -136,8 +136,9 @@ def test_function_errors_stay_text_and_the_session_goes_on(server: ServeProcess)
 
 @pytest.mark.parametrize("value", ["xml", "BINARY", True, 1, ["binary"], None])
 def test_a_bad_result_frames_value_is_a_format_error(server: ServeProcess, value: object) -> None:
+    """Checked in the nonce frame of every session kind (a key session: no deploy needed)."""
     user = User.signup(server)
-    path = f"/v1/run/{run(user.deploy(ECHO_OR_FAIL)).id}"
+    path = "/v1/key"
     start = {"nonce": base64.b64encode(b"n").decode(), "result_frames": value}
 
     async def flow() -> tuple[int | None, list[Any]]:
