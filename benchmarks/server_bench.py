@@ -274,6 +274,10 @@ def start_cape(base: Path) -> Child:
     env = {**os.environ, "CAPE_CONFIG_DIR": str(base / "config")}
     argv = [sys.executable, "-c", "from cape.cli.app import main; main()", "serve"]
     argv += ["--data-dir", str(base / "data"), "--port", "0", "--enclaves", "2"]
+    # The throughput section's clients share one account; the default per-account session
+    # limit (32) would refuse half of its 64 clients with 429, which measures admission, not
+    # throughput. The server-wide limit (1024) and the per-caller lanes stay as shipped.
+    argv += ["--limit", f"sessions_per_user={max(FULL.clients)}"]
     return Child("cape-serve", argv, base, env)
 
 
