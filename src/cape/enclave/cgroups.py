@@ -131,7 +131,7 @@ class SandboxCgroup:
 # Plain descriptors, not Path.write_text/read_text: a sandbox's cgroup takes ≈17 of these (v1)
 # per session, and the text-file layers cost more than the kernel's work on these files.
 def _write(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)  # as "w"
     try:
         os.write(fd, value.encode())
     finally:
