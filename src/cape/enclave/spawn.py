@@ -2,7 +2,8 @@
 
 :class:`Spawn` builds the sandbox described in :mod:`cape.enclave.sandbox` (namespaces, the
 read-only mount tree, size-capped scratch tmpfs, the function directory read-only at
-``/function``, the seccomp filter) and forks bubblewrap as the sandbox's host uid. With
+``/function``, the seccomp filter) and starts bubblewrap as the sandbox's host uid (through
+``setpriv`` where it exists, so that starting it costs no fork of the runtime). With
 ``block=True`` the sandbox's first process waits on a pipe before running anything, so that
 the caller can place every process of the sandbox in its cgroup first (:meth:`Spawn.release`).
 
@@ -191,8 +192,9 @@ class Spawn:
         # and setpriv makes the same switch before it execs bubblewrap: real, effective and
         # saved uid and gid the sandbox's, no supplementary groups (``--clear-groups``), and
         # no capabilities left, as the kernel drops them on leaving uid 0 (checked by
-        # tests/unit/enclave/test_spawn.py). Its failure is bubblewrap's: exit status 127
-        # and a line on the stderr pipe.
+        # test_sandbox.py's test_bubblewrap_runs_as_the_sandbox_uid_with_no_groups_or_capabilities,
+        # for both ways). A failed switch ends the process before bubblewrap runs: a non-zero
+        # exit status and setpriv's line on the stderr pipe, which the sandbox reports.
         switch = uid is not None and SETPRIV is None
         if uid is not None and SETPRIV is not None:
             argv = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
