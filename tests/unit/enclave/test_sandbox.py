@@ -24,6 +24,7 @@ import pytest
 
 import cape
 from cape.enclave import sandbox as sandbox_module
+from cape.enclave import spawn as spawn_module
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, check_isolation
 from cape.errors import FunctionError, LimitExceededError, SandboxError
 
@@ -207,6 +208,44 @@ def test_close_is_idempotent_and_moves_the_function_directory_back(tmp_path: Pat
         box.call(b"x")
     assert info.value.reason == "crashed"
     assert "no longer running" in str(info.value)
+
+
+def _identity(pid: int) -> dict[str, list[str]]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    wanted = ("Uid", "Gid", "Groups", "CapPrm", "CapEff", "CapAmb")
+    fields = (line.split(":", 1) for line in status.splitlines())
+    return {key: value.split() for key, value in fields if key in wanted}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid switch needs root")
+@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "subprocess"])
+def test_bubblewrap_runs_as_the_sandbox_uid_with_no_groups_or_capabilities(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setpriv: bool
+) -> None:
+    # Both ways of switching (setpriv, then vfork; or subprocess's own switch after a fork)
+    # leave bubblewrap, on the host, with nothing of root's: every uid and gid the sandbox's
+    # own, no supplementary group (root's 0 would let it read group-0 files), no capability.
+    if not setpriv:
+        monkeypatch.setattr(spawn_module, "SETPRIV", None)
+    elif spawn_module.SETPRIV is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    groups = os.getgroups()
+    os.setgroups([0, 4])  # root with supplementary groups, as on many hosts (0 root, 4 adm)
+    try:
+        with FunctionSandbox.start(make_function(tmp_path, "echo_state"), limits=LIMITS) as box:
+            uid = str(box.host_uid)
+            seen = _identity(box._spawn.proc.pid)
+            assert box.call(b"x") == b"x"
+    finally:
+        os.setgroups(groups)
+    assert seen == {
+        "Uid": [uid] * 4,
+        "Gid": [uid] * 4,
+        "Groups": [],
+        "CapPrm": ["0000000000000000"],
+        "CapEff": ["0000000000000000"],
+        "CapAmb": ["0000000000000000"],
+    }
 
 
 # --- what the function can see ---------------------------------------------------------------
