@@ -100,6 +100,9 @@ the same object: leave it as it is) and a result for the caller."""
 class ThrottleTable(Protocol):
     """Records of one kind of key (e.g. failed logins per address)."""
 
+    def __len__(self) -> int:
+        """How many keys it holds (expired ones may count until they are purged)."""
+
     def get(self, key: Key, now: float) -> Throttle | None:
         """The key's record, or ``None`` if there is none or it expired by ``now``."""
 

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -64,14 +65,14 @@ def clock() -> WallClock:
 class Node:
     """One node's stack over the shared database (as ``cape serve`` wires it)."""
 
-    def __init__(self, url: str, issuer: TokenIssuer, clock: WallClock, **limits: int) -> None:
+    def __init__(self, url: str, issuer: TokenIssuer, clock: WallClock, **limits: Any) -> None:
         self.store = SqlMetadataStore(url)
         self.throttle = SqlThrottle(
             self.store, pepper=issuer.derive_secret(THROTTLE_PEPPER), clock=clock
         )
         self.accounts = self.accounts_over(self.throttle, issuer, **limits)
 
-    def accounts_over(self, tables: ThrottleTables, issuer: TokenIssuer, **limits: int) -> Accounts:
+    def accounts_over(self, tables: ThrottleTables, issuer: TokenIssuer, **limits: Any) -> Accounts:
         signups = limits.pop("signups_per_hour", 20)
         return Accounts(
             self.store,
