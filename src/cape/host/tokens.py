@@ -73,11 +73,12 @@ class TokenClaims:
 
 
 def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
-    """Load the signing key, creating it (0600, atomically, directory 0700) if absent."""
+    """Load the signing key, creating it (0600, atomically, directory 0700) if absent. An
+    existing key is only read, so it may be on a read-only mount (a Kubernetes Secret)."""
     directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory.chmod(0o700)
     if not path.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
