@@ -21,7 +21,8 @@ import org.bouncycastle.crypto.params.X25519PublicKeyParameters;
  *
  * <p>Debian's Bouncy Castle (1.72) predates its HPKE classes, so this composes RFC 9180 §4-5
  * from library primitives only: X25519 and HKDF from Bouncy Castle, ChaCha20-Poly1305 from the
- * JDK. The Python enclave opening these frames (every live call) checks the composition.
+ * JDK. It is checked against RFC 9180's known-answer vector for this suite (Appendix A.2.1) and by
+ * the Python enclave opening these frames (every live call).
  */
 public final class Hpke {
     public static final int KEY_BYTES = 32;
@@ -35,10 +36,15 @@ public final class Hpke {
 
     /** Seal {@code plaintext} to a raw X25519 public key; returns {@code enc || ciphertext}. */
     public static byte[] seal(byte[] recipientPublic, byte[] plaintext) {
-        return seal(recipientPublic, plaintext, new X25519PrivateKeyParameters(RANDOM));
+        return seal(recipientPublic, plaintext, new X25519PrivateKeyParameters(RANDOM), new byte[0], new byte[0]);
     }
 
-    static byte[] seal(byte[] recipientPublic, byte[] plaintext, X25519PrivateKeyParameters ephemeral) {
+    /**
+     * The same with a given ephemeral key, {@code info} and {@code aad}: Cape uses empty ones; the
+     * known-answer test ({@code CryptoTest.hpkeMatchesRfc9180Vector}) needs the vector's.
+     */
+    static byte[] seal(byte[] recipientPublic, byte[] plaintext, X25519PrivateKeyParameters ephemeral,
+            byte[] info, byte[] aad) {
         if (recipientPublic.length != KEY_BYTES) {
             throw new KeyFormatException("an HPKE x25519-hkdf-sha256-chacha20poly1305 public key is "
                     + KEY_BYTES + " bytes, not " + recipientPublic.length);
@@ -52,9 +58,9 @@ public final class Hpke {
         byte[] kemContext = concat(enc, recipientPublic);
         byte[] eaePrk = labeledExtract(KEM_SUITE, new byte[0], "eae_prk", dh);
         byte[] shared = labeledExpand(KEM_SUITE, eaePrk, "shared_secret", kemContext, 32);
-        // KeySchedule, mode_base, empty info and psk (RFC 9180 §5.1)
+        // KeySchedule, mode_base, empty psk (RFC 9180 §5.1)
         byte[] pskIdHash = labeledExtract(SUITE, new byte[0], "psk_id_hash", new byte[0]);
-        byte[] infoHash = labeledExtract(SUITE, new byte[0], "info_hash", new byte[0]);
+        byte[] infoHash = labeledExtract(SUITE, new byte[0], "info_hash", info);
         byte[] context = concat(new byte[] {0x00}, pskIdHash, infoHash);
         byte[] secret = labeledExtract(SUITE, shared, "secret", new byte[0]);
         byte[] key = labeledExpand(SUITE, secret, "key", context, 32);
@@ -62,6 +68,9 @@ public final class Hpke {
         try {
             Cipher aead = Cipher.getInstance("ChaCha20-Poly1305");
             aead.init(Cipher.ENCRYPT_MODE, new SecretKeySpec(key, "ChaCha20"), new IvParameterSpec(baseNonce));
+            if (aad.length > 0) {
+                aead.updateAAD(aad);
+            }
             byte[] out = new byte[enc.length + aead.getOutputSize(plaintext.length)];
             System.arraycopy(enc, 0, out, 0, enc.length);
             aead.doFinal(plaintext, 0, plaintext.length, out, enc.length);

@@ -15,6 +15,7 @@ import java.security.interfaces.RSAPublicKey;
 import java.security.spec.MGF1ParameterSpec;
 import java.util.Arrays;
 import java.util.Base64;
+import java.util.HexFormat;
 import javax.crypto.Cipher;
 import javax.crypto.spec.GCMParameterSpec;
 import javax.crypto.spec.OAEPParameterSpec;
@@ -118,5 +119,25 @@ class CryptoTest {
         byte[] b = Hpke.seal(recipient, "input".getBytes(StandardCharsets.US_ASCII));
         assertEquals(32 + 5 + 16, a.length);
         assertTrue(!Arrays.equals(a, b));
+    }
+
+    /**
+     * RFC 9180 Appendix A.2.1 (DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305, base
+     * mode), sequence number 0, taken from {@code cryptography_vectors/HPKE/test-vectors.json} in
+     * PyPI's cryptography_vectors 48.0.0 (file SHA-256 61fc662f01996cd06d713dacf5e133167bd309a1f329442d53f1e21a47b3ede6),
+     * the CFRG's published vectors for the RFC.
+     */
+    @Test
+    void hpkeMatchesRfc9180Vector() {
+        byte[] skEm = HexFormat.of().parseHex("f4ec9b33b792c372c1d2c2063507b684ef925b8c75a42dbcbf57d63ccd381600");
+        byte[] pkRm = HexFormat.of().parseHex("4310ee97d88cc1f088a5576c77ab0cf5c3ac797f3d95139c6c84b5429c59662a");
+        byte[] info = HexFormat.of().parseHex("4f6465206f6e2061204772656369616e2055726e");
+        byte[] aad = HexFormat.of().parseHex("436f756e742d30");
+        byte[] pt = HexFormat.of().parseHex("4265617574792069732074727574682c20747275746820626561757479");
+        byte[] enc = HexFormat.of().parseHex("1afa08d3dec047a643885163f1180476fa7ddb54c6a8029ea33f95796bf2ac4a");
+        byte[] ct = HexFormat.of().parseHex(
+                "1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28");
+        byte[] sealed = Hpke.seal(pkRm, pt, new X25519PrivateKeyParameters(skEm, 0), info, aad);
+        assertArrayEquals(Hpke.concat(enc, ct), sealed);
     }
 }
