@@ -20,6 +20,7 @@ for the committed ones and that it finds each kind of breakage in a broken copy.
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 import tomllib
 from collections.abc import Callable, Iterator
@@ -50,7 +51,9 @@ KMS_SETTINGS: Final = {
     "tls_cert",
     "tls_key",
     "node_token_file",
+    "log_level",
 }
+"""``cape kms serve``'s settings (the interface of issue 14); its loader checks the values."""
 _UNITS: Final = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "": 1}
 
 Docs = dict[tuple[str, str], dict[str, Any]]
@@ -125,6 +128,16 @@ def _cli(args: list[str], where: str) -> list[str]:
         reason = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
         return [f"{where}: `{' '.join(args)}`: {reason[-300:]}"]
     return []
+
+
+def _kms_loader() -> Callable[..., object] | None:
+    """``cape kms serve``'s config loader (``cape.platform.kms_serve``), if this build has it."""
+    try:
+        module = importlib.import_module("cape.platform.kms_serve")
+    except ImportError:
+        return None
+    loader = getattr(module, "load_kms_config", None)
+    return loader if callable(loader) else None
 
 
 def _has_command(*words: str) -> bool:
@@ -279,8 +292,16 @@ def problems(docs: Docs, tmp: Path) -> list[str]:
         found += _cli(kms_command, "cape-kms")
     elif kms_command[:3] != ["cape", "kms", "serve"]:
         found.append("cape-kms: does not run `cape kms serve`")
-    kms_toml = tomllib.loads(docs[("ConfigMap", "cape-kms-config")]["data"]["kms.toml"])
+    kms_text = docs[("ConfigMap", "cape-kms-config")]["data"]["kms.toml"]
+    kms_toml = tomllib.loads(kms_text)
     found += [f"kms.toml: unknown setting {k}" for k in sorted(set(kms_toml) - KMS_SETTINGS)]
+    loader = _kms_loader()
+    if loader is not None:  # `cape kms serve`'s own loader, once it is in this build
+        (tmp / "kms.toml").write_text(kms_text, encoding="utf-8")
+        try:
+            loader(tmp / "kms.toml", env={})
+        except (FormatError, TypeError, ValueError) as exc:
+            found.append(f"kms.toml: {exc}")
     kms_mounts = _mounts(kms, kms_node)
     data = kms_mounts.get(str(kms_toml.get("data_dir")), {}).get("volume", {})
     if data.get("persistentVolumeClaim", {}).get("claimName") != "cape-kms-data":
