@@ -375,7 +375,10 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     ]
     assert findings(sources, canary) == []
     assert deployed.id.encode() in sources[0][1]  # the search did read the rows
-    assert len(list(cluster.moto_s3.objects(cluster.bucket))) == len(listed)
+    # Every listed function ran above, so its bundle is there; a bundle more is a deploy the
+    # killed node uploaded but never committed (swept once old: docs/cluster.md "Operations").
+    orphans = len(list(cluster.moto_s3.objects(cluster.bucket))) - len(listed)
+    assert 0 <= orphans <= len(load.transport_errors)
     banner = cluster.nodes[0].stdout()
     assert "Node:              node0" in banner and f"s3://{cluster.bucket}/cape" in banner
     lines = cluster.nodes[0].stderr().splitlines()
