@@ -11,7 +11,9 @@
 - every container's ``cape …`` command is parsed by Cape's real CLI (an unknown flag fails);
 - no Secret object and no secret value is committed; containers drop every capability, and
   run as non-root except the one that must be root (README.md says why);
-- the key service (``cape kms serve``) has its Deployment, Service and volume.
+- the key service (``cape kms serve``) has its Deployment, Service and volume;
+- every object is valid against Kubernetes's own OpenAPI schema (``kubernetes-validate``,
+  strict: a misspelt field fails).
 
 :func:`problems` returns what is wrong with a set of manifests; the tests assert it is empty
 for the committed ones and that it finds each kind of breakage in a broken copy.
@@ -20,13 +22,16 @@ for the committed ones and that it finds each kind of breakage in a broken copy.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import json
 import re
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
+import kubernetes_validate
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -123,11 +128,16 @@ def _cli(args: list[str], where: str) -> list[str]:
     """Parse a ``cape …`` command with Cape's own CLI (``--help`` added: parsed, not run)."""
     if args[:1] != ["cape"]:
         return [f"{where}: `{' '.join(args)}` is not a cape command"]
-    result = CliRunner().invoke(app, [*args[1:], "--help"])
-    if result.exit_code != 0:
-        reason = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
-        return [f"{where}: `{' '.join(args)}`: {reason[-300:]}"]
-    return []
+    reason = _cli_refusal(tuple(args[1:]))
+    return [] if reason is None else [f"{where}: `{' '.join(args)}`: {reason}"]
+
+
+@functools.cache
+def _cli_refusal(args: tuple[str, ...]) -> str | None:
+    result = CliRunner().invoke(app, [*args, "--help"])
+    if result.exit_code == 0:
+        return None
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())[-300:]
 
 
 def _kms_loader() -> Callable[..., object] | None:
@@ -140,6 +150,7 @@ def _kms_loader() -> Callable[..., object] | None:
     return loader if callable(loader) else None
 
 
+@functools.cache
 def _has_command(*words: str) -> bool:
     return CliRunner().invoke(app, [*words, "--help"]).exit_code == 0
 
@@ -164,9 +175,34 @@ def _node_settings(toml: str, tmp: Path) -> tuple[dict[str, Any], list[str]]:
     return {**document, **settings}, problems
 
 
+@functools.cache
+def _schema_problem(document: str) -> str | None:
+    """One object (as JSON) against Kubernetes's own OpenAPI schema, strict (no unknown
+    fields); cached, as the broken copies differ from the committed objects in one place."""
+    doc = json.loads(document)
+    try:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return str(exc).splitlines()[0]
+    except (KeyError, kubernetes_validate.SchemaNotFoundError):
+        return "not a Kubernetes object this schema knows"
+    return None
+
+
+def _schema_problems(docs: Docs) -> list[str]:
+    found = []
+    for (kind, name), doc in docs.items():
+        if kind == "Kustomization":  # kustomize's file, not an API object
+            continue
+        problem = _schema_problem(json.dumps(doc, sort_keys=True))
+        if problem is not None:
+            found.append(f"{kind} {name}: {problem}")
+    return found
+
+
 def problems(docs: Docs, tmp: Path) -> list[str]:
     """Everything wrong with ``docs`` against the essentials (empty when all hold)."""
-    found: list[str] = []
+    found = _schema_problems(docs)
     kinds = {kind for kind, _ in docs}
     if "Secret" in kinds:
         found.append("a Secret object is committed: create Secrets with kubectl (README.md)")
@@ -175,6 +211,7 @@ def problems(docs: Docs, tmp: Path) -> list[str]:
         found.append("key or certificate material is committed")
     if re.search(r"[a-z+]+://[^/\s:@\"']+:[^@\s\"']+@", text):
         found.append("a URL with a password is committed")
+    missing = len(found)
     for required in [
         ("Deployment", "cape-api"),
         ("ConfigMap", "cape-api-config"),
@@ -187,7 +224,7 @@ def problems(docs: Docs, tmp: Path) -> list[str]:
     ]:
         if required not in docs:
             found.append(f"no {required[0]} {required[1]}")
-    if found:
+    if len(found) > missing:
         return found
 
     api = docs[("Deployment", "cape-api")]
@@ -420,7 +457,14 @@ BREAKAGES: Final[dict[str, tuple[Callable[[Docs], object], str]]] = {
     ),
     "a committed Secret": (
         lambda d: d.update(
-            {("Secret", "x"): {"kind": "Secret", "metadata": {"name": "x"}, "data": {"a": "b"}}}
+            {
+                ("Secret", "x"): {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "x"},
+                    "data": {"a": "Yg=="},
+                }
+            }
         ),
         "a Secret object is committed",
     ),
@@ -434,6 +478,14 @@ BREAKAGES: Final[dict[str, tuple[Callable[[Docs], object], str]]] = {
         lambda d: _container(_api(d), "vsock-proxy")["securityContext"].pop("runAsNonRoot"),
         "cape-api/vsock-proxy: may run as root",
     ),
+    "a misspelt field": (
+        lambda d: _node(d)["securityContext"].update(readOnlyRootFilesytem=True),
+        "'readOnlyRootFilesytem' was unexpected",
+    ),
+    "a wrong type": (
+        lambda d: _node(d)["ports"][0].update(containerPort="8443"),
+        "Deployment cape-api: '8443' is not of type 'integer'",
+    ),
     "no PDB": (
         lambda d: d.pop(("PodDisruptionBudget", "cape-api")),
         "no PodDisruptionBudget cape-api",
@@ -443,7 +495,7 @@ BREAKAGES: Final[dict[str, tuple[Callable[[Docs], object], str]]] = {
             v
             for v in d[("Deployment", "cape-kms")]["spec"]["template"]["spec"]["volumes"]
             if v["name"] == "data"
-        ).update(persistentVolumeClaim={}, emptyDir={}),
+        ).update(persistentVolumeClaim={"claimName": "elsewhere"}),
         "cape-kms: data_dir is not on the PersistentVolumeClaim",
     ),
 }
