@@ -17,6 +17,14 @@ same run:
   length prefix.
 - *numpy cold start* (full run only, when the host has numpy to copy): the same for a
   function whose bundle vendors numpy and imports it at module level, against echo's.
+- *CPU per sandbox start* (``getrusage``: the benchmark's own CPU and its reaped children's,
+  so other work on the machine does not count): start → first result → close of an echo
+  sandbox, beside what it is made of, each measured alone the same way: bubblewrap building the
+  same namespaces and mount tree around ``/usr/bin/true`` (no Python), a bare
+  ``python -I -S -B -c pass``, and ``os.fork`` of this warm interpreter whose child exits at
+  once. The last line is the floor of a per-enclave zygote (issue 16), which would still build
+  the namespaces and mounts and fork per session but start no interpreter: the most a zygote
+  could save is the start's CPU minus that floor.
 
 ``--json PATH`` also writes the figures and the raw samples (``benchmarks/_results.py``).
 Needs bubblewrap; prints why and exits 0 without it (it is a benchmark, not a test).
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -38,7 +47,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _results import Results, Series
-from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, check_isolation
+from cape.enclave import seccomp
+from cape.enclave.sandbox import BWRAP, FunctionSandbox, SandboxLimits, check_isolation
+from cape.enclave.staging import SUPPORT, layout
 from cape.errors import SandboxError
 
 KIB = 1 << 10
@@ -104,6 +115,97 @@ def _bare_start() -> float:
     began = time.perf_counter()
     subprocess.run([PYTHON, "-I", "-S", "-c", "pass"], check=True)
     return time.perf_counter() - began
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of every child it has reaped."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def _cpu_per(action: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(CPU ms, wall ms) per run of ``action``, over ``repeats`` runs after one warm-up."""
+    action()
+    cpu, wall = _cpu_s(), time.perf_counter()
+    for _ in range(repeats):
+        action()
+    return (_cpu_s() - cpu) * 1e3 / repeats, (time.perf_counter() - wall) * 1e3 / repeats
+
+
+def _bwrap_true() -> None:
+    """bubblewrap building the sandbox's namespaces and mount tree around ``true`` (no Python):
+    the same flags as :mod:`cape.enclave.spawn` but the worker's files and its descriptors."""
+    assert BWRAP is not None
+    tree = layout()
+    argv = [BWRAP, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"]
+    argv += ["--as-pid-1", "--new-session", "--uid", "1000", "--gid", "1000", "--clearenv"]
+    for source, dest in tree.binds:
+        argv += ["--ro-bind", source, dest]
+    for target, path in tree.symlinks:
+        argv += ["--symlink", target, path]
+    for path in tree.hidden:
+        argv += ["--ro-bind", str(SUPPORT.empty), path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(LIMITS.tmp_bytes)]
+    argv += ["--tmpfs", "/dev/shm", "--size", str(LIMITS.tmp_bytes), "--tmpfs", "/tmp"]
+    argv += ["--ro-bind", str(SUPPORT.empty), "/function", "--remount-ro", "/"]
+    program = seccomp.program_fd()
+    try:
+        argv += ["--seccomp", str(program), "/usr/bin/true"]
+        subprocess.run(argv, check=True, pass_fds=[program], stdin=subprocess.DEVNULL)
+    finally:
+        os.close(program)
+
+
+def _fork_exit() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _start_cost(directory: Path, repeats: int, results: Results) -> None:
+    def sandbox() -> None:
+        with FunctionSandbox.start(directory, limits=LIMITS) as box:
+            box.call(b"x")
+
+    rows = [
+        ("sandbox start -> first result -> close (echo)", sandbox),
+        ("  bubblewrap, same namespaces + mounts, `true`", _bwrap_true),
+        (
+            "  bare python -I -S -B -c pass",
+            lambda: subprocess.run([PYTHON, "-I", "-S", "-B", "-c", "pass"], check=True),
+        ),
+        ("  os.fork of a warm interpreter, child exits", _fork_exit),
+    ]
+    print("CPU per sandbox start (this process + its reaped children; other work excluded):")
+    measured = {}
+    for label, action in rows:
+        cpu, wall = _cpu_per(action, repeats)
+        measured[label] = cpu
+        print(f"{label:<48} CPU {cpu:7.2f} ms   wall {wall:7.2f} ms")
+    start_cpu = measured[rows[0][0]]
+    floor = measured[rows[1][0]] + measured[rows[3][0]]
+    print(
+        f"zygote floor (namespaces + mounts + fork, no interpreter start) ≈ {floor:.2f} ms of "
+        f"CPU: at most {start_cpu - floor:.2f} ms ({1 - floor / start_cpu:.0%}) of a start "
+        "could be saved"
+    )
+    results.figure(
+        "start CPU",
+        "echo sandbox start → first result → close, CPU",
+        start_cpu,
+        "ms",
+        reference="zygote floor: bubblewrap's namespaces + mounts around `true` + one fork, CPU",
+        reference_value=floor,
+        higher_is_better=False,
+        note=(
+            f"bare python -I -S -B start {measured[rows[2][0]]:.2f} ms, bubblewrap + `true` "
+            f"{measured[rows[1][0]]:.2f} ms, fork {measured[rows[3][0]]:.2f} ms of CPU"
+        ),
+    )
 
 
 class PlainEcho:
@@ -202,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     root.chmod(0o711)
     try:
         echo = _function(root, "echo", ECHO)
+        _start_cost(echo, repeats, results)
         splits = [_cold_start(echo) for _ in range(repeats)]
         cold = [a + b for a, b in splits]
         print(_fmt("cold start: start -> first result (echo)", cold))

@@ -90,6 +90,7 @@ from cape.enclave.spawn import (
 )
 from cape.enclave.staging import SUPPORT, layout, move_back, place_function_dir
 from cape.enclave.uids import UidPool
+from cape.enclave.worker import settings_args
 from cape.errors import FunctionError, LimitExceededError, SandboxError
 
 __all__ = [
@@ -316,7 +317,7 @@ class FunctionSandbox(Closeable):
                         "max_request_bytes": limits.max_input_bytes,
                         "max_response_bytes": services_response_limit(limits.max_input_bytes),
                     }
-                return [WORKER_PATH, str(fd), json.dumps(config)]
+                return [WORKER_PATH, str(fd), *settings_args(config)]
 
             started = Spawn(
                 layout(),

@@ -8,6 +8,14 @@ pid namespace and a uid), so instead each function gets a *spare*: a sandbox sta
 time from a private copy of the function's files, which has already imported ``app.py`` and
 is handed to exactly one session. Plaintext stays inside the enclave (its private tmpfs).
 
+**How many spares** (issue 16): one per function to begin with; a session that finds none
+ready raises the function's target by one, up to ``max_spares``, and after ``idle_s`` seconds
+without such a miss each session lowers it by one again (it takes a spare that is then not
+replaced). Spares kept for a function that gets no sessions stay until it is evicted. Spares
+beyond the first start only while the ``calls`` lane has a free slot for the party and nobody
+of that party waits: they use idle capacity, never a place a session of the user could take.
+Each spare is still a whole sandbox of its own (nothing is shared between sessions).
+
 Entries are keyed by ``(owner, SHA-256 of the stored ciphertext)``: the host names the owner,
 and keying by ciphertext alone would let it run one user's cached function under another
 user's key. A miss decrypts through the key service as usual.
@@ -16,11 +24,11 @@ user's key. A miss decrypts through the key service as usual.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import shutil
 import tempfile
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +39,7 @@ from cape.enclave.unpack import unpack_bundle
 from cape.errors import CapeError
 from cape.formats.bundle import BundleLimits
 
-__all__ = ["Lease", "WarmPool"]
+__all__ = ["Lease", "SpareStats", "WarmPool"]
 
 
 @dataclass(frozen=True)
@@ -46,12 +54,26 @@ class Lease:
         shutil.rmtree(self.holder, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class SpareStats:
+    """A held function's spares: sessions served by one (``hits``) or not (``misses``)."""
+
+    target: int
+    spares: int
+    hits: int
+    misses: int
+
+
 @dataclass
 class _Entry:
     checksum: bytes
     holder: Path  # what _load created; removed on eviction
     source: Path  # the unpacked function, never handed to a sandbox itself
-    spare: asyncio.Task[Lease] | None = None
+    spares: deque[asyncio.Task[Lease | None]] = field(default_factory=deque)
+    target: int = 1  # spares to keep: grows with misses, shrinks when idle
+    last_miss: float = field(default_factory=time.monotonic)
+    hits: int = 0
+    misses: int = 0
     sessions: int = field(default=0)
     starting: int = 0  # sessions copying ``source`` right now: not evicted meanwhile
 
@@ -81,13 +103,19 @@ class WarmPool:
         lanes: Lanes,
         capacity: int = 8,
         spares: bool = True,
+        max_spares: int = 4,
+        idle_s: float = 60.0,
     ) -> None:
+        if max_spares < 1 or idle_s < 0:
+            raise ValueError("max_spares must be at least 1 and idle_s not negative")
         self._lanes = lanes
         self._workdir = workdir
         self._sandbox_limits = sandbox_limits
         self._bundle_limits = bundle_limits
         self._capacity = capacity
         self._spares = spares
+        self._max_spares = max_spares
+        self._idle_s = idle_s
         self._entries: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
         # One lock per function being loaded, so cold loads of different functions (key
         # service round trip, unpacking) run side by side and one function loads only once.
@@ -119,20 +147,27 @@ class WarmPool:
         # it atomic. Entries a load evicted are discarded only after it, and this one is not
         # evicted while its session starts: another load may run at every await below.
         self._entries.move_to_end(key)
-        spare, entry.spare = entry.spare, None
+        spare = _take_spare(entry.spares)
         entry.sessions += 1
         entry.starting += 1
+        now = time.monotonic()
+        if spare is None:
+            entry.misses += 1
+            entry.last_miss = now
+            entry.target = min(self._max_spares, entry.target + 1)
+        elif entry.target > 1 and now - entry.last_miss >= self._idle_s:
+            entry.target -= 1
         try:
             for old in evicted:
                 await self._discard(old)
             lease: Lease | None = None
             if spare is not None:
-                with contextlib.suppress(CapeError):
-                    candidate = await spare
-                    if candidate.sandbox.alive:
-                        lease = candidate
-                    else:
-                        await asyncio.to_thread(candidate.release)
+                candidate = await spare
+                if candidate is not None and candidate.sandbox.alive:
+                    lease = candidate
+                    entry.hits += 1
+                elif candidate is not None:
+                    await asyncio.to_thread(candidate.release)
             if lease is None:
                 lease = await self._lanes.calls.run(
                     party, _start, entry.source, self._workdir, self._sandbox_limits, services
@@ -142,6 +177,13 @@ class WarmPool:
         if self._entries.get(key) is entry:
             self._refill(entry, services, party)
         return entry.checksum, lease
+
+    def spare_stats(self, owner: str, ciphertext_sha256: bytes) -> SpareStats | None:
+        """The spares of a held function (``None`` when it is not held): for tests and logs."""
+        entry = self._entries.get((owner, ciphertext_sha256))
+        if entry is None:
+            return None
+        return SpareStats(entry.target, len(entry.spares), entry.hits, entry.misses)
 
     async def _load_once(
         self, key: tuple[str, bytes], decrypt: Callable[[], Awaitable[bytes]], party: str
@@ -185,19 +227,34 @@ class WarmPool:
         return _Entry(checksum=checksum, holder=holder, source=source)
 
     def _refill(self, entry: _Entry, services: Services, party: str) -> None:
-        if not self._spares or entry.spare is not None:
+        if not self._spares:
             return
-        entry.spare = asyncio.create_task(
-            self._lanes.calls.run(
-                party, _start, entry.source, self._workdir, self._sandbox_limits, services
+        calls = self._lanes.calls
+        starting = 0  # tasks made here have not taken their slot yet
+        while len(entry.spares) < entry.target:
+            # The first spare as ever; more only on idle capacity (see the module docstring).
+            idle = (
+                calls.waiting(party) == 0
+                and calls.running(party) + starting < calls.limits.per_party
+                and calls.running() + starting < calls.limits.threads
             )
-        )
+            if entry.spares and not idle:
+                return
+            starting += 1
+            entry.spares.append(asyncio.create_task(self._spare(entry.source, services, party)))
+
+    async def _spare(self, source: Path, services: Services, party: str) -> Lease | None:
+        """A started sandbox, or None when it could not start (the session starts its own)."""
+        try:
+            return await self._lanes.calls.run(
+                party, _start, source, self._workdir, self._sandbox_limits, services
+            )
+        except CapeError:
+            return None
 
     async def _discard(self, entry: _Entry) -> None:
-        if entry.spare is not None:
-            spare, entry.spare = entry.spare, None
-            with contextlib.suppress(CapeError):
-                await asyncio.to_thread((await spare).release)
+        while entry.spares:
+            await _close_spare(entry.spares.pop())
         await asyncio.to_thread(shutil.rmtree, entry.holder, True)
 
     async def close(self) -> None:
@@ -205,3 +262,18 @@ class WarmPool:
         self._entries.clear()
         for entry in entries:
             await self._discard(entry)
+
+
+def _take_spare(spares: deque[asyncio.Task[Lease | None]]) -> asyncio.Task[Lease | None] | None:
+    """A started spare if one is ready, else the oldest still starting, else None."""
+    for task in spares:
+        if task.done():
+            spares.remove(task)
+            return task
+    return spares.popleft() if spares else None
+
+
+async def _close_spare(task: asyncio.Task[Lease | None]) -> None:
+    lease = await task
+    if lease is not None:
+        await asyncio.to_thread(lease.release)

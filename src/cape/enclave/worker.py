@@ -5,7 +5,9 @@ library and the function's files, never cape, cryptography or any site-packages.
 therefore import nothing but the standard library. :mod:`cape.enclave.sandbox` copies this
 file into the sandbox read-only at ``/cape-worker/worker.py`` and starts it as::
 
-    python -I -S -B /cape-worker/worker.py <channel fd> <config JSON>
+    python -I -S -B /cape-worker/worker.py <channel fd> <name=value> ...
+
+The settings (:data:`SETTINGS`) are one ``name=value`` argument each, integers in decimal.
 
 Channel (a stream socket inherited from the runtime), every frame ``u32be length || payload``:
 
@@ -35,17 +37,21 @@ process and could write to the channel itself. The checks here only keep honest 
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import importlib.util
-import json
 import os
 import resource
-import socket
 import struct
 import sys
+from importlib.machinery import ModuleSpec, SourceFileLoader
 from types import ModuleType
-from typing import Any
+
+# Start-up cost is paid once per session (issue 16): this file imports only what the
+# interpreter has loaded already or what is cheap (no json, socket, typing, importlib.util or
+# threading, which cost 4-9 ms of CPU each, mostly through re and enum). ``TYPE_CHECKING`` is
+# a local name that type checkers treat as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 READY = OK = 0
 RAISED = 1
@@ -62,6 +68,53 @@ HEADER = struct.Struct(">I")
 APP_FILE = "app.py"
 HANDLER = "cape_handler"
 GUEST_MODULE = "cape_encrypt"
+
+
+#: The worker's settings: ``name=value`` arguments; the texts are paths, the rest integers.
+LIMIT_SETTINGS = ("memory_bytes", "cpu_seconds", "processes", "open_files", "file_size_bytes")
+SERVICES_SETTINGS = ("fd", "max_request_bytes", "max_response_bytes")
+TEXT_SETTINGS = ("root", "guest_dir")
+SETTINGS = (*TEXT_SETTINGS, *LIMIT_SETTINGS, "max_input_bytes", "max_output_bytes")
+
+
+def settings_args(config: dict[str, Any]) -> list[str]:
+    """The arguments that carry ``config`` (the shape :func:`parse_settings` returns)."""
+    args = [f"{name}={config[name]}" for name in (*TEXT_SETTINGS, "max_input_bytes")]
+    args.append(f"max_output_bytes={config['max_output_bytes']}")
+    args += [f"{name}={config['limits'][name]}" for name in LIMIT_SETTINGS]
+    if config.get("services") is not None:
+        args += [f"services_{name}={config['services'][name]}" for name in SERVICES_SETTINGS]
+    return args
+
+
+def parse_settings(args: list[str]) -> dict[str, Any]:
+    """``name=value`` arguments → the worker's config; anything else ends the worker."""
+    given: dict[str, str] = {}
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if not sep or name in given:
+            os._exit(EXIT_SETUP)
+        given[name] = value
+    services = [f"services_{name}" for name in SERVICES_SETTINGS]
+    wanted = set(SETTINGS) | (set(services) if services[0] in given else set())
+    if set(given) != wanted:
+        os._exit(EXIT_SETUP)
+    try:
+        number = {name: int(given[name]) for name in wanted if name not in TEXT_SETTINGS}
+    except ValueError:
+        os._exit(EXIT_SETUP)
+    return {
+        "root": given["root"],
+        "guest_dir": given["guest_dir"],
+        "limits": {name: number[name] for name in LIMIT_SETTINGS},
+        "max_input_bytes": number["max_input_bytes"],
+        "max_output_bytes": number["max_output_bytes"],
+        "services": (
+            {name: number[f"services_{name}"] for name in SERVICES_SETTINGS}
+            if services[0] in given
+            else None
+        ),
+    }
 
 
 def _set_limits(limits: dict[str, int]) -> None:
@@ -116,16 +169,18 @@ def _describe(exc: BaseException) -> str:
 
 
 class Channel:
+    """The call channel: a blocking stream socket, read and written as a plain descriptor."""
+
     def __init__(self, fd: int) -> None:
-        self._sock = socket.socket(fileno=fd)
-        self._sock.setblocking(True)
+        self._fd = fd
+        os.set_blocking(fd, True)
 
     def _recv_exact(self, n: int) -> bytes | None:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
-            k = self._sock.recv_into(view[got:], n - got)
+            k = os.readv(self._fd, [view[got:]])
             if k == 0:
                 return None
             got += k
@@ -143,9 +198,14 @@ class Channel:
         return self._recv_exact(length)
 
     def send(self, status: int, body: bytes = b"") -> None:
-        self._sock.sendall(HEADER.pack(len(body) + 1) + bytes((status,)))
+        self._write_all(HEADER.pack(len(body) + 1) + bytes((status,)))
         if body:
-            self._sock.sendall(body)
+            self._write_all(body)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
 
 
 def _close_inherited_fds(keep: set[int]) -> None:
@@ -162,12 +222,7 @@ def _install_guest(config: dict[str, Any]) -> str | None:
     if guest_dir is None:
         return None
     try:
-        path = os.path.join(guest_dir, GUEST_MODULE + ".py")
-        spec = importlib.util.spec_from_file_location(GUEST_MODULE, path)
-        if spec is None or spec.loader is None:
-            return f"the sandbox's {GUEST_MODULE} helper cannot be loaded"
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _exec_source(GUEST_MODULE, os.path.join(guest_dir, GUEST_MODULE + ".py"))
         services: dict[str, int] | None = config.get("services")
         if services is not None:
             module._attach(
@@ -180,6 +235,26 @@ def _install_guest(config: dict[str, Any]) -> str | None:
     sys.modules[GUEST_MODULE] = module
     sys.path.append(guest_dir)  # last: the function's folder and the stdlib come first
     return None
+
+
+def _new_module(name: str, path: str) -> tuple[ModuleType, SourceFileLoader]:
+    """A module for the source file ``path``, as ``importlib.util.module_from_spec`` makes it
+    (``__name__``, ``__file__``, ``__spec__``, ``__loader__``, ``__cached__``), not yet run."""
+    loader = SourceFileLoader(name, path)
+    spec = ModuleSpec(name, loader, origin=path)
+    spec.has_location = True
+    module = ModuleType(name)
+    module.__spec__ = spec
+    module.__loader__ = loader
+    module.__file__ = path
+    module.__cached__ = spec.cached  # type: ignore[attr-defined]
+    return module, loader
+
+
+def _exec_source(name: str, path: str) -> ModuleType:
+    module, loader = _new_module(name, path)
+    loader.exec_module(module)
+    return module
 
 
 def _find_app(root: str) -> str | None:
@@ -203,13 +278,10 @@ def _load(root: str) -> tuple[Any, str | None]:
         return None, "the bundle has no app.py (at its root or in its single top-level folder)"
     os.chdir(app_dir)
     sys.path.insert(0, app_dir)
-    spec = importlib.util.spec_from_file_location("app", os.path.join(app_dir, APP_FILE))
-    if spec is None or spec.loader is None:
-        return None, "app.py cannot be loaded"
-    module: ModuleType = importlib.util.module_from_spec(spec)
+    module, loader = _new_module("app", os.path.join(app_dir, APP_FILE))
     sys.modules["app"] = module
     try:
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
     except MemoryError:
         raise  # the runtime reports the memory limit
     except BaseException as exc:  # SystemExit and friends included
@@ -269,7 +341,7 @@ def _serve(channel: Channel, handler: Any, config: dict[str, Any], main_pid: int
 
 def main(argv: list[str]) -> None:
     fd = int(argv[1])
-    config: dict[str, Any] = json.loads(argv[2])
+    config = parse_settings(argv[2:])
     services = config.get("services")
     try:
         _set_limits(config["limits"])
@@ -298,8 +370,10 @@ def main(argv: list[str]) -> None:
 
 
 def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 - contextlib costs an import per session start
         os.close(fd)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ AT_IMPORT = cape_encrypt.encrypt(b"module level")
 
 
 def _raw(payload, reply):
-    fd = cape_encrypt._sock.fileno()  # the services socket
+    fd = cape_encrypt._fd  # the services socket
     os.write(fd, payload)
     if not reply:
         time.sleep(8)  # the runtime acts on the garbage while the call is under way
@@ -78,8 +78,8 @@ def _run(do, arg):
     if do == "garbage_padded":  # [base64 bytes, this many more junk bytes]
         return _raw(base64.b64decode(arg[0]) + b"j" * arg[1], reply=False)
     if do == "partial_then_close":
-        os.write(cape_encrypt._sock.fileno(), b"\\x00\\x00")
-        cape_encrypt._sock.close()
+        os.write(cape_encrypt._fd, b"\\x00\\x00")
+        os.close(cape_encrypt._fd)
         return "closed"
     if do == "uncaught":
         return cape_encrypt.decrypt(arg)

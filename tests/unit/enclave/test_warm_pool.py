@@ -69,7 +69,7 @@ def test_sessions_of_more_functions_than_the_pool_holds_all_start(
     loads = [0] * FUNCTIONS
     lock = threading.Lock()
 
-    async def main() -> list[tuple[bytes, list[str]]]:
+    async def main() -> list[tuple[bytes, list[str]] | BaseException]:
         pool = warm.WarmPool(
             tmp_path,
             sandbox_limits=SandboxLimits(),
@@ -96,12 +96,18 @@ def test_sessions_of_more_functions_than_the_pool_holds_all_start(
             return checksum, files
 
         try:
-            return await asyncio.gather(*(session(i) for i in range(SESSIONS)))
+            return await asyncio.gather(
+                *(session(i) for i in range(SESSIONS)), return_exceptions=True
+            )
         finally:
             await pool.close()
 
     results = asyncio.run(main())
-    for i, (checksum, files) in enumerate(results):
+    failed = [repr(r) for r in results if isinstance(r, BaseException)]
+    assert failed == [], failed[:3]
+    for i, result in enumerate(results):
+        assert not isinstance(result, BaseException)
+        checksum, files = result
         assert checksum == hashlib.sha256(bundles[i % FUNCTIONS]).digest()
         assert files == ["app.py"]  # started from its whole function
     assert all(count >= 1 for count in loads)

@@ -39,11 +39,13 @@ never interleave their frames), nor a program it executes.
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
-import socket
 import struct
-import threading
+
+# Loaded into every session before app.py: only modules that are cheap to import (no socket,
+# threading or contextlib, which pull in enum, collections and functools). The socket is used
+# as a plain descriptor; ``_thread.allocate_lock`` is what ``threading.Lock`` is.
 
 __all__ = ["CapeEncryptError", "decrypt", "encrypt"]
 
@@ -64,8 +66,8 @@ class CapeEncryptError(Exception):
     """Encryption or decryption failed; the message is the runtime's one-line reason."""
 
 
-_lock = threading.Lock()
-_sock: socket.socket | None = None
+_lock = _thread.allocate_lock()
+_fd: int | None = None
 _unavailable = NOT_AVAILABLE  # why there is no socket, while there is none
 _max_request = 0
 _max_response = 0
@@ -97,31 +99,31 @@ def _as_bytes(data: object, name: str) -> bytes:
 
 
 def _request(op: int, data: bytes, name: str) -> bytes:
-    global _sock, _unavailable
+    global _fd, _unavailable
     with _lock:
-        sock = _sock
-        if sock is None:
+        fd = _fd
+        if fd is None:
             raise CapeEncryptError(_unavailable)
         if len(data) > _max_request:
             raise CapeEncryptError(
                 f"{name}: the data is {len(data)} bytes, over the limit of {_max_request} bytes"
             )
         try:
-            sock.sendall(HEADER.pack(len(data) + 1) + bytes((op,)))
+            _write_all(fd, HEADER.pack(len(data) + 1) + bytes((op,)))
             if data:
-                sock.sendall(data)
-            (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
+                _write_all(fd, data)
+            (length,) = HEADER.unpack(_recv_exact(fd, HEADER.size))
             if not 1 <= length <= _max_response + 1:
                 raise _Malformed
-            status = _recv_exact(sock, 1)[0]
-            body = _recv_exact(sock, length - 1)
+            status = _recv_exact(fd, 1)[0]
+            body = _recv_exact(fd, length - 1)
             if status not in (OK, ERROR):
                 raise _Malformed
         except BaseException as exc:
             # Cut short (the runtime went away, a signal handler raised, ...): the frames are
             # out of step now, so this process gives the connection up for good.
-            _sock, _unavailable = None, CONNECTION_LOST
-            sock.close()
+            _fd, _unavailable = None, CONNECTION_LOST
+            _close_quietly(fd)
             if isinstance(exc, OSError | EOFError | _Malformed):
                 raise CapeEncryptError(CONNECTION_LOST) from None
             raise
@@ -134,36 +136,43 @@ class _Malformed(Exception):
     pass
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    if n == 0:
-        return b""
-    data = sock.recv(n, socket.MSG_WAITALL)  # one allocation when it all arrives at once
-    if len(data) == n:
-        return data
-    parts, got = [data], len(data)
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _recv_exact(fd: int, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
     while got < n:
-        chunk = sock.recv(min(n - got, 1 << 20))
-        if not chunk:
+        k = os.readv(fd, [view[got:]])
+        if k == 0:
             raise EOFError
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
+        got += k
+    return bytes(buf)
+
+
+def _close_quietly(fd: int) -> None:
+    try:  # noqa: SIM105 - contextlib costs an import per session start
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _attach(fd: int, max_request_bytes: int, max_response_bytes: int) -> None:
     """Called once by the sandbox worker, before app.py is imported."""
-    global _sock, _max_request, _max_response
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(True)
-    sock.set_inheritable(False)  # programs the function executes do not get it
-    _sock, _max_request, _max_response = sock, max_request_bytes, max_response_bytes
+    global _fd, _max_request, _max_response
+    os.set_blocking(fd, True)
+    os.set_inheritable(fd, False)  # programs the function executes do not get it
+    _fd, _max_request, _max_response = fd, max_request_bytes, max_response_bytes
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _forget_in_child() -> None:
-    global _lock, _sock, _unavailable
-    _lock = threading.Lock()  # another thread may have held it at the fork
-    sock, _sock, _unavailable = _sock, None, NOT_IN_CHILD
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.close()
+    global _lock, _fd, _unavailable
+    _lock = _thread.allocate_lock()  # another thread may have held it at the fork
+    fd, _fd, _unavailable = _fd, None, NOT_IN_CHILD
+    if fd is not None:
+        _close_quietly(fd)

@@ -1,0 +1,144 @@
+"""The warm pool's spares (issue 16): made ahead of demand, as many as the demand that found
+none asked for, fewer again when idle; every one a whole sandbox of its own. Real sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cape.enclave import warm
+from cape.enclave.lanes import Lanes
+from cape.enclave.sandbox import SandboxLimits
+from cape.enclave.warm import Lease, WarmPool
+from cape.formats.bundle import BundleLimits
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bwrap") is None,
+    reason="bubblewrap (bwrap) is not installed; scripts/setup.sh installs it",
+)
+
+LIMITS = SandboxLimits(call_timeout_s=30.0, load_timeout_s=30.0, tmp_bytes=4 << 20)
+APP = 'import os\n\ndef cape_handler(data):\n    return str(os.getpid()).encode() + b":" + data\n'
+KEY = ("alice", b"h" * 32)
+
+
+def _bundle() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("app.py", APP)
+    return buffer.getvalue()
+
+
+def _no_services(op: str, data: bytes) -> bytes:
+    raise AssertionError("this function asks for no encryption services")
+
+
+@pytest.fixture
+def started_at(monkeypatch: pytest.MonkeyPatch) -> dict[int, float]:
+    """When each lease's sandbox finished starting (by id of the lease)."""
+    times: dict[int, float] = {}
+    start = warm._start
+
+    def timed(*args: object) -> Lease:
+        lease = start(*args)  # type: ignore[arg-type]
+        times[id(lease)] = time.monotonic()
+        return lease
+
+    monkeypatch.setattr(warm, "_start", timed)
+    return times
+
+
+async def _acquire(pool: WarmPool) -> Lease:
+    async def decrypt() -> bytes:
+        return _bundle()
+
+    _, lease = await pool.acquire(*KEY, decrypt, _no_services, party="alice")
+    return lease
+
+
+async def _settle(pool: WarmPool) -> None:
+    """Until the spares the pool aims for have all started."""
+    for _ in range(600):
+        stats = pool.spare_stats(*KEY)
+        assert stats is not None
+        entry = pool._entries[KEY]
+        if stats.spares == stats.target and all(task.done() for task in entry.spares):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"spares did not settle: {pool.spare_stats(*KEY)}")
+
+
+def test_a_burst_after_a_burst_is_served_by_spares_made_ahead(
+    tmp_path: Path, started_at: dict[int, float]
+) -> None:
+    async def main() -> None:
+        pool = WarmPool(
+            tmp_path,
+            sandbox_limits=LIMITS,
+            bundle_limits=BundleLimits(),
+            lanes=Lanes(),
+            max_spares=3,
+        )
+        try:
+            for lease in await asyncio.gather(*(_acquire(pool) for _ in range(3))):
+                lease.release()
+            await _settle(pool)
+            assert pool.spare_stats(*KEY) == warm.SpareStats(target=3, spares=3, hits=0, misses=3)
+            burst = time.monotonic()
+            leases = await asyncio.gather(*(_acquire(pool) for _ in range(3)))
+            try:
+                # Every session of the second burst got a sandbox started before it came.
+                assert all(started_at[id(lease)] < burst for lease in leases)
+                assert [lease.sandbox.call(b"x") for lease in leases] == [b"1:x"] * 3
+                assert len({lease.sandbox.host_uid for lease in leases}) == 3  # each its own
+            finally:
+                for lease in leases:
+                    lease.release()
+            stats = pool.spare_stats(*KEY)
+            assert stats is not None and (stats.hits, stats.misses) == (3, 3)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_spares_are_not_replaced_beyond_the_demand_once_idle(
+    tmp_path: Path, started_at: dict[int, float]
+) -> None:
+    async def main() -> None:
+        pool = WarmPool(
+            tmp_path,
+            sandbox_limits=LIMITS,
+            bundle_limits=BundleLimits(),
+            lanes=Lanes(),
+            max_spares=3,
+            idle_s=0.0,
+        )
+        made: list[Lease] = []
+        try:
+            for lease in await asyncio.gather(*(_acquire(pool) for _ in range(3))):
+                lease.release()
+            await _settle(pool)
+            entry = pool._entries[KEY]
+            made = [spare for task in entry.spares if (spare := task.result()) is not None]
+            assert len(made) == 3
+            for _ in range(2):  # each hit after idle_s lowers the target by one
+                (await _acquire(pool)).release()
+            await _settle(pool)
+            stats = pool.spare_stats(*KEY)
+            assert stats is not None and (stats.target, stats.spares) == (1, 1)
+            # Two of the three spares went to those sessions and were not replaced: the third
+            # is the one spare left, and the pool started no sandbox meanwhile.
+            assert [lease.sandbox.alive for lease in made] == [False, False, True]
+            assert [task.result() for task in pool._entries[KEY].spares] == [made[2]]
+            assert len(started_at) == 3 + 3  # the first burst's own and the three spares
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
