@@ -58,9 +58,10 @@ ROUNDS_BEFORE_KILL: Final = 2
 ROUNDS_AFTER_KILL: Final = 2
 READY_TIMEOUT_S: Final = 90.0
 CLEAR_LOSS: Final = re.compile(
-    r"TransportError: (the server closed the session|cannot reach the Cape server at \S+: .+)"
+    r"TransportError: (the server closed the session|cannot reach the Cape server at \S+:).*"
 )
-"""What a client whose node died is told (one line, no traceback)."""
+"""What a client whose node died is told: Cape's error, on one line (``.`` stops at a newline),
+with no traceback."""
 ECHO: Final = "def cape_handler(data):\n    return b'echo:' + data\n"
 
 
@@ -313,9 +314,8 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     run(storm(ROUNDS_AFTER_KILL, None))  # new sessions land on the live nodes only
     assert not load.unexpected, load.unexpected
     # The sessions the dead node took with it failed with Cape's one-line transport error.
-    assert load.transport_errors and all(
-        CLEAR_LOSS.fullmatch(error.split(": ", 1)[1]) for error in load.transport_errors
-    ), load.transport_errors
+    unclear = [e for e in load.transport_errors if not CLEAR_LOSS.fullmatch(e.split(": ", 1)[1])]
+    assert load.transport_errors and unclear == [], unclear
     assert len(load.acknowledged) - after_kill == CLIENTS * ROUNDS_AFTER_KILL, load
     assert load.runs_ok >= CLIENTS * ROUNDS_AFTER_KILL
 
