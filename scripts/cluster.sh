@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# A local Cape cluster on this machine (docs/cluster.md): PostgreSQL, an S3 server, N
-# `cape serve` nodes sharing them and HAProxy in front, all on loopback ports.
+# A local Cape cluster on this machine (docs/cluster.md): PostgreSQL, an S3 server, the key
+# service (`cape kms serve`), N `cape serve` nodes using them and HAProxy in front, all on
+# loopback ports.
 #
 #   bash scripts/cluster.sh up [--nodes N] [--enclaves N]   # prints Ready: https://HOST:PORT
 #   bash scripts/cluster.sh status                          # each part, and each node's /readyz
 #   bash scripts/cluster.sh down                            # stops and removes everything
 #
 # State lives in $CAPE_CLUSTER_DIR (default /tmp/cape-cluster): PostgreSQL's data directory,
-# the nodes' configurations, data directories and logs, and the shared directory whose
-# tls/ca.pem and attestation/root.pem clients need. Needs `bash scripts/setup.sh test`
+# the key service's data directory (master key, keys, the cluster's attestation root), the
+# nodes' configurations, data directories and logs, and the operator's directory whose
+# tls/ca.pem and attestation/root.pem clients need. Nodes share no directory: each gets its
+# own copies of the TLS certificate, the token signing key and the node token. Needs `bash scripts/setup.sh test`
 # (moto's S3 server stands in for S3: docs/mocks.md), Debian's postgresql and haproxy.
 # Nodes listen on loopback ports (no network namespaces).
 set -euo pipefail
@@ -93,12 +96,37 @@ up() {
         sleep 0.1
     done
 
-    # Shared keys: the TLS certificate every node shows (the operator's, here from a local CA).
-    "$PY" -c "from pathlib import Path; from cape.platform.tls import ensure_tls; ensure_tls(Path('$STATE/shared/tls'), '127.0.0.1')"
+    # The operator's material: the TLS certificate every node shows (here from a local CA),
+    # the token signing key and the node token the key service expects.
+    "$PY" -c "from pathlib import Path; from cape.platform.tls import ensure_tls; from cape.host.tokens import TokenIssuer; ensure_tls(Path('$STATE/shared/tls'), '127.0.0.1'); TokenIssuer.open(Path('$STATE/shared'))"
+    (umask 077 && "$PY" -c "import secrets; print(secrets.token_hex(32))" >"$STATE/shared/node.token")
+
+    # The key service: keys, master key and the cluster's one attestation root.
+    local kms_port; kms_port="$(free_port)"
+    mkdir -p "$STATE/kms"
+    setsid "$PY" -c "from cape.cli.app import main; main()" kms serve \
+        --listen "127.0.0.1:$kms_port" --data-dir "$STATE/kms/data" \
+        --node-token-file "$STATE/shared/node.token" \
+        >"$STATE/kms/stdout.log" 2>"$STATE/kms/stderr.log" </dev/null &
+    echo $! >"$STATE/kms/pid"
+    for _ in $(seq 1 600); do
+        grep -q '^Ready: ' "$STATE/kms/stdout.log" 2>/dev/null && break
+        alive "$STATE/kms/pid" || { tail -5 "$STATE/kms/stderr.log" >&2; die "the key service exited"; }
+        sleep 0.1
+    done
+    grep -q '^Ready: ' "$STATE/kms/stdout.log" || die "the key service did not start ($STATE/kms)"
+    local pin; pin="$(sed -n 's/^  Certificate pin: *//p' "$STATE/kms/stdout.log")"
+    mkdir -p "$STATE/shared/attestation"
+    cp "$STATE/kms/data/attestation/root.pem" "$STATE/shared/attestation/root.pem"
+
     local ports=() i
     for i in $(seq 0 $((nodes - 1))); do
         ports+=("$(free_port)")
-        mkdir -p "$STATE/node$i"
+        mkdir -p "$STATE/node$i/tls" "$STATE/node$i/data/auth"
+        chmod 0700 "$STATE/node$i" "$STATE/node$i/data" "$STATE/node$i/data/auth"
+        cp -p "$STATE/shared/tls/server.pem" "$STATE/shared/tls/server.key" "$STATE/node$i/tls/"
+        cp -p "$STATE/shared/auth/signing.key" "$STATE/node$i/data/auth/signing.key"
+        cp -p "$STATE/shared/node.token" "$STATE/node$i/node.token"
         cat >"$STATE/node$i/cape.toml" <<EOF
 node_name = "node$i"
 port = ${ports[$i]}
@@ -106,16 +134,15 @@ enclaves = $enclaves
 database_url = "postgresql+psycopg://postgres@127.0.0.1:$pg_port/cape"
 blob_store = "s3://cape/bundles"
 blob_endpoint_url = "http://127.0.0.1:$s3_port"
-attestation_dir = "$STATE/shared/attestation"
-kms_dir = "$STATE/shared/kms"
-auth_dir = "$STATE/shared"
-image_signing_dir = "$STATE/shared/image-signing"
-tls_cert = "$STATE/shared/tls/server.pem"
-tls_key = "$STATE/shared/tls/server.key"
+key_service_url = "https://127.0.0.1:$kms_port"
+key_service_pin = "$pin"
+key_service_token_file = "$STATE/node$i/node.token"
+tls_cert = "$STATE/node$i/tls/server.pem"
+tls_key = "$STATE/node$i/tls/server.key"
 log_format = "json"
 EOF
     done
-    start_node 0  # creates the shared keys; the others find them
+    start_node 0  # migrates the database; the others wait for its lock
     local starting=()
     for i in $(seq 1 $((nodes - 1))); do start_node "$i" & starting+=($!); done
     for i in "${starting[@]}"; do wait "$i" || die "a node did not start"; done
@@ -141,6 +168,7 @@ EOF
     done
     echo "CA file:           $STATE/shared/tls/ca.pem"
     echo "Attestation root:  $STATE/shared/attestation/root.pem"
+    echo "Key service:       https://127.0.0.1:$kms_port (pin $pin)"
     echo "Nodes:             $nodes, logs under $STATE/node*/logs"
     echo "Ready: https://127.0.0.1:$lb_port"
 }
@@ -154,6 +182,11 @@ status() {
         echo "postgresql: stopped"; bad=1
     fi
     if alive "$STATE/s3.pid"; then echo "s3: running"; else echo "s3: stopped"; bad=1; fi
+    if alive "$STATE/kms/pid"; then
+        echo "key service: running, $(sed -n 's/^Ready: //p' "$STATE/kms/stdout.log")"
+    else
+        echo "key service: stopped"; bad=1
+    fi
     if alive "$STATE/haproxy.pid"; then
         echo "haproxy: running, $(cat "$STATE/url") /readyz $(readyz "$(cat "$STATE/url")")"
     else
@@ -174,10 +207,10 @@ status() {
 down() {
     [ -d "$STATE" ] || { echo "no cluster ($STATE does not exist)"; return 0; }
     local pidfile
-    for pidfile in "$STATE"/node*/pid "$STATE/haproxy.pid" "$STATE/s3.pid"; do
+    for pidfile in "$STATE"/node*/pid "$STATE/haproxy.pid" "$STATE/s3.pid" "$STATE/kms/pid"; do
         if alive "$pidfile"; then kill -TERM "$(cat "$pidfile")" 2>/dev/null || true; fi
     done
-    for pidfile in "$STATE"/node*/pid "$STATE/haproxy.pid" "$STATE/s3.pid"; do
+    for pidfile in "$STATE"/node*/pid "$STATE/haproxy.pid" "$STATE/s3.pid" "$STATE/kms/pid"; do
         for _ in $(seq 1 300); do alive "$pidfile" || break; sleep 0.1; done
         if alive "$pidfile"; then kill -KILL "$(cat "$pidfile")" 2>/dev/null || true; fi
     done

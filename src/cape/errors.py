@@ -26,6 +26,7 @@ __all__ = [
     "KeyFormatError",
     "KeyNotFoundError",
     "KeyReleaseDeniedError",
+    "KeyServiceUnavailableError",
     "LimitExceededError",
     "MalformedEnvelopeError",
     "NSMError",
@@ -187,6 +188,12 @@ class BusyError(CapeError):
 
     The host answers it as "try again later" (HTTP 503, websocket close 1013).
     """
+
+
+class KeyServiceUnavailableError(BusyError):
+    """The key service cannot be reached (down, unreachable or not answering in time); calls
+    that need a key fail with it after a bounded wait. Like any busy error, "try again later"
+    (HTTP 503, websocket close 1013)."""
 
 
 class FunctionError(CapeError):

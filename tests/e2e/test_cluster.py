@@ -1,10 +1,11 @@
 """Many ``cape serve`` nodes behind HAProxy, sharing one PostgreSQL database and one S3 bucket.
 
 Three nodes (one enclave each) are configured by a TOML file each (``cape serve --config``):
-the same database, bucket, attestation root, key service directory, token signing key and
-operator TLS certificate; their own data directories and node names. HAProxy (Debian's
-package) forwards TLS connections to them round robin and checks each node's ``/readyz``.
-The test shows:
+the same database, bucket and network key service (``cape kms serve``, its keys in PostgreSQL
+too; nodes know its URL, pin and node token; it keeps the keys and the cluster's attestation
+root); their own data directories, node names and copies of the token signing key and the
+operator's TLS certificate. The nodes share no directory. HAProxy (Debian's package) forwards
+TLS connections to them round robin and checks each node's ``/readyz``. The test shows:
 
 - an account made through one node logs in, deploys and runs through the others, and the
   attestation root is the same whichever node answers;
@@ -41,11 +42,13 @@ from typing import Final
 import pytest
 
 from cape.errors import RequestRefusedError, TransportError
+from cape.host.tokens import TokenIssuer
 from cape.platform.tls import ensure_tls
 from cape.sdk.flows import Deployed, deploy, fetch_key
 from tests.e2e.conftest import requires_enclaves
 from tests.e2e.server import ServeProcess, User, run, zip_app
 from tests.e2e.test_server_canary import canary_bundle, findings
+from tests.kms_service import KeyServiceProcess
 from tests.services import MotoS3, Postgres, free_port
 
 pytestmark = [requires_enclaves, pytest.mark.slow]
@@ -73,12 +76,24 @@ class Cluster:
     moto_s3: MotoS3
     database_url: str
     bucket: str
+    kms: KeyServiceProcess
     nodes: list[ServeProcess] = field(default_factory=list)
     haproxy: subprocess.Popen[bytes] | None = None
     balancer: ServeProcess | None = None
 
     def config(self, index: int, port: int) -> Path:
-        tls = self.shared / "tls"
+        # What an operator hands each node by configuration: its own copies of the TLS
+        # certificate, the token signing key and the node token (no shared directory).
+        own = self.base / f"node{index}"
+        for source, target in (
+            (self.shared / "tls" / "server.pem", own / "tls" / "server.pem"),
+            (self.shared / "tls" / "server.key", own / "tls" / "server.key"),
+            (self.shared / "auth" / "signing.key", own / "data" / "auth" / "signing.key"),
+            (self.kms.token_file, own / "node.token"),
+        ):
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        tls = own / "tls"
         path = self.base / f"node{index}.toml"
         settings = {
             "node_name": f"node{index}",
@@ -87,10 +102,9 @@ class Cluster:
             "database_url": self.database_url,
             "blob_store": f"s3://{self.bucket}/cape",
             "blob_endpoint_url": self.moto_s3.endpoint_url,
-            "attestation_dir": str(self.shared / "attestation"),
-            "kms_dir": str(self.shared / "kms"),
-            "auth_dir": str(self.shared),
-            "image_signing_dir": str(self.shared / "image-signing"),
+            "key_service_url": self.kms.url,
+            "key_service_pin": self.kms.pin,
+            "key_service_token_file": str(own / "node.token"),
             "tls_cert": str(tls / "server.pem"),
             "tls_key": str(tls / "server.key"),
             "signup_rate": 0,
@@ -138,6 +152,9 @@ class Cluster:
             (f"node{i} {name}", text.encode())
             for i, node in enumerate(self.nodes)
             for name, text in (("stdout", node.stdout()), ("stderr", node.stderr()))
+        ] + [
+            ("key service stdout", self.kms.stdout().encode()),
+            ("key service stderr", self.kms.stderr().encode()),
         ]
 
 
@@ -165,8 +182,9 @@ def cluster(tmp_path: Path, postgres: Postgres, moto_s3: MotoS3) -> Iterator[Clu
         if "CI" in os.environ:
             pytest.fail("haproxy is not installed: scripts/setup.sh test installs it")
         pytest.skip("haproxy is not installed (Debian: apt-get install haproxy)")
-    shared = tmp_path / "shared"
+    shared = tmp_path / "shared"  # the operator's: TLS CA and certificate, token signing key
     ensure_tls(shared / "tls", "127.0.0.1")  # stands for the operator's own certificate
+    TokenIssuer.open(shared)
     cluster = Cluster(
         tmp_path,
         shared,
@@ -174,11 +192,16 @@ def cluster(tmp_path: Path, postgres: Postgres, moto_s3: MotoS3) -> Iterator[Clu
         moto_s3,
         postgres.new_database(),
         moto_s3.new_bucket(),
+        KeyServiceProcess.create(tmp_path / "kms", postgres.new_database()),
     )
     ports = [free_port() for _ in range(NODES)]
     try:
-        # The first node creates the shared keys (root, master key, signing key); the others
-        # then start together and migrate, each waiting for the database's migration lock.
+        cluster.kms.start()
+        # The root clients pin: the key service's (published by the operator).
+        (shared / "attestation").mkdir()
+        shutil.copy2(cluster.kms.data_dir / "attestation" / "root.pem", shared / "attestation")
+        # The first node migrates the database; the others then start together, each
+        # waiting for the database's migration lock.
         cluster.nodes.append(cluster.node(0, ports[0]).start())
         cluster.nodes += [cluster.node(i, ports[i]) for i in range(1, NODES)]
         for node in cluster.nodes[1:]:
@@ -196,6 +219,7 @@ def cluster(tmp_path: Path, postgres: Postgres, moto_s3: MotoS3) -> Iterator[Clu
         for node in cluster.nodes:
             if node.process is not None and node.process.poll() is None:
                 node.stop()
+        cluster.kms.kill()
 
 
 def _via(node: ServeProcess, balancer: ServeProcess) -> ServeProcess:
@@ -253,7 +277,7 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
         output = run(User(node, user.username, user.token).run(deployed.id, canary))
         assert output == canary + b"|" + canary
     roots = {_get(node.url + "/v1/attestation/root", context)[1] for node in (first, second, third)}
-    assert len(roots) == 1
+    assert roots == {(cluster.kms.data_dir / "attestation" / "root.pem").read_bytes()}
 
     # Operations endpoints on every node.
     for node in (first, second, third):
@@ -263,6 +287,7 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
         assert json.loads(body)["checks"] == {
             "database": "ok",
             "blob_store": "ok",
+            "key_service": "ok",
             "enclaves": "ok",
             "serving": "ok",
         }
@@ -370,6 +395,7 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     # The canary is nowhere in the database, the bucket or any node's logs.
     sources = [
         ("database", cluster.postgres.dump(cluster.database_url)),
+        ("key database", cluster.postgres.dump(str(cluster.kms.database_url))),
         *cluster.moto_s3.objects(cluster.bucket),
         *cluster.logs(),
     ]

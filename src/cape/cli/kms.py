@@ -1,8 +1,10 @@
-"""``cape kms rebind|policy|log``: operator commands for the key service's release policies.
+"""``cape kms serve|rebind|policy|log``: the key service and its operator commands.
 
-``rebind`` acts on a ``cape serve`` data directory on this machine (stop nothing: the running
-server sees the change at its next key request); ``policy`` prints an AWS KMS key policy;
-``log`` shows the audit trail rebinds leave.
+``serve`` runs the key service of a cluster as its own HTTPS service (``cape kms serve
+--config kms.toml``; docs/cluster.md). ``rebind`` acts on a data directory on this machine
+holding a key service: a ``cape serve`` data directory, or ``cape kms serve``'s on the
+key-service machine (stop nothing: the running service sees the change at its next key
+request); ``policy`` prints an AWS KMS key policy; ``log`` shows the audit trail rebinds leave.
 """
 
 from __future__ import annotations
@@ -13,19 +15,107 @@ from typing import Annotated
 
 import typer
 
-from cape.cli.common import Common, UsageError, command, emit_json, stderr
+from cape.cli.common import Common, UsageError, command, emit_json, fail, stderr
+from cape.errors import CapeError
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Key service operator commands (release policies).", no_args_is_help=True)
+app = typer.Typer(
+    help="The key service: serve it to a cluster, operator commands (release policies).",
+    no_args_is_help=True,
+)
+
+_DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        metavar="URL",
+        envvar="CAPE_KMS_DATABASE_URL",
+        help="The key database when cape kms serve keeps it elsewhere (its database_url).",
+    ),
+]
 
 _DataDir = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        help="cape serve data directory (default: CAPE_DATA_DIR, ~/.local/share/cape).",
+        help="The key service's data directory: cape serve's, or cape kms serve's on the "
+        "key-service machine (default: CAPE_DATA_DIR, ~/.local/share/cape).",
     ),
 ]
+
+
+@app.command("serve")
+def serve(
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            help="Settings in TOML (listen, data_dir, database_url, tls_cert, tls_key, "
+            "node_token_file); CAPE_KMS_* variables and the flags given here override it.",
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            "--listen", metavar="HOST:PORT", help="Where to serve HTTPS (127.0.0.1:7443)."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Master key, attestation root, runtime signer, default key database "
+            "(default: ~/.local/share/cape/kms-service).",
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            metavar="URL",
+            help="The key database: sqlite:///PATH or postgresql+psycopg://… (default: SQLite "
+            "in the data directory).",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--tls-cert", help="The operator's certificate (default: self-signed)."),
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Its private key.")] = None,
+    node_token_file: Annotated[
+        Path | None,
+        typer.Option("--node-token-file", help="File holding the secret nodes present."),
+    ] = None,
+) -> None:
+    """Serve the key service to a cluster's nodes over HTTPS (pinned; node token required).
+
+    Holds the master key, every user's Cape key, the cluster's attestation root and the
+    simulated runtime's signer; nodes hold none of them. Prints the certificate pin nodes
+    configure (key_service_pin) and `Ready: https://HOST:PORT`. Simulated mode: no hardware
+    guarantee. Stop it with Ctrl-C or SIGTERM.
+    """
+    from cape.platform.kms_serve import load_kms_config, serve_kms
+
+    given = {
+        "listen": ("--listen", listen),
+        "data_dir": ("--data-dir", None if data_dir is None else str(data_dir)),
+        "database_url": ("--database-url", database_url),
+        "tls_cert": ("--tls-cert", None if tls_cert is None else str(tls_cert)),
+        "tls_key": ("--tls-key", None if tls_key is None else str(tls_key)),
+        "node_token_file": (
+            "--node-token-file",
+            None if node_token_file is None else str(node_token_file),
+        ),
+    }
+    flags = {name: value for name, value in given.items() if value[1] is not None}
+    try:
+        serve_kms(load_kms_config(config_file, flags=flags))
+    except CapeError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(CapeError(f"cannot serve: {exc.strerror or exc}"))
 
 
 def _data_dir(value: Path | None) -> Path:
@@ -76,6 +166,7 @@ def rebind(
         str, typer.Option("--reason", help="Why (kept in the audit log).")
     ] = "cape kms rebind",
     data_dir: _DataDir = None,
+    database_url: _DatabaseUrl = None,
 ) -> None:
     """Move keys to a signer policy or a new measurement, once the new runtime is proven signed."""
     from cape.platform.operator import KINDS, rebind_keys
@@ -91,6 +182,7 @@ def rebind(
         owners=owner,
         include_signer_keys=include_signer_keys,
         reason=reason,
+        database_url=database_url,
     )
     if common.json:
         emit_json(
@@ -142,11 +234,11 @@ def policy(
 
 
 @command(app, "log", offline=True)
-def log(common: Common, data_dir: _DataDir = None) -> None:
+def log(common: Common, data_dir: _DataDir = None, database_url: _DatabaseUrl = None) -> None:
     """The key service's audit log of operator actions (rebinds)."""
     from cape.platform.operator import key_log
 
-    entries = key_log(_data_dir(data_dir))
+    entries = key_log(_data_dir(data_dir), database_url=database_url)
     if common.json:
         listed = [
             {

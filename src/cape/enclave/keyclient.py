@@ -46,6 +46,7 @@ from cape.errors import (
     DecryptionError,
     KeyNotFoundError,
     KeyReleaseDeniedError,
+    KeyServiceUnavailableError,
     TransportError,
 )
 
@@ -59,6 +60,7 @@ _ERRORS: dict[str, type[CapeError]] = {
     "denied": KeyReleaseDeniedError,
     "not_found": KeyNotFoundError,
     "decryption": DecryptionError,
+    "unavailable": KeyServiceUnavailableError,
 }
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]

@@ -1,7 +1,7 @@
 """The built-in key service for ``cape serve``: Cape keys in SQLite, sealed by a master key.
 
 **Storage.** One SQLite database (WAL, ``synchronous=FULL`` so an acknowledged key survives a
-crash) with two tables::
+crash), or PostgreSQL for ``cape kms serve`` (:mod:`cape.kms.store`), with two tables::
 
     keys(owner PRIMARY KEY, key_id, public_der, wrapped_private, policy_json, created_at)
     key_log(id, at, actor, action, owner, key_id, old_policy_json, new_policy_json, reason)
@@ -48,7 +48,6 @@ import datetime as dt
 import hashlib
 import logging
 import os
-import sqlite3
 import stat
 import threading
 import uuid
@@ -78,6 +77,7 @@ from cape.kms.base import (
     check_owner,
     check_recipient,
 )
+from cape.kms.store import SCHEMA_VERSION, KeyRows, open_key_rows
 from cape.verify.verifier import VerificationCache
 
 __all__ = [
@@ -91,7 +91,6 @@ __all__ = [
     "load_master_key",
 ]
 
-SCHEMA_VERSION = 2
 DB_FILE = "kms.sqlite3"
 MASTER_KEY_FILE = "master.key"
 MASTER_KEY_ENV = "CAPE_KMS_MASTER_KEY"
@@ -102,37 +101,10 @@ TAG_BYTES = 16
 #: Verified rows kept in memory (each holds a parsed RSA-4096 private key).
 CACHE_ENTRIES = 1024
 _CREATION_LOCKS = 64
-_BUSY_TIMEOUT_S = 30.0
 
 Clock = Callable[[], dt.datetime]
 
 _log = logging.getLogger(__name__)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    owner TEXT PRIMARY KEY NOT NULL,
-    key_id TEXT NOT NULL UNIQUE,
-    public_der BLOB NOT NULL,
-    wrapped_private BLOB NOT NULL,
-    policy_json TEXT NOT NULL,
-    created_at TEXT NOT NULL
-)
-"""
-_LOG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS key_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    old_policy_json TEXT NOT NULL,
-    new_policy_json TEXT NOT NULL,
-    reason TEXT NOT NULL
-)
-"""
-_COLUMNS = "owner, key_id, public_der, wrapped_private, policy_json, created_at"
-_LOG_COLUMNS = "at, actor, action, owner, key_id, old_policy_json, new_policy_json, reason"
 
 
 @dataclass(frozen=True)
@@ -272,7 +244,7 @@ class LocalKeyService(KeyService):
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: Path | str,
         *,
         master_key: bytes,
         trusted_root: x509.Certificate,
@@ -293,8 +265,8 @@ class LocalKeyService(KeyService):
         self._creation_locks = tuple(threading.Lock() for _ in range(_CREATION_LOCKS))
         self._cache: dict[str, _KeyRecord] = {}
         self._documents = VerificationCache(CACHE_ENTRIES)
-        self._db = self._connect(Path(db_path))
-        self._data_version = -1
+        self._db: KeyRows = open_key_rows(db_path)
+        self._data_version: object = None
 
     @classmethod
     def open(
@@ -319,46 +291,16 @@ class LocalKeyService(KeyService):
 
     # --- lifecycle --------------------------------------------------------------------
 
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        if not path.exists():
-            # SQLite gives the -wal and -shm files the database file's mode.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S
-        )
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                (version,) = db.execute("PRAGMA user_version").fetchone()
-                if version > SCHEMA_VERSION:
-                    raise KeyStoreError(
-                        f"the key database {path} has schema version {version}; this cape "
-                        f"knows only up to {SCHEMA_VERSION}"
-                    )
-                if version < SCHEMA_VERSION:
-                    db.execute(_SCHEMA)
-                    db.execute(_LOG_SCHEMA)
-                    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise KeyStoreError(f"cannot open the key database {path}: {exc}") from None
-        except BaseException:
-            db.close()
-            raise
-        return db
-
     def close(self) -> None:
         """Close the database connection (the service is unusable afterwards)."""
         with self._lock:
             self._cache.clear()
             self._db.close()
+
+    def ping(self) -> None:
+        """Raise :class:`KeyStoreError` when the database does not answer (readiness)."""
+        with self._lock:
+            self._db.ping()
 
     # --- KeyService ---------------------------------------------------------------------
 
@@ -426,9 +368,7 @@ class LocalKeyService(KeyService):
             raise ValueError("a rebind needs an actor and a reason for the log")
         if owners is None:
             with self._lock:
-                owners = [
-                    row[0] for row in self._db.execute("SELECT owner FROM keys ORDER BY owner")
-                ]
+                owners = self._db.owners()
         moved: list[KeyMetadata] = []
         new_json = policy.to_json()
         for owner in owners:
@@ -446,35 +386,23 @@ class LocalKeyService(KeyService):
             nonce = os.urandom(NONCE_BYTES)
             aad = _row_aad(owner, meta.key_id, created_at, record.public_der, new_json)
             wrapped = nonce + self._aead.encrypt(nonce, pkcs8, aad)
+            log_row = (
+                self._now().isoformat(),
+                actor,
+                "rebind",
+                owner,
+                meta.key_id,
+                old.to_json(),
+                new_json,
+                reason,
+            )
             with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    changed = self._db.execute(
-                        "UPDATE keys SET wrapped_private = ?, policy_json = ? "
-                        "WHERE owner = ? AND key_id = ? AND policy_json = ?",
-                        (wrapped, new_json, owner, meta.key_id, old.to_json()),
-                    ).rowcount
-                    if changed != 1:
-                        raise KeyStoreError(
-                            f"the key of owner {owner!r} changed during the rebind; run it again"
-                        )
-                    self._db.execute(
-                        f"INSERT INTO key_log ({_LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                        (
-                            self._now().isoformat(),
-                            actor,
-                            "rebind",
-                            owner,
-                            meta.key_id,
-                            old.to_json(),
-                            new_json,
-                            reason,
-                        ),
+                if not self._db.rebind(
+                    owner, meta.key_id, old.to_json(), wrapped, new_json, log_row
+                ):
+                    raise KeyStoreError(
+                        f"the key of owner {owner!r} changed during the rebind; run it again"
                     )
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
                 self._cache.pop(owner, None)
             _log.info("rebound Cape key %s of %s to a %s policy", meta.key_id, owner, policy.kind)
             moved.append(KeyMetadata(owner, meta.key_id, meta.created_at, policy))
@@ -483,9 +411,7 @@ class LocalKeyService(KeyService):
     def key_log(self) -> list[KeyLogEntry]:
         """The operator audit log, oldest first."""
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_LOG_COLUMNS} FROM key_log ORDER BY id"  # noqa: S608 - constant
-            ).fetchall()
+            rows = self._db.log()
         return [
             KeyLogEntry(dt.datetime.fromisoformat(at), actor, action, owner, key_id, old, new, why)
             for at, actor, action, owner, key_id, old, new, why in rows
@@ -520,19 +446,15 @@ class LocalKeyService(KeyService):
 
     def _load(self, owner: str) -> _KeyRecord | None:
         with self._lock:
-            # Another process (``cape kms rebind``) may have changed rows: SQLite bumps
-            # data_version on every commit made through another connection.
-            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+            # Another process (``cape kms rebind``) may have changed rows.
+            version = self._db.data_version()
             if version != self._data_version:
                 self._cache.clear()
                 self._data_version = version
             cached = self._cache.get(owner)
             if cached is not None:
                 return cached
-            row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM keys WHERE owner = ?",  # noqa: S608 - constant
-                (owner,),
-            ).fetchone()
+            row = self._db.select(owner)
         if row is None:
             return None
         record = self._open_row(owner, row)
@@ -597,10 +519,9 @@ class LocalKeyService(KeyService):
         aad = _row_aad(owner, key_id, created_at, public_der, policy_json)
         wrapped = nonce + self._aead.encrypt(nonce, pkcs8, aad)
         with self._lock:
-            inserted = self._db.execute(
-                f"INSERT OR IGNORE INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (owner, key_id, public_der, wrapped, policy_json, created_at),
-            ).rowcount
+            inserted = self._db.insert(
+                (owner, key_id, public_der, wrapped, policy_json, created_at)
+            )
         if inserted:
             _log.info("created Cape key %s for owner %s", key_id, owner)
         record = self._load(owner)

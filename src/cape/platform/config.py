@@ -126,6 +126,24 @@ def _blob_store(value: Any) -> str:
     return text
 
 
+def _key_service_url(value: Any) -> str:
+    from cape.kms.client import check_key_service_url
+
+    try:
+        return check_key_service_url(_text(value))
+    except FormatError as exc:
+        raise ValueError(str(exc).removeprefix("the key service URL must be ")) from None
+
+
+def _pin(value: Any) -> str:
+    from cape.kms.client import parse_pin
+
+    try:
+        return parse_pin(_text(value))
+    except FormatError:
+        raise ValueError("sha256: and 64 hex digits (cape kms serve prints it)") from None
+
+
 _NITRO_KEYS: Final = {
     "eif": "eif",
     "aws_root": "aws_root",
@@ -194,6 +212,13 @@ SETTINGS: Final[Mapping[str, Setting]] = {
     "kms_dir": Setting("kms_dir", _path, "the built-in key service's database and master key"),
     "auth_dir": Setting("auth_dir", _path, "the token signing key's directory"),
     "image_signing_dir": Setting("image_signing_dir", _path, "the runtime image-signing key"),
+    "key_service_url": Setting(
+        "key_service_url", _key_service_url, "the network key service (cape kms serve)"
+    ),
+    "key_service_pin": Setting("key_service_pin", _pin, "its certificate pin, sha256:HEX"),
+    "key_service_token_file": Setting(
+        "key_service_token_file", _path, "the file holding the shared node token"
+    ),
     "log_format": Setting("log_format", _choice("text", "json"), "text or json lines"),
     "sandbox_uids": Setting("sandbox_uids", _text, "uids for sandboxed functions (FIRST-LAST)"),
     "run_functions": Setting("run_functions", _bool, "false: serve but run no functions"),
@@ -201,11 +226,17 @@ SETTINGS: Final[Mapping[str, Setting]] = {
 }
 
 
-def _apply(out: dict[str, Any], name: str, value: Any, origin: str) -> None:
-    setting = SETTINGS.get(name)
+def _apply(
+    out: dict[str, Any],
+    name: str,
+    value: Any,
+    origin: str,
+    settings: Mapping[str, Setting] = SETTINGS,
+) -> None:
+    setting = settings.get(name)
     if setting is None:
         raise FormatError(
-            f"{origin}: unknown setting {name[:60]!r} (known: {', '.join(sorted(SETTINGS))})"
+            f"{origin}: unknown setting {name[:60]!r} (known: {', '.join(sorted(settings))})"
         )
     try:
         out[setting.field] = setting.check(value)
@@ -218,11 +249,15 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, tuple[str, Any]] | None = None,
+    settings: Mapping[str, Setting] = SETTINGS,
+    env_prefix: str = ENV_PREFIX,
 ) -> dict[str, Any]:
     """The :class:`~cape.platform.serve.ServeConfig` fields that the file, the environment and
     the flags set (keyed by field name; the rest keep their defaults).
 
     ``flags`` maps setting names to ``(flag, value)`` as the command line gave them.
+    ``settings`` and ``env_prefix`` name another command's settings (``cape kms serve``'s,
+    :mod:`cape.platform.kms_serve`).
 
     Raises:
         FormatError: an unreadable file, bad TOML, an unknown setting or an invalid value;
@@ -237,16 +272,41 @@ def load_settings(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise FormatError(f"{path}: not valid TOML: {exc}") from None
         for name, value in document.items():
-            if isinstance(value, dict) and name != "nitro":  # [nitro]: the one table
+            if isinstance(value, dict) and not (name == "nitro" and name in settings):
                 raise FormatError(f"{path}: [{name[:60]}]: settings are top-level names")
-            _apply(out, name, value, str(path))
+            _apply(out, name, value, str(path), settings)
     environ = os.environ if env is None else env
-    for name in SETTINGS:
-        variable = ENV_PREFIX + name.upper()
+    for name in settings:
+        variable = env_prefix + name.upper()
         if variable in environ:
-            _apply(out, name, environ[variable], variable)
+            _apply(out, name, environ[variable], variable, settings)
     for name, (flag, value) in (flags or {}).items():
-        _apply(out, name, value, flag)
+        _apply(out, name, value, flag, settings)
     if ("tls_cert" in out) != ("tls_key" in out):
         raise FormatError("tls_cert and tls_key go together: set both or neither")
+    if settings is SETTINGS:
+        _check_key_service(out)
     return out
+
+
+_KEY_SERVICE: Final = ("key_service_url", "key_service_pin", "key_service_token_file")
+
+
+def _check_key_service(out: Mapping[str, Any]) -> None:
+    """A network key service needs its URL, pin and token; it replaces the built-in key
+    service and attestation root, so their directories cannot be set beside it."""
+    given = [name for name in _KEY_SERVICE if name in out]
+    if given and len(given) != len(_KEY_SERVICE):
+        missing = ", ".join(name for name in _KEY_SERVICE if name not in out)
+        raise FormatError(
+            f"{', '.join(given)} set without {missing}: a node reaching cape kms serve needs "
+            "key_service_url, key_service_pin and key_service_token_file"
+        )
+    if given:
+        local = ("kms_dir", "attestation_dir", "image_signing_dir")
+        clash = [name for name in local if name in out]
+        if clash:
+            raise FormatError(
+                f"{', '.join(clash)} cannot be set with key_service_url: the key service "
+                "(cape kms serve) keeps the keys, the attestation root and the runtime signer"
+            )

@@ -16,8 +16,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -27,7 +28,7 @@ from cape.crypto.eif_signature import ImageSigner
 from cape.crypto.keyanswers import IDENTITY_PCR, AnswerSigner, identity_pcr
 from cape.enclave.measure import RuntimeMeasurement, measure_runtime
 from cape.enclave.provision import encode_credentials
-from cape.enclave.secure_module.simulated import SimulatedAuthority
+from cape.enclave.secure_module.simulated import InstanceCredentials, SimulatedAuthority
 from cape.host.launcher import SimulatedLauncher, Tap
 from cape.kms.base import KeyPolicy
 from cape.kms.local import DB_FILE, LocalKeyService, load_master_key
@@ -35,7 +36,9 @@ from cape.kms.proxy import serve_kms_request
 
 __all__ = [
     "IMAGE_SIGNING_DIR",
+    "InstanceIssuer",
     "LocalPlatform",
+    "SimulatedPlatform",
     "isolation_problem",
     "kms_identity",
     "load_image_signer",
@@ -92,7 +95,55 @@ def load_image_signer(directory: Path, *, create: bool = True) -> ImageSigner | 
     return signer
 
 
-class LocalPlatform:
+class InstanceIssuer(Protocol):
+    """Issues a simulated secure module's instance credentials: the cluster's
+    :class:`SimulatedAuthority` itself, or a node's intermediate
+    (:class:`~cape.enclave.secure_module.cluster.NodeAuthority`)."""
+
+    @property
+    def root_certificate(self) -> x509.Certificate: ...
+
+    def issue_instance(self, now: dt.datetime) -> InstanceCredentials: ...
+
+
+class SimulatedPlatform:
+    """What simulated enclaves are started with: instance credentials from ``authority``, the
+    runtime's signature (PCR8), and key-service calls answered by :meth:`_kms`, signed by the
+    key service whose public identity the runtime measures into PCR16."""
+
+    authority: InstanceIssuer
+    image_signature: bytes | None
+    identity_public: bytes
+
+    def _provision(self) -> Mapping[str, Any]:
+        return encode_credentials(
+            self.authority.issue_instance(dt.datetime.now(dt.UTC)),
+            image_signature=self.image_signature,
+        )
+
+    def _kms(self, message: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def launcher(
+        self,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        tap: Tap | None = None,
+        runtime_args: Sequence[str] = (),
+    ) -> SimulatedLauncher:
+        return SimulatedLauncher(
+            kms=self._kms,
+            provision=self._provision,
+            extra_env=extra_env,
+            tap=tap,
+            runtime_args=["--kms-identity", self.identity_public.hex(), *runtime_args],
+        )
+
+    def close(self) -> None:
+        """Release what the platform holds (override)."""
+
+
+class LocalPlatform(SimulatedPlatform):
     """A simulated authority, a key service under ``data_dir`` and a launcher for enclaves."""
 
     def __init__(
@@ -107,10 +158,11 @@ class LocalPlatform:
         self.data_dir = data_dir
         self.authority = authority or SimulatedAuthority.generate()
         self.signer = signer or ImageSigner.generate("Cape simulated runtime signer")
-        self.image_signature: bytes | None = self.signer.sign_pcr0(measure_runtime().pcr0)
+        self.image_signature = self.signer.sign_pcr0(measure_runtime().pcr0)
         if master_key is None:
             master_key = load_master_key(data_dir)
         self.identity = kms_identity(master_key)
+        self.identity_public = self.identity.public_bytes
         self.policy = policy or with_kms_identity(
             signer_key_policy(self.signer), self.identity.public_bytes
         )
@@ -121,29 +173,8 @@ class LocalPlatform:
             default_policy=self.policy,
         )
 
-    def _provision(self) -> Mapping[str, Any]:
-        return encode_credentials(
-            self.authority.issue_instance(dt.datetime.now(dt.UTC)),
-            image_signature=self.image_signature,
-        )
-
     def _kms(self, message: dict[str, Any]) -> dict[str, Any]:
         return serve_kms_request(self.kms, message, signer=self.identity)
-
-    def launcher(
-        self,
-        *,
-        extra_env: Mapping[str, str] | None = None,
-        tap: Tap | None = None,
-        runtime_args: Sequence[str] = (),
-    ) -> SimulatedLauncher:
-        return SimulatedLauncher(
-            kms=self._kms,
-            provision=self._provision,
-            extra_env=extra_env,
-            tap=tap,
-            runtime_args=["--kms-identity", self.identity.public_bytes.hex(), *runtime_args],
-        )
 
     def close(self) -> None:
         self.kms.close()

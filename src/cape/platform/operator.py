@@ -118,23 +118,29 @@ def _proof(
     return identity, pcrs
 
 
-def _open_service(data_dir: Path, policy: KeyPolicy) -> LocalKeyService:
+def _open_service(
+    data_dir: Path, policy: KeyPolicy, database_url: str | None = None
+) -> LocalKeyService:
     root_path = data_dir / "attestation" / "root.pem"
     kms_dir = data_dir / "kms"
-    if not root_path.is_file() or not (kms_dir / "kms.sqlite3").is_file():
-        raise RebindError(f"{data_dir} is not a cape serve data directory (no key service)")
+    has_database = database_url is not None or (kms_dir / "kms.sqlite3").is_file()
+    if not root_path.is_file() or not has_database:
+        raise RebindError(
+            f"{data_dir} holds no key service: give the data directory of cape serve, or of "
+            "cape kms serve on the key-service machine (a cluster node's holds no keys)"
+        )
     root = x509.load_pem_x509_certificate(root_path.read_bytes())
     return LocalKeyService(
-        kms_dir / "kms.sqlite3",
+        database_url or kms_dir / "kms.sqlite3",
         master_key=load_master_key(kms_dir),
         trusted_root=root,
         default_policy=policy,
     )
 
 
-def key_log(data_dir: Path) -> list[KeyLogEntry]:
-    """The key service's audit log in ``data_dir``."""
-    service = _open_service(Path(data_dir), KeyPolicy.signer(b"\x01" * 48))
+def key_log(data_dir: Path, *, database_url: str | None = None) -> list[KeyLogEntry]:
+    """The key service's audit log in ``data_dir`` (its keys in ``database_url`` if given)."""
+    service = _open_service(Path(data_dir), KeyPolicy.signer(b"\x01" * 48), database_url)
     try:
         return service.key_log()
     finally:
@@ -152,11 +158,13 @@ def rebind_keys(
     include_signer_keys: bool = False,
     reason: str = "cape kms rebind",
     actor: str | None = None,
+    database_url: str | None = None,
 ) -> RebindReport:
     """Move keys to a ``signer`` policy or to the new runtime's ``measurement`` (module doc).
 
     By default only keys with a measurement policy move; ``include_signer_keys`` moves keys
-    bound to a signer too. ``role_arn`` adds PCR3 to a signer policy.
+    bound to a signer too. ``role_arn`` adds PCR3 to a signer policy. ``database_url``: the
+    key database of a ``cape kms serve`` that keeps it elsewhere than ``data_dir`` (PostgreSQL).
 
     Raises:
         RebindError: the new runtime is unsigned or signed by another certificate, or the
@@ -173,7 +181,7 @@ def rebind_keys(
         policy = KeyPolicy.signer(identity.pcr8, pcr3=pcr3)
     else:
         policy = KeyPolicy.measurement(pcrs[0], pcrs[1], pcrs[2])
-    service = _open_service(data_dir, policy)
+    service = _open_service(data_dir, policy, database_url)
     try:
         moved = service.rebind(
             policy,

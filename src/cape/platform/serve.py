@@ -73,10 +73,12 @@ from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import User
 from cape.host.store.throttle import SqlThrottle
 from cape.kms.local import load_master_key
+from cape.platform.kms_node import NodePlatform
 from cape.platform.limits import ServerLimits
 from cape.platform.local import (
     IMAGE_SIGNING_DIR,
     LocalPlatform,
+    SimulatedPlatform,
     isolation_problem,
     load_image_signer,
 )
@@ -187,6 +189,13 @@ class ServeConfig:
     """The simulated runtime's image-signing key (PCR8, which new keys' release policy names);
     default DATA_DIR/image-signing. Shared by a cluster's nodes, or one node's enclaves could
     not receive keys made through another."""
+    key_service_url: str | None = None
+    """``https://HOST:PORT`` of the cluster's ``cape kms serve``: keys, the attestation root
+    and the runtime signer live there, none on this node (docs/cluster.md)."""
+    key_service_pin: str | None = None
+    """The key service certificate's SHA-256 (hex), checked before anything is sent."""
+    key_service_token_file: Path | None = None
+    """The file holding the shared node token the key service expects."""
     log_format: str = "text"
     nitro: NitroOptions | None = None
     """``--enclave nitro``: real Nitro Enclaves calling AWS KMS themselves (docs/deploy-aws.md)."""
@@ -351,8 +360,13 @@ class Server:
             if config.nitro is not None:
                 nitro = await nitro_launcher(config.nitro, config.enclaves, tap=config.tap)
             tls = ensure_tls(self.data_dir / "tls", config.host)
-            authority = load_authority(config.attestation_dir or self.data_dir / "attestation")
-            self.root_fingerprint = fingerprint(authority.root_certificate)
+            node: NodePlatform | None = None
+            if config.key_service_url is not None:  # before the stores: fail fast, one line
+                node = await _connect_key_service(config, self.data_dir)
+                self.root_fingerprint = fingerprint(node.root)
+            else:
+                authority = load_authority(config.attestation_dir or self.data_dir / "attestation")
+                self.root_fingerprint = fingerprint(authority.root_certificate)
             database_url = config.database_url or f"sqlite:///{self.data_dir / 'metadata.sqlite3'}"
             blob_url = config.blob_store or str(self.data_dir / "blobs")
             self.storage = (safe_database_url(database_url), blob_url)
@@ -363,21 +377,25 @@ class Server:
             )
             if swept:
                 log.info("removed %d unfinished deploy(s) left by an earlier run", swept)
-            kms_dir = config.kms_dir or self.data_dir / "kms"
-            platform = LocalPlatform(
-                kms_dir,
-                authority=authority,
-                master_key=load_master_key(kms_dir),
-                signer=load_image_signer(
-                    config.image_signing_dir or self.data_dir / IMAGE_SIGNING_DIR
-                ),
-            )
+            platform: SimulatedPlatform
+            if node is not None:
+                platform, root_pem = node, node.root_pem
+            else:
+                kms_dir = config.kms_dir or self.data_dir / "kms"
+                platform = LocalPlatform(
+                    kms_dir,
+                    authority=authority,
+                    master_key=load_master_key(kms_dir),
+                    signer=load_image_signer(
+                        config.image_signing_dir or self.data_dir / IMAGE_SIGNING_DIR
+                    ),
+                )
+                root_pem = authority.root_pem
             launcher: EnclaveLauncher = platform.launcher(
                 extra_env=config.extra_env,
                 tap=config.tap,
                 runtime_args=[*config.runtime_args, "--sandbox-uids", str(sandbox_uids)],
             )
-            root_pem = authority.root_pem
             if nitro is not None:
                 launcher, aws_root = nitro
                 root_pem, self.root_fingerprint = nitro_root_pem(aws_root), fingerprint(aws_root)
@@ -423,6 +441,7 @@ class Server:
                     blob_store=blobs.check,
                     live_enclaves=lambda: pool.stats().alive,
                     draining=self.lifecycle.draining.is_set,
+                    key_service=None if node is None else node.check_ready,
                 )
                 app = create_app(
                     ApiDeps(
@@ -515,6 +534,27 @@ class Server:
         """Return when the server has stopped (after a signal has drained it)."""
         if self._task is not None:
             await asyncio.wait({self._task})
+
+
+async def _connect_key_service(config: ServeConfig, data_dir: Path) -> NodePlatform:
+    """The network key service's side of this node (:mod:`cape.platform.kms_node`); the
+    cluster root is kept in ``DATA_DIR/attestation/root.pem`` for clients of this machine."""
+    if config.key_service_pin is None or config.key_service_token_file is None:
+        raise CapeError("key_service_url needs key_service_pin and key_service_token_file")
+    node = await asyncio.to_thread(
+        NodePlatform.connect,
+        config.key_service_url or "",
+        config.key_service_pin,
+        config.key_service_token_file,
+        config.node_name,
+    )
+    try:
+        directory = _private_dir(data_dir / "attestation")
+        write_private(directory / "root.pem", node.root_pem, 0o644)
+    except OSError as exc:
+        node.close()
+        raise CapeError(f"cannot write {data_dir / 'attestation'}: {exc.strerror}") from None
+    return node
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -615,6 +655,8 @@ def describe(server: Server, out: TextIO) -> None:
     print(f"  TLS CA:            {server.ca_file}", file=out)
     print(f"  Attestation root:  {server.root_file}", file=out)
     print(f"  Root fingerprint:  sha256:{server.root_fingerprint}", file=out)
+    if config.key_service_url is not None:
+        print(f"  Key service:       {config.key_service_url}", file=out)
     print(f"  Enclaves:          {config.enclaves}", file=out)
     if config.database_url or config.blob_store:
         print(f"  Node:              {config.node_name}", file=out)
@@ -674,4 +716,6 @@ def serve(
     logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     # Alembic reports each migration step at INFO, before the banner; only problems matter.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx logs every key-service request at INFO (a network key service): only problems.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(_serve(config, out, on_ready))

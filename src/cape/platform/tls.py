@@ -23,12 +23,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cape._internal.timefile import utc_now, write_private
 from cape.errors import KeyFormatError
 
-__all__ = ["TlsFiles", "ensure_tls", "load_ec_private_key"]
+__all__ = ["TlsFiles", "ensure_pinned_certificate", "ensure_tls", "load_ec_private_key"]
 
 CA_LIFETIME: Final = dt.timedelta(days=3650)
 SERVER_LIFETIME: Final = dt.timedelta(days=397)
 RENEW_BEFORE: Final = dt.timedelta(days=30)
 BACKDATE: Final = dt.timedelta(minutes=5)
+PINNED_LIFETIME: Final = dt.timedelta(days=3650)
 DEFAULT_NAMES: Final = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - names, not a bind
 
@@ -187,3 +188,40 @@ def ensure_tls(directory: Path, host: str, *, now: dt.datetime | None = None) ->
     write_private(files.server_key, _key_pem(key))
     write_private(files.server_cert, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
     return files
+
+
+def ensure_pinned_certificate(
+    directory: Path, host: str, *, now: dt.datetime | None = None
+) -> tuple[Path, Path]:
+    """A self-signed certificate that peers pin by fingerprint (``cape kms serve`` without
+    an operator certificate): ``directory/pinned.pem`` and ``pinned.key``, made once and
+    never re-issued, since a new certificate would break every pin. Returns (cert, key)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cert_path, key_path = directory / "pinned.pem", directory / "pinned.key"
+    if cert_path.exists() and key_path.exists():
+        key = load_ec_private_key(key_path)
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if certificate.public_key() != key.public_key():
+            raise KeyFormatError(f"{key_path} does not belong to {cert_path}")
+        return cert_path, key_path
+    now = now or utc_now()
+    names = DEFAULT_NAMES if host in WILDCARD_HOSTS else (*DEFAULT_NAMES, host)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cape key service")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + PINNED_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_san(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    write_private(key_path, _key_pem(key))
+    write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert_path, key_path

@@ -59,10 +59,27 @@ def test_a_full_file_fills_the_serve_config(tmp_path: Path) -> None:
     assert config.log_format == "json"
     assert config.max_input_bytes == 1 << 20 and config.limits.bundle_bytes == 8 << 20
     assert config.sandbox_uids == "3000000000-3000049999" and config.run_functions is False
-    # Every setting but the data directory (a flag's job) and the [nitro] table
-    # (tests/cli/test_serve_nitro.py) is shown here.
+    # Every setting but the data directory (a flag's job), the [nitro] table
+    # (tests/cli/test_serve_nitro.py) and the network key service's (below: they replace
+    # kms_dir, attestation_dir and image_signing_dir) is shown here.
     shown = {line.split(" = ")[0] for line in FULL.split("\n")[1:-1]}
-    assert set(SETTINGS) - {"data_dir", "nitro"} == shown
+    assert set(SETTINGS) - {"data_dir", "nitro", *KEY_SERVICE} == shown
+
+
+KEY_SERVICE = ("key_service_url", "key_service_pin", "key_service_token_file")
+PIN = "sha256:" + "AB" * 32
+
+
+def test_a_node_of_a_network_key_service(tmp_path: Path) -> None:
+    text = (
+        'key_service_url = "https://kms.internal:7443/"\n'
+        f'key_service_pin = "{PIN}"\n'
+        'key_service_token_file = "/etc/cape/node.token"\n'
+    )
+    config = ServeConfig(data_dir=tmp_path, **load_settings(write(tmp_path, text), env={}))
+    assert config.key_service_url == "https://kms.internal:7443"
+    assert config.key_service_pin == "ab" * 32
+    assert config.key_service_token_file == Path("/etc/cape/node.token")
 
 
 def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) -> None:
@@ -93,6 +110,23 @@ def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) 
         ("[server]\nport = 1\n", {}, "[server]: settings are top-level names"),
         ("port = \n", {}, "not valid TOML"),
         ("", {"CAPE_PORT": "eighty"}, "CAPE_PORT: port must be an integer"),
+        (
+            "key_service_url = 'http://kms:7443'\n",
+            {},
+            "key_service_url must be https://HOST[:PORT] (no path)",
+        ),
+        ("key_service_pin = 'ab12'\n", {}, "key_service_pin must be sha256: and 64 hex digits"),
+        (
+            "key_service_url = 'https://kms:7443'\n",
+            {},
+            "key_service_url set without key_service_pin, key_service_token_file",
+        ),
+        (
+            f"key_service_url = 'https://kms'\nkey_service_pin = '{PIN}'\n"
+            "key_service_token_file = '/t'\nkms_dir = '/srv/kms'\n",
+            {},
+            "kms_dir cannot be set with key_service_url",
+        ),
     ],
 )
 def test_bad_settings_are_one_clear_error(

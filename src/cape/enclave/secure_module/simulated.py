@@ -266,6 +266,54 @@ class SimulatedAuthority:
         """:attr:`root_certificate` as PEM (what ``cape serve`` publishes)."""
         return self._root_certificate.public_bytes(serialization.Encoding.PEM)
 
+    def issue_intermediate(
+        self,
+        request: x509.CertificateSigningRequest,
+        now: dt.datetime,
+        *,
+        lifetime: dt.timedelta,
+    ) -> x509.Certificate:
+        """Certify a cluster node's own CA key (a P-384 key in a self-signed CSR whose common
+        name is the node's DNS-label name): a CA with pathLen 1 under the root, valid for
+        ``lifetime`` from ``now``. The node's secure modules issue their instance CAs under it
+        (:class:`~cape.enclave.secure_module.cluster.NodeAuthority`); the node's key never
+        comes here, the root key never leaves.
+
+        Raises:
+            ValueError: an unsigned or badly signed request, a key other than P-384, or a
+                name that is not a short lower-case DNS label.
+        """
+        start = as_utc(now, "times")
+        if not request.is_signature_valid:
+            raise ValueError("the certificate request's signature does not verify")
+        key = request.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
+            key.curve, ec.SECP384R1
+        ):
+            raise ValueError("a node's CA key must be a P-384 key")
+        names = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        node = str(names[0].value) if len(names) == 1 else ""
+        _check_label(node, "node name")
+        root = self._root_certificate
+        root_ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return (
+            x509.CertificateBuilder()
+            .subject_name(_name(f"{node}.node.{_DOMAIN}"))
+            .issuer_name(root.subject)
+            .public_key(key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start - BACKDATE)
+            .not_valid_after(min(start + lifetime, root.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(_ca_key_usage(crl_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
+                critical=False,
+            )
+            .sign(self._root_key, hashes.SHA384())
+        )
+
     def issue_instance(
         self,
         now: dt.datetime,

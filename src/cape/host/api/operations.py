@@ -3,7 +3,8 @@
 - ``GET /healthz``: 200 while the process serves requests (a liveness probe: restart on
   failure). Nothing else is checked, so a slow database never gets a node restarted.
 - ``GET /readyz``: 200 when the node can take sessions: the metadata database answers, the
-  blob store is reachable, at least one enclave is alive and the node is not draining; else 503.
+  blob store is reachable, a network key service (if any) is ready, at least one enclave is
+  alive and the node is not draining; else 503.
   The body names each check and its state (``ok`` or a short reason, never a password or
   user data). A load balancer sends new sessions only to ready nodes.
 - ``GET /metrics``: Prometheus text format from this node's own registry: sessions by kind
@@ -55,6 +56,8 @@ class Readiness:
     blob_store: Callable[[], None]
     live_enclaves: Callable[[], int]
     draining: Callable[[], bool]
+    key_service: Callable[[], None] | None = None
+    """A network key service's readiness (``None``: the built-in one, in this process)."""
     timeout_s: float = 5.0
 
 
@@ -215,9 +218,13 @@ def create_operation_routes(readiness: Readiness, metrics: Metrics) -> list[Rout
             else:
                 checks[name] = "ok"
 
-        await asyncio.gather(
-            check("database", readiness.database), check("blob_store", readiness.blob_store)
-        )
+        probes = [
+            check("database", readiness.database),
+            check("blob_store", readiness.blob_store),
+        ]
+        if readiness.key_service is not None:
+            probes.append(check("key_service", readiness.key_service))
+        await asyncio.gather(*probes)
         live = readiness.live_enclaves()
         checks["enclaves"] = "ok" if live > 0 else "no live enclave"
         checks["serving"] = "draining" if readiness.draining() else "ok"
