@@ -29,10 +29,12 @@ driven by the same ``websockets`` client:
    same number of plain runs (connect, echo 1 KiB, close) at the same concurrency; failed runs
    are counted and shown (goal: 0 errors), and warnings the server logged meanwhile are shown.
 
-Run: ``.venv/bin/python benchmarks/server_bench.py [--quick] [--json PATH]`` (needs root and
-bubblewrap, as simulated enclaves do; ``--quick`` is a seconds-long smoke run with a 1 MiB
-bundle). ``--json`` also writes the figures, the raw latency samples and the curves as a
-:class:`_results.Results` (benchmark ``server``).
+Run: ``.venv/bin/python benchmarks/server_bench.py [--quick] [--json PATH] [--only SECTION]``
+(needs root and bubblewrap, as simulated enclaves do; ``--quick`` is a seconds-long smoke run
+with a 1 MiB bundle; ``--only invoke`` runs the warm-invoke section alone, e.g. for an A/B of
+two source trees). Our SDK asks for results as binary frames (protocol.md "Result frames");
+pycape's section measures Cape's JSON text form. ``--json`` also writes the figures, the raw
+latency samples and the curves as a :class:`_results.Results` (benchmark ``server``).
 """
 
 from __future__ import annotations
@@ -1016,7 +1018,12 @@ async def deploy_section(client: Client, options: Options, results: Results) -> 
     print("\n".join(verdicts))
 
 
-async def run_all(server: Child, echo: Child, base: Path, options: Options) -> Results:
+SECTIONS: Final = ("deploy", "invoke", "pycape", "throughput")
+
+
+async def run_all(
+    server: Child, echo: Child, base: Path, options: Options, only: frozenset[str] | None = None
+) -> Results:
     results = Results("server", options.quick)
     data_dir = base / "data"
     ssl_context = ssl.create_default_context(cafile=str(data_dir / "tls" / "ca.pem"))
@@ -1042,15 +1049,20 @@ async def run_all(server: Child, echo: Child, base: Path, options: Options) -> R
         durations[name], clock = time.monotonic() - clock, time.monotonic()
         print(flush=True)
 
+    wanted = frozenset(SECTIONS) if only is None else only
     # Deploys first: their memory peaks are cleanest before the load has grown the heaps.
-    await deploy_section(client, options, results)
-    lap("deploy")
-    measured = await latency_section(client, options, results)
-    lap("warm invoke")
-    await pycape_section(client, options, measured, results)
-    lap("pycape")
-    await throughput_section(client, options, results)
-    lap("throughput")
+    if "deploy" in wanted:
+        await deploy_section(client, options, results)
+        lap("deploy")
+    if wanted & {"invoke", "pycape"}:  # pycape's reference is the invoke section's echo
+        measured = await latency_section(client, options, results)
+        lap("warm invoke")
+    if "pycape" in wanted:
+        await pycape_section(client, options, measured, results)
+        lap("pycape")
+    if "throughput" in wanted:
+        await throughput_section(client, options, results)
+        lap("throughput")
     text = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in durations.items())
     print(f"section durations: {text}")
     results.notes.append(f"section durations: {text}")
@@ -1061,6 +1073,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="tiny counts, 1 MiB bundle")
     parser.add_argument("--json", type=Path, help="also write the results here (JSON)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable; pycape implies invoke); default: all",
+    )
     parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server is not None:
@@ -1087,7 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             echo = start_plain_echo(base)
             try:
-                results = asyncio.run(run_all(server, echo, base, options))
+                only = frozenset(args.only) if args.only else None
+                results = asyncio.run(run_all(server, echo, base, options, only))
             finally:
                 echo.stop()
         except BaseException:

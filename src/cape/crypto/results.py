@@ -109,10 +109,12 @@ class ResultChannel:
     def seal(self, sequence: int, data: bytes, *, kind: bytes = RESULT) -> bytes:
         return self._aead.encrypt(self._nonce(sequence), bytes(data), kind)
 
-    def open(self, sequence: int, data: bytes, *, kind: bytes = RESULT) -> bytes:
+    def open(self, sequence: int, data: bytes | memoryview, *, kind: bytes = RESULT) -> bytes:
+        """Open reply ``sequence``; ``data`` may be a view (of a binary result frame): it is
+        not copied."""
         if len(data) < _TAG:
             raise MalformedEnvelopeError("a sealed reply is shorter than its tag")
         try:
-            return self._aead.decrypt(self._nonce(sequence), bytes(data), kind)
+            return self._aead.decrypt(self._nonce(sequence), data, kind)
         except InvalidTag:
             raise DecryptionError(DECRYPTION_FAILED) from None

@@ -43,7 +43,7 @@ from cape.enclave.session import Inbox, SessionConfig, run_session
 from cape.enclave.uids import DEFAULT_RANGE, UidRange, parse_range
 from cape.enclave.warm import WarmPool
 from cape.errors import CapeError, FormatError
-from cape.formats.frames import encode_frame, read_frame
+from cape.formats.frames import encode_frame_parts, read_frame
 
 __all__ = ["Runtime", "main"]
 
@@ -89,9 +89,12 @@ class Runtime:
         )
 
     async def send(self, message: dict[str, Any]) -> None:
-        frame = encode_frame(message)
+        # A large result is written by reference after its frame head, not copied into one
+        # frame first (issue 16: two copies of a 1 MiB result, ≈0.1 ms, per call).
+        parts = encode_frame_parts(message)
         async with self._write_lock:
-            self._writer.write(frame)
+            for part in parts:
+                self._writer.write(part)
             await self._writer.drain()
         if message["t"] in ("close", "error") and (message["t"] == "close" or message.get("fatal")):
             self._sessions.pop(message.get("sid", 0), None)

@@ -51,6 +51,9 @@ document but the same chain, which is then not verified again while all its cert
 valid (the document's signature, time, nonce and PCRs are checked every time)."""
 
 SUBPROTOCOL: Final = "cape.runtime"
+RESULT_PLAIN: Final = 0x00
+RESULT_SEALED: Final = 0x01
+"""The first byte of a binary result frame (protocol.md, "Result frames")."""
 NONCE_BYTES: Final = 16
 OPEN_TIMEOUT_S: Final = 30.0
 
@@ -117,8 +120,12 @@ class Session:
         document: AttestationDocument,
         user_data: dict[str, Any],
         channel: ResultChannel | None,
+        *,
+        binary_results: bool = False,
     ) -> None:
         self._ws = websocket
+        self._binary_results = binary_results
+        """The server confirmed results as binary frames (it may also still send text)."""
         self.document = document
         self.user_data = user_data
         self._channel = channel
@@ -151,7 +158,9 @@ class Session:
     async def _attest(cls, websocket: ClientConnection, options: SessionOptions) -> Session:
         nonce = secrets.token_bytes(NONCE_BYTES)
         response_key = hpke.generate_keypair() if options.seal_results else None
-        start: dict[str, Any] = {"nonce": _b64(nonce)}
+        # Results as binary frames (ours): no base64 or JSON per result. A server that does
+        # not know the field ignores it and answers in text, which receive_result reads too.
+        start: dict[str, Any] = {"nonce": _b64(nonce), "result_frames": "binary"}
         if response_key is not None:
             start["response_key"] = _b64(response_key.public_bytes)
         try:
@@ -196,7 +205,8 @@ class Session:
                 raise ChecksumMismatchError(
                     f"function checksum does not match: got {got}, want {want}"
                 )
-        return cls(websocket, document, user_data, channel)
+        binary = message.get("result_frames") == "binary"
+        return cls(websocket, document, user_data, channel, binary_results=binary)
 
     async def invoke(self, data: bytes) -> bytes:
         """Send one input, HPKE-sealed to the attested key; return the function's output."""
@@ -211,8 +221,11 @@ class Session:
         In a sealed session every reply takes the next sequence number, so a reply the host
         dropped, replayed, reordered or made up does not open.
         """
-        parsed = await _receive_frame(self._ws)
+        frame = await _receive_any(self._ws)
         sequence, self._replies = self._replies, self._replies + 1
+        if isinstance(frame, bytes) and self._binary_results:
+            return self._open_binary_result(sequence, frame)
+        parsed = _parse_frame(frame)
         if parsed.get("error"):
             sealed = parsed.get("sealed")
             if self._channel is not None and isinstance(sealed, str):
@@ -228,6 +241,19 @@ class Session:
         if self._channel is None:
             return output
         if message.get("encrypted") is not True:
+            raise VerificationError("the result came back unsealed although sealing was bound")
+        return self._channel.open(sequence, output)
+
+    def _open_binary_result(self, sequence: int, frame: bytes) -> bytes:
+        """A binary result frame: its tag byte, then the output (sealed when bound)."""
+        if not frame or frame[0] not in (RESULT_PLAIN, RESULT_SEALED):
+            raise FormatError("the server sent a binary frame that is not a result")
+        output = memoryview(frame)[1:]
+        if self._channel is None:
+            if frame[0] != RESULT_PLAIN:
+                raise FormatError("the server sent a sealed result to a session without one")
+            return bytes(output)
+        if frame[0] != RESULT_SEALED:
             raise VerificationError("the result came back unsealed although sealing was bound")
         return self._channel.open(sequence, output)
 
@@ -282,11 +308,18 @@ def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError:
     return refused(message, text, status, exc.response.headers.get("Retry-After"))
 
 
-async def _receive_frame(websocket: ClientConnection) -> dict[str, Any]:
+async def _receive_any(websocket: ClientConnection) -> str | bytes:
     try:
-        frame = await websocket.recv()
+        return await websocket.recv()
     except websockets.ConnectionClosed as exc:
         raise _close_error(exc) from None
+
+
+async def _receive_frame(websocket: ClientConnection) -> dict[str, Any]:
+    return _parse_frame(await _receive_any(websocket))
+
+
+def _parse_frame(frame: str | bytes) -> dict[str, Any]:
     if not isinstance(frame, str):
         raise FormatError("expected a text frame from the server")
     try:

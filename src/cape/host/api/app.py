@@ -70,7 +70,8 @@ class SendDeadline:
             if stalled:
                 raise ClientTooSlowError("the client stopped reading")
             try:
-                await asyncio.wait_for(send(message), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):  # no task per send (wait_for's)
+                    await send(message)
             except TimeoutError:
                 stalled = True
                 raise ClientTooSlowError(

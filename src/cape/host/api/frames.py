@@ -20,7 +20,7 @@ import base64
 import binascii
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
 from starlette.websockets import WebSocket
@@ -33,6 +33,7 @@ __all__ = [
     "MAX_TEXT_FRAME_BYTES",
     "NEXT_MESSAGE_EXTENSION",
     "Closed",
+    "DrainSignal",
     "Draining",
     "Idle",
     "b64_field",
@@ -61,9 +62,35 @@ class Draining(Exception):
     """The server is shutting down."""
 
 
+class DrainSignal(asyncio.Event):
+    """Set when the server starts draining; also expires the deadline of every
+    :func:`receive` waiting at that moment, so that the wait ends without a watcher task
+    per frame."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._deadlines: set[asyncio.Timeout] = set()
+
+    def set(self) -> None:
+        super().set()
+        if self._deadlines:
+            now = asyncio.get_running_loop().time()
+            for deadline in list(self._deadlines):
+                deadline.reschedule(now)
+
+    @contextlib.contextmanager
+    def expiring(self, deadline: asyncio.Timeout) -> Iterator[None]:
+        """Within this block, :meth:`set` expires ``deadline``."""
+        self._deadlines.add(deadline)
+        try:
+            yield
+        finally:
+            self._deadlines.discard(deadline)
+
+
 async def receive(
     websocket: WebSocket,
-    draining: asyncio.Event,
+    draining: DrainSignal,
     *,
     limit: int,
     timeout_s: float,
@@ -85,24 +112,22 @@ async def receive(
     )
     if allow is not None:
         allow(limit, what)
-    message_task = asyncio.ensure_future(websocket.receive())
-    drain = asyncio.ensure_future(draining.wait())
+    if draining.is_set():
+        raise Draining()
+    # One deadline around the receive itself: no task or wait set per frame (issue 16). A
+    # DrainSignal expires it at once when the server starts draining.
     try:
-        done, _ = await asyncio.wait(
-            {message_task, drain}, timeout=timeout_s, return_when="FIRST_COMPLETED"
-        )
-    finally:
-        drain.cancel()
-    if message_task not in done:
-        message_task.cancel()
-        with contextlib.suppress(BaseException):
-            await message_task
-        if drain in done:
-            raise Draining()
+        async with asyncio.timeout(timeout_s) as deadline:
+            with draining.expiring(deadline):
+                message = await websocket.receive()
+    except TimeoutError:
+        if draining.is_set():
+            raise Draining() from None
         if idle:
-            raise Idle()
-        raise ClientTooSlowError(f"no message within {timeout_s:.0f} s; closing the session")
-    message = message_task.result()
+            raise Idle() from None
+        raise ClientTooSlowError(
+            f"no message within {timeout_s:.0f} s; closing the session"
+        ) from None
     if message["type"] == "websocket.disconnect":
         raise Closed()
     data: str | bytes

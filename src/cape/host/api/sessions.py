@@ -18,8 +18,11 @@ and ``{"error": …}`` of :mod:`cape.host.api.errors`.
 The key service knows a user by their username (canonical, lower case, never reused: there is
 no account deletion); functions run with their owner's key.
 
-The server reads only what it must: the nonce frame (nonce and optional response key) and,
-on deploy, the function-info frame. Inputs, results and bundles pass through as ciphertext.
+The server reads only what it must: the nonce frame (nonce, optional response key, the result
+form the client asks for) and, on deploy, the function-info frame. Inputs, results and bundles
+pass through as ciphertext: an input frame goes to the enclave as it came, and a result goes
+back as JSON text (Cape's form) or, when the client asked for ``result_frames: "binary"``
+(our SDK; protocol.md "Result frames"), as one binary frame: a tag byte and the bytes.
 Every client frame gets its reply before the next one is read, so neither a slow client nor
 a slow enclave makes the server buffer more than one message per session.
 
@@ -83,6 +86,7 @@ from cape.host.api.frames import (
     MAX_TEXT_FRAME_BYTES,
     Closed,
     Draining,
+    DrainSignal,
     Idle,
     b64_field,
     binary,
@@ -107,6 +111,11 @@ MAX_NONCE_BYTES: Final = 1024
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 SHUTDOWN_TEXT: Final = "the server is shutting down"
+RESULT_FRAMES: Final = ("text", "binary")
+"""The nonce frame's ``result_frames`` (ours): how results come back; Cape's form is text."""
+RESULT_PLAIN: Final = b"\x00"
+RESULT_SEALED: Final = b"\x01"
+"""The first byte of a binary result frame: the rest is the output as is, or sealed."""
 MAX_CHUNK_BYTES: Final = 8 << 20
 """The largest deploy chunk, and the chunk limit when the function info announces none."""
 #: Chunks a single-frame (Cape client) bundle is cut into for the enclave: small enough that
@@ -121,7 +130,7 @@ class Lifecycle:
     """Counts live sessions and tells them when the server starts draining."""
 
     def __init__(self) -> None:
-        self.draining = asyncio.Event()
+        self.draining = DrainSignal()
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -241,12 +250,25 @@ def _token(websocket: WebSocket) -> str:
     raise AuthError(f"missing token: offer the subprotocols '{SUBPROTOCOL}' and your token")
 
 
-def _nonce_frame(frame: str | bytes) -> tuple[bytes, bytes | None]:
+@dataclass(frozen=True)
+class _Start:
+    """What the nonce frame asks for."""
+
+    nonce: bytes
+    response_key: bytes | None
+    binary_results: bool
+    """Results as binary frames (``result_frames: "binary"``, our SDK), else JSON text."""
+
+
+def _nonce_frame(frame: str | bytes) -> _Start:
     message = json_message(frame, "nonce")
     nonce = b64_field(message, "nonce", MAX_NONCE_BYTES)
     if nonce is None:
         raise FormatError("the first frame must carry 'nonce'")
-    return nonce, b64_field(message, "response_key", 64)
+    form = message.get("result_frames", "text")
+    if form not in RESULT_FRAMES:
+        raise FormatError('\'result_frames\' must be "text" or "binary"')
+    return _Start(nonce, b64_field(message, "response_key", 64), form == "binary")
 
 
 async def _next(
@@ -277,9 +299,12 @@ def _b64(data: bytes) -> str:
 # --------------------------------------------------------------------------- relaying
 
 
-async def _send(websocket: WebSocket, payload: dict[str, Any]) -> None:
+async def _send(websocket: WebSocket, payload: dict[str, Any] | bytes) -> None:
     try:
-        await websocket.send_text(json.dumps(payload, separators=(",", ":")))
+        if isinstance(payload, bytes):
+            await websocket.send_bytes(payload)
+        else:
+            await websocket.send_text(json.dumps(payload, separators=(",", ":")))
     except (OSError, RuntimeError, WebSocketDisconnect, ClientTooSlowError) as exc:
         # the client went away, or stopped reading
         raise Closed() from exc
@@ -292,26 +317,40 @@ async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
 
 
 async def _attestation(
-    websocket: WebSocket, session: HostSession, frame: dict[str, Any] | None = None
+    websocket: WebSocket,
+    session: HostSession,
+    frame: dict[str, Any] | None = None,
+    *,
+    binary_results: bool = False,
 ) -> None:
+    """Relay the session's document; with ``binary_results``, confirm that form (ours)."""
     frame = expect(frame if frame is not None else await session.receive(), "attestation")
-    await _send(
-        websocket,
-        {"message": {"type": "attestation_doc", "message": _b64(frame["document"])}},
-    )
+    message = {"type": "attestation_doc", "message": _b64(frame["document"])}
+    if binary_results:
+        message["result_frames"] = "binary"
+    await _send(websocket, {"message": message})
 
 
 class _EnclaveSaid(CapeError):
     """A fatal error frame from the enclave: the session is over."""
 
 
-async def _reply(websocket: WebSocket, session: HostSession) -> bool:
+def _result_frame(data: bytes, encrypted: bool) -> bytes:
+    """A result in binary form: one tag byte (sealed or plain), then the bytes."""
+    return (RESULT_SEALED if encrypted else RESULT_PLAIN) + data
+
+
+async def _reply(websocket: WebSocket, session: HostSession, *, binary_results: bool) -> bool:
     """Relay the enclave's answer to one call. False when the enclave ended the session."""
     message = await session.receive()
     kind = message["t"]
     if kind == "result":
-        payload: dict[str, Any] = {"type": "function_result", "message": _b64(message["data"])}
-        if message.get("encrypted"):
+        data, encrypted = message["data"], bool(message.get("encrypted"))
+        if binary_results:
+            await _send(websocket, _result_frame(data, encrypted))
+            return True
+        payload: dict[str, Any] = {"type": "function_result", "message": _b64(data)}
+        if encrypted:
             payload["encrypted"] = True
         await _send(websocket, {"message": payload})
         return True
@@ -339,8 +378,10 @@ async def _serve_calls(
     reservation: Reservation,
     *,
     bundle_first: bool,
+    binary_results: bool,
 ) -> None:
-    """run/test: each binary frame is one call and gets exactly one reply, in order."""
+    """run/test: each binary frame is one call and gets exactly one reply, in order (a
+    result as a binary frame when the client asked for that, else as JSON text)."""
     if bundle_first:
         room = _bundle_room(deps, reservation)
         bundle = binary(await _next(websocket, deps, room, "test bundle"), "test bundle", room)
@@ -358,7 +399,7 @@ async def _serve_calls(
         await _still_allowed(deps, grant)
         await session.send({"t": "input", "data": data})
         del data, frame
-        if not await _reply(websocket, session):
+        if not await _reply(websocket, session, binary_results=binary_results):
             await _close(websocket, CLOSE_NORMAL)
             return
 
@@ -481,7 +522,7 @@ async def _deploy(
 
 
 Handler = Callable[[WebSocket, _Grant, Reservation], Awaitable[None]]
-Body = Callable[[WebSocket, HostSession, _Grant, Reservation], Awaitable[None]]
+Body = Callable[[WebSocket, HostSession, _Grant, Reservation, _Start], Awaitable[None]]
 
 
 def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
@@ -506,20 +547,22 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
         authorize_run(principal, function)
         return function
 
-    async def nonce(websocket: WebSocket) -> tuple[bytes, bytes | None]:
+    async def nonce(websocket: WebSocket) -> _Start:
         return _nonce_frame(await _next(websocket, deps, MAX_TEXT_FRAME_BYTES, "nonce frame"))
 
     def account_session(kind: str, body: Body) -> Handler:
         """key, deploy, test: the caller's own account (no function-scoped tokens), their key."""
 
         async def serve(websocket: WebSocket, grant: _Grant, reservation: Reservation) -> None:
-            nonce_bytes, response_key = await nonce(websocket)
+            start = await nonce(websocket)
             user = grant.principal.user
             async with deps.pool.session(
-                kind, owner=user.username, nonce=nonce_bytes, response_key=response_key
+                kind, owner=user.username, nonce=start.nonce, response_key=start.response_key
             ) as session:
-                await _attestation(websocket, session)
-                await body(websocket, session, grant, reservation)
+                # results exist only in test sessions (run has its own handler)
+                binary = start.binary_results and kind == "test"
+                await _attestation(websocket, session, binary_results=binary)
+                await body(websocket, session, grant, reservation, start)
 
         return serve
 
@@ -528,19 +571,35 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
         await _close(websocket, CLOSE_NORMAL)
 
     async def deploy(
-        websocket: WebSocket, session: HostSession, grant: _Grant, reservation: Reservation
+        websocket: WebSocket,
+        session: HostSession,
+        grant: _Grant,
+        reservation: Reservation,
+        _: _Start,
     ) -> None:
         await _deploy(websocket, session, deps, grant.principal.user, reservation)
 
     async def test(
-        websocket: WebSocket, session: HostSession, grant: _Grant, reservation: Reservation
+        websocket: WebSocket,
+        session: HostSession,
+        grant: _Grant,
+        reservation: Reservation,
+        start: _Start,
     ) -> None:
-        await _serve_calls(websocket, session, deps, grant, reservation, bundle_first=True)
+        await _serve_calls(
+            websocket,
+            session,
+            deps,
+            grant,
+            reservation,
+            bundle_first=True,
+            binary_results=start.binary_results,
+        )
 
     async def run(websocket: WebSocket, grant: _Grant, reservation: Reservation) -> None:
         function = grant.function
         assert function is not None
-        nonce_bytes, response_key = await nonce(websocket)
+        start = await nonce(websocket)
         # The enclave is told the stored ciphertext's SHA-256 and asks for the bytes only
         # when it does not hold the function warm; the first run reads them to learn it.
         digest = deps.bundle_digests.get(function.blob_key)
@@ -552,8 +611,8 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
         async with deps.pool.session(
             "run",
             owner=function.owner_name,
-            nonce=nonce_bytes,
-            response_key=response_key,
+            nonce=start.nonce,
+            response_key=start.response_key,
             bundle=bundle,
             bundle_sha256=digest,
             affinity=function.id,
@@ -566,8 +625,16 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
                 await session.send({"t": "bundle", "data": stored})
                 del stored
                 frame = await session.receive()
-            await _attestation(websocket, session, frame)
-            await _serve_calls(websocket, session, deps, grant, reservation, bundle_first=False)
+            await _attestation(websocket, session, frame, binary_results=start.binary_results)
+            await _serve_calls(
+                websocket,
+                session,
+                deps,
+                grant,
+                reservation,
+                bundle_first=False,
+                binary_results=start.binary_results,
+            )
 
     def endpoint(kind: str, handler: Handler) -> Callable[[WebSocket], Awaitable[None]]:
         async def serve(websocket: WebSocket) -> None:
