@@ -9,11 +9,13 @@ TLS connections to them round robin and checks each node's ``/readyz``. The test
 
 - an account made through one node logs in, deploys and runs through the others, and the
   attestation root is the same whichever node answers;
-- ``kill -9`` of a node while clients deploy and run through the load balancer: sessions on
-  it fail with a transport error (and only those), new sessions land on the others, no
+- ``kill -9`` of a node while 16 clients deploy and run through the load balancer: sessions
+  on it fail with Cape's one-line transport error (and only those), new sessions land on the
+  others, no
   acknowledged deploy is lost, every listed function runs whole, and the node rejoins once
   restarted (HAProxy sees it ready again);
 - ``/healthz``, ``/readyz`` and ``/metrics`` on every node; metrics carry no user data;
+- failed logins spread over the nodes hit the lockout as on one node (shared counts);
 - the canary (in a function's code, its input and output) is absent from the database, the
   bucket and every node's logs.
 """
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import ssl
@@ -37,9 +40,8 @@ from pathlib import Path
 from typing import Final
 
 import pytest
-import websockets
 
-from cape.errors import TransportError
+from cape.errors import RequestRefusedError, TransportError
 from cape.host.tokens import TokenIssuer
 from cape.platform.tls import ensure_tls
 from cape.sdk.flows import Deployed, deploy, fetch_key
@@ -52,13 +54,17 @@ from tests.services import MotoS3, Postgres, free_port
 pytestmark = [requires_enclaves, pytest.mark.slow]
 
 NODES: Final = 3
-CLIENTS: Final = 8
-"""Concurrent clients through the load balancer, each with its own account (the issue's 16 on
-a bigger machine: the test machine has two shared cores, and 3 nodes with their enclaves
-already contend for them)."""
+CLIENTS: Final = 16
+"""Concurrent clients through the load balancer, each with its own account (the issue's 16).
+Assertions are on outcomes, never on timings: the test machine has two shared cores."""
 ROUNDS_BEFORE_KILL: Final = 2
-ROUNDS_AFTER_KILL: Final = 2
+ROUNDS_AFTER_KILL: Final = 1  # 16 new sessions, every one on a live node
 READY_TIMEOUT_S: Final = 90.0
+CLEAR_LOSS: Final = re.compile(
+    r"TransportError: (the server closed the session|cannot reach the Cape server at \S+:).*"
+)
+"""What a client whose node died is told: Cape's error, on one line (``.`` stops at a newline),
+with no traceback."""
 ECHO: Final = "def cape_handler(data):\n    return b'echo:' + data\n"
 
 
@@ -246,7 +252,7 @@ async def _client(user: User, number: int, rounds: int, load: Load) -> None:
             reply = await user.run(deployed.id, data, function_checksum=deployed.checksum)
             assert reply == b"echo:" + data
             load.runs_ok += 1
-        except (TransportError, websockets.ConnectionClosed) as exc:
+        except TransportError as exc:  # Cape's one-line error, not the library's exception
             load.transport_errors.append(f"{name}: {type(exc).__name__}: {exc}")
         except Exception as exc:  # every other failure is reported
             load.unexpected.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -322,8 +328,9 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
                 await asyncio.sleep(0.05)
             await asyncio.sleep(1)  # the held call is in the enclave now
             kill.kill()
-            with pytest.raises((TransportError, websockets.ConnectionClosed)):
+            with pytest.raises(TransportError) as lost:
                 await asyncio.wait_for(held, 60)  # a clear error, not a hang
+            load.transport_errors.append(f"held: TransportError: {lost.value}")
         await asyncio.wait_for(asyncio.gather(*clients), 600)
 
     victim = cluster.nodes[1]
@@ -331,6 +338,9 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     after_kill = len(load.acknowledged)
     run(storm(ROUNDS_AFTER_KILL, None))  # new sessions land on the live nodes only
     assert not load.unexpected, load.unexpected
+    # The sessions the dead node took with it failed with Cape's one-line transport error.
+    unclear = [e for e in load.transport_errors if not CLEAR_LOSS.fullmatch(e.split(": ", 1)[1])]
+    assert load.transport_errors and unclear == [], unclear
     assert len(load.acknowledged) - after_kill == CLIENTS * ROUNDS_AFTER_KILL, load
     assert load.runs_ok >= CLIENTS * ROUNDS_AFTER_KILL
 
@@ -370,6 +380,18 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     status, metrics = _get(victim.url + "/metrics", context)
     assert b'cape_sessions_total{kind="run",outcome="ok"} 1.0' in metrics
 
+    # Failed logins spread over the nodes lock as they would on one: the counts are shared.
+    rests = [node.rest() for node in (first, second, third)]
+    for attempt in range(5):  # the per-(account, address) limit
+        with pytest.raises(RequestRefusedError) as wrong:
+            rests[attempt % 3].login(user.username, "wrong password")
+        assert wrong.value.status == 401
+    for rest in rests:
+        with pytest.raises(RequestRefusedError, match="too many failed logins") as locked:
+            rest.login(user.username, "correct horse battery")
+        assert locked.value.status == 429
+        rest.close()
+
     # The canary is nowhere in the database, the bucket or any node's logs.
     sources = [
         ("database", cluster.postgres.dump(cluster.database_url)),
@@ -379,7 +401,10 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
     ]
     assert findings(sources, canary) == []
     assert deployed.id.encode() in sources[0][1]  # the search did read the rows
-    assert len(list(cluster.moto_s3.objects(cluster.bucket))) == len(listed)
+    # Every listed function ran above, so its bundle is there; a bundle more is a deploy the
+    # killed node uploaded but never committed (swept once old: docs/cluster.md "Operations").
+    orphans = len(list(cluster.moto_s3.objects(cluster.bucket))) - len(listed)
+    assert 0 <= orphans <= len(load.transport_errors)
     banner = cluster.nodes[0].stdout()
     assert "Node:              node0" in banner and f"s3://{cluster.bucket}/cape" in banner
     lines = cluster.nodes[0].stderr().splitlines()
@@ -388,4 +413,5 @@ def test_nodes_share_state_and_a_killed_node_loses_nothing(cluster: Cluster) -> 
         f"\n{len(load.acknowledged)} deploys acknowledged, {load.runs_ok} runs, "
         f"{len(load.transport_errors)} more sessions lost with the killed node, "
         f"{len(listed)} functions listed and run"
+        + "".join(f"\n  {e}" for e in load.transport_errors)
     )

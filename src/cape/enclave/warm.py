@@ -75,6 +75,7 @@ class _Entry:
     hits: int = 0
     misses: int = 0
     sessions: int = field(default=0)
+    starting: int = 0  # sessions copying ``source`` right now: not evicted meanwhile
 
 
 def _start(source: Path, parent: Path, limits: SandboxLimits, services: Services) -> Lease:
@@ -138,11 +139,17 @@ class WarmPool:
         Starting sandboxes and unpacking count against ``party`` in the runtime's lanes.
         """
         key = (owner, ciphertext_sha256)
-        entry = self._entries.get(key) or await self._load_once(key, decrypt, party)
-        # No await between looking up and taking the spare: the event loop makes it atomic.
+        entry = self._entries.get(key)
+        evicted: list[_Entry] = []
+        if entry is None:
+            entry, evicted = await self._load_once(key, decrypt, party)
+        # No await between looking up (or loading) and taking the spare: the event loop makes
+        # it atomic. Entries a load evicted are discarded only after it, and this one is not
+        # evicted while its session starts: another load may run at every await below.
         self._entries.move_to_end(key)
         spare = _take_spare(entry.spares)
         entry.sessions += 1
+        entry.starting += 1
         now = time.monotonic()
         if spare is None:
             entry.misses += 1
@@ -150,19 +157,25 @@ class WarmPool:
             entry.target = min(self._max_spares, entry.target + 1)
         elif entry.target > 1 and now - entry.last_miss >= self._idle_s:
             entry.target -= 1
-        lease: Lease | None = None
-        if spare is not None:
-            candidate = await spare
-            if candidate is not None and candidate.sandbox.alive:
-                lease = candidate
-                entry.hits += 1
-            elif candidate is not None:
-                await asyncio.to_thread(candidate.release)
-        if lease is None:
-            lease = await self._lanes.calls.run(
-                party, _start, entry.source, self._workdir, self._sandbox_limits, services
-            )
-        self._refill(entry, services, party)
+        try:
+            for old in evicted:
+                await self._discard(old)
+            lease: Lease | None = None
+            if spare is not None:
+                candidate = await spare
+                if candidate is not None and candidate.sandbox.alive:
+                    lease = candidate
+                    entry.hits += 1
+                elif candidate is not None:
+                    await asyncio.to_thread(candidate.release)
+            if lease is None:
+                lease = await self._lanes.calls.run(
+                    party, _start, entry.source, self._workdir, self._sandbox_limits, services
+                )
+        finally:
+            entry.starting -= 1
+        if self._entries.get(key) is entry:
+            self._refill(entry, services, party)
         return entry.checksum, lease
 
     def spare_stats(self, owner: str, ciphertext_sha256: bytes) -> SpareStats | None:
@@ -174,26 +187,31 @@ class WarmPool:
 
     async def _load_once(
         self, key: tuple[str, bytes], decrypt: Callable[[], Awaitable[bytes]], party: str
-    ) -> _Entry:
+    ) -> tuple[_Entry, list[_Entry]]:
+        """The entry for ``key`` (loaded now or while we waited) and the entries its loading
+        evicted, which the caller discards (no await here once the entry is in the pool)."""
         lock = self._loading.setdefault(key, asyncio.Lock())
         async with lock:
             entry = self._entries.get(key)
             if entry is not None:  # loaded while we waited
-                return entry
+                return entry, []
             entry = await self._load(decrypt, party)
             existing = self._entries.get(key)
             if existing is not None:  # a loader under an evicted-and-recreated lock won
-                await self._discard(entry)
-                return existing
+                return existing, [entry]
             self._entries[key] = entry
             evicted = []
             while len(self._entries) > self._capacity:
-                old_key, old_entry = self._entries.popitem(last=False)
+                # The least recently used function no session is starting from; if every
+                # other one is, the pool holds one more until they have started.
+                old_key = next(
+                    (k for k, e in self._entries.items() if k != key and e.starting == 0), None
+                )
+                if old_key is None:
+                    break
+                evicted.append(self._entries.pop(old_key))
                 self._loading.pop(old_key, None)
-                evicted.append(old_entry)
-        for old in evicted:
-            await self._discard(old)
-        return entry
+        return entry, evicted
 
     async def _load(self, decrypt: Callable[[], Awaitable[bytes]], party: str) -> _Entry:
         zip_bytes = await decrypt()

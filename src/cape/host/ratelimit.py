@@ -1,4 +1,4 @@
-"""Login and signup throttling, in memory (docs/limits.md "Accounts").
+"""Login and signup throttling (docs/limits.md "Accounts"), kept in a table every node shares.
 
 **Logins** (:class:`LoginRateLimiter`) are throttled by three keys, so that guessing is slow
 but nobody can lock a user out of their own account from somewhere else:
@@ -11,12 +11,12 @@ but nobody can lock a user out of their own account from somewhere else:
    locked out the same way (password spraying across many accounts from one place).
 3. *account* (any address): a ceiling of ``account_failures_per_hour`` failures, a leaky
    bucket (a full bucket drains at that rate). While it is full, only addresses that have
-   logged into that account before (successfully, since the server started, within
-   ``remember_s``) may try; others get 429 until it drains. This stops distributed guessing
-   from many addresses (at most that many guesses an hour) without locking the user out of
-   an address they have used. The trade-off: during such an attack the user cannot log in
-   from an address they have never used (or not since a restart), and an attacker behind the
-   same address as the user (one NAT) is indistinguishable from them.
+   logged into that account before (successfully, within ``remember_s``) may try; others get
+   429 until it drains. This stops distributed guessing from many addresses (at most that
+   many guesses an hour) without locking the user out of an address they have used. The
+   trade-off: during such an attack the user cannot log in from an address they have never
+   used, and an attacker behind the same address as the user (one NAT) is indistinguishable
+   from them.
 
 A success resets its pair and remembers the address for the account; it does not reset the
 client's count (else an attacker could log into an account of their own between guesses at
@@ -25,10 +25,19 @@ others' passwords).
 **Signups** (:class:`SignupRateLimiter`) are a token bucket per client address:
 ``burst`` at once, then ``per_hour`` an hour.
 
-Both are per process, lost on restart and bounded to ``max_entries`` keys per kind (the least
-recently used dropped first). ``clock`` is monotonic seconds (a seam for tests). The client
-address is whatever the ASGI server reports: the TCP peer, or the ``X-Forwarded-For`` address
-when the peer is a proxy the operator listed (``cape serve --forwarded-allow-ips``).
+**Where the counts live.** Each limiter keeps one :class:`ThrottleTable` per kind of key
+(from ``tables``). :class:`MemoryTables`, the default, keeps them in this process, lost on
+restart and bounded to ``max_entries`` keys per kind (the least recently used dropped first),
+with ``time.monotonic`` as the clock. ``cape serve`` passes
+:class:`~cape.host.store.throttle.SqlThrottle` instead: the counts live in the metadata
+database, so every node of a cluster sees the same ones (N nodes behind a load balancer give
+an attacker no more attempts than one), with the wall clock. The policy (what a failure
+does, when a key is locked, when it is forgotten) is here, once, for both: a table only
+stores :class:`Throttle` records and applies changes to one key atomically.
+
+``clock`` is seconds (a seam for tests; the tables' own clock by default). The client address
+is whatever the ASGI server reports: the TCP peer, or the ``X-Forwarded-For`` address when the
+peer is a proxy the operator listed (``cape serve --forwarded-allow-ips``).
 """
 
 from __future__ import annotations
@@ -39,19 +48,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 from cape.host.errors import RateLimitedError
 
 __all__ = [
     "DEFAULT_SIGNUPS_PER_HOUR",
     "LoginRateLimiter",
+    "MemoryTables",
     "SignupRateLimiter",
+    "Throttle",
+    "ThrottleTable",
+    "ThrottleTables",
 ]
 
 DEFAULT_SIGNUPS_PER_HOUR: Final = 20
 """Signups one client address may make per hour (also the burst)."""
 _HOUR_S: Final = 3600.0
+
+T = TypeVar("T")
+Key = tuple[str, ...]
 
 
 def _refusal(what: str, wait_s: float) -> RateLimitedError:
@@ -59,93 +75,155 @@ def _refusal(what: str, wait_s: float) -> RateLimitedError:
     return RateLimitedError(f"{what}; try again in {seconds} s", retry_after_s=float(seconds))
 
 
-# --------------------------------------------------------------------------- backoff
+# --------------------------------------------------------------------------- storage
 
 
-@dataclass(slots=True)
-class _Failures:
-    count: int = 0
-    last_failure: float = 0.0
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """One key's state. A failure counter uses ``failures``, ``touched`` (the last failure)
+    and ``locked_until``; a bucket ``level`` and ``touched`` (when it had that level); a
+    remembered address ``touched`` (its last login). Times are the limiter's clock."""
+
+    failures: int = 0
+    level: float = 0.0
+    touched: float = 0.0
     locked_until: float = 0.0
+    expires: float = 0.0
+    """From then on the key is forgotten (as if it had never been seen)."""
 
 
-class _Backoff:
-    """Failure counts per key with exponential lockouts (callers hold the lock)."""
+Change = Callable[[Throttle | None], tuple[Throttle | None, T]]
+"""Given a key's live record (``None``: none), the record to keep (``None``: forget the key;
+the same object: leave it as it is) and a result for the caller."""
 
-    def __init__(
-        self,
-        *,
-        max_failures: int,
-        base_lockout_s: float,
-        max_lockout_s: float,
-        forget_after_s: float,
-        max_entries: int,
-    ) -> None:
-        self.max_failures = max_failures
-        self.base_lockout_s = base_lockout_s
-        self.max_lockout_s = max_lockout_s
-        self.forget_after_s = forget_after_s
+
+class ThrottleTable(Protocol):
+    """Records of one kind of key (e.g. failed logins per address)."""
+
+    def __len__(self) -> int:
+        """How many keys it holds (expired ones may count until they are purged)."""
+
+    def get(self, key: Key, now: float) -> Throttle | None:
+        """The key's record, or ``None`` if there is none or it expired by ``now``."""
+
+    def update(self, key: Key, now: float, change: Change[T]) -> T:
+        """Apply ``change`` to the key's live record atomically (no other update of the key,
+        from this process or another node, interleaves) and return its result."""
+
+
+class ThrottleTables(Protocol):
+    """Where a limiter keeps its tables, and the clock their times are in."""
+
+    def clock(self) -> float: ...
+
+    def table(self, scope: str) -> ThrottleTable:
+        """The table for ``scope`` (a short name such as ``login_pair``)."""
+
+
+class MemoryTable:
+    """A :class:`ThrottleTable` in this process: at most ``max_entries`` keys, the least
+    recently updated dropped first."""
+
+    def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self.entries: collections.OrderedDict[object, _Failures] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[Key, Throttle] = collections.OrderedDict()
+        self._lock = threading.Lock()
 
-    def retry_after(self, key: object, now: float) -> float:
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _live(self, key: Key, now: float) -> Throttle | None:
         entry = self.entries.get(key)
-        if entry is None:
-            return 0.0
-        if now - entry.last_failure >= self.forget_after_s and now >= entry.locked_until:
+        if entry is not None and entry.expires <= now:
             del self.entries[key]
-            return 0.0
-        return max(0.0, entry.locked_until - now)
+            return None
+        return entry
 
-    def failure(self, key: object, now: float) -> None:
-        self.retry_after(key, now)  # forgets a stale entry
-        entry = self.entries.setdefault(key, _Failures())
-        self.entries.move_to_end(key)
-        entry.count += 1
-        entry.last_failure = now
-        if entry.count >= self.max_failures:
-            doublings = min(entry.count - self.max_failures, 62)
-            lockout = min(self.base_lockout_s * 2.0**doublings, self.max_lockout_s)
-            entry.locked_until = now + lockout
-        while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)  # the key that failed least recently
+    def get(self, key: Key, now: float) -> Throttle | None:
+        with self._lock:
+            return self._live(key, now)
 
-    def reset(self, key: object) -> None:
-        self.entries.pop(key, None)
+    def update(self, key: Key, now: float, change: Change[T]) -> T:
+        with self._lock:
+            current = self._live(key, now)
+            entry, result = change(current)
+            if entry is None:
+                self.entries.pop(key, None)
+            elif entry is not current:
+                self.entries[key] = entry
+                self.entries.move_to_end(key)
+                while len(self.entries) > self.max_entries:
+                    self.entries.popitem(last=False)
+            return result
 
 
-class _Buckets:
-    """Leaky buckets per key: each event adds one, the level drains at ``rate`` per second
-    (callers hold the lock)."""
+class MemoryTables:
+    """:class:`ThrottleTables` in this process (one node; lost on restart)."""
 
-    def __init__(self, *, capacity: float, rate_per_s: float, max_entries: int) -> None:
-        self.capacity = capacity
-        self.rate_per_s = rate_per_s
+    def __init__(self, *, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
-        self.entries: collections.OrderedDict[object, tuple[float, float]] = (
-            collections.OrderedDict()
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def table(self, scope: str) -> MemoryTable:
+        return MemoryTable(self.max_entries)
+
+
+# --------------------------------------------------------------------------- policies
+
+
+@dataclass(frozen=True, slots=True)
+class _Backoff:
+    """A failure counter with exponential lockouts."""
+
+    max_failures: int
+    base_lockout_s: float
+    max_lockout_s: float
+    forget_after_s: float
+
+    @staticmethod
+    def wait(entry: Throttle | None, now: float) -> float:
+        return 0.0 if entry is None else max(0.0, entry.locked_until - now)
+
+    def fail(self, entry: Throttle | None, now: float) -> Throttle:
+        failures = 1 if entry is None else entry.failures + 1
+        locked_until = 0.0 if entry is None else entry.locked_until
+        if failures >= self.max_failures:
+            doublings = min(failures - self.max_failures, 62)
+            locked_until = now + min(self.base_lockout_s * 2.0**doublings, self.max_lockout_s)
+        return Throttle(
+            failures=failures,
+            touched=now,
+            locked_until=locked_until,
+            expires=max(now + self.forget_after_s, locked_until),
         )
 
-    def level(self, key: object, now: float) -> float:
-        entry = self.entries.get(key)
+
+@dataclass(frozen=True, slots=True)
+class _Bucket:
+    """A leaky bucket: each event adds one, the level drains at ``rate_per_s``."""
+
+    capacity: float
+    rate_per_s: float
+
+    def level(self, entry: Throttle | None, now: float) -> float:
         if entry is None:
             return 0.0
-        level, at = entry
-        level = max(0.0, level - (now - at) * self.rate_per_s)
-        if level == 0.0:
-            del self.entries[key]
-        return level
+        return max(0.0, entry.level - max(0.0, now - entry.touched) * self.rate_per_s)
 
-    def wait(self, key: object, now: float) -> float:
+    def wait(self, entry: Throttle | None, now: float) -> float:
         """Seconds until one more event fits (0 if it fits now)."""
-        excess = self.level(key, now) + 1.0 - self.capacity
+        excess = self.level(entry, now) + 1.0 - self.capacity
         return 0.0 if excess <= 0 else excess / self.rate_per_s
 
-    def add(self, key: object, now: float) -> None:
-        self.entries[key] = (self.level(key, now) + 1.0, now)
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)
+    def add(self, entry: Throttle | None, now: float) -> Throttle:
+        level = self.level(entry, now) + 1.0
+        return Throttle(level=level, touched=now, expires=now + level / self.rate_per_s)
+
+
+def _forget(_entry: Throttle | None) -> tuple[None, None]:
+    return None, None
 
 
 # --------------------------------------------------------------------------- logins
@@ -166,74 +244,55 @@ class LoginRateLimiter:
         forget_after_s: float = 3600.0,
         remember_s: float = 30 * 24 * 3600.0,
         max_entries: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
+        tables: ThrottleTables | None = None,
     ) -> None:
         if min(max_failures_per_pair, max_failures_per_client, account_failures_per_hour) < 1:
             raise ValueError("login failure limits must be positive")
+        if tables is None:
+            tables = MemoryTables(max_entries=max_entries)
 
         def backoff(max_failures: int) -> _Backoff:
-            return _Backoff(
-                max_failures=max_failures,
-                base_lockout_s=base_lockout_s,
-                max_lockout_s=max_lockout_s,
-                forget_after_s=forget_after_s,
-                max_entries=max_entries,
-            )
+            return _Backoff(max_failures, base_lockout_s, max_lockout_s, forget_after_s)
 
-        self._pairs = backoff(max_failures_per_pair)
-        self._clients = backoff(max_failures_per_client)
-        self._accounts = _Buckets(
-            capacity=account_failures_per_hour,
-            rate_per_s=account_failures_per_hour / _HOUR_S,
-            max_entries=max_entries,
-        )
-        self._known: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+        self._pair_policy = backoff(max_failures_per_pair)
+        self._client_policy = backoff(max_failures_per_client)
+        self._bucket = _Bucket(account_failures_per_hour, account_failures_per_hour / _HOUR_S)
+        self._pairs = tables.table("login_pair")
+        self._clients = tables.table("login_client")
+        self._accounts = tables.table("login_account")
+        self._known = tables.table("login_known")
         self._remember_s = remember_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._lock = threading.Lock()
-
-    def _is_known(self, username: str, client: str, now: float) -> bool:
-        seen = self._known.get((username, client))
-        if seen is None:
-            return False
-        if now - seen > self._remember_s:
-            del self._known[(username, client)]
-            return False
-        return True
+        self._clock = tables.clock if clock is None else clock
 
     def check(self, username: str, client: str) -> None:
         """Raise :class:`RateLimitedError` if this attempt may not be made now."""
-        with self._lock:
-            now = self._clock()
-            wait = max(
-                self._pairs.retry_after((username, client), now),
-                self._clients.retry_after(client, now),
-            )
-            if wait == 0 and not self._is_known(username, client, now):
-                # The account ceiling: full means "under attack", and new addresses wait.
-                level = self._accounts.level(username, now)
-                if level >= self._accounts.capacity:
-                    wait = (level - self._accounts.capacity + 1.0) / self._accounts.rate_per_s
+        now = self._clock()
+        wait = max(
+            self._pair_policy.wait(self._pairs.get((username, client), now), now),
+            self._client_policy.wait(self._clients.get((client,), now), now),
+        )
+        if wait == 0 and self._known.get((username, client), now) is None:
+            # The account ceiling: full means "under attack", and new addresses wait.
+            level = self._bucket.level(self._accounts.get((username,), now), now)
+            if level >= self._bucket.capacity:
+                wait = (level - self._bucket.capacity + 1.0) / self._bucket.rate_per_s
         if wait > 0:
             raise _refusal("too many failed logins", wait)
 
     def failure(self, username: str, client: str) -> None:
-        with self._lock:
-            now = self._clock()
-            self._pairs.failure((username, client), now)
-            self._clients.failure(client, now)
-            self._accounts.add(username, now)
+        now = self._clock()
+        self._pairs.update((username, client), now, lambda e: (self._pair_policy.fail(e, now), 0))
+        self._clients.update((client,), now, lambda e: (self._client_policy.fail(e, now), 0))
+        self._accounts.update((username,), now, lambda e: (self._bucket.add(e, now), 0))
 
     def success(self, username: str, client: str) -> None:
         """Reset the pair's count and remember the address for the account (not the client's
         count: see the module docstring)."""
-        with self._lock:
-            self._pairs.reset((username, client))
-            self._known[(username, client)] = self._clock()
-            self._known.move_to_end((username, client))
-            while len(self._known) > self._max_entries:
-                self._known.popitem(last=False)
+        now = self._clock()
+        seen = Throttle(touched=now, expires=now + self._remember_s)
+        self._pairs.update((username, client), now, _forget)
+        self._known.update((username, client), now, lambda _e: (seen, 0))
 
 
 # --------------------------------------------------------------------------- signups
@@ -249,17 +308,18 @@ class SignupRateLimiter:
         per_hour: int = DEFAULT_SIGNUPS_PER_HOUR,
         burst: int | None = None,
         max_entries: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
+        tables: ThrottleTables | None = None,
     ) -> None:
         if isinstance(per_hour, bool) or not isinstance(per_hour, int) or per_hour < 0:
             raise ValueError("per_hour must be a non-negative integer")
+        if tables is None:
+            tables = MemoryTables(max_entries=max_entries)
         self.per_hour = per_hour
         capacity = per_hour if burst is None else burst
-        self._buckets = _Buckets(
-            capacity=max(1, capacity), rate_per_s=per_hour / _HOUR_S, max_entries=max_entries
-        )
-        self._clock = clock
-        self._lock = threading.Lock()
+        self._bucket = _Bucket(max(1, capacity), max(per_hour, 1) / _HOUR_S)
+        self._buckets = tables.table("signup")
+        self._clock = tables.clock if clock is None else clock
 
     def attempt(self, client: str) -> None:
         """Count one signup attempt from ``client``.
@@ -269,10 +329,12 @@ class SignupRateLimiter:
         """
         if self.per_hour == 0:
             return
-        with self._lock:
-            now = self._clock()
-            wait = self._buckets.wait(client, now)
-            if wait == 0:
-                self._buckets.add(client, now)
+        now = self._clock()
+
+        def take(entry: Throttle | None) -> tuple[Throttle | None, float]:
+            wait = self._bucket.wait(entry, now)
+            return (entry, wait) if wait > 0 else (self._bucket.add(entry, now), 0.0)
+
+        wait = self._buckets.update((client,), now, take)
         if wait > 0:
             raise _refusal("too many signups from your address", wait)

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cape._internal.timefile import fsync_dir
 from cape.errors import KeyFormatError
@@ -72,11 +73,12 @@ class TokenClaims:
 
 
 def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
-    """Load the signing key, creating it (0600, atomically, directory 0700) if absent."""
+    """Load the signing key, creating it (0600, atomically, directory 0700) if absent. An
+    existing key is only read, so it may be on a read-only mount (a Kubernetes Secret)."""
     directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory.chmod(0o700)
     if not path.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -147,6 +149,16 @@ class TokenIssuer:
     @property
     def public_key(self) -> Ed25519PublicKey:
         return self._public_key
+
+    def derive_secret(self, purpose: bytes) -> bytes:
+        """32 bytes for ``purpose``, derived from the signing key (HKDF-SHA256): a secret every
+        node sharing the key shares, without another file (the throttle table's pepper)."""
+        raw = self._private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(raw)
 
     def issue(
         self,

@@ -60,7 +60,7 @@ from cape.host.hashgate import PasswordHashGate
 from cape.host.keydocs import KeyDocuments
 from cape.host.launcher import EnclaveLauncher, Tap
 from cape.host.pool import EnclavePool
-from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR, SignupRateLimiter
+from cape.host.ratelimit import DEFAULT_SIGNUPS_PER_HOUR, LoginRateLimiter, SignupRateLimiter
 from cape.host.signup import SignupMode
 from cape.host.store.backends import (
     open_blob_store,
@@ -71,6 +71,7 @@ from cape.host.store.backends import (
 from cape.host.store.deploys import sweep_orphans
 from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import User
+from cape.host.store.throttle import SqlThrottle
 from cape.kms.local import load_master_key
 from cape.platform.kms_node import NodePlatform
 from cape.platform.limits import ServerLimits
@@ -99,6 +100,8 @@ __all__ = [
 
 log = logging.getLogger("cape.serve")
 DEFAULT_PORT: Final = 8443
+THROTTLE_PEPPER: Final = b"cape throttle key names v1"
+"""HKDF info: the throttle table's row names are keyed by this secret (cape.host.store.throttle)."""
 
 #: The docs page whose statement on hardware enclaves the banner repeats (keep them equal:
 #: tests/e2e/test_first_hour.py checks the page says what the banner says).
@@ -399,12 +402,18 @@ class Server:
             pool = EnclavePool(launcher, config.enclaves)
             try:
                 await pool.start()
+                issuer = TokenIssuer.open(config.auth_dir or self.data_dir)
+                # Login and signup counts in the database: every node of a cluster sees them.
+                throttle = SqlThrottle(store, pepper=issuer.derive_secret(THROTTLE_PEPPER))
                 accounts = Accounts(
                     store,
-                    TokenIssuer.open(config.auth_dir or self.data_dir),
+                    issuer,
                     signup_mode=config.signup,
                     invites=InviteStore(store),
-                    signup_limiter=SignupRateLimiter(per_hour=config.signups_per_hour),
+                    limiter=LoginRateLimiter(tables=throttle),
+                    signup_limiter=SignupRateLimiter(
+                        per_hour=config.signups_per_hour, tables=throttle
+                    ),
                 )
                 keydocs = KeyDocuments(self.data_dir / "keydocs", store)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import errno
 import hashlib
 import hmac
 import json
@@ -339,6 +340,28 @@ def test_issuer_key_is_created_private_and_reused(tmp_path: Path) -> None:
     token = first.issue(subject=new_id(), token_id=new_id(), kind="pat", issued_at=T0)
     assert second.verify(token, now=T0).kind == "pat"
     assert TokenIssuer.open(tmp_path / "other").public_key != first.public_key
+
+
+def test_issuer_reads_a_key_from_a_read_only_secret_mount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes Secret volume (deploy/kubernetes): read-only, each file a symlink into a
+    ``..data`` directory, mode 0400. The key is read as it is; nothing is written or chmod'ed."""
+    made = TokenIssuer.open(tmp_path / "made")
+    mount = tmp_path / "secret" / "auth"
+    (mount / "..data").mkdir(parents=True)
+    key = (tmp_path / "made" / "auth" / "signing.key").read_bytes()
+    (mount / "..data" / "signing.key").write_bytes(key)
+    (mount / "..data" / "signing.key").chmod(0o400)
+    (mount / "signing.key").symlink_to("..data/signing.key")
+
+    def read_only(self: Path, mode: int, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "chmod", read_only)  # what a read-only mount answers
+    mounted = TokenIssuer.open(tmp_path / "secret")
+    token = made.issue(subject=new_id(), token_id=new_id(), kind="pat", issued_at=T0)
+    assert mounted.verify(token, now=T0).kind == "pat"
 
 
 def test_issuer_refuses_a_key_others_can_read(tmp_path: Path) -> None:

@@ -104,11 +104,11 @@ def _deploy(store: SqlMetadataStore, owner: User, name: str, n: int = 0, **kw: o
 
 def test_schema_is_created_by_the_alembic_migrations(store: SqlMetadataStore) -> None:
     head = ScriptDirectory.from_config(migration_config()).get_current_head()
-    assert head == "0002"
+    assert head == "0003"
     with store.connect() as conn:
         tables = set(sa.inspect(conn).get_table_names())
         version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-    assert tables == {"alembic_version", "users", "functions", "tokens", "invites"}
+    assert tables == {"alembic_version", "users", "functions", "tokens", "invites", "throttle"}
     assert version == head
 
 

@@ -71,9 +71,9 @@ def test_the_login_limiter_stays_bounded(mono: Monotonic) -> None:
     for i in range(1000):
         limiter.failure(f"user{i}", f"client{i}")
         limiter.success(f"user{i}", f"client{i}")
-    assert len(limiter._pairs.entries) <= 100
-    assert len(limiter._clients.entries) == 100
-    assert len(limiter._accounts.entries) == 100
+    assert len(limiter._pairs) <= 100
+    assert len(limiter._clients) == 100
+    assert len(limiter._accounts) == 100
     assert len(limiter._known) == 100
 
 

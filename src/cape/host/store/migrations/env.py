@@ -19,7 +19,9 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import Connection
 
-import cape.host.store.invites  # noqa: F401 - registers the invites table on Base
+# Registers the invites and throttle tables on Base.
+import cape.host.store.invites
+import cape.host.store.throttle  # noqa: F401
 from cape.host.store.metadata import Base
 
 config = context.config
