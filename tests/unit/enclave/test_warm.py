@@ -127,17 +127,22 @@ def test_spares_are_not_replaced_beyond_the_demand_once_idle(
             await _settle(pool)
             entry = pool._entries[KEY]
             made = [spare for task in entry.spares if (spare := task.result()) is not None]
-            assert len(made) == 3
-            for _ in range(2):  # each hit after idle_s lowers the target by one
+            # Each session of the burst that found no spare raised the target by one; how many
+            # did depends on timing (a spare started for the first miss may be ready for the
+            # third session), so the test reads the target rather than assuming 3.
+            first = pool.spare_stats(*KEY)
+            assert first is not None and first.target == len(made) >= 2
+            started = len(started_at)
+            for _ in range(first.target - 1):  # each hit after idle_s lowers the target by one
                 (await _acquire(pool)).release()
             await _settle(pool)
             stats = pool.spare_stats(*KEY)
             assert stats is not None and (stats.target, stats.spares) == (1, 1)
-            # Two of the three spares went to those sessions and were not replaced: the third
-            # is the one spare left, and the pool started no sandbox meanwhile.
-            assert [lease.sandbox.alive for lease in made] == [False, False, True]
-            assert [task.result() for task in pool._entries[KEY].spares] == [made[2]]
-            assert len(started_at) == 3 + 3  # the first burst's own and the three spares
+            # The spares went to those sessions and were not replaced: the last one made is the
+            # one spare left, and the pool started no sandbox meanwhile.
+            assert [lease.sandbox.alive for lease in made] == [False] * (len(made) - 1) + [True]
+            assert [task.result() for task in pool._entries[KEY].spares] == [made[-1]]
+            assert len(started_at) == started
         finally:
             await pool.close()
 
