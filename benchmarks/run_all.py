@@ -185,16 +185,21 @@ def write_report(
     timings: dict[str, float],
     failures: dict[str, str],
     quick: bool,
+    started: tuple[dt.datetime, list[tuple[str, str]]] | None = None,
 ) -> str:
+    """``started``: when the run began and :func:`machine` as it was then (the load at start);
+    without it, both are taken now."""
+    began, facts = started or (dt.datetime.now(dt.UTC), machine())
     lines = [
         f"# Cape benchmark report{' (quick smoke run)' if quick else ''}",
         "",
-        f"Run at {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; "
+        f"Run from {began.isoformat(timespec='seconds')} to "
+        f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; "
         "every ratio is against a reference measured in the same run.",
         "",
         "| machine | |",
         "|---|---|",
-        *(f"| {k} | {v} |" for k, v in machine()),
+        *(f"| {k} | {v} |" for k, v in facts),
         "",
     ]
     lines += hot_path_lines(results)
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/…)")
     parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="run only these scripts")
     args = parser.parse_args(argv)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    started = (dt.datetime.now(dt.UTC), machine())  # the load before any benchmark ran
+    stamp = started[0].strftime("%Y%m%dT%H%M%SZ")
     out: Path = args.out or HERE / "results" / (stamp + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Results] = {}
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[name] = result
             print(f"   {elapsed:.0f} s, {len(result.figures)} figures", flush=True)
-    write_report(out, results, timings, failures, args.quick)
+    write_report(out, results, timings, failures, args.quick, started)
     print("\nGoals:")
     print(summary(results, failures))
     print(f"\nReport: {out / 'report.md'} (+ {len(list(out.glob('*.png')))} plots)")
