@@ -22,7 +22,6 @@ the root key, and one node's intermediate can be left to expire.
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from typing import Final
 
 from cryptography import x509
@@ -34,12 +33,12 @@ from cryptography.x509.oid import NameOID
 from cape._internal.timefile import as_utc
 from cape.enclave.secure_module.simulated import (
     _DOMAIN,
-    _INSTANCE_ID,
     BACKDATE,
     DEFAULT_REGION,
     INSTANCE_LIFETIME,
     InstanceCredentials,
     _check_label,
+    _instance_id,
     _issue_ca,
     _name,
     _new_key,
@@ -125,10 +124,7 @@ class NodeAuthority:
                 f"this node's attestation intermediate is not valid at {start.isoformat()}; "
                 "restart the node to get a new one from the key service"
             )
-        _check_label(region, "region")
-        instance_id = instance_id or f"i-{secrets.token_hex(9)[:17]}"
-        if not _INSTANCE_ID.fullmatch(instance_id):
-            raise ValueError(f"instance_id {instance_id!r} must look like i-<hex>")
+        instance_id = _instance_id(region, instance_id)
         instance_key = _new_key()
         instance = _issue_ca(
             subject=_name(f"{instance_id}.{region}.{_DOMAIN}"),

@@ -170,6 +170,15 @@ def _check_label(value: str, what: str) -> None:
         raise ValueError(f"{what} {value!r} must be a short lower-case DNS label")
 
 
+def _instance_id(region: str, instance_id: str | None) -> str:
+    """Check ``region`` and ``instance_id`` for an instance CA's name; a fresh id if ``None``."""
+    _check_label(region, "region")
+    instance_id = instance_id or f"i-{secrets.token_hex(9)[:17]}"
+    if not _INSTANCE_ID.fullmatch(instance_id):
+        raise ValueError(f"instance_id {instance_id!r} must look like i-<hex>")
+    return instance_id
+
+
 # --- the operator's PKI ---------------------------------------------------------------------
 
 
@@ -328,10 +337,7 @@ class SimulatedAuthority:
             raise SecureModuleError(
                 f"the simulated root is not valid at {start.isoformat()}; generate a new one"
             )
-        _check_label(region, "region")
-        instance_id = instance_id or f"i-{secrets.token_hex(9)[:17]}"
-        if not _INSTANCE_ID.fullmatch(instance_id):
-            raise ValueError(f"instance_id {instance_id!r} must look like i-<hex>")
+        instance_id = _instance_id(region, instance_id)
 
         not_before = start - BACKDATE
         regional_key, zonal_key, instance_key = _new_key(), _new_key(), _new_key()
