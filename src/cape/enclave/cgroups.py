@@ -80,6 +80,20 @@ class SandboxCgroup:
         for directory in dict.fromkeys(self._dirs.values()):
             _write(directory / "cgroup.procs", str(pid))
 
+    def open_procs(self) -> list[int]:
+        """One write descriptor of ``cgroup.procs`` per hierarchy, opened by us (root): a
+        process given them joins the group itself by writing ``0`` (the sandbox zygote's
+        children, before they drop privileges). The caller closes them."""
+        fds: list[int] = []
+        try:
+            for directory in dict.fromkeys(self._dirs.values()):
+                fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
     def pids(self) -> list[int]:
         found: set[int] = set()
         for directory in dict.fromkeys(self._dirs.values()):

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import select
@@ -66,6 +65,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -79,18 +79,19 @@ from cape.enclave.spawn import (
     FUNCTION_PATH,
     GUEST_PATH,
     WORKER_PATH,
+    CgroupFailed,
     OutputTooLarge,
     ProtocolViolation,
     Spawn,
     Timeout,
     WorkerGone,
-    read_some,
     recv_exact,
     send_all,
 )
 from cape.enclave.staging import SUPPORT, layout, move_back, place_function_dir
 from cape.enclave.uids import UidPool
 from cape.enclave.worker import settings_args
+from cape.enclave.zygote import ZygoteSpawn, ZygoteUnavailable, zygote_for
 from cape.errors import FunctionError, LimitExceededError, SandboxError
 
 __all__ = [
@@ -241,7 +242,7 @@ class FunctionSandbox(Closeable):
 
     def __init__(
         self,
-        spawn: Spawn,
+        spawn: Spawn | ZygoteSpawn,
         limits: SandboxLimits,
         uid: int | None,
         services: Services | None = None,
@@ -319,15 +320,7 @@ class FunctionSandbox(Closeable):
                     }
                 return [WORKER_PATH, str(fd), *settings_args(config)]
 
-            started = Spawn(
-                layout(),
-                uid,
-                source,
-                limits.tmp_bytes,
-                worker_args,
-                services=services is not None,
-                block=True,
-            )
+            started = _spawn(uid, source, limits.tmp_bytes, worker_args, services, cgroup)
         except BaseException:
             UIDS.release(uid)
             if restore is not None:
@@ -441,7 +434,7 @@ class FunctionSandbox(Closeable):
                 self._fail(
                     "crashed", f"the sandbox worker broke the protocol while loading ({exc})"
                 )
-            except _CgroupFailed as exc:
+            except CgroupFailed as exc:
                 self._fail("unavailable", f"the sandbox could not join its cgroup ({exc})")
             if status == _LOAD_ERROR:
                 self._fail("load", _one_line(body))
@@ -449,32 +442,8 @@ class FunctionSandbox(Closeable):
                 self._fail("crashed", "the sandbox worker broke the protocol while loading")
 
     def _read_info(self, deadline: float) -> None:
-        """bubblewrap's info JSON names the sandbox's pid 1; hold it by a pidfd to kill it."""
-        data = b""
-        while True:
-            chunk = read_some(self._spawn.info_fd, deadline, 4096)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > 64 << 10:
-                raise ProtocolViolation("oversized info from bubblewrap")
-        if not data:
-            raise WorkerGone
-        try:
-            pid1 = int(json.loads(data)["child-pid"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ProtocolViolation("unreadable info from bubblewrap") from exc
-        with contextlib.suppress(ProcessLookupError):
-            self._pid1_fd = os.pidfd_open(pid1)
-        if self._cgroup is not None:
-            # Both are waiting on the block pipe: nothing of the function has run yet, and
-            # whatever it starts later is born inside the group.
-            try:
-                self._cgroup.add(self._spawn.proc.pid)
-                self._cgroup.add(pid1)
-            except OSError as exc:
-                raise _CgroupFailed(exc.strerror or str(exc)) from None
-        self._spawn.release()
+        """Hold the sandbox's pid 1 by a pidfd (to kill it) once it is in its cgroup."""
+        self._pid1_fd = self._spawn.wait_started(deadline, self._cgroup)
 
     def _send(self, data: bytes, deadline: float) -> None:
         send_all(self._spawn.channel, (_HEADER.pack(len(data)), data), deadline)
@@ -512,6 +481,8 @@ class FunctionSandbox(Closeable):
             return "crashed", f"the sandbox ended {when} (exit status unknown)"
         if code == 1 and stderr.startswith("bwrap:"):
             return "unavailable", f"bubblewrap could not build the sandbox: {stderr[:300]}"
+        if code == 1 and stderr.startswith("cape-zygote:"):
+            return "unavailable", f"the sandbox zygote could not build the sandbox: {stderr[:300]}"
         if code == _EXIT_MEMORY or (self._cgroup is not None and self._cgroup.oom_kills()):
             return (
                 "memory",
@@ -558,37 +529,21 @@ class FunctionSandbox(Closeable):
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self._pid1_fd, signal.SIGKILL)
             else:
-                self._spawn.proc.kill()
+                self._spawn.kill()
             if not self._reap(_REAP_TIMEOUT_S):
-                self._spawn.proc.kill()
+                self._spawn.kill()
                 self._reap(None)
             self._reaped = True
             if self._dead is None:
                 self._dead = "the sandbox ended"
 
     def _reap(self, timeout: float | None) -> bool:
-        proc = self._spawn.proc
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
-            except ChildProcessError:
-                self._exit_code = proc.returncode
-                return True
-            if pid:
-                self._exit_code = proc.returncode = os.waitstatus_to_exitcode(status)
-                self._cpu_s = usage.ru_utime + usage.ru_stime
-                return True
-            if deadline is None:
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            select.select([self._spawn.pidfd], [], [], remaining)
-
-
-class _CgroupFailed(Exception):
-    pass
+        result = self._spawn.reap(timeout)
+        if result is None:
+            return False
+        self._exit_code, cpu_s = result
+        self._cpu_s = cpu_s or self._cpu_s
+        return True
 
 
 def _new_cgroup(limits: SandboxLimits) -> SandboxCgroup | None:
@@ -604,10 +559,49 @@ def _new_cgroup(limits: SandboxLimits) -> SandboxCgroup | None:
         ) from None
 
 
-def _kill_quietly(spawn: Spawn) -> None:
+def _spawn(
+    uid: int | None,
+    source: Path,
+    tmp_bytes: int,
+    worker_args: Callable[[int, int | None], list[str]],
+    services: Services | None,
+    cgroup: SandboxCgroup | None,
+) -> Spawn | ZygoteSpawn:
+    """The session's sandbox from the zygote where there is one, else from bubblewrap (also
+    when the zygote turns out to be unavailable for this start: see cape.enclave.zygote)."""
+    zygote = zygote_for(layout(), uid)
+    if zygote is not None and uid is not None:
+        cgroup_fds = cgroup.open_procs() if cgroup is not None else []
+        try:
+            return ZygoteSpawn(
+                zygote,
+                uid,
+                source,
+                tmp_bytes,
+                worker_args,
+                services=services is not None,
+                cgroup_fds=tuple(cgroup_fds),
+            )
+        except ZygoteUnavailable as exc:
+            log.warning("%s; this sandbox starts with bubblewrap", exc)
+        finally:
+            for fd in cgroup_fds:
+                os.close(fd)
+    return Spawn(
+        layout(),
+        uid,
+        source,
+        tmp_bytes,
+        worker_args,
+        services=services is not None,
+        block=True,
+    )
+
+
+def _kill_quietly(spawn: Spawn | ZygoteSpawn) -> None:
     """Last resort when a sandbox is garbage-collected without close()."""
     with contextlib.suppress(OSError):
-        spawn.proc.kill()
+        spawn.kill()
 
 
 def _one_line(body: bytes) -> str:

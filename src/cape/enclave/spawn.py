@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import json
 import os
 import select
 import shutil
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cape.enclave.cgroups import SandboxCgroup
 from cape.enclave.staging import SUPPORT, Layout
 from cape.errors import SandboxError
 
@@ -211,6 +213,63 @@ class Spawn:
             extra_groups=[] if switch else None,
         )
 
+    def wait_started(self, deadline: float, cgroup: SandboxCgroup | None) -> int | None:
+        """bubblewrap's info JSON names the sandbox's pid 1: return a pidfd of it (to kill the
+        sandbox) after moving bubblewrap and pid 1 into ``cgroup``, then let them go on."""
+        data = b""
+        while True:
+            chunk = read_some(self.info_fd, deadline, 4096)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > 64 << 10:
+                raise ProtocolViolation("oversized info from bubblewrap")
+        if not data:
+            raise WorkerGone
+        try:
+            pid1 = int(json.loads(data)["child-pid"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolViolation("unreadable info from bubblewrap") from exc
+        pid1_fd = None
+        with contextlib.suppress(ProcessLookupError):
+            pid1_fd = os.pidfd_open(pid1)
+        if cgroup is not None:
+            # Both are waiting on the block pipe: nothing of the function has run yet, and
+            # whatever it starts later is born inside the group.
+            try:
+                cgroup.add(self.proc.pid)
+                cgroup.add(pid1)
+            except OSError as exc:
+                if pid1_fd is not None:
+                    os.close(pid1_fd)
+                raise CgroupFailed(exc.strerror or str(exc)) from None
+        self.release()
+        return pid1_fd
+
+    def kill(self) -> None:
+        """Kill bubblewrap (the sandbox dies with it: --die-with-parent)."""
+        self.proc.kill()
+
+    def reap(self, timeout: float | None) -> tuple[int | None, float] | None:
+        """(exit status, CPU seconds of bubblewrap and the sandbox) once bubblewrap has ended;
+        None when ``timeout`` passed first (``None``: wait)."""
+        proc = self.proc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
+            except ChildProcessError:
+                return proc.returncode, 0.0
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return proc.returncode, usage.ru_utime + usage.ru_stime
+            if deadline is None:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            select.select([self.pidfd], [], [], remaining)
+
     def release(self) -> None:
         """Let a sandbox started with ``block=True`` go on (idempotent)."""
         if self._block_w is not None:
@@ -254,6 +313,10 @@ class OutputTooLarge(Exception):
 
 
 class ProtocolViolation(Exception):
+    pass
+
+
+class CgroupFailed(Exception):
     pass
 
 

@@ -376,11 +376,18 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> None:
+    """The worker's process from its arguments to its exit (never returns): as a script under
+    bubblewrap, or called by the sandbox zygote (:mod:`cape.enclave.zygote_program`) in the
+    session's pid 1 once that process has built its sandbox."""
     try:
-        main(sys.argv)
+        main(argv)
     except MemoryError:
         os._exit(EXIT_MEMORY)
     except (BrokenPipeError, ConnectionResetError):
         os._exit(0)
     os._exit(0)
+
+
+if __name__ == "__main__":
+    run(sys.argv)
