@@ -303,7 +303,7 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "die with the zygote")
     if os.getppid() != zygote:
         raise SetupFailed("the zygote ended")
-    # Only this session's descriptors, at known numbers: stdio, then the rest.
+    # Only this session's descriptors: stdio, then the rest.
     keep = [request.status, request.channel, request.stderr, *request.cgroups]
     if request.services is not None:
         keep.append(request.services)
@@ -311,12 +311,8 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.dup2(request.stderr, 2)
-    low = 3
-    for fd in sorted([*keep, null]):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 16)
     os.close(null)
+    _close_all_but({0, 1, 2, *keep})
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for fd in request.cgroups:  # join the session's cgroup first, while still root
         try:
@@ -371,6 +367,15 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
     os._exit(os.waitstatus_to_exitcode(wait_status) & 0xFF)
 
 
+def _close_all_but(keep: set[int]) -> None:
+    low = 0
+    for fd in sorted(keep):
+        if low < fd:  # closerange(n, n) would close everything from n on
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
+
+
 def _write(path: str, text: str, step: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY)
@@ -405,12 +410,7 @@ def _sandbox(config: Config, request: Request) -> None:
     os.dup2(channel, CHANNEL_FD)
     if services is not None:
         os.dup2(services, SERVICES_FD)
-    keep = {0, 1, 2, CHANNEL_FD} | ({SERVICES_FD} if request.services is not None else set())
-    low = 0
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 16)
+    _close_all_but({0, 1, 2, CHANNEL_FD} | ({SERVICES_FD} if services is not None else set()))
     _drop_capabilities(config)
     prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
     _load_seccomp(config.seccomp)
@@ -429,7 +429,7 @@ def _sandbox(config: Config, request: Request) -> None:
     )
     if request.args == ["--probe"]:
         os._exit(0)  # the runtime's probe: the whole sandbox was built, nothing more to run
-    argv = [WORKER_PATH, *request.args]
+    argv = request.args  # the worker script and its arguments, as bubblewrap would run them
     sys.argv[:] = argv
     config.worker.run(argv)
 
