@@ -246,6 +246,11 @@ class Spawn:
         self.release()
         return pid1_fd
 
+    @property
+    def pid(self) -> int:
+        """bubblewrap's host pid."""
+        return self.proc.pid
+
     def kill(self) -> None:
         """Kill bubblewrap (the sandbox dies with it: --die-with-parent)."""
         self.proc.kill()

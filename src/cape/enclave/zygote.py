@@ -265,6 +265,17 @@ class ZygoteSpawn:
             raise WorkerGone
         return fd
 
+    @property
+    def pid(self) -> int:
+        """The host pid of the session's monitor (from its pidfd; -1 when it has none)."""
+        if self.pidfd < 0:
+            return -1
+        with open(f"/proc/self/fdinfo/{self.pidfd}") as info:
+            for line in info:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+        return -1
+
     def kill(self) -> None:
         """Kill the session's monitor (the sandbox's pid 1 dies with it: PDEATHSIG)."""
         if self.pidfd >= 0:

@@ -354,6 +354,12 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
     if request.services is not None:
         os.close(request.services)
     os.close(request.stderr)
+    try:  # the monitor only waits from now on: it keeps nothing of its namespace's privileges
+        _drop_capabilities(config)
+        prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+    except SetupFailed:
+        os.kill(child, signal.SIGKILL)
+        raise
     pidfd = os.pidfd_open(child)
     try:
         socket.send_fds(status, [b"started"], [pidfd])

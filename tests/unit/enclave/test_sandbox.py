@@ -25,7 +25,9 @@ import pytest
 import cape
 from cape.enclave import sandbox as sandbox_module
 from cape.enclave import spawn as spawn_module
+from cape.enclave import zygote as zygote_module
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, check_isolation
+from cape.enclave.zygote import ZygoteSpawn
 from cape.errors import FunctionError, LimitExceededError, SandboxError
 
 pytestmark = pytest.mark.skipif(
@@ -218,23 +220,27 @@ def _identity(pid: int) -> dict[str, list[str]]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the uid switch needs root")
-@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "subprocess"])
+@pytest.mark.parametrize("way", ["setpriv", "subprocess", "zygote"])
 def test_bubblewrap_runs_as_the_sandbox_uid_with_no_groups_or_capabilities(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setpriv: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
     # Both ways of switching (setpriv, then vfork; or subprocess's own switch after a fork)
     # leave bubblewrap, on the host, with nothing of root's: every uid and gid the sandbox's
     # own, no supplementary group (root's 0 would let it read group-0 files), no capability.
-    if not setpriv:
+    # The zygote's monitor of the session (the process in bubblewrap's place) likewise.
+    if way != "zygote":
+        monkeypatch.setattr(zygote_module, "_settings", {"start": "bubblewrap"})
+    if way == "subprocess":
         monkeypatch.setattr(spawn_module, "SETPRIV", None)
-    elif spawn_module.SETPRIV is None:
+    elif way == "setpriv" and spawn_module.SETPRIV is None:
         pytest.skip("setpriv (util-linux) is not installed")
     groups = os.getgroups()
     os.setgroups([0, 4])  # root with supplementary groups, as on many hosts (0 root, 4 adm)
     try:
         with FunctionSandbox.start(make_function(tmp_path, "echo_state"), limits=LIMITS) as box:
             uid = str(box.host_uid)
-            seen = _identity(box._spawn.proc.pid)
+            assert isinstance(box._spawn, ZygoteSpawn) == (way == "zygote")
+            seen = _identity(box._spawn.pid)
             assert box.call(b"x") == b"x"
     finally:
         os.setgroups(groups)
