@@ -34,25 +34,42 @@ closes the control socket. The zygote reports each monitor's exit status and CPU
 
 from __future__ import annotations
 
-import contextlib
+# What the worker has loaded when it imports app.py under bubblewrap (the interpreter's own
+# modules, the worker's, ctypes) is loaded first; each sandbox forgets every module the zygote
+# imported after that (socket, select, ...), so that a function finds the same sys.modules
+# either way and pays for its own imports as it would under bubblewrap.
 import ctypes
-import fcntl
 import os
-import select
-import signal
-import socket
-import stat
 import sys
 from importlib.machinery import SourceFileLoader
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER_PATH = "/cape-worker/worker.py"
+
+
+def _load_worker() -> ModuleType:
+    loader = SourceFileLoader("cape_sandbox_worker", os.path.join(HERE, "worker.py"))
+    module = type(sys)("cape_sandbox_worker")
+    module.__file__ = WORKER_PATH
+    loader.exec_module(module)
+    return module
+
+
+WORKER = _load_worker()
+WORKER_MODULES = frozenset(sys.modules)
+
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 INNER_UID = 1000
 HOSTNAME = b"cape-sandbox"
-WORKER_PATH = "/cape-worker/worker.py"
 GUEST_PATH = "/cape-worker/guest"
 GUEST_MODULES = ("cape_encrypt.py",)
 FUNCTION_PATH = "/function"
@@ -175,15 +192,7 @@ class Config:
         self.pivot_root = SYS_PIVOT_ROOT.get(os.uname().machine)
         if self.pivot_root is None:
             raise ValueError(f"no pivot_root syscall number for {os.uname().machine}")
-        self.worker = _load_worker()
-
-
-def _load_worker() -> ModuleType:
-    loader = SourceFileLoader("cape_sandbox_worker", os.path.join(HERE, "worker.py"))
-    module = type(sys)("cape_sandbox_worker")
-    module.__file__ = WORKER_PATH
-    loader.exec_module(module)
-    return module
+        self.worker = WORKER
 
 
 class Request:
@@ -435,6 +444,9 @@ def _sandbox(config: Config, request: Request) -> None:
     )
     if request.args == ["--probe"]:
         os._exit(0)  # the runtime's probe: the whole sandbox was built, nothing more to run
+    for name in set(sys.modules) - WORKER_MODULES:
+        del sys.modules[name]
+    sys.modules["__main__"] = config.worker
     argv = request.args  # the worker script and its arguments, as bubblewrap would run them
     sys.argv[:] = argv
     config.worker.run(argv)
