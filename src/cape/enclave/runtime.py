@@ -42,6 +42,7 @@ from cape.enclave.secure_module.simulated import SimulatedSecureModule
 from cape.enclave.session import Inbox, SessionConfig, run_session
 from cape.enclave.uids import DEFAULT_RANGE, UidRange, parse_range
 from cape.enclave.warm import WarmPool
+from cape.enclave.zygote import START_PATHS, set_start_path
 from cape.errors import CapeError, FormatError
 from cape.formats.frames import encode_frame_parts, read_frame
 
@@ -331,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         help="host uids for sandboxes (cape serve checks them against the system's ranges)",
     )
     parser.add_argument(
+        "--sandbox-start",
+        choices=START_PATHS,
+        default="auto",
+        help="auto: a sandbox zygote forks each session's sandbox where this runs as root; "
+        "bubblewrap: always start sandboxes with bubblewrap",
+    )
+    parser.add_argument(
         "--storage-bytes",
         type=int,
         default=STORAGE_BYTES,
@@ -349,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.private_tmpfs:
         _mount_private_tmpfs(args.workdir, args.storage_bytes)
     UIDS.configure(args.sandbox_uids)
+    set_start_path(args.sandbox_start)
     groups, why = cgroups.shared()
     if groups is None:
         log.warning("cgroups unavailable (%s): sandboxes have per-process rlimits only", why)

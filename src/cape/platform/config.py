@@ -221,6 +221,9 @@ SETTINGS: Final[Mapping[str, Setting]] = {
     ),
     "log_format": Setting("log_format", _choice("text", "json"), "text or json lines"),
     "sandbox_uids": Setting("sandbox_uids", _text, "uids for sandboxed functions (FIRST-LAST)"),
+    "sandbox_start": Setting(
+        "sandbox_start", _choice("auto", "bubblewrap"), "auto (zygote where possible) or bubblewrap"
+    ),
     "run_functions": Setting("run_functions", _bool, "false: serve but run no functions"),
     "nitro": Setting("nitro", _nitro, "a [nitro] table: run on AWS Nitro Enclaves"),
 }

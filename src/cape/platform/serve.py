@@ -45,7 +45,7 @@ from starlette.types import ASGIApp
 from websockets.exceptions import InvalidState
 
 from cape._internal.timefile import write_private
-from cape.enclave.sandbox import describe_containment
+from cape.enclave.sandbox import describe_containment, describe_start
 from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.enclave.uids import DEFAULT_RANGE, check_range, parse_range
 from cape.errors import CapeError, FormatError, KeyFormatError
@@ -163,6 +163,10 @@ class ServeConfig:
     sandbox_uids: str = str(DEFAULT_RANGE)
     """Host uids for sandboxes, ``START-END``: checked at every start against the ranges the
     system hands out (issue 18, finding 5); the enclaves get it as ``--sandbox-uids``."""
+    sandbox_start: str = "auto"
+    """How sandboxes start: ``auto`` (the enclave's sandbox zygote where the enclave runs as
+    root, else bubblewrap) or ``bubblewrap`` (always); the enclaves get it as
+    ``--sandbox-start``."""
     extra_env: Mapping[str, str] | None = None
     record_for_cli: bool = True
     config_dir: Path = field(default_factory=config_dir)
@@ -394,7 +398,11 @@ class Server:
             launcher: EnclaveLauncher = platform.launcher(
                 extra_env=config.extra_env,
                 tap=config.tap,
-                runtime_args=[*config.runtime_args, "--sandbox-uids", str(sandbox_uids)],
+                runtime_args=[
+                    *config.runtime_args,
+                    *("--sandbox-uids", str(sandbox_uids)),
+                    *("--sandbox-start", config.sandbox_start),
+                ],
             )
             if nitro is not None:
                 launcher, aws_root = nitro
@@ -664,6 +672,7 @@ def describe(server: Server, out: TextIO) -> None:
         print(f"  Blob store:        {server.storage[1]}", file=out)
     print(f"  Sandbox uids:      {config.sandbox_uids}", file=out)
     print(f"  Sandbox limits:    {describe_containment()}", file=out)
+    print(f"  Sandbox start:     {describe_start(config.sandbox_start)}", file=out)
     if server.isolation_problem is not None:
         print(
             f"  Functions:         NOT RUNNABLE (--no-run): {server.isolation_problem}",
