@@ -21,6 +21,7 @@ too, that start falls back to bubblewrap. No start waits on it without a deadlin
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -102,6 +103,7 @@ class Zygote:
             for attempt in (1, 2):
                 try:
                     if self._control is None or self._proc is None or self._proc.poll() is not None:
+                        self._stop()
                         self._start()
                     assert self._control is not None
                     socket.send_fds(self._control, [data], fds)
@@ -368,8 +370,9 @@ def _probe(zygote: Zygote, uid: int) -> str | None:
         spawn.close_fds()
 
 
+@atexit.register
 def stop_all() -> None:
-    """End every zygote of this process (tests; the runtime's end closes them anyway)."""
+    """End every zygote of this process (at exit: their sandboxes die with them)."""
     with _zygotes_lock:
         for zygote in _zygotes.values():
             if zygote is not None:

@@ -309,9 +309,6 @@ def _monitor(config: Config, request: Request, zygote: int) -> None:
 
 
 def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "die with the zygote")
-    if os.getppid() != zygote:
-        raise SetupFailed("the zygote ended")
     # Only this session's descriptors: stdio, then the rest.
     keep = [request.status, request.channel, request.stderr, *request.cgroups]
     if request.services is not None:
@@ -338,6 +335,7 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
         raise SetupFailed(f"switch to uid {uid}: {exc.strerror}") from None
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid) or os.getgroups():
         raise SetupFailed(f"switch to uid {uid}: not switched")
+    _die_with_parent(zygote, "die with the zygote")
     prctl(PR_SET_DUMPABLE, 1, "make the uid map writable")
     _check(_libc.unshare(NAMESPACES), "unshare namespaces")
     _write("/proc/self/setgroups", "deny", "deny setgroups")
@@ -346,6 +344,7 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
     prctl(PR_SET_DUMPABLE, 0, "make the monitor not dumpable")
     _write("/proc/sys/user/max_user_namespaces", "0", "disable further user namespaces")
     _check(_libc.sethostname(HOSTNAME, len(HOSTNAME)), "set the hostname")
+    _die_with_parent(zygote, "die with the zygote")
     status = socket.socket(fileno=request.status)
     try:
         child = os.fork()
@@ -366,6 +365,7 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
     try:  # the monitor only waits from now on: it keeps nothing of its namespace's privileges
         _drop_capabilities(config)
         prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+        _die_with_parent(zygote, "die with the zygote")
     except SetupFailed:
         os.kill(child, signal.SIGKILL)
         raise
@@ -380,6 +380,14 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
     if os.WIFSIGNALED(wait_status):
         os._exit(128 + os.WTERMSIG(wait_status))
     os._exit(os.waitstatus_to_exitcode(wait_status) & 0xFF)
+
+
+def _die_with_parent(parent: int, step: str) -> None:
+    """PR_SET_PDEATHSIG, set again after each change of credentials (which clears it), and
+    checked against a parent that ended before it was set."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, step)
+    if parent and os.getppid() != parent:
+        raise SetupFailed(f"{step}: it ended")
 
 
 def _close_all_but(keep: set[int]) -> None:
@@ -428,6 +436,7 @@ def _sandbox(config: Config, request: Request) -> None:
     _close_all_but({0, 1, 2, CHANNEL_FD} | ({SERVICES_FD} if services is not None else set()))
     _drop_capabilities(config)
     prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+    _die_with_parent(0, "die with the monitor")  # its parent is outside: getppid() is 0
     _load_seccomp(config.seccomp)
     os.environ.clear()
     os.environ.update(
