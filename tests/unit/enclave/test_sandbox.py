@@ -83,6 +83,15 @@ def assert_fresh_session_works(tmp_path: Path) -> None:
         assert fresh.call(b"still serving") == b"still serving"
 
 
+@pytest.fixture(params=["zygote", "bubblewrap"])
+def start_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs an isolation test against both start paths: the sandbox zygote (the default where
+    the runtime is root; test_zygote.py) and bubblewrap (forced, as ``sandbox_start``)."""
+    if request.param == "bubblewrap":
+        monkeypatch.setattr(zygote_module, "_settings", {"start": "bubblewrap"})
+    return str(request.param)
+
+
 @pytest.fixture
 def started() -> Iterator[list[FunctionSandbox]]:
     """Sandboxes a test starts; closed afterwards, and checked to leave no process behind."""
@@ -122,7 +131,9 @@ def test_echo_state_persists_and_module_code_runs_once(
     assert box.call(b"count") == b"4 1"
 
 
-def test_sessions_do_not_share_state(tmp_path: Path, started: list[FunctionSandbox]) -> None:
+def test_sessions_do_not_share_state(
+    tmp_path: Path, started: list[FunctionSandbox], start_path: str
+) -> None:
     first = start(started, make_function(tmp_path, "echo_state", name="a"))
     second = start(started, make_function(tmp_path, "echo_state", name="b"))
     first.call(b"x")
@@ -257,7 +268,9 @@ def test_bubblewrap_runs_as_the_sandbox_uid_with_no_groups_or_capabilities(
 # --- what the function can see ---------------------------------------------------------------
 
 
-def test_the_inside_is_isolated_and_limited(tmp_path: Path, started: list[FunctionSandbox]) -> None:
+def test_the_inside_is_isolated_and_limited(
+    tmp_path: Path, started: list[FunctionSandbox], start_path: str
+) -> None:
     box = start(started, make_function(tmp_path, "introspect"))
     seen = call_json(box, {})
     assert seen["uid"] == seen["gid"] == 1000
@@ -301,7 +314,7 @@ def test_the_inside_is_isolated_and_limited(tmp_path: Path, started: list[Functi
 
 
 def test_runtime_files_and_keys_are_invisible(
-    tmp_path: Path, started: list[FunctionSandbox]
+    tmp_path: Path, started: list[FunctionSandbox], start_path: str
 ) -> None:
     key_file = tmp_path / "kms-master.key"
     key_file.write_bytes(os.urandom(32))
@@ -344,7 +357,9 @@ def test_runtime_files_and_keys_are_invisible(
             assert result.startswith("error"), f"{path}: {result}"
 
 
-def test_network_is_unreachable(tmp_path: Path, started: list[FunctionSandbox]) -> None:
+def test_network_is_unreachable(
+    tmp_path: Path, started: list[FunctionSandbox], start_path: str
+) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     port = listener.getsockname()[1]
@@ -362,7 +377,7 @@ def test_network_is_unreachable(tmp_path: Path, started: list[FunctionSandbox]) 
     assert outcome["interfaces"] == ["lo"]
 
 
-def test_writes_land_only_in_scratch(tmp_path: Path) -> None:
+def test_writes_land_only_in_scratch(tmp_path: Path, start_path: str) -> None:
     # /function is read-only (issue 18, finding 4): writes there would land in enclave memory
     # outside every scratch limit.
     directory = make_function(tmp_path, "write_anywhere")
@@ -381,7 +396,9 @@ def test_writes_land_only_in_scratch(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_seccomp_denies_dangerous_syscalls(tmp_path: Path, started: list[FunctionSandbox]) -> None:
+def test_seccomp_denies_dangerous_syscalls(
+    tmp_path: Path, started: list[FunctionSandbox], start_path: str
+) -> None:
     outcome = call_json(start(started, make_function(tmp_path, "syscalls")), {})
     assert outcome == {
         "ptrace": "EPERM",
@@ -423,7 +440,9 @@ def test_cpu_limit(tmp_path: Path, started: list[FunctionSandbox]) -> None:
     assert_fresh_session_works(tmp_path)
 
 
-def test_fork_bomb_is_contained(tmp_path: Path, started: list[FunctionSandbox]) -> None:
+def test_fork_bomb_is_contained(
+    tmp_path: Path, started: list[FunctionSandbox], start_path: str
+) -> None:
     limits = dataclass_replace(call_timeout_s=3.0)
     box = start(started, make_function(tmp_path, "fork_bomb"), limits)
     counted = box.call(b"count").decode()
@@ -504,7 +523,7 @@ def test_os_exit_is_a_crash(tmp_path: Path, started: list[FunctionSandbox]) -> N
 
 
 def test_segfault_is_a_crash_naming_the_signal(
-    tmp_path: Path, started: list[FunctionSandbox]
+    tmp_path: Path, started: list[FunctionSandbox], start_path: str
 ) -> None:
     box = start(started, make_function(tmp_path, "segfault"))
     with pytest.raises(SandboxError) as info:
