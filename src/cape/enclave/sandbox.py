@@ -17,6 +17,12 @@ Shape (``FunctionSandbox.start`` → ``call`` … → ``close``):
    **read-only** at ``/function`` (the worker's working directory), and
    :mod:`cape.enclave.worker` as a read-only file. Nothing else of the host exists in there:
    not the runtime's package or virtualenv, its data or key files, ``/root``, ``/home``.
+   Where the runtime is root, the same sandbox is built by the **sandbox zygote** instead
+   (:mod:`cape.enclave.zygote`): a per-runtime process that never runs user code forks each
+   session's process, which builds the namespaces and this mount tree itself, drops its
+   capabilities and loads the same seccomp filter (cheaper: no exec of bubblewrap and of a
+   fresh interpreter per session). bubblewrap remains the path where the zygote is
+   unavailable or ``sandbox_start = "bubblewrap"``.
 2. **An unprivileged host uid** (:mod:`cape.enclave.uids`). bubblewrap itself runs as a uid
    of its own per sandbox, from a range outside everything the system hands out (``cape
    serve`` checks it at every start), so the sandbox's root-in-namespace maps to that uid and
