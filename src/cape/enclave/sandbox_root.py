@@ -14,7 +14,6 @@ raises :class:`SetupFailed`, whose text is the one line the runtime reports.
 from __future__ import annotations
 
 import ctypes
-import cape
 import os
 import stat
 
