@@ -22,11 +22,13 @@ same run:
   sandbox, beside what it is made of, each measured alone the same way: bubblewrap building the
   same namespaces and mount tree around ``/usr/bin/true`` (no Python), a bare
   ``python -I -S -B -c pass``, and ``os.fork`` of this warm interpreter whose child exits at
-  once. The last line is the floor of a per-enclave zygote (issue 16), which would still build
-  the namespaces and mounts and fork per session but start no interpreter: the most a zygote
-  could save is the start's CPU minus that floor. The start's line is followed by the share of
-  this process alone (``RUSAGE_SELF``: the runtime's side of a start, the rest being the
-  sandbox's own processes).
+  once. Where this runs as root the start goes through the sandbox zygote (issue 16), whose
+  own CPU and its reaped children's (each session's monitor and sandbox, which are not this
+  process's children) come from ``/proc/PID/stat``; the same start with bubblewrap
+  (``sandbox_start``) follows it, and the figure compares the two. The bubblewrap-around-`true`
+  and fork lines make the floor of a forking start (namespaces and mounts and a fork, no
+  interpreter start). The start's line is followed by the share of this process alone
+  (``RUSAGE_SELF``: the runtime's side of a start, the rest being the sandbox's own processes).
 
 ``--json PATH`` also writes the figures and the raw samples (``benchmarks/_results.py``).
 Needs bubblewrap; prints why and exits 0 without it (it is a benchmark, not a test).
@@ -247,16 +249,16 @@ def _start_cost(directory: Path, repeats: int, results: Results) -> None:
             higher_is_better=False,
         )
     print(
-        f"zygote floor (namespaces + mounts + fork, no interpreter start) ≈ {floor:.2f} ms of "
-        f"CPU: at most {start_cpu - floor:.2f} ms ({1 - floor / start_cpu:.0%}) of a start "
-        "could be saved"
+        f"floor of a forking start (namespaces + mounts + fork, no interpreter start) ≈ "
+        f"{floor:.2f} ms of CPU: the start above is {start_cpu - floor:.2f} ms "
+        f"({1 - floor / start_cpu:.0%}) above it"
     )
     results.figure(
         "start CPU",
         "echo sandbox start → first result → close, CPU",
         start_cpu,
         "ms",
-        reference="zygote floor: bubblewrap's namespaces + mounts around `true` + one fork, CPU",
+        reference="floor: bubblewrap's namespaces + mounts around `true` + one fork, CPU",
         reference_value=floor,
         higher_is_better=False,
         note=(
