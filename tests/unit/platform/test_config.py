@@ -37,6 +37,7 @@ log_format = "json"
 max_input_bytes = 1048576
 limits = ["bundle_bytes=8388608"]
 sandbox_uids = "3000000000-3000049999"
+sandbox_start = "bubblewrap"
 run_functions = false
 """
 
@@ -59,6 +60,7 @@ def test_a_full_file_fills_the_serve_config(tmp_path: Path) -> None:
     assert config.log_format == "json"
     assert config.max_input_bytes == 1 << 20 and config.limits.bundle_bytes == 8 << 20
     assert config.sandbox_uids == "3000000000-3000049999" and config.run_functions is False
+    assert config.sandbox_start == "bubblewrap"
     # Every setting but the data directory (a flag's job), the [nitro] table
     # (tests/cli/test_serve_nitro.py) and the network key service's (below: they replace
     # kms_dir, attestation_dir and image_signing_dir) is shown here.
