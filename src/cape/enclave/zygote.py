@@ -16,7 +16,10 @@ CPU time, which the zygote reads with ``wait4`` since the runtime is not the par
 Where the zygote cannot be used the runtime keeps bubblewrap: not root (no uid range),
 ``sandbox_start = "bubblewrap"`` (:func:`set_start_path`), or the zygote's own probe sandbox
 failed (:func:`zygote_for`, logged once). A zygote found dead is restarted once; if that fails
-too, that start falls back to bubblewrap. No start waits on it without a deadline.
+too, that start falls back to bubblewrap. No start waits on it without a deadline: a zygote
+that does not fork a session within ``_FORK_TIMEOUT_S`` is ended (with the sandboxes it
+forked, which die with it, so that no abandoned request can still run a function) and that
+start uses bubblewrap; the next start gets a fresh zygote.
 """
 
 from __future__ import annotations
