@@ -171,6 +171,40 @@ def test_the_zygote_builds_the_sandbox_bubblewrap_builds(
     assert by_zygote["session"] == [1, 1, 1, 0]
 
 
+MOUNTS_APP = """
+def cape_handler(data):
+    with open("/proc/self/mountinfo") as file:
+        lines = [line.split() for line in file]
+    return "\\n".join(
+        f[4] + " " + ",".join(o for o in f[5].split(",") if o in ("ro", "rw", "nosuid", "nodev"))
+        for f in lines
+        if f[4].startswith("/opt/hostdev")
+    )
+"""
+
+
+def test_submounts_of_a_bind_are_read_only_too(
+    tmp_path: Path, started: list[FunctionSandbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bind whose source has mounts below it (the host's /dev: /dev/shm, /dev/pts): as with
+    # bubblewrap, every one of them is read-only, nosuid and nodev inside, not only the top.
+    good = layout()
+    wider = dataclasses.replace(good, binds=(*good.binds, ("/dev", "/opt/hostdev")))
+    monkeypatch.setattr(sandbox_module, "layout", lambda: wider)
+    seen = {}
+    for path in ("zygote", "bubblewrap"):
+        monkeypatch.setattr(zygote_module, "_settings", {"start": path})
+        box = _start(started, make_function(tmp_path, MOUNTS_APP, name=path))
+        assert isinstance(box._spawn, ZygoteSpawn) == (path == "zygote")
+        seen[path] = box.call(b"").decode().splitlines()
+    assert sorted(seen["zygote"]) == sorted(seen["bubblewrap"])
+    # The mount that is visible at each point is the last one stacked there (the host here has
+    # two at /dev/pts and at /dev/shm; the lower ones are covered, both ways alike).
+    top = {line.split()[0]: line.split()[1] for line in seen["zygote"]}
+    assert len(top) >= 2  # /opt/hostdev and what is below it
+    assert set(top.values()) == {"ro,nosuid,nodev"}, seen
+
+
 def test_descriptors_of_one_session_are_absent_from_the_next(
     tmp_path: Path, started: list[FunctionSandbox]
 ) -> None:
