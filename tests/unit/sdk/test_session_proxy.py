@@ -5,6 +5,7 @@ session, and sessions really go through the proxy it names."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 import pytest
@@ -49,6 +50,11 @@ def test_the_choice_is_websockets_own_and_follows_every_change_of_the_settings(
 def test_a_session_goes_through_the_proxy_the_environment_names(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: a direct connect is refused
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    server_url = f"https://127.0.0.1:{closed}"
+
     async def scenario() -> list[bytes]:
         heads: list[bytes] = []
 
@@ -60,14 +66,14 @@ def test_a_session_goes_through_the_proxy_the_environment_names(
         port = server.sockets[0].getsockname()[1]
         options = SessionOptions(root=Pki.generate().root, ssl_context=ssl.create_default_context())
         async with server:
-            assert proxy_for("wss://cape.invalid/v1/key") is None  # remembered: no proxy
+            assert proxy_for(f"wss://127.0.0.1:{closed}/v1/key") is None  # remembered: none
             monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
             with pytest.raises(TransportError, match="cannot reach"):
-                await Session.open("https://cape.invalid", "/v1/key", "token", options)
-            monkeypatch.setenv("NO_PROXY", "cape.invalid")
-            with pytest.raises(TransportError, match="cannot reach"):  # direct: no such host
-                await Session.open("https://cape.invalid", "/v1/key", "token", options)
+                await Session.open(server_url, "/v1/key", "token", options)
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+            with pytest.raises(TransportError, match="cannot reach"):  # direct: refused
+                await Session.open(server_url, "/v1/key", "token", options)
         return heads
 
     heads = asyncio.run(scenario())
-    assert heads == [b"CONNECT cape.invalid:443 HTTP/1.1\r\n"]
+    assert heads == [f"CONNECT 127.0.0.1:{closed} HTTP/1.1\r\n".encode()]
