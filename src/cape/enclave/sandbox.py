@@ -100,7 +100,6 @@ from cape.enclave.worker import settings_args
 from cape.enclave.zygote import (
     ZygoteSpawn,
     ZygoteUnavailable,
-    start_path,
     zygote_for,
 )
 from cape.errors import FunctionError, LimitExceededError, SandboxError
@@ -113,7 +112,6 @@ __all__ = [
     "Services",
     "check_isolation",
     "describe_containment",
-    "describe_start",
     "services_response_limit",
 ]
 
@@ -188,20 +186,6 @@ def describe_containment() -> str:
     return (
         f"cgroups unavailable ({why}): per-process rlimits only, so a function's "
         "processes together may exceed its memory limit"
-    )
-
-
-def describe_start(setting: str | None = None) -> str:
-    """One line for start-up banners: how sessions' sandboxes start (``setting``: the
-    configured start path, default this process's; see :mod:`cape.enclave.zygote`)."""
-    setting = start_path() if setting is None else setting
-    if setting == "bubblewrap":
-        return "bubblewrap per session (sandbox_start = bubblewrap)"
-    if os.geteuid() != 0:
-        return "bubblewrap per session (the sandbox zygote needs root)"
-    return (
-        "a sandbox zygote per enclave forks each session's sandbox (the same namespaces, "
-        "mounts and seccomp filter as bubblewrap; bubblewrap where the zygote's probe fails)"
     )
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "Zygote",
     "ZygoteSpawn",
     "ZygoteUnavailable",
+    "describe_start",
     "set_start_path",
     "start_path",
     "zygote_for",
@@ -84,6 +85,20 @@ def set_start_path(value: str) -> None:
 def start_path() -> str:
     """The configured start path (see :func:`set_start_path`)."""
     return _settings["start"]
+
+
+def describe_start(setting: str | None = None) -> str:
+    """One line for start-up banners: how sessions' sandboxes start (``setting``: the
+    configured start path, default this process's; see :mod:`cape.enclave.zygote`)."""
+    setting = start_path() if setting is None else setting
+    if setting == "bubblewrap":
+        return "bubblewrap per session (sandbox_start = bubblewrap)"
+    if os.geteuid() != 0:
+        return "bubblewrap per session (the sandbox zygote needs root)"
+    return (
+        "a sandbox zygote per enclave forks each session's sandbox (the same namespaces, "
+        "mounts and seccomp filter as bubblewrap; bubblewrap where the zygote's probe fails)"
+    )
 
 
 class Zygote:

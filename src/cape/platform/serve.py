@@ -45,9 +45,10 @@ from starlette.types import ASGIApp
 from websockets.exceptions import InvalidState
 
 from cape._internal.timefile import write_private
-from cape.enclave.sandbox import describe_containment, describe_start
+from cape.enclave.sandbox import describe_containment
 from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.enclave.uids import DEFAULT_RANGE, check_range, parse_range
+from cape.enclave.zygote import describe_start
 from cape.errors import CapeError, FormatError, KeyFormatError
 from cape.host.admission import Admission
 from cape.host.api.app import create_app

@@ -21,10 +21,10 @@ import pytest
 
 from cape.enclave import sandbox as sandbox_module
 from cape.enclave import zygote as zygote_module
-from cape.enclave.sandbox import FunctionSandbox, describe_start
+from cape.enclave.sandbox import FunctionSandbox
 from cape.enclave.spawn import Spawn
 from cape.enclave.staging import layout
-from cape.enclave.zygote import Zygote, ZygoteSpawn, set_start_path
+from cape.enclave.zygote import Zygote, ZygoteSpawn, describe_start, set_start_path
 from cape.errors import SandboxError
 from tests.unit.enclave.test_sandbox import LIMITS, call_json, make_function, processes_of
 
