@@ -53,13 +53,16 @@ to send is a :class:`cape.errors.LimitExceededError`: after those the session go
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -73,6 +76,7 @@ from typing import NoReturn
 from cape._internal.closeable import Closeable
 from cape.enclave import cgroups
 from cape.enclave.cgroups import CgroupLimits, SandboxCgroup
+from cape.enclave.lanes import Offload
 from cape.enclave.services import Services, ServicesServer, services_response_limit
 from cape.enclave.spawn import (
     BWRAP,
@@ -357,7 +361,7 @@ class FunctionSandbox(Closeable):
                 os.close(self._pid1_fd)
             if self._cgroup is not None:
                 self._cgroup.remove()  # nothing of the function outlives its session
-            UIDS.release(self._uid)
+            UIDS.release(self._uid, vacated=self._reaped)  # its pid namespace is gone
             if self._restore is not None:
                 move_back(*self._restore)
             self._finalizer.detach()
@@ -421,7 +425,105 @@ class FunctionSandbox(Closeable):
         with self._call_lock:
             self._fail("crashed", f"the sandbox worker sent an unknown status {status}")
 
+    async def call_async(self, offload: Offload, data: bytes) -> bytes:
+        """:meth:`call` from the event loop, without a thread per call (issue 16).
+
+        The input is written and the reply read on the event loop (``loop.sock_*`` and a
+        reader on the channel), under the same wall clock, output limit and errors as
+        :meth:`call`. What would block goes to ``offload`` (a thread of the calls lane, within
+        the slot the caller holds, see :meth:`cape.enclave.lanes.Lane.run_async`): serving an
+        encryption-services request (the same :class:`ServicesServer` loop as :meth:`call`,
+        until the reply is readable) and reaping a sandbox that died, timed out or broke a
+        limit. While another thread holds the sandbox (``close``, a blocking ``call``) the
+        whole call goes to ``offload``. A cancelled call kills the sandbox: its channel may be
+        left in the middle of a frame.
+        """
+        limits = self._limits
+        if len(data) > limits.max_input_bytes:
+            raise LimitExceededError("function input in bytes", limits.max_input_bytes, len(data))
+        if not self._call_lock.acquire(blocking=False):
+            return await offload(self.call, data)
+        try:
+            if self._dead is not None:
+                raise SandboxError("crashed", f"the sandbox is no longer running ({self._dead})")
+            deadline = time.monotonic() + limits.call_timeout_s
+            try:
+                status, body = await self._exchange(data, deadline, offload)
+            except asyncio.CancelledError:
+                self._dead = self._killed = "a call was cancelled"
+                if self._pid1_fd is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(self._pid1_fd, signal.SIGKILL)
+                raise
+            except Timeout:
+                await offload(
+                    self._fail,
+                    "timeout",
+                    f"the call exceeded the time limit of {limits.call_timeout_s:g} s",
+                )
+                raise AssertionError("unreachable") from None
+            except OutputTooLarge as exc:
+                await offload(
+                    self._fail,
+                    "output",
+                    f"function output exceeds the limit of {limits.max_output_bytes} bytes{exc}",
+                )
+                raise AssertionError("unreachable") from None
+            except ProtocolViolation as exc:
+                await offload(
+                    self._fail, "crashed", f"the sandbox worker broke the protocol ({exc})"
+                )
+                raise AssertionError("unreachable") from None
+            except WorkerGone:
+                await offload(functools.partial(self._fail_after_exit, during_load=False))
+                raise AssertionError("unreachable") from None
+            if status == _OK:
+                return body
+            if status == _RAISED:
+                raise FunctionError(f"function raised {_one_line(body)}")
+            if status == _TOO_LARGE and body.isdigit() and len(body) < 20:
+                raise LimitExceededError(
+                    "function output in bytes", limits.max_output_bytes, int(body)
+                )
+            await offload(
+                self._fail, "crashed", f"the sandbox worker sent an unknown status {status}"
+            )
+            raise AssertionError("unreachable")
+        finally:
+            self._call_lock.release()
+
     # -- internals
+
+    async def _exchange(self, data: bytes, deadline: float, offload: Offload) -> tuple[int, bytes]:
+        """Send one input frame and read the reply frame, on the event loop (see
+        :meth:`call_async`); raises the frame helpers' exceptions as :meth:`_send` and
+        :meth:`_receive` do."""
+        loop = asyncio.get_running_loop()
+        sock = self._spawn.channel
+        try:
+            async with asyncio.timeout_at(deadline):  # the loop's clock is time.monotonic
+                try:
+                    if len(data) <= _COALESCE_BYTES:
+                        await loop.sock_sendall(sock, _HEADER.pack(len(data)) + data)
+                    else:
+                        await loop.sock_sendall(sock, _HEADER.pack(len(data)))
+                        await loop.sock_sendall(sock, data)
+                except OSError as exc:
+                    raise WorkerGone from exc
+                while self._services is not None and self._services.open:
+                    if await _readable(loop, sock, self._services.sock):
+                        break
+                    # A request of the function: served in a thread, as by call().
+                    await offload(self._services.serve_until_readable, sock, deadline)
+                (length,) = _HEADER.unpack(await _recv_exact(loop, sock, _HEADER.size))
+                if length == 0:
+                    raise ProtocolViolation("empty frame")
+                if length - 1 > self._limits.max_output_bytes:
+                    raise OutputTooLarge(f" ({length - 1} bytes announced)")
+                status = (await _recv_exact(loop, sock, 1))[0]
+                return status, await _recv_exact(loop, sock, length - 1)
+        except TimeoutError:
+            raise Timeout from None
 
     def _handshake(self) -> None:
         limits = self._limits
@@ -589,6 +691,49 @@ class FunctionSandbox(Closeable):
 
 class _CgroupFailed(Exception):
     pass
+
+
+# Inputs up to this size go to the channel in one write with their frame head.
+_COALESCE_BYTES = 64 << 10
+
+
+async def _readable(
+    loop: asyncio.AbstractEventLoop, channel: socket.socket, services: socket.socket
+) -> bool:
+    """Wait until ``channel`` (True, first when both are) or ``services`` (False) has
+    something to read."""
+    waiter: asyncio.Future[bool] = loop.create_future()
+
+    def ready(which: bool) -> None:
+        if not waiter.done():
+            waiter.set_result(which)
+
+    loop.add_reader(channel.fileno(), ready, True)
+    loop.add_reader(services.fileno(), ready, False)
+    try:
+        if await waiter:
+            return True
+    finally:
+        loop.remove_reader(channel.fileno())
+        loop.remove_reader(services.fileno())
+    ready_now, _, _ = select.select([channel], [], [], 0)
+    return bool(ready_now)
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from ``sock`` on the event loop; ``WorkerGone`` when it closes first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = await loop.sock_recv_into(sock, view[got:])
+        except OSError as exc:
+            raise WorkerGone from exc
+        if k == 0:
+            raise WorkerGone
+        got += k
+    return bytes(buf)
 
 
 def _new_cgroup(limits: SandboxLimits) -> SandboxCgroup | None:
