@@ -267,3 +267,24 @@ def test_only_a_clean_release_spares_the_next_scan(tmp_path: Path, scans: list[i
     loose = UidPool(UidRange(uid, uid), lock_dir=tmp_path / "open")
     assert loose.acquire() == uid
     assert scans == [1, 1, 1]
+
+
+def test_a_runtimes_sessions_reuse_the_uids_it_vacated_without_a_scan(
+    tmp_path: Path, scans: list[int]
+) -> None:
+    _root_only()
+    pool = UidPool(UidRange(2_100_000_020, 2_100_049_999), lock_dir=tmp_path / "locks")
+    first = pool.acquire()
+    second = pool.acquire()
+    assert len(scans) == 2  # new lock files: each scanned once
+    pool.release(first, vacated=True)
+    pool.release(second, vacated=True)
+    for _ in range(10):  # sessions one after another, then two at once
+        uid = pool.acquire()
+        pool.release(uid, vacated=True)
+        both = pool.acquire(), pool.acquire()
+        assert set(both) == {first, second}
+        for taken in both:
+            pool.release(taken, vacated=True)
+    assert len(scans) == 2
+    assert len(list((tmp_path / "locks").iterdir())) == 2  # files for the uids used, no more
