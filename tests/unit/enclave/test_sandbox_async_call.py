@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from cape.enclave.lanes import Lane, LaneLimits, Offload
-from cape.enclave.sandbox import FunctionSandbox, Services
+from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
 from cape.errors import FunctionError, LimitExceededError, SandboxError
 from tests.unit.enclave import test_sandbox
 
@@ -204,7 +204,7 @@ def started() -> Iterator[list[FunctionSandbox]]:
 def start(
     started: list[FunctionSandbox],
     directory: Path,
-    limits: test_sandbox.SandboxLimits = LIMITS,
+    limits: SandboxLimits = LIMITS,
     services: Services | None = None,
 ) -> FunctionSandbox:
     box = FunctionSandbox.start(directory, limits=limits, services=services)
@@ -212,5 +212,5 @@ def start(
     return box
 
 
-def replace(**changes: float) -> test_sandbox.SandboxLimits:
+def replace(**changes: float) -> SandboxLimits:
     return test_sandbox.dataclass_replace(**changes)

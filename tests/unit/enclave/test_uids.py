@@ -252,6 +252,7 @@ def test_only_a_clean_release_spares_the_next_scan(tmp_path: Path, scans: list[i
     _root_only()
     pool = UidPool(UidRange(LOCK_UIDS.start, LOCK_UIDS.start), lock_dir=tmp_path / "locks")
     uid = pool.acquire()
+    assert uid == LOCK_UIDS.start
     assert scans == [1]  # a new lock file vouches for nothing
     pool.release(uid)  # not vacated: e.g. a start that failed half-way
     uid = pool.acquire()
@@ -264,7 +265,7 @@ def test_only_a_clean_release_spares_the_next_scan(tmp_path: Path, scans: list[i
     (tmp_path / "open").mkdir(mode=0o777)
     (tmp_path / "open").chmod(0o777)
     (tmp_path / "open" / str(uid)).write_bytes(b"vacated")
-    loose = UidPool(UidRange(uid, uid), lock_dir=tmp_path / "open")
+    loose = UidPool(UidRange(LOCK_UIDS.start, LOCK_UIDS.start), lock_dir=tmp_path / "open")
     assert loose.acquire() == uid
     assert scans == [1, 1, 1]
 
