@@ -149,7 +149,7 @@ def test_cape_serve_refuses_a_colliding_range_at_start(tmp_path: Path) -> None:
 # A second runtime, as a real process: takes a uid from the range, optionally starts a process
 # as that uid (a sandbox it will leave behind), prints both and waits to be killed.
 HOLDER = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 from pathlib import Path
 from cape.enclave.uids import UidPool, UidRange
 pool = UidPool(UidRange(int(sys.argv[1]), int(sys.argv[2])), lock_dir=Path(sys.argv[3]))
@@ -160,6 +160,10 @@ if sys.argv[4] == "leftover":
         ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sleep", "600"],
         start_new_session=True,
     ).pid
+    deadline = time.monotonic() + 30
+    while os.stat(f"/proc/{pid}").st_uid != uid:  # setpriv switches after its exec
+        assert time.monotonic() < deadline, "setpriv did not switch"
+        time.sleep(0.01)
 print(uid, pid, flush=True)
 time.sleep(600)
 """
