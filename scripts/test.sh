@@ -29,4 +29,5 @@ fi
 # which must not skip for want of the build.
 echo "== js" && (cd js && npm run --silent typecheck && npm test --silent)
 export CAPE_REQUIRE_JS=1
-echo "== pytest" && .venv/bin/python -m pytest -q "$@"
+# The slowest tests, so that the CI budget (25 min) can be watched from any run's log.
+echo "== pytest" && .venv/bin/python -m pytest -q --durations=25 "$@"
