@@ -56,13 +56,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
 import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -80,6 +78,7 @@ from cape.enclave.lanes import Offload
 from cape.enclave.services import Services, ServicesServer, services_response_limit
 from cape.enclave.spawn import (
     BWRAP,
+    COALESCE_BYTES,
     FUNCTION_PATH,
     GUEST_PATH,
     WORKER_PATH,
@@ -89,7 +88,9 @@ from cape.enclave.spawn import (
     Timeout,
     WorkerGone,
     read_some,
+    readable_first,
     recv_exact,
+    recv_exact_async,
     send_all,
 )
 from cape.enclave.staging import SUPPORT, layout, move_back, place_function_dir
@@ -393,37 +394,19 @@ class FunctionSandbox(Closeable):
         LimitExceededError for an input or output over its limit (likewise), and
         SandboxError when the sandbox died, timed out or broke a limit; it is dead after that.
         """
-        limits = self._limits
-        if len(data) > limits.max_input_bytes:
-            raise LimitExceededError("function input in bytes", limits.max_input_bytes, len(data))
+        self._check_input(data)
         with self._call_lock:
-            if self._dead is not None:
-                raise SandboxError("crashed", f"the sandbox is no longer running ({self._dead})")
-            deadline = time.monotonic() + limits.call_timeout_s
+            deadline = self._deadline()
             try:
                 self._send(data, deadline)
                 status, body = self._receive(deadline)
-            except Timeout:
-                self._fail(
-                    "timeout", f"the call exceeded the time limit of {limits.call_timeout_s:g} s"
-                )
-            except OutputTooLarge as exc:
-                self._fail(
-                    "output",
-                    f"function output exceeds the limit of {limits.max_output_bytes} bytes{exc}",
-                )
-            except ProtocolViolation as exc:
-                self._fail("crashed", f"the sandbox worker broke the protocol ({exc})")
-            except WorkerGone:
-                self._fail_after_exit(during_load=False)
-        if status == _OK:
-            return body
-        if status == _RAISED:
-            raise FunctionError(f"function raised {_one_line(body)}")
-        if status == _TOO_LARGE and body.isdigit() and len(body) < 20:
-            raise LimitExceededError("function output in bytes", limits.max_output_bytes, int(body))
-        with self._call_lock:
-            self._fail("crashed", f"the sandbox worker sent an unknown status {status}")
+            except _FRAME_ERRORS as exc:
+                self._call_failed(exc)
+        output = self._output(status, body)
+        if output is None:
+            with self._call_lock:
+                self._fail("crashed", f"the sandbox worker sent an unknown status {status}")
+        return output
 
     async def call_async(self, offload: Offload, data: bytes) -> bytes:
         """:meth:`call` from the event loop, without a thread per call (issue 16).
@@ -438,15 +421,11 @@ class FunctionSandbox(Closeable):
         whole call goes to ``offload``. A cancelled call kills the sandbox: its channel may be
         left in the middle of a frame.
         """
-        limits = self._limits
-        if len(data) > limits.max_input_bytes:
-            raise LimitExceededError("function input in bytes", limits.max_input_bytes, len(data))
+        self._check_input(data)
         if not self._call_lock.acquire(blocking=False):
             return await offload(self.call, data)
         try:
-            if self._dead is not None:
-                raise SandboxError("crashed", f"the sandbox is no longer running ({self._dead})")
-            deadline = time.monotonic() + limits.call_timeout_s
+            deadline = self._deadline()
             try:
                 status, body = await self._exchange(data, deadline, offload)
             except asyncio.CancelledError:
@@ -455,42 +434,58 @@ class FunctionSandbox(Closeable):
                     with contextlib.suppress(ProcessLookupError):
                         signal.pidfd_send_signal(self._pid1_fd, signal.SIGKILL)
                 raise
-            except Timeout:
-                await offload(
-                    self._fail,
-                    "timeout",
-                    f"the call exceeded the time limit of {limits.call_timeout_s:g} s",
-                )
+            except _FRAME_ERRORS as exc:
+                await offload(self._call_failed, exc)  # raises the SandboxError
                 raise AssertionError("unreachable") from None
-            except OutputTooLarge as exc:
-                await offload(
-                    self._fail,
-                    "output",
-                    f"function output exceeds the limit of {limits.max_output_bytes} bytes{exc}",
-                )
-                raise AssertionError("unreachable") from None
-            except ProtocolViolation as exc:
-                await offload(
-                    self._fail, "crashed", f"the sandbox worker broke the protocol ({exc})"
-                )
-                raise AssertionError("unreachable") from None
-            except WorkerGone:
-                await offload(functools.partial(self._fail_after_exit, during_load=False))
-                raise AssertionError("unreachable") from None
-            if status == _OK:
-                return body
-            if status == _RAISED:
-                raise FunctionError(f"function raised {_one_line(body)}")
-            if status == _TOO_LARGE and body.isdigit() and len(body) < 20:
-                raise LimitExceededError(
-                    "function output in bytes", limits.max_output_bytes, int(body)
-                )
-            await offload(
-                self._fail, "crashed", f"the sandbox worker sent an unknown status {status}"
-            )
-            raise AssertionError("unreachable")
+            output = self._output(status, body)
+            if output is None:
+                message = f"the sandbox worker sent an unknown status {status}"
+                await offload(self._fail, "crashed", message)
+                raise AssertionError("unreachable")
+            return output
         finally:
             self._call_lock.release()
+
+    # -- a call's parts, shared by call and call_async
+
+    def _check_input(self, data: bytes) -> None:
+        limit = self._limits.max_input_bytes
+        if len(data) > limit:
+            raise LimitExceededError("function input in bytes", limit, len(data))
+
+    def _deadline(self) -> float:
+        """The call's deadline; the sandbox must be alive (call with ``_call_lock`` held)."""
+        if self._dead is not None:
+            raise SandboxError("crashed", f"the sandbox is no longer running ({self._dead})")
+        return time.monotonic() + self._limits.call_timeout_s
+
+    def _call_failed(self, exc: Exception) -> NoReturn:
+        """Why a call's frames failed (one of ``_FRAME_ERRORS``); the sandbox is dead after."""
+        limits = self._limits
+        if isinstance(exc, Timeout):
+            self._fail(
+                "timeout", f"the call exceeded the time limit of {limits.call_timeout_s:g} s"
+            )
+        if isinstance(exc, OutputTooLarge):
+            self._fail(
+                "output",
+                f"function output exceeds the limit of {limits.max_output_bytes} bytes{exc}",
+            )
+        if isinstance(exc, ProtocolViolation):
+            self._fail("crashed", f"the sandbox worker broke the protocol ({exc})")
+        self._fail_after_exit(during_load=False)
+
+    def _output(self, status: int, body: bytes) -> bytes | None:
+        """The handler's output, or its error raised; None for an unknown status (fatal)."""
+        if status == _OK:
+            return body
+        if status == _RAISED:
+            raise FunctionError(f"function raised {_one_line(body)}")
+        if status == _TOO_LARGE and body.isdigit() and len(body) < 20:
+            raise LimitExceededError(
+                "function output in bytes", self._limits.max_output_bytes, int(body)
+            )
+        return None
 
     # -- internals
 
@@ -503,7 +498,7 @@ class FunctionSandbox(Closeable):
         try:
             async with asyncio.timeout_at(deadline):  # the loop's clock is time.monotonic
                 try:
-                    if len(data) <= _COALESCE_BYTES:
+                    if len(data) <= COALESCE_BYTES:
                         await loop.sock_sendall(sock, _HEADER.pack(len(data)) + data)
                     else:
                         await loop.sock_sendall(sock, _HEADER.pack(len(data)))
@@ -511,17 +506,17 @@ class FunctionSandbox(Closeable):
                 except OSError as exc:
                     raise WorkerGone from exc
                 while self._services is not None and self._services.open:
-                    if await _readable(loop, sock, self._services.sock):
+                    if await readable_first(loop, sock, self._services.sock):
                         break
                     # A request of the function: served in a thread, as by call().
                     await offload(self._services.serve_until_readable, sock, deadline)
-                (length,) = _HEADER.unpack(await _recv_exact(loop, sock, _HEADER.size))
+                (length,) = _HEADER.unpack(await recv_exact_async(loop, sock, _HEADER.size))
                 if length == 0:
                     raise ProtocolViolation("empty frame")
                 if length - 1 > self._limits.max_output_bytes:
                     raise OutputTooLarge(f" ({length - 1} bytes announced)")
-                status = (await _recv_exact(loop, sock, 1))[0]
-                return status, await _recv_exact(loop, sock, length - 1)
+                status = (await recv_exact_async(loop, sock, 1))[0]
+                return status, await recv_exact_async(loop, sock, length - 1)
         except TimeoutError:
             raise Timeout from None
 
@@ -693,47 +688,8 @@ class _CgroupFailed(Exception):
     pass
 
 
-# Inputs up to this size go to the channel in one write with their frame head.
-_COALESCE_BYTES = 64 << 10
-
-
-async def _readable(
-    loop: asyncio.AbstractEventLoop, channel: socket.socket, services: socket.socket
-) -> bool:
-    """Wait until ``channel`` (True, first when both are) or ``services`` (False) has
-    something to read."""
-    waiter: asyncio.Future[bool] = loop.create_future()
-
-    def ready(which: bool) -> None:
-        if not waiter.done():
-            waiter.set_result(which)
-
-    loop.add_reader(channel.fileno(), ready, True)
-    loop.add_reader(services.fileno(), ready, False)
-    try:
-        if await waiter:
-            return True
-    finally:
-        loop.remove_reader(channel.fileno())
-        loop.remove_reader(services.fileno())
-    ready_now, _, _ = select.select([channel], [], [], 0)
-    return bool(ready_now)
-
-
-async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    """``n`` bytes from ``sock`` on the event loop; ``WorkerGone`` when it closes first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        try:
-            k = await loop.sock_recv_into(sock, view[got:])
-        except OSError as exc:
-            raise WorkerGone from exc
-        if k == 0:
-            raise WorkerGone
-        got += k
-    return bytes(buf)
+# What the frame helpers raise when a call cannot complete (see FunctionSandbox._call_failed).
+_FRAME_ERRORS = (Timeout, OutputTooLarge, ProtocolViolation, WorkerGone)
 
 
 def _new_cgroup(limits: SandboxLimits) -> SandboxCgroup | None:
