@@ -496,7 +496,7 @@ class FunctionSandbox(Closeable):
         loop = asyncio.get_running_loop()
         sock = self._spawn.channel
         try:
-            async with asyncio.timeout_at(deadline):  # the loop's clock is time.monotonic
+            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
                 try:
                     if len(data) <= COALESCE_BYTES:
                         await loop.sock_sendall(sock, _HEADER.pack(len(data)) + data)
