@@ -826,9 +826,18 @@ async def throughput_section(client: Client, options: Options, results: Results)
             "client": time.process_time() - client_before,
         }
         warnings = server_warnings(client.server.stderr_since(log_offset))
+        plain_before = cpu_seconds([client.echo.pid]), time.process_time()
         plain = await load(Level(clients, per_client), plain_run)
+        plain_cpu = (
+            cpu_seconds([client.echo.pid]) - plain_before[0],
+            time.process_time() - plain_before[1],
+        )
         done = max(1, len(ours.samples))
         cpu_text = ", ".join(f"{name} {seconds / done * 1e3:.1f}" for name, seconds in cpu.items())
+        plain_done = max(1, len(plain.samples))
+        cpu_text += " (plain run: server {:.1f}, client {:.1f})".format(
+            *(seconds / plain_done * 1e3 for seconds in plain_cpu)
+        )
         split = "/".join(f"{100 * x / max(sum(per_enclave), 1e-9):.0f}" for x in per_enclave)
         latency = ms(ours.samples) or [math.nan]
         print(

@@ -717,3 +717,45 @@ def test_deleting_a_function_revokes_its_scoped_tokens(
     store.delete_function(fn.id)
     with pytest.raises(AuthError, match="revoked"):
         _principal(accounts, scoped)
+
+
+def test_a_token_is_verified_once_but_its_times_and_record_are_checked_at_every_use(
+    accounts: Accounts,
+    alice: User,
+    bob: User,
+    issuer: TokenIssuer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[str] = []
+    decode = jwt.decode
+
+    def counting_decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    ours = accounts.create_token(alice, "ci", expiry=dt.timedelta(hours=1))
+    theirs = accounts.create_token(bob, "ci")
+    for _ in range(3):  # each tenant's string maps to its own principal, verified once
+        assert accounts.authenticate(ours.token, now=T0).user == alice
+        assert accounts.authenticate(theirs.token, now=T0).user == bob
+    assert decoded == [ours.token, theirs.token]
+    # Times are checked at every use, the signature is not re-done.
+    with pytest.raises(AuthError, match="token is expired"):
+        accounts.authenticate(ours.token, now=T0 + dt.timedelta(hours=1, seconds=31))
+    with pytest.raises(AuthError, match="future"):
+        accounts.authenticate(ours.token, now=T0 - dt.timedelta(minutes=5))
+    # The record is read at every use: deleting it revokes the remembered string at once.
+    accounts.delete_token(bob, theirs.id)
+    with pytest.raises(AuthError, match="revoked"):
+        accounts.authenticate(theirs.token, now=T0)
+    assert decoded == [ours.token, theirs.token]
+    # A failure is not remembered, and another key never accepts what this one verified.
+    header, payload, signature = ours.token.split(".")
+    flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
+    for _ in range(2):
+        with pytest.raises(AuthError, match="bad signature"):
+            accounts.authenticate(f"{header}.{payload}.{flipped}", now=T0)
+    assert decoded[2:] == [f"{header}.{payload}.{flipped}"] * 2
+    with pytest.raises(AuthError, match="bad signature"):
+        TokenIssuer(Ed25519PrivateKey.generate()).verify(ours.token, now=T0)

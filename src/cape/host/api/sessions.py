@@ -528,12 +528,18 @@ Body = Callable[[WebSocket, HostSession, _Grant, Reservation, _Start], Awaitable
 def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
     """The websocket routes over ``deps`` (see the module docstring)."""
 
-    async def authenticate(websocket: WebSocket) -> Principal:
-        token = _token(websocket)
-        return await run_in_threadpool(deps.accounts.authenticate, token, now=deps.clock())
+    def authorize(
+        kind: str, token: str, params: dict[str, Any]
+    ) -> tuple[Principal, Function | None]:
+        """Who the token stands for and, for a run, the function it may run: one trip to a
+        worker thread for every read a session's start makes."""
+        principal = deps.accounts.authenticate(token, now=deps.clock())
+        if kind != "run":
+            authorize_account(principal)
+            return principal, None
+        return principal, resolve(params, principal)
 
-    def resolve(websocket: WebSocket, principal: Principal) -> Function:
-        params = websocket.path_params
+    def resolve(params: dict[str, Any], principal: Principal) -> Function:
         if "id" in params:
             function_id = params["id"]
             function = deps.store.get_function(function_id) if is_id(function_id) else None
@@ -643,12 +649,9 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
                     if deps.lifecycle.draining.is_set():
                         raise UnavailableError(SHUTDOWN_TEXT)
                     seen = deps.store.revocations  # before the checks: no deletion slips by
-                    principal = await authenticate(websocket)
-                    function = None
-                    if kind == "run":
-                        function = await run_in_threadpool(resolve, websocket, principal)
-                    else:
-                        authorize_account(principal)
+                    principal, function = await run_in_threadpool(
+                        authorize, kind, _token(websocket), websocket.path_params
+                    )
                     reservation = admitted.enter_context(
                         deps.admission.session(principal.user.id, deploy=kind == "deploy")
                     )
