@@ -99,6 +99,11 @@ UNJUDGED_ROWS = (
         "3-hop relay round trip, 1 MiB, p50 (client → 2 relays → echo)",
     ),
     (
+        "enclave runtime CPU per warm call, 1 KiB: on the event loop against via a thread",
+        "call",
+        "runtime CPU per warm call on the event loop, 1 KiB",
+    ),
+    (
         "key-service release with a fresh document (first of each 30 s)",
         "enclave",
         "data-key release latency, p50 (a fresh document: its signature + RSA-4096 unwrap + CMS)",

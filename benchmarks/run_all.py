@@ -30,6 +30,7 @@ SCRIPTS = (
     "attestation",
     "sandbox",
     "hops",
+    "call",
     "enclave",
     "imagenet",
     "server",

@@ -25,15 +25,22 @@ import concurrent.futures
 import contextlib
 import functools
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cape.errors import BusyError
 
-__all__ = ["Lane", "LaneLimits", "Lanes"]
+__all__ = ["Lane", "LaneLimits", "Lanes", "Offload"]
 
 T = TypeVar("T")
+
+
+class Offload(Protocol):
+    """Runs ``fn(*args)`` on the lane's threads within a slot already held (see
+    :meth:`Lane.run_async`)."""
+
+    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,39 @@ class Lane:
             raise
         future.add_done_callback(functools.partial(self._finished, party))
         return await asyncio.shield(future)
+
+    async def run_async(self, party: str, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run the coroutine ``fn(offload, *args)`` on the event loop once ``party`` is
+        admitted, holding one slot as :meth:`run` does, without a thread per call (issue 16).
+
+        ``await offload(g, *a)`` runs the blocking ``g(*a)`` on this lane's threads within that
+        slot (one at a time per slot: the lane has a thread per slot). The slot is given back
+        once the coroutine and every thread it started have finished, even when the awaiting
+        task is cancelled first: capacity never over-commits, as with :meth:`run`.
+        """
+        await self._acquire(party)
+        loop = asyncio.get_running_loop()
+        pending = 1  # the coroutine, and each thread it started that has not finished
+
+        def finished(future: asyncio.Future[Any] | None = None) -> None:
+            nonlocal pending
+            pending -= 1
+            if pending == 0:
+                self._give_back(party)
+            if future is not None and not future.cancelled():
+                future.exception()  # retrieved: an awaiter cancelled meanwhile is not an error
+
+        def offload(work: Callable[..., Any], /, *work_args: Any) -> Awaitable[Any]:
+            nonlocal pending
+            future = loop.run_in_executor(self._pool(), functools.partial(work, *work_args))
+            pending += 1
+            future.add_done_callback(finished)
+            return asyncio.shield(future)
+
+        try:
+            return await fn(offload, *args)
+        finally:
+            finished()
 
     def _finished(self, party: str, future: asyncio.Future[T]) -> None:
         self._give_back(party)

@@ -52,6 +52,8 @@ log = logging.getLogger("cape.enclave")
 #: Default cap of the enclave's private tmpfs (unpacked functions and per-session copies).
 STORAGE_BYTES = 8 << 30
 _PR_SET_DUMPABLE = 4
+#: The channel's send buffer: room for a large result in one ``send`` (see _roomy_send_buffer).
+CHANNEL_SEND_BUFFER = 4 << 20
 
 
 class Runtime:
@@ -277,6 +279,21 @@ def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
     return sock
 
 
+def _roomy_send_buffer(sock: socket.socket) -> None:
+    """Let one large result go to the host in a single ``send`` (issue 16, the 1 MiB call).
+
+    With the default ``SO_SNDBUF`` (≈208 KiB) a 1 MiB result fills the socket after a fifth:
+    Python 3.11's transport then copies the rest into its ``bytearray`` buffer and moves that
+    buffer down after each partial send, ≈0.2 to 1 ms of CPU per 1 MiB result on this machine
+    against ≈0.1 ms with a 4 MiB buffer (measured alone). Root may exceed ``wmem_max``;
+    where the socket refuses (a vsock, say) the default stays.
+    """
+    force = getattr(socket, "SO_SNDBUFFORCE", None)
+    option = force if force is not None and os.geteuid() == 0 else socket.SO_SNDBUF
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, option, CHANNEL_SEND_BUFFER)
+
+
 async def _amain(
     sock: socket.socket,
     config: SessionConfig,
@@ -286,6 +303,7 @@ async def _amain(
     kms_options: dict[str, Any],
 ) -> None:
     asyncio.get_running_loop().set_exception_handler(_quiet_errors)
+    _roomy_send_buffer(sock)
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     try:
         runtime = Runtime(

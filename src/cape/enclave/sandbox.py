@@ -59,6 +59,7 @@ to send is a :class:`cape.errors.LimitExceededError`: after those the session go
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -79,9 +80,11 @@ from typing import NoReturn
 from cape._internal.closeable import Closeable
 from cape.enclave import cgroups
 from cape.enclave.cgroups import CgroupLimits, SandboxCgroup
+from cape.enclave.lanes import Offload
 from cape.enclave.services import Services, ServicesServer, services_response_limit
 from cape.enclave.spawn import (
     BWRAP,
+    COALESCE_BYTES,
     FUNCTION_PATH,
     GUEST_PATH,
     WORKER_PATH,
@@ -91,7 +94,9 @@ from cape.enclave.spawn import (
     Spawn,
     Timeout,
     WorkerGone,
+    readable_first,
     recv_exact,
+    recv_exact_async,
     send_all,
 )
 from cape.enclave.staging import SUPPORT, layout, move_back, place_function_dir
@@ -360,7 +365,7 @@ class FunctionSandbox(Closeable):
                 os.close(self._pid1_fd)
             if self._cgroup is not None:
                 self._cgroup.remove()  # nothing of the function outlives its session
-            UIDS.release(self._uid)
+            UIDS.release(self._uid, vacated=self._reaped)  # its pid namespace is gone
             if self._restore is not None:
                 move_back(*self._restore)
             self._finalizer.detach()
@@ -392,39 +397,131 @@ class FunctionSandbox(Closeable):
         LimitExceededError for an input or output over its limit (likewise), and
         SandboxError when the sandbox died, timed out or broke a limit; it is dead after that.
         """
-        limits = self._limits
-        if len(data) > limits.max_input_bytes:
-            raise LimitExceededError("function input in bytes", limits.max_input_bytes, len(data))
+        self._check_input(data)
         with self._call_lock:
-            if self._dead is not None:
-                raise SandboxError("crashed", f"the sandbox is no longer running ({self._dead})")
-            deadline = time.monotonic() + limits.call_timeout_s
+            deadline = self._deadline()
             try:
                 self._send(data, deadline)
                 status, body = self._receive(deadline)
-            except Timeout:
-                self._fail(
-                    "timeout", f"the call exceeded the time limit of {limits.call_timeout_s:g} s"
-                )
-            except OutputTooLarge as exc:
-                self._fail(
-                    "output",
-                    f"function output exceeds the limit of {limits.max_output_bytes} bytes{exc}",
-                )
-            except ProtocolViolation as exc:
-                self._fail("crashed", f"the sandbox worker broke the protocol ({exc})")
-            except WorkerGone:
-                self._fail_after_exit(during_load=False)
+            except _FRAME_ERRORS as exc:
+                self._call_failed(exc)
+        output = self._output(status, body)
+        if output is None:
+            with self._call_lock:
+                self._fail("crashed", f"the sandbox worker sent an unknown status {status}")
+        return output
+
+    async def call_async(self, offload: Offload, data: bytes) -> bytes:
+        """:meth:`call` from the event loop, without a thread per call (issue 16).
+
+        The input is written and the reply read on the event loop (``loop.sock_*`` and a
+        reader on the channel), under the same wall clock, output limit and errors as
+        :meth:`call`. What would block goes to ``offload`` (a thread of the calls lane, within
+        the slot the caller holds, see :meth:`cape.enclave.lanes.Lane.run_async`): serving an
+        encryption-services request (the same :class:`ServicesServer` loop as :meth:`call`,
+        until the reply is readable) and reaping a sandbox that died, timed out or broke a
+        limit. While another thread holds the sandbox (``close``, a blocking ``call``) the
+        whole call goes to ``offload``. A cancelled call kills the sandbox: its channel may be
+        left in the middle of a frame.
+        """
+        self._check_input(data)
+        if not self._call_lock.acquire(blocking=False):
+            return await offload(self.call, data)
+        try:
+            deadline = self._deadline()
+            try:
+                status, body = await self._exchange(data, deadline, offload)
+            except asyncio.CancelledError:
+                self._dead = self._killed = "a call was cancelled"
+                if self._pid1_fd is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(self._pid1_fd, signal.SIGKILL)
+                raise
+            except _FRAME_ERRORS as exc:
+                await offload(self._call_failed, exc)  # raises the SandboxError
+                raise AssertionError("unreachable") from None
+            output = self._output(status, body)
+            if output is None:
+                message = f"the sandbox worker sent an unknown status {status}"
+                await offload(self._fail, "crashed", message)
+                raise AssertionError("unreachable")
+            return output
+        finally:
+            self._call_lock.release()
+
+    # -- a call's parts, shared by call and call_async
+
+    def _check_input(self, data: bytes) -> None:
+        limit = self._limits.max_input_bytes
+        if len(data) > limit:
+            raise LimitExceededError("function input in bytes", limit, len(data))
+
+    def _deadline(self) -> float:
+        """The call's deadline; the sandbox must be alive (call with ``_call_lock`` held)."""
+        if self._dead is not None:
+            raise SandboxError("crashed", f"the sandbox is no longer running ({self._dead})")
+        return time.monotonic() + self._limits.call_timeout_s
+
+    def _call_failed(self, exc: Exception) -> NoReturn:
+        """Why a call's frames failed (one of ``_FRAME_ERRORS``); the sandbox is dead after."""
+        limits = self._limits
+        if isinstance(exc, Timeout):
+            self._fail(
+                "timeout", f"the call exceeded the time limit of {limits.call_timeout_s:g} s"
+            )
+        if isinstance(exc, OutputTooLarge):
+            self._fail(
+                "output",
+                f"function output exceeds the limit of {limits.max_output_bytes} bytes{exc}",
+            )
+        if isinstance(exc, ProtocolViolation):
+            self._fail("crashed", f"the sandbox worker broke the protocol ({exc})")
+        self._fail_after_exit(during_load=False)
+
+    def _output(self, status: int, body: bytes) -> bytes | None:
+        """The handler's output, or its error raised; None for an unknown status (fatal)."""
         if status == _OK:
             return body
         if status == _RAISED:
             raise FunctionError(f"function raised {_one_line(body)}")
         if status == _TOO_LARGE and body.isdigit() and len(body) < 20:
-            raise LimitExceededError("function output in bytes", limits.max_output_bytes, int(body))
-        with self._call_lock:
-            self._fail("crashed", f"the sandbox worker sent an unknown status {status}")
+            raise LimitExceededError(
+                "function output in bytes", self._limits.max_output_bytes, int(body)
+            )
+        return None
 
     # -- internals
+
+    async def _exchange(self, data: bytes, deadline: float, offload: Offload) -> tuple[int, bytes]:
+        """Send one input frame and read the reply frame, on the event loop (see
+        :meth:`call_async`); raises the frame helpers' exceptions as :meth:`_send` and
+        :meth:`_receive` do."""
+        loop = asyncio.get_running_loop()
+        sock = self._spawn.channel
+        try:
+            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+                try:
+                    if len(data) <= COALESCE_BYTES:
+                        await loop.sock_sendall(sock, _HEADER.pack(len(data)) + data)
+                    else:
+                        await loop.sock_sendall(sock, _HEADER.pack(len(data)))
+                        await loop.sock_sendall(sock, data)
+                except OSError as exc:
+                    raise WorkerGone from exc
+                while self._services is not None and self._services.open:
+                    if await readable_first(loop, sock, self._services.sock):
+                        break
+                    # A request of the function: served in a thread, as by call().
+                    await offload(self._services.serve_until_readable, sock, deadline)
+                (length,) = _HEADER.unpack(await recv_exact_async(loop, sock, _HEADER.size))
+                if length == 0:
+                    raise ProtocolViolation("empty frame")
+                if length - 1 > self._limits.max_output_bytes:
+                    raise OutputTooLarge(f" ({length - 1} bytes announced)")
+                status = (await recv_exact_async(loop, sock, 1))[0]
+                return status, await recv_exact_async(loop, sock, length - 1)
+        except TimeoutError:
+            raise Timeout from None
 
     def _handshake(self) -> None:
         limits = self._limits
@@ -554,6 +651,10 @@ class FunctionSandbox(Closeable):
         self._exit_code, cpu_s = result
         self._cpu_s = cpu_s or self._cpu_s
         return True
+
+
+# What the frame helpers raise when a call cannot complete (see FunctionSandbox._call_failed).
+_FRAME_ERRORS = (Timeout, OutputTooLarge, ProtocolViolation, WorkerGone)
 
 
 def _new_cgroup(limits: SandboxLimits) -> SandboxCgroup | None:

@@ -69,6 +69,16 @@ class ServicesServer:
         # Served until the guest closes its end (only while a call or the load is under way).
         self._open = True
 
+    @property
+    def sock(self) -> socket.socket:
+        """The runtime's end of the services socket."""
+        return self._sock
+
+    @property
+    def open(self) -> bool:
+        """False once the guest closed its end: nothing more to serve."""
+        return self._open
+
     def serve_until_readable(self, channel: socket.socket, deadline: float) -> None:
         """Serve requests until ``channel`` has something to read (or the deadline)."""
         services = self._sock

@@ -292,7 +292,9 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
                 asyncio.get_running_loop().run_in_executor, None, sandbox.close
             )
             try:
-                output = await ctx.config.lanes.calls.run(ctx.party, sandbox.call, plaintext)
+                # On the event loop, holding a calls-lane slot (no thread hop per call).
+                calls = ctx.config.lanes.calls
+                output = await calls.run_async(ctx.party, sandbox.call_async, plaintext)
             finally:
                 ctx.inbox.on_close = None
         except (FunctionError, LimitExceededError, DecryptionError, KeyReleaseDeniedError) as exc:

@@ -13,6 +13,7 @@ small private exceptions the sandbox turns into :class:`cape.errors.SandboxError
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import functools
@@ -368,6 +369,51 @@ def recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
             k = sock.recv_into(view[got:], n - got)
         except (BlockingIOError, InterruptedError):
             continue
+        except OSError as exc:
+            raise WorkerGone from exc
+        if k == 0:
+            raise WorkerGone
+        got += k
+    return bytes(buf)
+
+
+# --- the same on the event loop (FunctionSandbox.call_async) ---------------------------------
+
+# Inputs up to this size go to the channel in one write with their frame head.
+COALESCE_BYTES = 64 << 10
+
+
+async def readable_first(
+    loop: asyncio.AbstractEventLoop, channel: socket.socket, services: socket.socket
+) -> bool:
+    """Wait until ``channel`` (True, first when both are) or ``services`` (False) has
+    something to read."""
+    waiter: asyncio.Future[bool] = loop.create_future()
+
+    def ready(which: bool) -> None:
+        if not waiter.done():
+            waiter.set_result(which)
+
+    loop.add_reader(channel.fileno(), ready, True)
+    loop.add_reader(services.fileno(), ready, False)
+    try:
+        if await waiter:
+            return True
+    finally:
+        loop.remove_reader(channel.fileno())
+        loop.remove_reader(services.fileno())
+    ready_now, _, _ = select.select([channel], [], [], 0)
+    return bool(ready_now)
+
+
+async def recv_exact_async(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    """``recv_exact`` on the event loop: ``n`` bytes, ``WorkerGone`` when ``sock`` closes first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = await loop.sock_recv_into(sock, view[got:])
         except OSError as exc:
             raise WorkerGone from exc
         if k == 0:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from cape.enclave.lanes import Lane, LaneLimits
+from cape.enclave.lanes import Lane, LaneLimits, Offload
 from cape.errors import BusyError
 
 SETTLE_S = 30.0  # liveness bound only: every wait below ends as soon as its condition holds
@@ -160,6 +160,41 @@ def test_a_cancelled_caller_keeps_the_slot_until_its_thread_ends() -> None:
         gate.release("a0")
         assert await alice == "a0"
         assert lane.running() == 0 and "m1" not in gate.started
+        lane.close()
+
+    _run(scenario)
+
+
+def test_a_call_on_the_event_loop_counts_the_same_and_keeps_its_slot_for_its_thread() -> None:
+    # run_async (issue 16: a call without a thread hop) is admitted like run: one party's
+    # share, busy beyond its queue. What it hands to the lane's threads keeps the slot until
+    # the thread ends, even when the caller is cancelled first.
+    async def scenario() -> None:
+        lane, gate = Lane("calls", LaneLimits(2, 1, 0, 0)), Gate()
+        on_loop = threading.get_ident()
+        ran_on: list[int] = []
+
+        async def call(offload: Offload, name: str) -> str:
+            ran_on.append(threading.get_ident())
+            return await offload(gate.work, name)
+
+        mallory = asyncio.create_task(lane.run_async("mallory", call, "m0"))
+        await _until(lambda: gate.started == ["m0"])
+        assert ran_on == [on_loop] and lane.running("mallory") == 1
+        with pytest.raises(BusyError):
+            await lane.run_async("mallory", call, "m1")  # over her share, and no queue
+        mallory.cancel()
+        await asyncio.gather(mallory, return_exceptions=True)
+        assert lane.running("mallory") == 1  # her thread still runs: the slot stays taken
+        alice = asyncio.create_task(lane.run_async("alice", call, "a0"))
+        await _until(lambda: "a0" in gate.started)  # the other slot
+        with pytest.raises(BusyError):
+            await lane.run_async("bob", call, "b0")  # both slots taken, no queue
+        gate.release("m0")
+        await _until(lambda: lane.running("mallory") == 0)
+        gate.release("a0")
+        assert await alice == "a0"
+        assert lane.running() == 0
         lane.close()
 
     _run(scenario)

@@ -6,13 +6,17 @@ The system files are temp copies (the paths are a seam); the last test starts th
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from cape.enclave import uids as uids_module
 from cape.enclave.uids import (
     DEFAULT_RANGE,
     SystemFiles,
@@ -138,3 +142,154 @@ def test_cape_serve_refuses_a_colliding_range_at_start(tmp_path: Path) -> None:
         "range with --sandbox-uids START-END (default 2000000000-2000049999)"
     ]
     assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+# --- lock files: runtimes on one host, and what a crashed one leaves (issue 16) ----------------
+
+# A second runtime, as a real process: takes a uid from the range, optionally starts a process
+# as that uid (a sandbox it will leave behind), prints both and waits to be killed.
+HOLDER = """
+import os, subprocess, sys, time
+from pathlib import Path
+from cape.enclave.uids import UidPool, UidRange
+pool = UidPool(UidRange(int(sys.argv[1]), int(sys.argv[2])), lock_dir=Path(sys.argv[3]))
+uid = pool.acquire()
+pid = 0
+if sys.argv[4] == "leftover":
+    pid = subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sleep", "600"],
+        start_new_session=True,
+    ).pid
+    deadline = time.monotonic() + 30
+    while os.stat(f"/proc/{pid}").st_uid != uid:  # setpriv switches after its exec
+        assert time.monotonic() < deadline, "setpriv did not switch"
+        time.sleep(0.01)
+print(uid, pid, flush=True)
+time.sleep(600)
+"""
+LOCK_UIDS = UidRange(2_100_000_010, 2_100_000_011)
+
+
+def _root_only() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("uids are handed out only to a root runtime")
+
+
+class Holder:
+    def __init__(self, uids: UidRange, lock_dir: Path, mode: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(uids.start), str(uids.end), str(lock_dir), mode],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        uid_text, pid_text = self.process.stdout.readline().split()
+        self.uid, self.leftover = int(uid_text), int(pid_text)
+
+    def crash(self) -> None:
+        self.process.kill()  # SIGKILL: no release, its lock goes with its descriptors
+        self.process.wait(30)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def kill_leftover(self) -> None:
+        if self.leftover:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.leftover, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{self.leftover}").exists() and time.monotonic() < deadline:
+                # a zombie until init reaps it: its uid is still on /proc/PID
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the /proc scans acquire makes (the real scan still runs)."""
+    counted: list[int] = []
+    real = uids_module._uids_with_processes
+
+    def counting() -> set[int]:
+        counted.append(1)
+        return real()
+
+    monkeypatch.setattr(uids_module, "_uids_with_processes", counting)
+    return counted
+
+
+def test_two_runtimes_on_one_host_never_share_a_uid(tmp_path: Path) -> None:
+    _root_only()
+    other = Holder(LOCK_UIDS, tmp_path / "locks", "hold")  # holds a uid, no process yet
+    try:
+        ours = UidPool(LOCK_UIDS, lock_dir=tmp_path / "locks")
+        for _ in range(8):  # the pool starts at a random place in the range each time
+            uid = ours.acquire()
+            assert uid is not None and uid != other.uid
+            ours.release(uid, vacated=True)
+        only_theirs = UidPool(UidRange(other.uid, other.uid), lock_dir=tmp_path / "locks")
+        with pytest.raises(RuntimeError, match="no free sandbox uid"):
+            only_theirs.acquire()
+    finally:
+        other.crash()
+    assert only_theirs.acquire() == other.uid  # its lock went with it, and nothing runs as it
+
+
+def test_a_crashed_runtimes_leftover_process_keeps_its_uid_taken(
+    tmp_path: Path, scans: list[int]
+) -> None:
+    _root_only()
+    crashed = Holder(LOCK_UIDS, tmp_path / "locks", "leftover")
+    try:
+        crashed.crash()
+        assert (tmp_path / "locks" / str(crashed.uid)).read_bytes().startswith(b"held")
+        pool = UidPool(UidRange(crashed.uid, crashed.uid), lock_dir=tmp_path / "locks")
+        with pytest.raises(RuntimeError, match="no free sandbox uid"):
+            pool.acquire()  # no lock holds it, but a process of the uid still runs
+        assert scans == [1]
+    finally:
+        crashed.kill_leftover()
+    uid = pool.acquire()
+    assert uid == crashed.uid
+    pool.release(uid, vacated=True)
+
+
+def test_only_a_clean_release_spares_the_next_scan(tmp_path: Path, scans: list[int]) -> None:
+    _root_only()
+    pool = UidPool(UidRange(LOCK_UIDS.start, LOCK_UIDS.start), lock_dir=tmp_path / "locks")
+    uid = pool.acquire()
+    assert uid == LOCK_UIDS.start
+    assert scans == [1]  # a new lock file vouches for nothing
+    pool.release(uid)  # not vacated: e.g. a start that failed half-way
+    uid = pool.acquire()
+    assert scans == [1, 1]
+    pool.release(uid, vacated=True)
+    assert pool.acquire() == uid
+    assert scans == [1, 1]  # the clean release vouched: no scan
+    pool.release(uid, vacated=True)
+    # A lock directory others may write to vouches for nothing: back to a scan every time.
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    (tmp_path / "open" / str(uid)).write_bytes(b"vacated")
+    loose = UidPool(UidRange(LOCK_UIDS.start, LOCK_UIDS.start), lock_dir=tmp_path / "open")
+    assert loose.acquire() == uid
+    assert scans == [1, 1, 1]
+
+
+def test_a_runtimes_sessions_reuse_the_uids_it_vacated_without_a_scan(
+    tmp_path: Path, scans: list[int]
+) -> None:
+    _root_only()
+    pool = UidPool(UidRange(2_100_000_020, 2_100_049_999), lock_dir=tmp_path / "locks")
+    first = pool.acquire()
+    second = pool.acquire()
+    assert len(scans) == 2  # new lock files: each scanned once
+    pool.release(first, vacated=True)
+    pool.release(second, vacated=True)
+    for _ in range(10):  # sessions one after another, then two at once
+        uid = pool.acquire()
+        pool.release(uid, vacated=True)
+        both = pool.acquire(), pool.acquire()
+        assert set(both) == {first, second}
+        for taken in both:
+            pool.release(taken, vacated=True)
+    assert len(scans) == 2
+    assert len(list((tmp_path / "locks").iterdir())) == 2  # files for the uids used, no more
