@@ -87,9 +87,11 @@ PROC_COVERS = {"/proc/sys", "/proc/irq", "/proc/bus"}
 def started() -> Iterator[list[FunctionSandbox]]:
     sandboxes: list[FunctionSandbox] = []
     yield sandboxes
+    # All closed first: a uid vacated by one sandbox may be handed to a later one (uids.py).
     for box in sandboxes:
         box.close()
         assert not box.alive
+    for box in sandboxes:
         assert processes_of(box.host_uid) == []
 
 
