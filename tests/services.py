@@ -22,14 +22,15 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 START_TIMEOUT_S: Final = 60.0
 S3_ENV: Final = {
@@ -60,6 +61,75 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, log: 
             return
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+class CapeProcess:
+    """A ``cape`` command (``cape serve``, ``cape kms serve``) in a subprocess, stdout and
+    stderr appended to files in ``log_dir``, ready once it prints ``Ready: <url>``.
+    :class:`tests.e2e.server.ServeProcess` and :class:`tests.kms_service.KeyServiceProcess`
+    are these; subclasses (dataclasses) declare ``log_dir`` and ``process``."""
+
+    log_dir: Path
+    process: subprocess.Popen[bytes] | None
+    what: ClassVar[str] = "cape"
+    start_timeout_s: ClassVar[float] = START_TIMEOUT_S
+    stop_timeout_s: ClassVar[float] = 30.0
+
+    def launch(
+        self, args: list[str], env: dict[str, str] | None = None, new_session: bool = False
+    ) -> int:
+        """Starts ``cape <args>``; returns where this start's output begins in the stdout
+        log (logs are appended, so that a restart keeps what came before)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        stdout_log = self.log_dir / "stdout.log"
+        offset = stdout_log.stat().st_size if stdout_log.exists() else 0
+        with stdout_log.open("ab") as out, (self.log_dir / "stderr.log").open("ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from cape.cli.app import main; main()", *args],
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=new_session,
+            )
+        return offset
+
+    def wait_ready(self, offset: int, line_seen: Callable[[str], None] | None = None) -> str:
+        """The URL of the ``Ready:`` line printed after ``offset``; every line of this start
+        printed by then also goes to ``line_seen``. Kills the process if it is not ready in
+        time."""
+        assert self.process is not None
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            url = ""
+            for line in self.stdout()[offset:].splitlines():
+                if line.startswith("Ready: "):
+                    url = line.removeprefix("Ready: ").strip()
+                if line_seen is not None:
+                    line_seen(line)
+            if url:
+                return url
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.what} exited early:\n{self.stderr()[-3000:]}")
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"{self.what} did not become ready:\n{self.stderr()[-3000:]}")
+
+    def stdout(self) -> str:
+        return (self.log_dir / "stdout.log").read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return (self.log_dir / "stderr.log").read_text(errors="replace")
+
+    def stop(self, timeout_s: float | None = None) -> int:
+        """SIGTERM, then the exit status (``subprocess.TimeoutExpired`` if it lingers)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(self.stop_timeout_s if timeout_s is None else timeout_s)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def postgres_bindir() -> Path:

@@ -6,22 +6,20 @@ import asyncio
 import io
 import os
 import secrets
-import signal
 import ssl
 import subprocess
-import sys
-import time
 import zipfile
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from cryptography import x509
 
 from cape.sdk.flows import Deployed, deploy, fetch_key
 from cape.sdk.rest import RestClient
 from cape.sdk.session import Session, SessionOptions
+from tests.services import CapeProcess
 
 T = TypeVar("T")
 START_TIMEOUT_S = 90.0
@@ -37,7 +35,7 @@ def zip_app(source: str | bytes, extra: dict[str, bytes] | None = None) -> bytes
 
 
 @dataclass
-class ServeProcess:
+class ServeProcess(CapeProcess):
     """``python -m cape.cli.app serve`` in a subprocess; stdout/stderr kept in files."""
 
     data_dir: Path
@@ -52,64 +50,17 @@ class ServeProcess:
     and `timeout` do)."""
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
+    what: ClassVar[str] = "cape serve"
+    start_timeout_s: ClassVar[float] = START_TIMEOUT_S
+    stop_timeout_s: ClassVar[float] = 60.0
 
     def start(self) -> ServeProcess:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.url = ""
-        stdout_log = self.log_dir / "stdout.log"
-        offset = stdout_log.stat().st_size if stdout_log.exists() else 0  # logs are appended
-        out = stdout_log.open("ab")
-        err = (self.log_dir / "stderr.log").open("ab")
+        args = ["serve", "--data-dir", str(self.data_dir), "--port", str(self.port)]
+        args += ["--enclaves", str(self.enclaves), *self.extra_args]
         env = {**os.environ, "CAPE_CONFIG_DIR": str(self.config_dir), **self.env}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from cape.cli.app import main; main()",
-                "serve",
-                "--data-dir",
-                str(self.data_dir),
-                "--port",
-                str(self.port),
-                "--enclaves",
-                str(self.enclaves),
-                *self.extra_args,
-            ],
-            stdout=out,
-            stderr=err,
-            env=env,
-            start_new_session=self.new_session,
-        )
-        out.close()
-        err.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for line in self.stdout()[offset:].splitlines():
-                if line.startswith("Ready: "):
-                    self.url = line.removeprefix("Ready: ").strip()
-            if self.url:
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"cape serve exited early:\n{self.stderr()[-3000:]}")
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"cape serve did not become ready:\n{self.stderr()[-3000:]}")
-
-    def stdout(self) -> str:
-        return (self.log_dir / "stdout.log").read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return (self.log_dir / "stderr.log").read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout_s)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self.url = self.wait_ready(self.launch(args, env, self.new_session))
+        return self
 
     @property
     def ca_file(self) -> Path:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
+from cape.enclave.awskeys import AwsKmsConfig
 from cape.enclave.awskms import AwsCredentials
 
 REGION = "us-east-1"
@@ -44,3 +46,34 @@ def moto_kms() -> Iterator[tuple[int, AwsCredentials]]:
     finally:
         moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = saved
         server.stop()
+
+
+def configure(config: AwsKmsConfig, credentials: AwsCredentials) -> Callable[[], dict[str, Any]]:
+    """A launcher's ``configure`` callback for ``--kms aws``: the account's configuration and
+    the credentials the enclave calls KMS with (what the host hands a Nitro enclave)."""
+
+    def frame() -> dict[str, Any]:
+        return {
+            "aws_kms": config.to_frame(),
+            "credentials": {
+                "AccessKeyId": credentials.access_key_id,
+                "SecretAccessKey": credentials.secret_access_key,
+            },
+        }
+
+    return frame
+
+
+def public_key(port: int, credentials: AwsCredentials, owner: str) -> bytes:
+    """The public key moto's KMS holds for ``owner``'s Cape key (``alias/cape/<owner>``)."""
+    import boto3
+
+    kms = boto3.client(
+        "kms",
+        region_name=REGION,
+        endpoint_url=f"http://127.0.0.1:{port}",
+        aws_access_key_id=credentials.access_key_id,
+        aws_secret_access_key=credentials.secret_access_key,
+    )
+    key: bytes = kms.get_public_key(KeyId=f"alias/cape/{owner}")["PublicKey"]
+    return key

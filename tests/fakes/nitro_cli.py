@@ -27,7 +27,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pytest
 
 STATE_ENV = "FAKE_NITRO_STATE"
 FAIL_ENV = "FAKE_NITRO_FAIL"
@@ -40,6 +43,18 @@ def install(bin_dir: Path, python: str = sys.executable) -> Path:
     wrapper.write_text(f'#!/bin/sh\nexec "{python}" "{Path(__file__).resolve()}" "$@"\n')
     wrapper.chmod(0o755)
     return wrapper
+
+
+def install_on_path(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Install the fake first on ``PATH`` (in ``tmp/bin``) with a fresh state directory
+    (``tmp/nitro``) and no failure injected, for this test; returns the state directory."""
+    state = tmp / "nitro"
+    state.mkdir()
+    install(tmp / "bin")
+    monkeypatch.setenv("PATH", f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv(STATE_ENV, str(state))
+    monkeypatch.delenv(FAIL_ENV, raising=False)
+    return state
 
 
 def _state() -> Path:

@@ -14,7 +14,8 @@ import os
 import secrets
 import shutil
 import zipfile
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,11 +26,13 @@ from cape.crypto.keys import load_rsa_public_key
 from cape.errors import CapeError
 from cape.formats.attestation import AttestationDocument
 from cape.host.launcher import EnclaveConnection, HostSession, expect
+from cape.host.pool import EnclavePool
 from cape.platform.local import LocalPlatform
 from cape.verify.policy import AttestationPolicy
 from cape.verify.verifier import verify_attestation
 
 T = TypeVar("T")
+Rewrite = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 OWNER = "alice"
 ECHO = b"def cape_handler(data):\n    return data\n"
 COUNTER = b"""calls = 0
@@ -104,6 +107,17 @@ async def invoke(session: HostSession, doc: AttestationDocument, data: bytes) ->
     return await session.receive()
 
 
+async def pool_key_document(
+    pool: EnclavePool, platform: Platform, owner: str = OWNER
+) -> tuple[dict[int, bytes], bytes]:
+    """A key session on ``pool`` for ``owner``, verified: the document's PCRs and the key."""
+    nonce = secrets.token_bytes(16)
+    async with pool.session("key", owner=owner, nonce=nonce) as session:
+        frame = expect(await session.receive(), "attestation")
+    document = platform.verify(frame["document"], nonce)
+    return dict(document.pcrs), base64.b64decode(user_data(document)["key"])
+
+
 async def deploy_async(
     enclave: EnclaveConnection, platform: Platform, source: bytes
 ) -> tuple[bytes, str]:
@@ -134,3 +148,49 @@ def _has_key(platform: Platform) -> bool:
     except CapeError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- a host that rewrites key answers
+# test_key_answers.py (the host's own key service) and test_network_key_answers.py (a node
+# relaying a network key service) run the same attacks through these.
+
+
+@dataclass
+class AnswerTap:
+    """A hostile relay's hand on the key service's answers: it records every (request,
+    answer) pair and, while ``rewrite`` is set, hands the enclave the rewritten answer."""
+
+    rewrite: Rewrite | None = None
+    seen: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+    def __call__(self, message: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+        self.seen.append((message, reply))
+        return reply if self.rewrite is None else self.rewrite(message, reply)
+
+    def honest(self) -> None:
+        self.rewrite = None
+        self.seen.clear()
+
+    def answer_for(self, owner: str) -> dict[str, Any]:
+        """The (signed) answer the key service gave to a request for ``owner``."""
+        return next(reply for message, reply in self.seen if message["owner"] == owner)
+
+
+def substitute_public_key(rogue: bytes) -> Rewrite:
+    """Answers a public-key request with ``rogue``, keeping the service's signature."""
+
+    def swap(message: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+        return {**reply, "result": rogue} if message["op"] == "get_public_key" else reply
+
+    return swap
+
+
+async def key_session_error(enclave: EnclaveConnection, owner: str) -> str:
+    """The error a key session ends with; fails the test if the enclave attested instead."""
+    session = await enclave.open_session("key", owner=owner, nonce=secrets.token_bytes(16))
+    try:
+        frame = await session.receive()
+    finally:
+        await session.close()
+    assert frame["t"] == "error", f"the enclave attested a substituted key: {frame['t']}"
+    return str(frame["message"])

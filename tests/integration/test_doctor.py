@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,12 +34,7 @@ PCRS = {0: b"\x10" * 48, 1: b"\x11" * 48, 2: b"\x12" * 48, 8: bytes(range(48))}
 @pytest.fixture
 def parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fake parent: nitro-cli on PATH, one running fake enclave, an image, sysfs, vsock."""
-    state = tmp_path / "nitro"
-    state.mkdir()
-    nitro_cli.install(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv(nitro_cli.STATE_ENV, str(state))
-    monkeypatch.delenv(nitro_cli.FAIL_ENV, raising=False)
+    state = nitro_cli.install_on_path(tmp_path, monkeypatch)
     image = {
         "argv": [sys.executable, "-c", "import time; time.sleep(120)"],
         "measurements": {f"PCR{i}": v.hex() for i, v in PCRS.items()},

@@ -13,10 +13,7 @@ KMS and attests to it; the host relays no key-service call.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,13 +22,12 @@ import pytest
 
 from cape.crypto.keyanswers import IDENTITY_PCR, aws_kms_measurement, measured_pcr
 from cape.enclave.awskeys import AwsKmsConfig
-from cape.host.launcher import expect
 from cape.host.nitro import NitroLauncher, NitroSettings, UnixFamily
 from cape.host.pool import EnclavePool
 from cape.kms.base import KeyPolicy
 from tests.fakes import nitro_cli
-from tests.fakes.moto_kms import REGION, moto_kms
-from tests.integration.harness import Platform
+from tests.fakes.moto_kms import REGION, configure, moto_kms, public_key
+from tests.integration.harness import Platform, pool_key_document
 from tests.integration.test_image_userland import bwrap, image_env, image_root
 from tests.integration.test_image_userland import pytestmark as userland_marks
 
@@ -72,11 +68,7 @@ def test_the_image_calls_kms_itself(
 ) -> None:
     host_dir = tmp_path / "host"
     host_dir.mkdir()
-    state = tmp_path / "nitro"
-    state.mkdir()
-    nitro_cli.install(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv(nitro_cli.STATE_ENV, str(state))
+    nitro_cli.install_on_path(tmp_path, monkeypatch)
     cmd = (image_root / "cmd").read_text().splitlines()
     cmd += ["--kms-connect", "unix:/run/host/kms.sock", "--kms-insecure-http"]
     env = {**image_env(image_root), "CAPE_CHANNEL": "unix:/run/host/{cid}.sock"}
@@ -98,20 +90,10 @@ def test_the_image_calls_kms_itself(
         return {"error": "no host key service", "kind": "error"}
 
     with moto_kms() as (port, credentials):
-
-        def configure() -> dict[str, Any]:
-            return {
-                "aws_kms": config.to_frame(),
-                "credentials": {
-                    "AccessKeyId": credentials.access_key_id,
-                    "SecretAccessKey": credentials.secret_access_key,
-                },
-            }
-
         launcher = NitroLauncher(
             NitroSettings(eif=eif, memory_mib=512),
             kms=host_kms,
-            configure=configure,
+            configure=configure(config, credentials),
             family=UnixFamily(host_dir),
             provision=platform._provision,
             connect_timeout_s=120,
@@ -122,27 +104,12 @@ def test_the_image_calls_kms_itself(
             pool = EnclavePool(launcher, 1)
             try:
                 await pool.start()
-                nonce = secrets.token_bytes(16)
-                async with pool.session("key", owner="alice", nonce=nonce) as session:
-                    frame = expect(await session.receive(), "attestation")
-                document = platform.verify(frame["document"], nonce)
-                assert document.user_data is not None
-                key = base64.b64decode(json.loads(document.user_data)["key"])
-                return dict(document.pcrs), key
+                return await pool_key_document(pool, platform, "alice")
             finally:
                 await pool.close()
                 relay.close()
 
         pcrs, key = platform.run(flow())
-        import boto3
-
-        kms = boto3.client(
-            "kms",
-            region_name=REGION,
-            endpoint_url=f"http://127.0.0.1:{port}",
-            aws_access_key_id=credentials.access_key_id,
-            aws_secret_access_key=credentials.secret_access_key,
-        )
-        assert kms.get_public_key(KeyId="alias/cape/alice")["PublicKey"] == key
+        assert public_key(port, credentials, "alice") == key
     assert relayed == []
     assert pcrs[IDENTITY_PCR] == measured_pcr(aws_kms_measurement(config.canonical()))

@@ -10,8 +10,7 @@ started with another key service's identity is visible in every document it make
 from __future__ import annotations
 
 import base64
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,18 @@ import pytest
 from cape.crypto.keyanswers import IDENTITY_PCR, AnswerSigner, identity_pcr
 from cape.crypto.keys import generate_cape_key, public_key_der
 from cape.host.launcher import EnclaveConnection
-from tests.integration.harness import OWNER, Platform, attested, requires_enclaves, user_data
+from tests.integration.harness import (
+    OWNER,
+    AnswerTap,
+    Platform,
+    attested,
+    key_session_error,
+    requires_enclaves,
+    substitute_public_key,
+    user_data,
+)
 
 pytestmark = requires_enclaves
-
-Rewrite = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 
 
 class HostilePlatform(Platform):
@@ -32,13 +38,10 @@ class HostilePlatform(Platform):
 
     def __init__(self, tmp: Path) -> None:
         super().__init__(tmp)
-        self.rewrite: Rewrite | None = None
-        self.seen: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.tap = AnswerTap()
 
     def _kms(self, message: dict[str, Any]) -> dict[str, Any]:
-        reply = super()._kms(message)
-        self.seen.append((message, reply))
-        return reply if self.rewrite is None else self.rewrite(message, reply)
+        return self.tap(message, super()._kms(message))
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +61,11 @@ def enclave(platform: HostilePlatform) -> Iterator[EnclaveConnection]:
 @pytest.fixture(autouse=True)
 def _honest_again(platform: HostilePlatform) -> Iterator[None]:
     yield
-    platform.rewrite = None
-    platform.seen.clear()
+    platform.tap.honest()
 
 
 def _key_session_error(platform: HostilePlatform, enclave: EnclaveConnection, owner: str) -> str:
-    async def flow() -> dict[str, Any]:
-        session = await enclave.open_session("key", owner=owner, nonce=secrets.token_bytes(16))
-        try:
-            return await session.receive()
-        finally:
-            await session.close()
-
-    frame = platform.run(flow())
-    assert frame["t"] == "error", f"the enclave attested a substituted key: {frame['t']}"
-    return str(frame["message"])
+    return platform.run(key_session_error(enclave, owner))
 
 
 def test_honest_relay_answers_verify(platform: HostilePlatform, enclave: EnclaveConnection) -> None:
@@ -82,7 +75,7 @@ def test_honest_relay_answers_verify(platform: HostilePlatform, enclave: Enclave
         return base64.b64decode(user_data(doc)["key"])
 
     assert platform.run(flow()) == platform.kms.get_public_key(OWNER)
-    request, reply = platform.seen[-1]
+    request, reply = platform.tap.seen[-1]
     assert isinstance(request["challenge"], bytes) and len(request["challenge"]) == 16
     assert isinstance(reply["sig"], bytes)
 
@@ -92,10 +85,7 @@ def test_host_substituting_its_own_public_key_fails_the_session(
 ) -> None:
     rogue = public_key_der(generate_cape_key().public_key())
 
-    def swap(message: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
-        return {**reply, "result": rogue} if message["op"] == "get_public_key" else reply
-
-    platform.rewrite = swap
+    platform.tap.rewrite = substitute_public_key(rogue)
     error = _key_session_error(platform, enclave, OWNER)
     assert "does not verify against the measured key service identity" in error
 
@@ -104,7 +94,7 @@ def test_host_stripping_the_signature_fails_the_session(
     platform: HostilePlatform, enclave: EnclaveConnection
 ) -> None:
     rogue = public_key_der(generate_cape_key().public_key())
-    platform.rewrite = lambda message, reply: {"result": rogue}
+    platform.tap.rewrite = lambda message, reply: {"result": rogue}
     assert "is not signed" in _key_session_error(platform, enclave, OWNER)
 
 
@@ -117,7 +107,7 @@ def test_host_signing_with_its_own_identity_fails_the_session(
     def forge(message: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
         return {"result": rogue, "sig": rogue_identity.sign(message, rogue)}
 
-    platform.rewrite = forge
+    platform.tap.rewrite = forge
     assert "does not verify" in _key_session_error(platform, enclave, OWNER)
 
 
@@ -126,10 +116,10 @@ def test_host_replaying_another_users_answer_fails_the_session(
 ) -> None:
     # The host controls "mallory", a signed-up user: it asks for her key honestly...
     platform.run(attested(enclave, platform, "key", owner="mallory"))
-    recorded = next(reply for message, reply in platform.seen if message["owner"] == "mallory")
+    recorded = platform.tap.answer_for("mallory")
     # ...then answers alice's request with mallory's signed answer, so that alice's clients
     # would encrypt to a key the host's user holds.
-    platform.rewrite = lambda message, reply: recorded
+    platform.tap.rewrite = lambda message, reply: recorded
     error = _key_session_error(platform, enclave, OWNER)
     assert "does not verify" in error and "'alice'" in error
 
@@ -138,8 +128,8 @@ def test_host_replaying_an_earlier_answer_to_the_same_user_fails(
     platform: HostilePlatform, enclave: EnclaveConnection
 ) -> None:
     platform.run(attested(enclave, platform, "key"))
-    recorded = platform.seen[-1][1]
-    platform.rewrite = lambda message, reply: recorded  # the challenge differs now
+    recorded = platform.tap.seen[-1][1]
+    platform.tap.rewrite = lambda message, reply: recorded  # the challenge differs now
     assert "does not verify" in _key_session_error(platform, enclave, OWNER)
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import secrets
 import socket
 import ssl
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,13 +32,19 @@ from cape.platform.kms_node import NodePlatform
 from cape.platform.tls import ensure_pinned_certificate
 from cape.verify.policy import AttestationPolicy
 from cape.verify.verifier import verify_attestation
-from tests.integration.harness import OWNER, attested, requires_enclaves
+from tests.integration.harness import (
+    OWNER,
+    AnswerTap,
+    attested,
+    key_session_error,
+    requires_enclaves,
+    substitute_public_key,
+)
 from tests.kms_service import KeyServiceProcess
 
 pytestmark = requires_enclaves
 
 T = TypeVar("T")
-Rewrite = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 
 
 class HostileNode(NodePlatform):
@@ -49,14 +54,11 @@ class HostileNode(NodePlatform):
         self, client: KeyServiceClient, node: str, identity: bytes, root: x509.Certificate
     ) -> None:
         super().__init__(client, node, identity, root)
-        self.rewrite: Rewrite | None = None
-        self.seen: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.tap = AnswerTap()
         self.loop = asyncio.new_event_loop()
 
     def _kms(self, message: dict[str, Any]) -> dict[str, Any]:
-        reply = super()._kms(message)
-        self.seen.append((message, reply))
-        return reply if self.rewrite is None else self.rewrite(message, reply)
+        return self.tap(message, super()._kms(message))
 
     def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -101,21 +103,11 @@ def enclave(node: HostileNode) -> Iterator[EnclaveConnection]:
 @pytest.fixture(autouse=True)
 def _honest_again(node: HostileNode) -> Iterator[None]:
     yield
-    node.rewrite = None
-    node.seen.clear()
+    node.tap.honest()
 
 
 def _key_session_error(node: HostileNode, enclave: EnclaveConnection, owner: str) -> str:
-    async def flow() -> dict[str, Any]:
-        session = await enclave.open_session("key", owner=owner, nonce=secrets.token_bytes(16))
-        try:
-            return await session.receive()
-        finally:
-            await session.close()
-
-    frame = node.run(flow())
-    assert frame["t"] == "error", f"the enclave attested a substituted key: {frame['t']}"
-    return str(frame["message"])
+    return node.run(key_session_error(enclave, owner))
 
 
 def test_an_honest_relay_verifies_and_chains_to_the_cluster_root(
@@ -123,7 +115,7 @@ def test_an_honest_relay_verifies_and_chains_to_the_cluster_root(
 ) -> None:
     session, document = node.run(attested(enclave, node, "key"))  # type: ignore[arg-type]
     node.run(session.close())
-    request, reply = node.seen[-1]
+    request, reply = node.tap.seen[-1]
     assert isinstance(request["challenge"], bytes) and isinstance(reply["sig"], bytes)
     assert len(document.cabundle) == 3  # cluster root → this node's intermediate → instance
     assert document.pcrs[IDENTITY_PCR] == identity_pcr(node.identity_public)
@@ -134,10 +126,7 @@ def test_a_node_substituting_its_own_public_key_fails_the_session(
 ) -> None:
     rogue = public_key_der(generate_cape_key().public_key())
 
-    def swap(message: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
-        return {**reply, "result": rogue} if message["op"] == "get_public_key" else reply
-
-    node.rewrite = swap
+    node.tap.rewrite = substitute_public_key(rogue)
     error = _key_session_error(node, enclave, OWNER)
     assert "does not verify against the measured key service identity" in error
 
@@ -146,7 +135,7 @@ def test_a_node_stripping_the_signature_fails_the_session(
     node: HostileNode, enclave: EnclaveConnection
 ) -> None:
     rogue = public_key_der(generate_cape_key().public_key())
-    node.rewrite = lambda message, reply: {"result": rogue}
+    node.tap.rewrite = lambda message, reply: {"result": rogue}
     assert "is not signed" in _key_session_error(node, enclave, OWNER)
 
 
@@ -154,8 +143,8 @@ def test_a_node_replaying_another_users_answer_fails_the_session(
     node: HostileNode, enclave: EnclaveConnection
 ) -> None:
     node.run(attested(enclave, node, "key", owner="mallory"))  # type: ignore[arg-type]
-    recorded = next(reply for message, reply in node.seen if message["owner"] == "mallory")
-    node.rewrite = lambda message, reply: recorded
+    recorded = node.tap.answer_for("mallory")
+    node.tap.rewrite = lambda message, reply: recorded
     error = _key_session_error(node, enclave, OWNER)
     assert "does not verify" in error and "'alice'" in error
 

@@ -10,7 +10,6 @@ calls with signed answers, attestation — is the real thing.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import secrets
@@ -37,20 +36,14 @@ from cape.host.pool import EnclavePool
 from cape.image.build import DEFAULT_CMD
 from cape.kms.base import KeyPolicy
 from tests.fakes import nitro_cli
-from tests.fakes.moto_kms import moto_kms
-from tests.integration.harness import Platform
+from tests.fakes.moto_kms import configure, moto_kms, public_key
+from tests.integration.harness import Platform, pool_key_document
 
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fake nitro-cli first on PATH; returns its state directory."""
-    state = tmp_path / "nitro"
-    state.mkdir()
-    nitro_cli.install(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv(nitro_cli.STATE_ENV, str(state))
-    monkeypatch.delenv(nitro_cli.FAIL_ENV, raising=False)
-    return state
+    return nitro_cli.install_on_path(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -231,45 +224,21 @@ def test_aws_kms_mode_calls_kms_from_the_enclave(platform: Platform, fake: Path)
             relayed.append(message)
             return platform._kms(message)
 
-        def configure() -> dict[str, Any]:
-            return {
-                "aws_kms": config.to_frame(),
-                "credentials": {
-                    "AccessKeyId": credentials.access_key_id,
-                    "SecretAccessKey": credentials.secret_access_key,
-                },
-            }
-
         image = _image(
             fake, extra=["--kms-connect", f"tcp:127.0.0.1:{port}", "--kms-insecure-http"]
         )
-        launcher = _launcher(platform, fake, eif=image, configure=configure)
+        launcher = _launcher(platform, fake, eif=image, configure=configure(config, credentials))
         launcher._kms = kms
 
-        async def flow() -> tuple[Mapping[int, bytes], bytes]:
+        async def flow() -> tuple[dict[int, bytes], bytes]:
             pool = EnclavePool(launcher, 1)
             await pool.start()
             try:
-                nonce = secrets.token_bytes(16)
-                async with pool.session("key", owner="alice", nonce=nonce) as session:
-                    frame = expect(await session.receive(), "attestation")
-                document = platform.verify(frame["document"], nonce)
-                assert document.user_data is not None
-                key = base64.b64decode(json.loads(document.user_data)["key"])
-                return document.pcrs, key
+                return await pool_key_document(pool, platform, "alice")
             finally:
                 await pool.close()
 
         pcrs, key = platform.run(flow())
-        import boto3
-
-        kms_client = boto3.client(
-            "kms",
-            region_name="us-east-1",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            aws_access_key_id=credentials.access_key_id,
-            aws_secret_access_key=credentials.secret_access_key,
-        )
-        assert kms_client.get_public_key(KeyId="alias/cape/alice")["PublicKey"] == key
+        assert public_key(port, credentials, "alice") == key
     assert relayed == []
     assert pcrs[IDENTITY_PCR] == measured_pcr(aws_kms_measurement(config.canonical()))

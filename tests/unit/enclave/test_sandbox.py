@@ -17,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,17 +89,6 @@ def start_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if request.param == "bubblewrap":
         monkeypatch.setattr(zygote_module, "_settings", {"start": "bubblewrap"})
     return str(request.param)
-
-
-@pytest.fixture
-def started() -> Iterator[list[FunctionSandbox]]:
-    """Sandboxes a test starts; closed afterwards, and checked to leave no process behind."""
-    sandboxes: list[FunctionSandbox] = []
-    yield sandboxes
-    for box in sandboxes:
-        box.close()
-        assert not box.alive
-        assert processes_of(box.host_uid) == []
 
 
 def start(

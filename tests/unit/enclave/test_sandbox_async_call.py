@@ -192,15 +192,6 @@ def test_encryption_requests_are_served_in_the_lanes_thread(
 # --- helpers --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def started() -> Iterator[list[FunctionSandbox]]:
-    sandboxes: list[FunctionSandbox] = []
-    yield sandboxes
-    for box in sandboxes:
-        box.close()
-        assert processes_of(box.host_uid) == []
-
-
 def start(
     started: list[FunctionSandbox],
     directory: Path,

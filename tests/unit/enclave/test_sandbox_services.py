@@ -14,7 +14,6 @@ import logging
 import resource
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,16 +124,6 @@ class Keys:
 
 def token(plaintext: bytes) -> str:
     return "cape:" + base64.b64encode(plaintext[::-1]).decode()
-
-
-@pytest.fixture
-def started() -> Iterator[list[FunctionSandbox]]:
-    sandboxes: list[FunctionSandbox] = []
-    yield sandboxes
-    for box in sandboxes:
-        box.close()
-        assert not box.alive
-        assert processes_of(box.host_uid) == []
 
 
 def make(tmp_path: Path, source: str = PROBE, *, name: str = "fn", **files: str) -> Path:

@@ -54,6 +54,19 @@ def started_at(monkeypatch: pytest.MonkeyPatch) -> dict[int, float]:
     return times
 
 
+def _pool(tmp_path: Path, idle_s: float = 60.0) -> WarmPool:
+    """A pool of real sandboxes that keeps up to 3 spares of a function (idle after
+    ``idle_s``, 60 s by default as in the pool)."""
+    return WarmPool(
+        tmp_path,
+        sandbox_limits=LIMITS,
+        bundle_limits=BundleLimits(),
+        lanes=Lanes(),
+        max_spares=3,
+        idle_s=idle_s,
+    )
+
+
 async def _acquire(pool: WarmPool) -> Lease:
     async def decrypt() -> bytes:
         return _bundle()
@@ -78,13 +91,7 @@ def test_a_burst_after_a_burst_is_served_by_spares_made_ahead(
     tmp_path: Path, started_at: dict[int, float]
 ) -> None:
     async def main() -> None:
-        pool = WarmPool(
-            tmp_path,
-            sandbox_limits=LIMITS,
-            bundle_limits=BundleLimits(),
-            lanes=Lanes(),
-            max_spares=3,
-        )
+        pool = _pool(tmp_path)
         try:
             for lease in await asyncio.gather(*(_acquire(pool) for _ in range(3))):
                 lease.release()
@@ -121,14 +128,7 @@ def test_spares_are_not_replaced_beyond_the_demand_once_idle(
     tmp_path: Path, started_at: dict[int, float]
 ) -> None:
     async def main() -> None:
-        pool = WarmPool(
-            tmp_path,
-            sandbox_limits=LIMITS,
-            bundle_limits=BundleLimits(),
-            lanes=Lanes(),
-            max_spares=3,
-            idle_s=0.0,
-        )
+        pool = _pool(tmp_path, idle_s=0.0)
         made: list[Lease] = []
         try:
             for lease in await asyncio.gather(*(_acquire(pool) for _ in range(3))):

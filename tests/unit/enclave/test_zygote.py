@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +81,6 @@ def cape_handler(data):
 #: /proc covers bubblewrap attempts and this kernel refuses it inside a user namespace, which
 #: the zygote gets (read-only, so stricter than bubblewrap's sandbox here).
 PROC_COVERS = {"/proc/sys", "/proc/irq", "/proc/bus"}
-
-
-@pytest.fixture
-def started() -> Iterator[list[FunctionSandbox]]:
-    sandboxes: list[FunctionSandbox] = []
-    yield sandboxes
-    # All closed first: a uid vacated by one sandbox may be handed to a later one (uids.py).
-    for box in sandboxes:
-        box.close()
-        assert not box.alive
-    for box in sandboxes:
-        assert processes_of(box.host_uid) == []
 
 
 def _start(started: list[FunctionSandbox], directory: Path) -> FunctionSandbox:
