@@ -22,7 +22,9 @@ Each phase reports the victim's p50 and p99 and how many of its runs failed (goa
 attack ≤ 2x its p99 alone, 0 errors), and what the attackers got (refusals are expected).
 
 Run: ``.venv/bin/python benchmarks/noisy_neighbour.py [--quick] [--json PATH]`` (root and
-bubblewrap, as simulated enclaves need). ``--quick`` is a smoke run with a few runs per phase.
+bubblewrap, as simulated enclaves need). ``--quick`` is a smoke run (CI): a few runs per phase
+and each attack at its smallest (one account, two of each connection or thread), so that every
+path runs once; the attackers' signups (argon2 at nice 19) were most of its time.
 """
 
 from __future__ import annotations
@@ -70,10 +72,21 @@ GOAL_RATIO: Final = 2.0
 class Options:
     runs: int
     settle_s: float
+    stall_accounts: int
+    """Attacker accounts holding stalled deploys (2 each, their quota)."""
+    sleep_accounts: int
+    sleep_sessions: int
+    """Sleeping run sessions per attacker account."""
+    flooders: int
+    """Frame-flood connections, and signup/login flood threads (half signups, half logins)."""
 
 
-FULL = Options(runs=60, settle_s=2.0)
-QUICK = Options(runs=5, settle_s=0.5)
+FULL = Options(
+    runs=60, settle_s=2.0, stall_accounts=5, sleep_accounts=4, sleep_sessions=8, flooders=4
+)
+QUICK = Options(
+    runs=5, settle_s=0.5, stall_accounts=1, sleep_accounts=1, sleep_sessions=2, flooders=2
+)
 
 
 @dataclass
@@ -151,6 +164,7 @@ class Lab:
     url: str
     options: SessionOptions
     victim_username: str
+    scale: Options
     sleeper: str = ""
     """An attacker's function that sleeps in every call."""
 
@@ -159,7 +173,7 @@ class Lab:
 async def stalled_deploys(lab: Lab) -> AsyncIterator[Counter[str]]:
     outcome: Counter[str] = Counter()
     held: list[websockets.ClientConnection] = []
-    for _ in range(5):
+    for _ in range(lab.scale.stall_accounts):
         attacker = await asyncio.to_thread(Tenant.signup, lab.url, lab.options, "stall")
         for _ in range(2):
             try:
@@ -184,9 +198,9 @@ async def stalled_deploys(lab: Lab) -> AsyncIterator[Counter[str]]:
 async def sleeping_sessions(lab: Lab) -> AsyncIterator[Counter[str]]:
     outcome: Counter[str] = Counter()
     sessions: list[Session] = []
-    for _ in range(4):
+    for _ in range(lab.scale.sleep_accounts):
         attacker = await asyncio.to_thread(Tenant.signup, lab.url, lab.options, "sleep")
-        for _ in range(8):
+        for _ in range(lab.scale.sleep_sessions):
             try:
                 session = await attacker.session(lab.sleeper)
                 await session.send_sealed(b"zz")  # the call sleeps; the session stays busy
@@ -227,7 +241,7 @@ async def frame_floods(lab: Lab) -> AsyncIterator[Counter[str]]:
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 outcome[f"failed: {type(exc).__name__}"] += 1
 
-    tasks = [asyncio.ensure_future(flood(i)) for i in range(4)]
+    tasks = [asyncio.ensure_future(flood(i)) for i in range(lab.scale.flooders)]
     try:
         yield outcome
     finally:
@@ -257,7 +271,9 @@ async def account_floods(lab: Lab) -> AsyncIterator[Counter[str]]:
                 with lock:
                     outcome[key] += 1
 
-    threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(4)]
+    threads = [
+        threading.Thread(target=flood, args=(i,), daemon=True) for i in range(lab.scale.flooders)
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -288,6 +304,7 @@ def attacker_process(
     data_dir: Path,
     victim_username: str,
     sleeper: str,
+    scale: Options,
     ready: Any,
     stop: Any,
     outcome: Any,
@@ -295,7 +312,7 @@ def attacker_process(
     """One attack, in its own process: start it, say so, hold it until told to stop."""
 
     async def attack() -> None:
-        lab = Lab(url, session_options(data_dir), victim_username, sleeper)
+        lab = Lab(url, session_options(data_dir), victim_username, scale, sleeper)
         async with ATTACKS[name](lab) as counts:
             ready.set()
             await asyncio.to_thread(stop.wait, 1800)
@@ -306,7 +323,7 @@ def attacker_process(
 
 @contextlib.asynccontextmanager
 async def attacking(
-    name: str, url: str, data_dir: Path, victim_username: str, sleeper: str
+    name: str, url: str, data_dir: Path, victim_username: str, sleeper: str, scale: Options
 ) -> AsyncIterator[dict[str, int]]:
     """Run the attack ``name`` in a child process while the block runs; the dict it yields
     holds what the attacker got once the block is done."""
@@ -314,7 +331,7 @@ async def attacking(
     ready, stop, outcome = spawn.Event(), spawn.Event(), spawn.Queue()
     child = spawn.Process(
         target=attacker_process,
-        args=(name, url, data_dir, victim_username, sleeper, ready, stop, outcome),
+        args=(name, url, data_dir, victim_username, sleeper, scale, ready, stop, outcome),
         daemon=True,
     )
     child.start()
@@ -354,7 +371,8 @@ async def measure(url: str, data_dir: Path, options: Options) -> Results:
     rows: list[tuple[str, list[float], int, list[float], int, str]] = []
     for name in ATTACKS:
         alone, alone_errors = await victim_runs(victim, function, options.runs)
-        async with attacking(name, url, data_dir, victim.username, sleeper) as outcome:
+        attack = attacking(name, url, data_dir, victim.username, sleeper, options)
+        async with attack as outcome:
             await asyncio.sleep(options.settle_s)
             samples, errors = await victim_runs(victim, function, options.runs)
         got = ", ".join(f"{k} {v}" for k, v in sorted(outcome.items()))
