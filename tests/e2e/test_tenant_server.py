@@ -408,8 +408,11 @@ def test_bundle_bytes_in_flight_over_quota_are_refused(tight: ServeProcess) -> N
 
 def test_client_paced_waits_have_deadlines(tight: ServeProcess) -> None:
     """Deadlines: a deploy that stops between chunks, a request body that stops, and a
-    request head that never ends are each cut off (3 s here), never waited for."""
+    request head that never ends are each cut off (3 s here), never waited for. The three
+    stall at once (each deadline is its own connection's), so the test waits 3 s, not 9."""
     attacker = User.signup(tight, "slow")
+    host, port = tight.url.removeprefix("https://").rsplit(":", 1)
+    context = tight.ssl_context()
 
     async def stalled_deploy() -> tuple[int | None, list[Any]]:
         ws = await _session(tight, "/v1/deploy", attacker.token)
@@ -417,12 +420,6 @@ def test_client_paced_waits_have_deadlines(tight: ServeProcess) -> None:
         await ws.send(json.dumps({"message": {"function_name": "slow", "bundle_size": 100}}))
         await ws.send(b"x")
         return await _closed_with(ws)
-
-    code, frames = run(stalled_deploy())
-    assert code == 1008 and "no message within 3 s" in frames[0]["error"], frames
-
-    host, port = tight.url.removeprefix("https://").rsplit(":", 1)
-    context = tight.ssl_context()
 
     def exchange(data: bytes) -> bytes:
         with (
@@ -436,14 +433,24 @@ def test_client_paced_waits_have_deadlines(tight: ServeProcess) -> None:
                     received += chunk
             return received
 
+    async def all_three() -> tuple[tuple[int | None, list[Any]], bytes, bytes]:
+        deploy, body, head = await asyncio.gather(
+            stalled_deploy(),
+            asyncio.to_thread(
+                exchange,
+                f"POST /v1/login HTTP/1.1\r\nHost: {host}\r\n"
+                "Content-Type: application/json\r\n"
+                'Content-Length: 100\r\n\r\n{"user'.encode(),
+            ),
+            asyncio.to_thread(exchange, f"GET /v1/runtime HTTP/1.1\r\nHost: {host}\r\n".encode()),
+        )
+        return deploy, body, head
+
     started = time.monotonic()
-    body = exchange(
-        f"POST /v1/login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        'Content-Length: 100\r\n\r\n{"user'.encode()
-    )
+    (code, frames), body, head = run(all_three())
+    assert code == 1008 and "no message within 3 s" in frames[0]["error"], frames
     assert body.startswith(b"HTTP/1.1 408"), body[:200]
     assert b"did not arrive within 3 s" in body
-    head = exchange(f"GET /v1/runtime HTTP/1.1\r\nHost: {host}\r\n".encode())
     assert head == b""  # closed without a response: the head never ended
     assert time.monotonic() - started < 60
 
