@@ -23,8 +23,8 @@ attack ≤ 2x its p99 alone, 0 errors), and what the attackers got (refusals are
 
 Run: ``.venv/bin/python benchmarks/noisy_neighbour.py [--quick] [--json PATH]`` (root and
 bubblewrap, as simulated enclaves need). ``--quick`` is a smoke run (CI): a few runs per phase
-and each attack at its smallest (one account, two of each connection or thread), so that every
-path runs once; the attackers' signups (argon2 at nice 19) were most of its time.
+and each attack at its smallest (one account, two of each connection or thread, calls that
+sleep 10 s), settling for 0.1 s, so that every path runs once.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from cape.sdk.session import Session, SessionOptions, ws_url
 from server_bench import Child, cpu_model, zip_bundle
 
 ECHO: Final = "def cape_handler(data):\n    return data\n"
-SLEEP: Final = "import time\ndef cape_handler(data):\n    time.sleep(60)\n    return data\n"
+SLEEP: Final = "import time\ndef cape_handler(data):\n    time.sleep({})\n    return data\n"
 PASSWORD: Final = "correct horse battery"
 GOAL_RATIO: Final = 2.0
 
@@ -77,15 +77,30 @@ class Options:
     sleep_accounts: int
     sleep_sessions: int
     """Sleeping run sessions per attacker account."""
+    sleep_s: int
+    """How long each sleeping call sleeps. The server's shutdown waits (up to its 30 s drain
+    timeout) for calls still under way, also those whose clients have left."""
     flooders: int
     """Frame-flood connections, and signup/login flood threads (half signups, half logins)."""
 
 
 FULL = Options(
-    runs=60, settle_s=2.0, stall_accounts=5, sleep_accounts=4, sleep_sessions=8, flooders=4
+    runs=60,
+    settle_s=2.0,
+    stall_accounts=5,
+    sleep_accounts=4,
+    sleep_sessions=8,
+    sleep_s=60,
+    flooders=4,
 )
 QUICK = Options(
-    runs=5, settle_s=0.5, stall_accounts=1, sleep_accounts=1, sleep_sessions=2, flooders=2
+    runs=5,
+    settle_s=0.1,
+    stall_accounts=1,
+    sleep_accounts=1,
+    sleep_sessions=2,
+    sleep_s=10,
+    flooders=2,
 )
 
 
@@ -364,7 +379,7 @@ async def measure(url: str, data_dir: Path, options: Options) -> Results:
     function = await victim.deploy(ECHO, "echo")
     owner = await asyncio.to_thread(Tenant.signup, url, tenants, "sleeper")
     # public, so that every attacker account can run it
-    sleeper = await owner.deploy(SLEEP, "sleep", public=True)
+    sleeper = await owner.deploy(SLEEP.format(options.sleep_s), "sleep", public=True)
 
     await victim_runs(victim, function, 3)  # warm-up: the function's sandbox is started
     # (phase, victim alone right before, errors alone, under attack, errors, attacker got)
