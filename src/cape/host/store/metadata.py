@@ -33,17 +33,7 @@ from typing import Any, Final, Self
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import (
-    CursorResult,
-    Row,
-    Select,
-    create_engine,
-    delete,
-    event,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import CursorResult, Row, Select, create_engine, delete, event, select, text, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
