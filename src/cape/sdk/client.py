@@ -29,6 +29,7 @@ from cape.errors import CapeError
 from cape.sdk.async_client import AsyncCape, UntrustedRootError
 from cape.sdk.bundle import Bundle
 from cape.sdk.function_ref import FunctionRef
+from cape.sdk.inputs import TOKEN_FILE_MAX as TOKEN_FILE_MAX
 from cape.sdk.inputs import PcrPins, normalize_fingerprint
 from cape.sdk.inputs import key_document_user_data as key_document_user_data
 from cape.sdk.records import Attested, CreatedToken, Deployed, FunctionInfo, TokenInfo
