@@ -499,12 +499,23 @@ def _function_markdown(function: Callable[..., Any], name: str, *, level: int) -
     return out
 
 
-def _module_members(module: types.ModuleType, names: list[str], *, level: int) -> list[str]:
-    docs = _attribute_docs(module)
+def _module_members(
+    module: types.ModuleType,
+    names: list[str],
+    *,
+    level: int,
+    parts: tuple[types.ModuleType, ...] = (),
+) -> list[str]:
+    """``names`` of ``module``; ``parts`` are the modules it re-exports them from (documented
+    as if written in ``module``)."""
+    docs: dict[str, str] = {}
+    for source in (*parts, module):
+        docs |= _attribute_docs(source)
+    homes = {source.__name__ for source in (module, *parts)}
     out: list[str] = []
     for name in names:
         value = getattr(module, name)
-        if inspect.isclass(value) and getattr(value, "__module__", "") == module.__name__:
+        if inspect.isclass(value) and getattr(value, "__module__", "") in homes:
             out += _class_markdown(value, level=level)
         elif inspect.isfunction(value):
             out += _function_markdown(value, name, level=level)
@@ -575,9 +586,12 @@ def sdk_markdown() -> str:
     _import_cape()
     import cape
     import cape.errors
+    import cape.sdk.async_client
     import cape.sdk.bundle
     import cape.sdk.client
     import cape.sdk.function_ref
+    import cape.sdk.inputs
+    import cape.sdk.records
     import cape.serdio
 
     client = cape.sdk.client
@@ -590,7 +604,8 @@ def sdk_markdown() -> str:
     for name in client.__all__:
         if name in ("Cape", "AsyncCape", "FunctionRef"):
             continue
-        lines += _module_members(client, [name], level=3)
+        parts = (cape.sdk.async_client, cape.sdk.inputs, cape.sdk.records)
+        lines += _module_members(client, [name], level=3, parts=parts)
     lines += _class_markdown(cape.sdk.bundle.Bundle, level=3)
     lines += ["## cape.serdio", "", docstring_markdown(cape.serdio.__doc__), ""]
     lines += _module_members(cape.serdio, list(cape.serdio.__all__), level=3)

@@ -40,7 +40,10 @@ Shape (``FunctionSandbox.start`` → ``call`` … → ``close``):
 4. **seccomp** (:mod:`cape.enclave.seccomp`): a deny-list filter loaded by bubblewrap.
 
 The runtime talks to the worker over a socketpair (the frames are in :mod:`cape.enclave.worker`)
-and trusts nothing that comes back: every length is checked before a byte is read.
+and trusts nothing that comes back: every length is checked before a byte is read. The call
+path (``call``, ``call_async`` and their frames) is
+:class:`cape.enclave.sandbox_calls.SandboxCalls`; this module starts, closes and reaps
+sandboxes and says why one ended.
 
 **Encryption services** (Cape's in-function ``cape_encrypt``): served by
 :class:`cape.enclave.services.ServicesServer` on a socket of their own, in the thread that
@@ -59,14 +62,12 @@ to send is a :class:`cape.errors.LimitExceededError`: after those the session go
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -80,11 +81,10 @@ from typing import NoReturn
 from cape._internal.closeable import Closeable
 from cape.enclave import cgroups
 from cape.enclave.cgroups import CgroupLimits, SandboxCgroup
-from cape.enclave.lanes import Offload
+from cape.enclave.sandbox_calls import _LOAD_ERROR, _READY, SandboxCalls, _one_line
 from cape.enclave.services import Services, ServicesServer, services_response_limit
 from cape.enclave.spawn import (
     BWRAP,
-    COALESCE_BYTES,
     FUNCTION_PATH,
     GUEST_PATH,
     WORKER_PATH,
@@ -94,10 +94,6 @@ from cape.enclave.spawn import (
     Spawn,
     Timeout,
     WorkerGone,
-    readable_first,
-    recv_exact,
-    recv_exact_async,
-    send_all,
 )
 from cape.enclave.staging import SUPPORT, layout, move_back, place_function_dir
 from cape.enclave.uids import UidPool
@@ -107,7 +103,7 @@ from cape.enclave.zygote import (
     ZygoteUnavailable,
     zygote_for,
 )
-from cape.errors import FunctionError, LimitExceededError, SandboxError
+from cape.errors import SandboxError
 
 __all__ = [
     "BWRAP",
@@ -126,16 +122,11 @@ log = logging.getLogger("cape.enclave")
 #: Host uids for sandboxes, one per live sandbox (the runtime sets the range at start-up).
 UIDS = UidPool()
 
-# Worker protocol (mirrors cape.enclave.worker, which cannot import cape).
-_HEADER = struct.Struct(">I")
-_READY = _OK = 0
-_RAISED = 1
-_LOAD_ERROR = 2
-_TOO_LARGE = 3
+# The worker's exit statuses (mirrors cape.enclave.worker, which cannot import cape); its
+# frames' statuses are in cape.enclave.sandbox_calls.
 _EXIT_MEMORY = 101
 _EXIT_PROTOCOL = 102
 _EXIT_SETUP = 103
-_MAX_TEXT_BYTES = 8 << 10
 _REAP_TIMEOUT_S = 5.0
 _EXIT_GRACE_S = 2.0
 _CPU_TOLERANCE = 0.75  # rusage lags the kernel's own CPU-limit accounting (CFS quota)
@@ -252,7 +243,7 @@ def _probe() -> SandboxError | None:
 # --- the sandbox ------------------------------------------------------------------------------
 
 
-class FunctionSandbox(Closeable):
+class FunctionSandbox(SandboxCalls, Closeable):
     """One session's sandboxed worker: ``app.py`` imported once, then one call at a time."""
 
     def __init__(
@@ -388,140 +379,7 @@ class FunctionSandbox(Closeable):
         """The host uid the sandbox runs as (``None``: the runtime's own, when not root)."""
         return self._uid
 
-    # -- calls
-
-    def call(self, data: bytes) -> bytes:
-        """Run ``cape_handler(data)`` and return its output bytes.
-
-        Raises FunctionError when the handler raised (the session stays usable),
-        LimitExceededError for an input or output over its limit (likewise), and
-        SandboxError when the sandbox died, timed out or broke a limit; it is dead after that.
-        """
-        self._check_input(data)
-        with self._call_lock:
-            deadline = self._deadline()
-            try:
-                self._send(data, deadline)
-                status, body = self._receive(deadline)
-            except _FRAME_ERRORS as exc:
-                self._call_failed(exc)
-        output = self._output(status, body)
-        if output is None:
-            with self._call_lock:
-                self._fail("crashed", f"the sandbox worker sent an unknown status {status}")
-        return output
-
-    async def call_async(self, offload: Offload, data: bytes) -> bytes:
-        """:meth:`call` from the event loop, without a thread per call (issue 16).
-
-        The input is written and the reply read on the event loop (``loop.sock_*`` and a
-        reader on the channel), under the same wall clock, output limit and errors as
-        :meth:`call`. What would block goes to ``offload`` (a thread of the calls lane, within
-        the slot the caller holds, see :meth:`cape.enclave.lanes.Lane.run_async`): serving an
-        encryption-services request (the same :class:`ServicesServer` loop as :meth:`call`,
-        until the reply is readable) and reaping a sandbox that died, timed out or broke a
-        limit. While another thread holds the sandbox (``close``, a blocking ``call``) the
-        whole call goes to ``offload``. A cancelled call kills the sandbox: its channel may be
-        left in the middle of a frame.
-        """
-        self._check_input(data)
-        if not self._call_lock.acquire(blocking=False):
-            return await offload(self.call, data)
-        try:
-            deadline = self._deadline()
-            try:
-                status, body = await self._exchange(data, deadline, offload)
-            except asyncio.CancelledError:
-                self._dead = self._killed = "a call was cancelled"
-                if self._pid1_fd is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(self._pid1_fd, signal.SIGKILL)
-                raise
-            except _FRAME_ERRORS as exc:
-                await offload(self._call_failed, exc)  # raises the SandboxError
-                raise AssertionError("unreachable") from None
-            output = self._output(status, body)
-            if output is None:
-                message = f"the sandbox worker sent an unknown status {status}"
-                await offload(self._fail, "crashed", message)
-                raise AssertionError("unreachable")
-            return output
-        finally:
-            self._call_lock.release()
-
-    # -- a call's parts, shared by call and call_async
-
-    def _check_input(self, data: bytes) -> None:
-        limit = self._limits.max_input_bytes
-        if len(data) > limit:
-            raise LimitExceededError("function input in bytes", limit, len(data))
-
-    def _deadline(self) -> float:
-        """The call's deadline; the sandbox must be alive (call with ``_call_lock`` held)."""
-        if self._dead is not None:
-            raise SandboxError("crashed", f"the sandbox is no longer running ({self._dead})")
-        return time.monotonic() + self._limits.call_timeout_s
-
-    def _call_failed(self, exc: Exception) -> NoReturn:
-        """Why a call's frames failed (one of ``_FRAME_ERRORS``); the sandbox is dead after."""
-        limits = self._limits
-        if isinstance(exc, Timeout):
-            self._fail(
-                "timeout", f"the call exceeded the time limit of {limits.call_timeout_s:g} s"
-            )
-        if isinstance(exc, OutputTooLarge):
-            self._fail(
-                "output",
-                f"function output exceeds the limit of {limits.max_output_bytes} bytes{exc}",
-            )
-        if isinstance(exc, ProtocolViolation):
-            self._fail("crashed", f"the sandbox worker broke the protocol ({exc})")
-        self._fail_after_exit(during_load=False)
-
-    def _output(self, status: int, body: bytes) -> bytes | None:
-        """The handler's output, or its error raised; None for an unknown status (fatal)."""
-        if status == _OK:
-            return body
-        if status == _RAISED:
-            raise FunctionError(f"function raised {_one_line(body)}")
-        if status == _TOO_LARGE and body.isdigit() and len(body) < 20:
-            raise LimitExceededError(
-                "function output in bytes", self._limits.max_output_bytes, int(body)
-            )
-        return None
-
-    # -- internals
-
-    async def _exchange(self, data: bytes, deadline: float, offload: Offload) -> tuple[int, bytes]:
-        """Send one input frame and read the reply frame, on the event loop (see
-        :meth:`call_async`); raises the frame helpers' exceptions as :meth:`_send` and
-        :meth:`_receive` do."""
-        loop = asyncio.get_running_loop()
-        sock = self._spawn.channel
-        try:
-            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
-                try:
-                    if len(data) <= COALESCE_BYTES:
-                        await loop.sock_sendall(sock, _HEADER.pack(len(data)) + data)
-                    else:
-                        await loop.sock_sendall(sock, _HEADER.pack(len(data)))
-                        await loop.sock_sendall(sock, data)
-                except OSError as exc:
-                    raise WorkerGone from exc
-                while self._services is not None and self._services.open:
-                    if await readable_first(loop, sock, self._services.sock):
-                        break
-                    # A request of the function: served in a thread, as by call().
-                    await offload(self._services.serve_until_readable, sock, deadline)
-                (length,) = _HEADER.unpack(await recv_exact_async(loop, sock, _HEADER.size))
-                if length == 0:
-                    raise ProtocolViolation("empty frame")
-                if length - 1 > self._limits.max_output_bytes:
-                    raise OutputTooLarge(f" ({length - 1} bytes announced)")
-                status = (await recv_exact_async(loop, sock, 1))[0]
-                return status, await recv_exact_async(loop, sock, length - 1)
-        except TimeoutError:
-            raise Timeout from None
+    # -- start (calls: SandboxCalls)
 
     def _handshake(self) -> None:
         limits = self._limits
@@ -551,25 +409,6 @@ class FunctionSandbox(Closeable):
     def _read_info(self, deadline: float) -> None:
         """Hold the sandbox's pid 1 by a pidfd (to kill it) once it is in its cgroup."""
         self._pid1_fd = self._spawn.wait_started(deadline, self._cgroup)
-
-    def _send(self, data: bytes, deadline: float) -> None:
-        send_all(self._spawn.channel, (_HEADER.pack(len(data)), data), deadline)
-
-    def _receive(self, deadline: float) -> tuple[int, bytes]:
-        sock = self._spawn.channel
-        if self._services is not None:
-            self._services.serve_until_readable(sock, deadline)
-        (length,) = _HEADER.unpack(recv_exact(sock, _HEADER.size, deadline))
-        if length == 0:
-            raise ProtocolViolation("empty frame")
-        if length - 1 > self._limits.max_output_bytes:
-            raise OutputTooLarge(f" ({length - 1} bytes announced)")
-        status = recv_exact(sock, 1, deadline)[0]
-        return status, recv_exact(sock, length - 1, deadline)
-
-    def _fail(self, reason: str, message: str) -> NoReturn:
-        self._terminate(message)
-        raise SandboxError(reason, message)
 
     def _fail_after_exit(self, *, during_load: bool) -> NoReturn:
         """The worker hung up: wait for the sandbox to end and say why it did."""
@@ -653,10 +492,6 @@ class FunctionSandbox(Closeable):
         return True
 
 
-# What the frame helpers raise when a call cannot complete (see FunctionSandbox._call_failed).
-_FRAME_ERRORS = (Timeout, OutputTooLarge, ProtocolViolation, WorkerGone)
-
-
 def _new_cgroup(limits: SandboxLimits) -> SandboxCgroup | None:
     """The sandbox's own cgroup, or None where cgroups are unavailable (rlimits only)."""
     groups, _ = cgroups.shared()
@@ -713,11 +548,6 @@ def _kill_quietly(spawn: Spawn | ZygoteSpawn) -> None:
     """Last resort when a sandbox is garbage-collected without close()."""
     with contextlib.suppress(OSError):
         spawn.kill()
-
-
-def _one_line(body: bytes) -> str:
-    text = body[:_MAX_TEXT_BYTES].decode("utf-8", "replace")
-    return " ".join(text.split()) or "(no message)"
 
 
 def _signal_name(signum: int) -> str:

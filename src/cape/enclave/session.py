@@ -369,35 +369,48 @@ async def _run_session(ctx: _Context, bundle: object, digest: object = None) -> 
     if bundle is None and digest is None:
         raise FormatError("run session needs the stored bundle or its SHA-256")
     session_key = hpke.generate_keypair()
-    if ctx.pool is not None:
-        fetched: list[bytes] = []
-
-        async def decrypt() -> bytes:  # only when the function is not warm
-            fetched.append(await _stored_bundle(ctx, bundle, digest))
-            return await _decrypt_input(ctx, fetched[0])
-
-        if isinstance(digest, bytes):
-            name = digest
-        elif isinstance(bundle, bytes):
-            name = hashlib.sha256(bundle).digest()
-        else:
-            raise FormatError("run session needs the stored bundle")
-        checksum, lease = await ctx.pool.acquire(
-            ctx.owner, name, decrypt, _services(ctx, asyncio.get_running_loop()), party=ctx.party
-        )
-        fetched.clear()
-    else:
-        stored = await _stored_bundle(ctx, bundle, digest)
-        zip_bytes = await _decrypt_input(ctx, stored)
-        del stored
-        checksum = hashlib.sha256(zip_bytes).digest()
-        lease = await _cold_lease(ctx, zip_bytes)
-        del zip_bytes
+    # The warm pool starts the spare that replaces this session's once its attestation
+    # document is sent: the start would otherwise compete with it for the CPU (issue 16).
+    document_sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
-        await _attestation(ctx, session_key, {"func_checksum": _b64(checksum)})
-        await _serve_inputs(ctx, lease.sandbox, session_key)
+        if ctx.pool is not None:
+            fetched: list[bytes] = []
+
+            async def decrypt() -> bytes:  # only when the function is not warm
+                fetched.append(await _stored_bundle(ctx, bundle, digest))
+                return await _decrypt_input(ctx, fetched[0])
+
+            if isinstance(digest, bytes):
+                name = digest
+            elif isinstance(bundle, bytes):
+                name = hashlib.sha256(bundle).digest()
+            else:
+                raise FormatError("run session needs the stored bundle")
+            checksum, lease = await ctx.pool.acquire(
+                ctx.owner,
+                name,
+                decrypt,
+                _services(ctx, asyncio.get_running_loop()),
+                party=ctx.party,
+                document_sent=document_sent,
+            )
+            fetched.clear()
+        else:
+            stored = await _stored_bundle(ctx, bundle, digest)
+            zip_bytes = await _decrypt_input(ctx, stored)
+            del stored
+            checksum = hashlib.sha256(zip_bytes).digest()
+            lease = await _cold_lease(ctx, zip_bytes)
+            del zip_bytes
+        try:
+            await _attestation(ctx, session_key, {"func_checksum": _b64(checksum)})
+            document_sent.set_result(None)
+            await _serve_inputs(ctx, lease.sandbox, session_key)
+        finally:
+            await asyncio.to_thread(lease.release)
     finally:
-        await asyncio.to_thread(lease.release)
+        if not document_sent.done():
+            document_sent.set_result(None)
 
 
 async def _test_session(ctx: _Context) -> None:

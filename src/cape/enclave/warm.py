@@ -16,6 +16,12 @@ beyond the first start only while the ``calls`` lane has a free slot for the par
 of that party waits: they use idle capacity, never a place a session of the user could take.
 Each spare is still a whole sandbox of its own (nothing is shared between sessions).
 
+**When spares start**: the spares that replace the one a session took start once that
+session's attestation document is on its way (``document_sent``, at most
+``REFILL_WAIT_S`` later): starting one costs the runtime and the zygote several milliseconds
+of CPU, which would otherwise run beside the session's own attestation (issue 16, session
+set-up).
+
 Entries are keyed by ``(owner, SHA-256 of the stored ciphertext)``: the host names the owner,
 and keying by ciphertext alone would let it run one user's cached function under another
 user's key. A miss decrypts through the key service as usual.
@@ -39,7 +45,10 @@ from cape.enclave.unpack import unpack_bundle
 from cape.errors import CapeError
 from cape.formats.bundle import BundleLimits
 
-__all__ = ["Lease", "SpareStats", "WarmPool"]
+__all__ = ["REFILL_WAIT_S", "Lease", "SpareStats", "WarmPool"]
+
+REFILL_WAIT_S = 1.0
+"""Longest a replacement spare waits for the taking session's document before it starts."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,7 @@ class WarmPool:
         services: Services,
         *,
         party: str,
+        document_sent: asyncio.Future[None] | None = None,
     ) -> tuple[bytes, Lease]:
         """The function's checksum and a sandbox for one session (the caller releases it).
 
@@ -137,6 +147,9 @@ class WarmPool:
         against the hash). ``services`` serves ``cape_encrypt`` for the owner; a spare started
         for an earlier session of the same owner and function carries an equivalent one.
         Starting sandboxes and unpacking count against ``party`` in the runtime's lanes.
+        Spares replacing the one taken start once ``document_sent`` is done (the caller
+        completes it when the session's attestation document is sent, or the session ends
+        before), or after ``REFILL_WAIT_S``; without it, at once.
         """
         key = (owner, ciphertext_sha256)
         entry = self._entries.get(key)
@@ -175,7 +188,7 @@ class WarmPool:
         finally:
             entry.starting -= 1
         if self._entries.get(key) is entry:
-            self._refill(entry, services, party)
+            self._refill(entry, services, party, document_sent)
         return entry.checksum, lease
 
     def spare_stats(self, owner: str, ciphertext_sha256: bytes) -> SpareStats | None:
@@ -226,7 +239,13 @@ class WarmPool:
             raise
         return _Entry(checksum=checksum, holder=holder, source=source)
 
-    def _refill(self, entry: _Entry, services: Services, party: str) -> None:
+    def _refill(
+        self,
+        entry: _Entry,
+        services: Services,
+        party: str,
+        after: asyncio.Future[None] | None = None,
+    ) -> None:
         if not self._spares:
             return
         calls = self._lanes.calls
@@ -241,10 +260,25 @@ class WarmPool:
             if entry.spares and not idle:
                 return
             starting += 1
-            entry.spares.append(asyncio.create_task(self._spare(entry.source, services, party)))
+            entry.spares.append(
+                asyncio.create_task(self._spare(entry.source, services, party, after))
+            )
 
-    async def _spare(self, source: Path, services: Services, party: str) -> Lease | None:
-        """A started sandbox, or None when it could not start (the session starts its own)."""
+    async def _spare(
+        self,
+        source: Path,
+        services: Services,
+        party: str,
+        after: asyncio.Future[None] | None = None,
+    ) -> Lease | None:
+        """A started sandbox, or None when it could not start (the session starts its own).
+
+        Starts once ``after`` is done, or ``REFILL_WAIT_S`` has passed (see the module
+        docstring); a session that takes this spare before then waits for it as for any
+        spare still starting.
+        """
+        if after is not None and not after.done():
+            await asyncio.wait((after,), timeout=REFILL_WAIT_S)
         try:
             return await self._lanes.calls.run(
                 party, _start, source, self._workdir, self._sandbox_limits, services

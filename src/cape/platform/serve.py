@@ -24,32 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
-import json
 import logging
-import os
-import signal
 import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any, Final, TextIO
+from typing import Final, TextIO
 
 import uvicorn
-from cryptography import x509
 from starlette.types import ASGIApp
-from websockets.exceptions import InvalidState
 
 from cape._internal.timefile import write_private
 from cape.enclave.sandbox import describe_containment
-from cape.enclave.secure_module.simulated import SimulatedAuthority
 from cape.enclave.uids import DEFAULT_RANGE, check_range, parse_range
 from cape.enclave.zygote import describe_start
-from cape.errors import CapeError, FormatError, KeyFormatError
+from cape.errors import CapeError, FormatError
 from cape.host.admission import Admission
 from cape.host.api.app import create_app
 from cape.host.api.frames import MAX_TEXT_FRAME_BYTES
@@ -74,6 +66,15 @@ from cape.host.store.invites import InviteStore
 from cape.host.store.metadata import User
 from cape.host.store.throttle import SqlThrottle
 from cape.kms.local import load_master_key
+from cape.platform.datadir import LOCK_FILE as LOCK_FILE
+from cape.platform.datadir import (
+    _DataDirLock,
+    _lock_data_dir,
+    _private_dir,
+    _record_for_cli,
+    default_data_dir,
+    load_authority,
+)
 from cape.platform.kms_node import NodePlatform
 from cape.platform.limits import ServerLimits
 from cape.platform.local import (
@@ -85,9 +86,11 @@ from cape.platform.local import (
 )
 from cape.platform.nitro import NitroOptions, nitro_launcher
 from cape.platform.nitro import root_pem as nitro_root_pem
-from cape.platform.tls import WILDCARD_HOSTS, ensure_tls, load_ec_private_key
+from cape.platform.tls import WILDCARD_HOSTS, ensure_tls
+from cape.platform.uvicorn_server import _DenialNoise, _Uvicorn
+from cape.platform.uvicorn_server import _listen as _listen
 from cape.platform.wire_limits import SizedWebSocketProtocol, http_protocol
-from cape.sdk.config import SERVE_FILE, config_dir
+from cape.sdk.config import config_dir
 from cape.verify.roots import fingerprint
 
 __all__ = [
@@ -125,15 +128,6 @@ BANNER: Final = "\n".join(
         ),
     ]
 )
-LOCK_FILE: Final = "serve.lock"
-
-
-def default_data_dir() -> Path:
-    """``$CAPE_DATA_DIR``, else ``$XDG_DATA_HOME/cape``, else ``~/.local/share/cape``."""
-    if value := os.environ.get("CAPE_DATA_DIR"):
-        return Path(value)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "cape"
 
 
 @dataclass
@@ -228,88 +222,6 @@ def parse_forwarded_allow_ips(text: str) -> tuple[str, ...]:
                 "(e.g. 10.0.0.5, 10.0.0.0/24, ::1, or * for any)"
             ) from None
     return entries
-
-
-def load_authority(directory: Path) -> SimulatedAuthority:
-    """The simulated attestation root under ``directory``, created on first use."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cert_path, key_path = directory / "root.pem", directory / "root.key"
-    if cert_path.exists() and key_path.exists():
-        key = load_ec_private_key(key_path)
-        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        try:
-            return SimulatedAuthority(key, certificate)
-        except ValueError as exc:
-            raise KeyFormatError(f"{directory}: {exc}") from None
-    authority = SimulatedAuthority.generate()
-    write_private(key_path, authority.private_key_pem())
-    write_private(cert_path, authority.root_pem, 0o644)
-    return authority
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn, with a drain step before it closes connections on a signal."""
-
-    def __init__(
-        self,
-        config: uvicorn.Config,
-        lifecycle: Lifecycle,
-        drain_timeout_s: float,
-        on_drain: Callable[[], None] = lambda: None,
-    ) -> None:
-        super().__init__(config)
-        self._on_drain = on_drain
-        self._lifecycle = lifecycle
-        self._drain_timeout_s = drain_timeout_s
-        self._draining = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: list[Any] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Not calling super(): uvicorn would re-raise the signal after shutting down.
-        # At once, in the signal handler: a signal to the whole process group (systemd,
-        # `timeout`, Ctrl-C) reaches the enclaves too, and the pool must not restart them.
-        self._on_drain()
-        if self._draining or self._loop is None:
-            self.should_exit = True
-            self.force_exit = self._draining
-            return
-        self._draining = True
-        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
-
-    async def _drain(self) -> None:
-        log.info("draining: %d session(s) in progress", self._lifecycle.active)
-        if not await self._lifecycle.drain(self._drain_timeout_s):
-            log.warning("sessions still running after %.0fs; closing them", self._drain_timeout_s)
-        self.should_exit = True
-
-    def request_shutdown(self) -> None:
-        """What a signal does, for callers in the same process (tests, embedding)."""
-        self.handle_exit(signal.SIGTERM, None)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn's websockets-sansio protocol sends close 1012 on every connection it still
-        # holds; one whose peer's close frame already arrived (its transport closing, the TLS
-        # shutdown still in flight) raises InvalidState there and would end the server with a
-        # traceback. Such connections are over: just let their transport close.
-        for connection in list(self.server_state.connections):
-            connection.shutdown = _guarded_shutdown(connection)  # type: ignore[method-assign]
-        await super().shutdown(sockets)
-
-
-def _guarded_shutdown(connection: Any) -> Callable[[], None]:
-    original = connection.shutdown
-
-    def shutdown() -> None:
-        try:
-            original()
-        except InvalidState:
-            connection.transport.close()
-
-    return shutdown
 
 
 class Server:
@@ -566,93 +478,6 @@ async def _connect_key_service(config: ServeConfig, data_dir: Path) -> NodePlatf
     return node
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(1024)
-    except OSError as exc:
-        listener.close()
-        raise CapeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return listener
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
-
-
-class _DataDirLock:
-    """An exclusive ``flock`` on ``DIR/serve.lock`` for the server's lifetime; the file says
-    which process holds it and at which URL (the kernel drops the lock if the process dies)."""
-
-    def __init__(self, path: Path, handle: TextIO) -> None:
-        self.path = path
-        self._handle = handle
-
-    def record(self, url: str | None) -> None:
-        self._handle.seek(0)
-        self._handle.truncate()
-        self._handle.write(json.dumps({"pid": os.getpid(), "url": url}) + "\n")
-        self._handle.flush()
-
-    def __enter__(self) -> _DataDirLock:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        with contextlib.suppress(OSError):
-            self._handle.seek(0)
-            self._handle.truncate()
-        self._handle.close()  # releases the lock
-
-
-def _lock_data_dir(data_dir: Path) -> _DataDirLock:
-    path = data_dir / LOCK_FILE
-    try:
-        handle = path.open("a+")
-    except OSError as exc:
-        raise CapeError(f"cannot use the data directory {data_dir}: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        text = handle.read()
-        handle.close()
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = {}
-        holder = holder if isinstance(holder, dict) else {}
-        pid = holder.get("pid", "unknown")
-        where = holder.get("url") or "still starting"
-        raise CapeError(
-            f"the data directory {data_dir} is in use by another cape serve (PID {pid}, "
-            f"{where}); stop that one first, or pass another --data-dir"
-        ) from None
-    lock = _DataDirLock(path, handle)
-    lock.record(None)
-    return lock
-
-
-def _record_for_cli(
-    config_dir: Path, url: str, ca_file: Path, root_file: Path, data_dir: Path
-) -> None:
-    """Tell the local user's ``cape`` where this server is (``serve.json``, 0600)."""
-    try:
-        _private_dir(config_dir)
-        record = {
-            "url": url,
-            "ca_file": str(ca_file.resolve()),
-            "attestation_root": str(root_file.resolve()),
-            "data_dir": str(data_dir.resolve()),
-        }
-        write_private(config_dir / SERVE_FILE, json.dumps(record, indent=2).encode())
-    except OSError as exc:
-        log.warning("could not record the server for the CLI in %s: %s", config_dir, exc)
-
-
 def describe(server: Server, out: TextIO) -> None:
     """The start-up banner and the ``Ready:`` line (the last line, once serving)."""
     config = server.config
@@ -694,16 +519,6 @@ async def _serve(
         if on_ready is not None:
             on_ready(server)
         await server.wait()
-
-
-class _DenialNoise(logging.Filter):
-    """uvicorn 0.54's websockets-sansio protocol logs "ASGI callable returned without
-    completing handshake" after every *complete* denial response (it never marks those as
-    handled). Our routes always accept or send a full denial, so the line is noise that would
-    bury real errors; drop exactly that message."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "ASGI callable returned without completing handshake."
 
 
 def serve(

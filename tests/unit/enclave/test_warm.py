@@ -155,3 +155,65 @@ def test_spares_are_not_replaced_beyond_the_demand_once_idle(
             await pool.close()
 
     asyncio.run(main())
+
+
+def test_a_taken_spare_is_replaced_only_once_the_sessions_document_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replacement's start (the runtime's and the zygote's CPU) must not run beside the
+    taking session's attestation (issue 16, session set-up): it waits for ``document_sent``."""
+    begun: list[float] = []
+    start = warm._start
+
+    def counted(*args: object) -> Lease:
+        begun.append(time.monotonic())
+        return start(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(warm, "_start", counted)
+
+    async def main() -> None:
+        pool = WarmPool(
+            tmp_path,
+            sandbox_limits=LIMITS,
+            bundle_limits=BundleLimits(),
+            lanes=Lanes(),
+            max_spares=1,  # one spare, replaced after each session that takes it
+        )
+
+        async def decrypt() -> bytes:
+            return _bundle()
+
+        try:
+            (await _acquire(pool)).release()  # a miss: its own sandbox, then one spare
+            await _settle(pool)
+            assert len(begun) == 2
+            sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            _, lease = await pool.acquire(
+                *KEY, decrypt, _no_services, party="alice", document_sent=sent
+            )
+            try:
+                stats = pool.spare_stats(*KEY)
+                assert stats is not None and (stats.hits, stats.spares) == (1, 1)
+                # Well under warm.REFILL_WAIT_S: the replacement has not begun to start.
+                await asyncio.sleep(warm.REFILL_WAIT_S / 4)
+                assert len(begun) == 2
+                sent.set_result(None)
+                await _settle(pool)
+                assert len(begun) == 3
+                assert lease.sandbox.call(b"x").endswith(b":x")
+            finally:
+                lease.release()
+            # A document that never comes (a session stuck before it) delays the refill by at
+            # most REFILL_WAIT_S, never forever.
+            never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            taken = time.monotonic()
+            _, lease = await pool.acquire(
+                *KEY, decrypt, _no_services, party="alice", document_sent=never
+            )
+            lease.release()
+            await _settle(pool)
+            assert len(begun) == 4 and begun[-1] - taken >= warm.REFILL_WAIT_S * 0.9
+        finally:
+            await pool.close()
+
+    asyncio.run(main())

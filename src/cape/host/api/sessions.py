@@ -53,27 +53,31 @@ Errors:
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
-import datetime as dt
 import functools
 import hashlib
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from cape._internal.timefile import utc_now
 from cape.errors import CapeError, FormatError, LimitExceededError, TransportError
-from cape.host.admission import Admission, Reservation, ServerBusyError
+from cape.host.admission import Reservation, ServerBusyError
+from cape.host.api.client_frames import MAX_NONCE_BYTES as MAX_NONCE_BYTES
+from cape.host.api.client_frames import RESULT_FRAMES as RESULT_FRAMES
+from cape.host.api.client_frames import (
+    SUBPROTOCOL,
+    _b64,
+    _bundle_room,
+    _next,
+    _nonce_frame,
+    _Start,
+    _token,
+)
 from cape.host.api.errors import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
@@ -82,37 +86,24 @@ from cape.host.api.errors import (
     error_body,
     error_response,
 )
-from cape.host.api.frames import (
-    MAX_TEXT_FRAME_BYTES,
-    Closed,
-    Draining,
-    DrainSignal,
-    Idle,
-    b64_field,
-    binary,
-    json_message,
-    receive,
-)
-from cape.host.auth import Accounts, Principal, authorize_account, authorize_run
-from cape.host.errors import AuthError, NotFoundError, UnavailableError
+from cape.host.api.frames import MAX_TEXT_FRAME_BYTES, Closed, Draining, Idle, binary, json_message
+from cape.host.api.session_deps import BLOB_IO_THREADS as BLOB_IO_THREADS
+from cape.host.api.session_deps import DIGEST_CACHE_SIZE as DIGEST_CACHE_SIZE
+from cape.host.api.session_deps import Lifecycle, SessionDeps, _Grant, _still_allowed
+from cape.host.auth import Principal, authorize_account, authorize_run
+from cape.host.errors import NotFoundError, UnavailableError
 from cape.host.ids import is_id, new_id
 from cape.host.launcher import HostSession, expect
-from cape.host.pool import EnclavePool
-from cape.host.store.blobs import BlobStore
 from cape.host.store.deploys import record_deploy
-from cape.host.store.metadata import Function, MetadataStore, User, check_function_name
+from cape.host.store.metadata import Function, User, check_function_name
 
 __all__ = ["Lifecycle", "SessionDeps", "create_session_routes"]
 
 log = logging.getLogger("cape.host.sessions")
 
-SUBPROTOCOL: Final = "cape.runtime"
-MAX_NONCE_BYTES: Final = 1024
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 SHUTDOWN_TEXT: Final = "the server is shutting down"
-RESULT_FRAMES: Final = ("text", "binary")
-"""The nonce frame's ``result_frames`` (ours): how results come back; Cape's form is text."""
 RESULT_PLAIN: Final = b"\x00"
 RESULT_SEALED: Final = b"\x01"
 """The first byte of a binary result frame: the rest is the output as is, or sealed."""
@@ -121,179 +112,6 @@ MAX_CHUNK_BYTES: Final = 8 << 20
 #: Chunks a single-frame (Cape client) bundle is cut into for the enclave: small enough that
 #: the enclave's transient frame copies stay a few percent of a 100 MiB bundle.
 ENCLAVE_CHUNK_BYTES: Final = 1 << 20
-DIGEST_CACHE_SIZE: Final = 4096
-BLOB_IO_THREADS: Final = 4
-_T = TypeVar("_T")
-
-
-class Lifecycle:
-    """Counts live sessions and tells them when the server starts draining."""
-
-    def __init__(self) -> None:
-        self.draining = DrainSignal()
-        self.active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @contextlib.contextmanager
-    def track(self) -> Any:
-        self.active += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Ask sessions to end; wait up to ``timeout_s``. True if all ended."""
-        self.draining.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
-
-def _blob_io() -> Executor:
-    return ThreadPoolExecutor(BLOB_IO_THREADS, thread_name_prefix="cape-blob-io")
-
-
-@dataclass
-class SessionDeps:
-    """What the websocket routes need."""
-
-    store: MetadataStore
-    blobs: BlobStore
-    accounts: Accounts
-    pool: EnclavePool
-    lifecycle: Lifecycle = field(default_factory=Lifecycle)
-    admission: Admission = field(default_factory=Admission)
-    idle_timeout_s: float = 120.0
-    """Between calls of a run or test session (the session then ends normally)."""
-    frame_timeout_s: float = 30.0
-    """For a message due within an exchange: nonce, function info, bundle, each chunk."""
-    max_input_bytes: int = 64 << 20
-    max_bundle_bytes: int = 1_000_000_000
-    blob_io: Executor = field(default_factory=_blob_io)
-    """Where blob reads and writes run: bounded jobs only, never one waiting for a client."""
-    clock: Callable[[], dt.datetime] = field(default=utc_now)
-    bundle_digests: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
-    """SHA-256 of stored ciphertexts by blob key, learnt on a function's first run (blobs are
-    immutable: a redeploy gets a new key)."""
-
-    def __post_init__(self) -> None:
-        if self.idle_timeout_s < 60:
-            raise ValueError("the idle timeout may not be below 60 s (pycape expects it)")
-        if self.frame_timeout_s <= 0:
-            raise ValueError("the frame timeout must be positive")
-
-    def remember_digest(self, blob_key: str, digest: bytes) -> None:
-        self.bundle_digests[blob_key] = digest
-        self.bundle_digests.move_to_end(blob_key)
-        while len(self.bundle_digests) > DIGEST_CACHE_SIZE:
-            self.bundle_digests.popitem(last=False)
-
-    async def io(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """``call(*args, **kwargs)`` on the blob executor."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.blob_io, functools.partial(call, *args, **kwargs))
-
-
-@dataclass
-class _Grant:
-    """What a session was authorised as, re-checked before every call."""
-
-    principal: Principal
-    function: Function | None
-    seen: int
-    """The store's revocation count when the handshake authorised the session."""
-
-
-async def _still_allowed(deps: SessionDeps, grant: _Grant) -> None:
-    """Raise unless the session's token is unexpired and unrevoked and its function exists.
-
-    Cheap: the expiry is known, and the store is asked again only after a token or function
-    was deleted somewhere (its revocation count moved)."""
-    expires_at = grant.principal.token.expires_at
-    if expires_at is not None and deps.clock() > expires_at:
-        raise AuthError("token is expired")
-    current = deps.store.revocations
-    if current == grant.seen:
-        return
-    token_id = grant.principal.token.id
-    function = grant.function
-
-    def recheck() -> None:
-        if deps.store.get_token(token_id) is None:
-            raise AuthError("token revoked")
-        if function is not None and deps.store.get_function(function.id) is None:
-            raise NotFoundError("function deleted")
-
-    await run_in_threadpool(recheck)
-    grant.seen = current
-
-
-# --------------------------------------------------------------------------- client frames
-
-
-def _token(websocket: WebSocket) -> str:
-    offered: list[str] = list(websocket.scope.get("subprotocols") or [])
-    others = [p for p in offered if p != SUBPROTOCOL]
-    if SUBPROTOCOL in offered and others:
-        return others[0]
-    header = websocket.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    raise AuthError(f"missing token: offer the subprotocols '{SUBPROTOCOL}' and your token")
-
-
-@dataclass(frozen=True)
-class _Start:
-    """What the nonce frame asks for."""
-
-    nonce: bytes
-    response_key: bytes | None
-    binary_results: bool
-    """Results as binary frames (``result_frames: "binary"``, our SDK), else JSON text."""
-
-
-def _nonce_frame(frame: str | bytes) -> _Start:
-    message = json_message(frame, "nonce")
-    nonce = b64_field(message, "nonce", MAX_NONCE_BYTES)
-    if nonce is None:
-        raise FormatError("the first frame must carry 'nonce'")
-    form = message.get("result_frames", "text")
-    if form not in RESULT_FRAMES:
-        raise FormatError('\'result_frames\' must be "text" or "binary"')
-    return _Start(nonce, b64_field(message, "response_key", 64), form == "binary")
-
-
-async def _next(
-    websocket: WebSocket, deps: SessionDeps, limit: int, what: str, *, idle: bool = False
-) -> str | bytes:
-    """The next client message (``what``): at most ``limit`` bytes, within the frame timeout
-    (or, for ``idle`` waits between calls, the idle timeout)."""
-    timeout_s = deps.idle_timeout_s if idle else deps.frame_timeout_s
-    return await receive(
-        websocket, deps.lifecycle.draining, limit=limit, timeout_s=timeout_s, idle=idle, what=what
-    )
-
-
-def _bundle_room(deps: SessionDeps, reservation: Reservation) -> int:
-    """Reserve room for a single-frame bundle: the bundle limit, or what is left of the
-    caller's and the server's bundle bytes in flight. Raises if nothing is left."""
-    room = min(deps.max_bundle_bytes, reservation.available())
-    if room <= 0:
-        raise ServerBusyError("too many bundle bytes in flight; try again later")
-    reservation.resize(room)
-    return room
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 # --------------------------------------------------------------------------- relaying

@@ -28,38 +28,16 @@ import datetime as dt
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    CursorResult,
-    DateTime,
-    Dialect,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    Row,
-    Select,
-    String,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import CursorResult, Row, Select, create_engine, delete, event, select, text, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.types import TypeDecorator
 
 from cape._internal.timefile import utc_now
 from cape.errors import FormatError
@@ -73,6 +51,31 @@ from cape.formats.names import (
 )
 from cape.host.errors import ConflictError, NotFoundError
 from cape.host.ids import new_id
+from cape.host.store.orm import (
+    _FUNCTION_BY_ID,
+    _FUNCTION_BY_NAME,
+    _TOKEN_BY_ID,
+    _USER_BY_ID,
+    Base,
+    _function,
+    _token,
+    _user,
+)
+from cape.host.store.orm import FunctionRow as FunctionRow
+from cape.host.store.orm import TokenRow as TokenRow
+from cape.host.store.orm import UserRow as UserRow
+from cape.host.store.orm import UTCDateTime as UTCDateTime
+from cape.host.store.records import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_PAGE_SIZE,
+    TOKEN_KINDS,
+    Function,
+    Token,
+    User,
+    _check_page,
+    check_token_name,
+)
+from cape.host.store.records import MAX_TOKEN_NAME_CHARS as MAX_TOKEN_NAME_CHARS
 
 __all__ = [
     "FUNCTION_NAME_PATTERN",
@@ -94,90 +97,11 @@ __all__ = [
     "migration_config",
 ]
 
-TOKEN_KINDS: Final = frozenset({"access", "pat"})
-"""``access``: issued by login, short-lived; ``pat``: a personal access token."""
-
-MAX_TOKEN_NAME_CHARS: Final = 64
-MAX_DESCRIPTION_CHARS: Final = 1024
-MAX_PAGE_SIZE: Final = 1000
-"""The largest ``limit`` :meth:`MetadataStore.list_functions` accepts."""
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
 MIGRATION_LOCK: Final = 0x63617065_6D696772
 """The PostgreSQL advisory lock key migrations hold ("capemigr")."""
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    id: str
-    username: str
-    password_hash: str
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Function:
-    id: str
-    owner_id: str
-    owner_name: str
-    name: str
-    checksum: str
-    """SHA-256 of the plaintext bundle as computed by the enclave, lower-case hex."""
-    public: bool
-    created_at: dt.datetime
-    blob_key: str
-    size: int
-    """Bytes of stored ciphertext."""
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    """A token's record. The token string itself is never stored: it cannot be recovered."""
-
-    id: str
-    """The JWT's ``jti``."""
-    user_id: str
-    name: str
-    description: str
-    function_id: str | None
-    created_at: dt.datetime
-    expires_at: dt.datetime | None
-    last_used: dt.datetime | None
-    kind: str = "pat"
-    """One of :data:`TOKEN_KINDS`."""
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def check_token_name(name: object, description: object = "") -> tuple[str, str]:
-    """Return ``(name, description)`` if both are acceptable token labels.
-
-    A name has 1-64 printable characters, a description at most 1024 (newlines allowed).
-
-    Raises:
-        FormatError: either is not a string, too long, empty (name) or has control characters.
-    """
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_TOKEN_NAME_CHARS:
-        raise FormatError(f"a token name must have 1-{MAX_TOKEN_NAME_CHARS} characters")
-    if not name.isprintable():
-        raise FormatError("a token name must not contain control characters")
-    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
-        raise FormatError(f"a token description must have at most {MAX_DESCRIPTION_CHARS} chars")
-    if not all(c.isprintable() or c in "\n\t" for c in description):
-        raise FormatError("a token description must not contain control characters")
-    return name, description
-
-
-def _check_page(limit: int, offset: int) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
-        raise FormatError(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise FormatError("offset must be a non-negative integer")
 
 
 # --------------------------------------------------------------------------- the seam
@@ -295,146 +219,6 @@ class MetadataStore(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-# --------------------------------------------------------------------------- ORM
-
-
-class UTCDateTime(TypeDecorator[dt.datetime]):
-    """An aware UTC datetime: ``timestamptz`` on PostgreSQL, naive UTC text on SQLite."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("the metadata store takes timezone-aware datetimes only")
-        value = value.astimezone(dt.UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(
-        self, value: dt.datetime | None, dialect: Dialect
-    ) -> dt.datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=dt.UTC)
-        return value.astimezone(dt.UTC)
-
-
-_NAMING_CONVENTION: Final = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-class Base(DeclarativeBase):
-    """The declarative base; ``Base.metadata`` is Alembic's ``target_metadata``."""
-
-    metadata = MetaData(naming_convention=_NAMING_CONVENTION)
-
-
-class UserRow(Base):
-    __tablename__ = "users"
-
-    id: Mapped[str] = mapped_column(String(22), primary_key=True)
-    username: Mapped[str] = mapped_column(String(39), unique=True)
-    password_hash: Mapped[str] = mapped_column(String(255))
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-
-
-class FunctionRow(Base):
-    __tablename__ = "functions"
-    __table_args__ = (
-        Index("ix_functions_owner_id_name_seq", "owner_id", "name", "seq"),
-        Index("ix_functions_owner_id_seq", "owner_id", "seq"),
-    )
-
-    # Commit order: "newest" for name resolution and listings, immune to clock steps.
-    seq: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
-    )
-    id: Mapped[str] = mapped_column(String(22), unique=True)
-    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(64))
-    checksum: Mapped[str] = mapped_column(String(64))
-    public: Mapped[bool] = mapped_column(Boolean())
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-    blob_key: Mapped[str] = mapped_column(String(64), unique=True)
-    size: Mapped[int] = mapped_column(BigInteger())
-
-
-class TokenRow(Base):
-    __tablename__ = "tokens"
-
-    id: Mapped[str] = mapped_column(String(22), primary_key=True)
-    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    name: Mapped[str] = mapped_column(String(MAX_TOKEN_NAME_CHARS))
-    description: Mapped[str] = mapped_column(String(MAX_DESCRIPTION_CHARS))
-    function_id: Mapped[str | None] = mapped_column(
-        ForeignKey("functions.id", ondelete="CASCADE"), index=True
-    )
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), index=True)
-    last_used: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
-
-
-def _user(row: UserRow | Row[Any]) -> User:
-    return User(row.id, row.username, row.password_hash, row.created_at)
-
-
-def _function(row: FunctionRow | Row[Any], owner_name: str) -> Function:
-    return Function(
-        id=row.id,
-        owner_id=row.owner_id,
-        owner_name=owner_name,
-        name=row.name,
-        checksum=row.checksum,
-        public=row.public,
-        created_at=row.created_at,
-        blob_key=row.blob_key,
-        size=row.size,
-    )
-
-
-def _token(row: TokenRow | Row[Any]) -> Token:
-    return Token(
-        id=row.id,
-        user_id=row.user_id,
-        name=row.name,
-        description=row.description,
-        function_id=row.function_id,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        last_used=row.last_used,
-        kind=row.kind,
-    )
-
-
-# The reads every session makes (its token, its user, its function), as plain statements
-# with bound parameters: run on a connection, not through an ORM session, they cost a sixth of
-# the CPU (≈120 µs for the three against ≈720, SQLite; benchmarks/README.md, t16v), and read
-# the same committed rows, so nothing is cached and a deletion is seen at once.
-_USERS, _FUNCTIONS, _TOKENS = UserRow.__table__, FunctionRow.__table__, TokenRow.__table__
-_USER_BY_ID: Final = select(_USERS).where(_USERS.c.id == bindparam("id"))
-_TOKEN_BY_ID: Final = select(_TOKENS).where(_TOKENS.c.id == bindparam("id"))
-_FUNCTIONS_WITH_OWNER: Final = select(_FUNCTIONS, _USERS.c.username).join(
-    _USERS, _USERS.c.id == _FUNCTIONS.c.owner_id
-)
-_FUNCTION_BY_ID: Final = _FUNCTIONS_WITH_OWNER.where(_FUNCTIONS.c.id == bindparam("id"))
-_FUNCTION_BY_NAME: Final = (
-    _FUNCTIONS_WITH_OWNER.where(
-        _USERS.c.username == bindparam("owner"), _FUNCTIONS.c.name == bindparam("name")
-    )
-    .order_by(_FUNCTIONS.c.seq.desc())
-    .limit(1)
-)
 
 
 # --------------------------------------------------------------------------- SQL store

@@ -1,0 +1,80 @@
+"""What the websocket sessions read from the client before the calls: the token offered, the
+nonce frame, the next message within its deadline, room for a single-frame bundle
+(re-exported by :mod:`cape.host.api.sessions`)."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Final
+
+from starlette.websockets import WebSocket
+
+from cape.errors import FormatError
+from cape.host.admission import Reservation, ServerBusyError
+from cape.host.api.frames import b64_field, json_message, receive
+from cape.host.api.session_deps import SessionDeps
+from cape.host.errors import AuthError
+
+SUBPROTOCOL: Final = "cape.runtime"
+MAX_NONCE_BYTES: Final = 1024
+RESULT_FRAMES: Final = ("text", "binary")
+"""The nonce frame's ``result_frames`` (ours): how results come back; Cape's form is text."""
+
+
+def _token(websocket: WebSocket) -> str:
+    offered: list[str] = list(websocket.scope.get("subprotocols") or [])
+    others = [p for p in offered if p != SUBPROTOCOL]
+    if SUBPROTOCOL in offered and others:
+        return others[0]
+    header = websocket.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    raise AuthError(f"missing token: offer the subprotocols '{SUBPROTOCOL}' and your token")
+
+
+@dataclass(frozen=True)
+class _Start:
+    """What the nonce frame asks for."""
+
+    nonce: bytes
+    response_key: bytes | None
+    binary_results: bool
+    """Results as binary frames (``result_frames: "binary"``, our SDK), else JSON text."""
+
+
+def _nonce_frame(frame: str | bytes) -> _Start:
+    message = json_message(frame, "nonce")
+    nonce = b64_field(message, "nonce", MAX_NONCE_BYTES)
+    if nonce is None:
+        raise FormatError("the first frame must carry 'nonce'")
+    form = message.get("result_frames", "text")
+    if form not in RESULT_FRAMES:
+        raise FormatError('\'result_frames\' must be "text" or "binary"')
+    return _Start(nonce, b64_field(message, "response_key", 64), form == "binary")
+
+
+async def _next(
+    websocket: WebSocket, deps: SessionDeps, limit: int, what: str, *, idle: bool = False
+) -> str | bytes:
+    """The next client message (``what``): at most ``limit`` bytes, within the frame timeout
+    (or, for ``idle`` waits between calls, the idle timeout)."""
+    timeout_s = deps.idle_timeout_s if idle else deps.frame_timeout_s
+    return await receive(
+        websocket, deps.lifecycle.draining, limit=limit, timeout_s=timeout_s, idle=idle, what=what
+    )
+
+
+def _bundle_room(deps: SessionDeps, reservation: Reservation) -> int:
+    """Reserve room for a single-frame bundle: the bundle limit, or what is left of the
+    caller's and the server's bundle bytes in flight. Raises if nothing is left."""
+    room = min(deps.max_bundle_bytes, reservation.available())
+    if room <= 0:
+        raise ServerBusyError("too many bundle bytes in flight; try again later")
+    reservation.resize(room)
+    return room
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
