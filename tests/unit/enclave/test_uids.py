@@ -112,14 +112,20 @@ def test_bad_range_text_is_one_clear_error(text: str) -> None:
         parse_range(text)
 
 
-def test_the_pool_hands_out_only_the_configured_range() -> None:
+def test_the_pool_hands_out_only_the_configured_range(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("uids are handed out only to a root runtime")
-    pool = UidPool(UidRange(2_100_000_000, 2_100_000_001))
+    # Its own lock folder: the host's is shared with every runtime (and test run) on the machine.
+    pool = UidPool(UidRange(2_100_000_000, 2_100_000_001), lock_dir=tmp_path / "locks")
     taken = {pool.acquire(), pool.acquire()}
-    assert taken == {2_100_000_000, 2_100_000_001}
-    with pytest.raises(RuntimeError, match="no free sandbox uid"):
-        pool.acquire()
+    try:
+        assert taken == {2_100_000_000, 2_100_000_001}
+        with pytest.raises(RuntimeError, match="no free sandbox uid"):
+            pool.acquire()
+    finally:
+        for uid in taken:
+            if uid is not None:
+                pool.release(uid)
 
 
 def test_cape_serve_refuses_a_colliding_range_at_start(tmp_path: Path) -> None:
