@@ -53,10 +53,50 @@ DEV_LINKS = (
     ("/proc/kcore", "core"),
 )
 PROC_COVERS = ("sys", "sysrq-trigger", "irq", "bus")
+# What a sandbox holds, whichever path builds it (bubblewrap's argv in cape.enclave.spawn, or
+# build_root below): one definition, so the two cannot drift apart.
 INNER_UID = 1000
 FUNCTION_PATH = "/function"
 WORKER_PATH = "/cape-worker/worker.py"
 GUEST_PATH = "/cape-worker/guest"
+GUEST_MODULES = ("cape_encrypt.py",)  # bound read-only into every sandbox
+HOSTNAME = "cape-sandbox"
+# Where a zygote-built sandbox's pid 1 puts the channel and services sockets (the worker's
+# arguments name them).
+CHANNEL_FD = 3
+SERVICES_FD = 4
+PASSWD = f"cape:x:{INNER_UID}:{INNER_UID}:cape function:/tmp:/usr/sbin/nologin\n"
+GROUP = f"cape:x:{INNER_UID}:\n"
+
+
+def environment(python_bin: str) -> dict[str, str]:
+    """The sandbox's whole environment (nothing of the runtime's is passed on)."""
+    return {
+        "PATH": f"{python_bin}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp",  # noqa: S108 - the sandbox's own tmpfs
+        "TMPDIR": "/tmp",  # noqa: S108
+        "LANG": "C.UTF-8",
+        "USER": "cape",
+        "LOGNAME": "cape",
+        # glibc reserves 64 MiB of address space per malloc arena and thread; under
+        # RLIMIT_AS that would starve threaded code long before real memory runs out.
+        "MALLOC_ARENA_MAX": "2",
+    }
+
+
+MAX_STDERR_BYTES = 4 << 10
+
+
+def read_complaint(fd: int) -> str:
+    """The one line a failed start wrote to its stderr pipe (bubblewrap's, or the zygote
+    child's: the worker's own stderr is /dev/null), bounded, whitespace folded."""
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, MAX_STDERR_BYTES)
+    except OSError:
+        data = b""
+    return " ".join(data.decode("utf-8", "replace").split())
+
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -124,12 +164,8 @@ def build_root(config: Any, request: Any) -> None:
     _bind_data(config.worker_source, WORKER_PATH, "worker")
     for name, text in config.guest_sources:
         _bind_data(text, f"{GUEST_PATH}/{name}", name)
-    _bind_data(
-        f"cape:x:{INNER_UID}:{INNER_UID}:cape function:/tmp:/usr/sbin/nologin\n".encode(),
-        "/etc/passwd",
-        "passwd",
-    )
-    _bind_data(f"cape:x:{INNER_UID}:\n".encode(), "/etc/group", "group")
+    _bind_data(PASSWD.encode(), "/etc/passwd", "passwd")
+    _bind_data(GROUP.encode(), "/etc/group", "group")
     _remount_ro("/newroot/dev", MS_NOSUID | MS_NODEV)
     _remount_ro("/newroot", MS_NOSUID | MS_NODEV)
     mount("oldroot", "oldroot", None, MS_SILENT | MS_REC | MS_PRIVATE)

@@ -28,6 +28,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cape.enclave.cgroups import SandboxCgroup
+from cape.enclave.sandbox_root import (
+    FUNCTION_PATH,
+    GROUP,
+    GUEST_MODULES,
+    GUEST_PATH,
+    HOSTNAME,
+    INNER_UID,
+    PASSWD,
+    WORKER_PATH,
+    environment,
+    read_complaint,
+)
 from cape.enclave.staging import SUPPORT, Layout
 from cape.errors import SandboxError
 
@@ -39,17 +51,11 @@ BWRAP: str | None = shutil.which("bwrap")
 #: execs bubblewrap; ``None``: ``subprocess`` switches it in the forked child instead (below).
 SETPRIV: str | None = shutil.which("setpriv")
 #: The uid and gid the function sees inside its namespace.
-INNER_UID = 1000
 WORKER_SOURCE = Path(__file__).with_name("worker.py")
-WORKER_PATH = "/cape-worker/worker.py"
 GUEST_SOURCE = Path(__file__).with_name("guest")
-GUEST_MODULES = ("cape_encrypt.py",)  # bound read-only into every sandbox
-GUEST_PATH = "/cape-worker/guest"
-FUNCTION_PATH = "/function"
 # Paths inside the sandbox's own mount namespace (private tmpfs, not the host's /tmp).
 _TMP = "/tmp"  # noqa: S108
 _SHM = "/dev/shm"  # noqa: S108
-_MAX_STDERR_BYTES = 4 << 10
 
 
 # bwrap's --die-with-parent follows the *thread* that forked it, so every sandbox is forked
@@ -99,7 +105,6 @@ class Spawn:
         self.err_fd, err_w = os.pipe()
         child_fds = [info_w, err_w]
         self._block_w: int | None = None
-        passwd = f"cape:x:{INNER_UID}:{INNER_UID}:cape function:/tmp:/usr/sbin/nologin\n"
         try:
             if services:
                 self.services, child_services = socket.socketpair(
@@ -113,9 +118,9 @@ class Spawn:
             child_fds.append(seccomp_fd)
             worker_fd = _data_fd("worker", _worker_source())
             child_fds.append(worker_fd)
-            passwd_fd = _data_fd("passwd", passwd.encode())
+            passwd_fd = _data_fd("passwd", PASSWD.encode())
             child_fds.append(passwd_fd)
-            group_fd = _data_fd("group", f"cape:x:{INNER_UID}:\n".encode())
+            group_fd = _data_fd("group", GROUP.encode())
             child_fds.append(group_fd)
             guest_fds: list[tuple[int, str]] = []
             for module, text in _guest_sources():
@@ -130,20 +135,9 @@ class Spawn:
             raise
         child_fds += [sock.fileno() for sock in child_sockets]
         argv = [BWRAP, "--unshare-all", "--unshare-user", "--disable-userns"]
-        argv += ["--die-with-parent", "--as-pid-1", "--new-session", "--hostname", "cape-sandbox"]
+        argv += ["--die-with-parent", "--as-pid-1", "--new-session", "--hostname", HOSTNAME]
         argv += ["--uid", str(INNER_UID), "--gid", str(INNER_UID), "--clearenv"]
-        env = {
-            "PATH": f"{layout.python_bin}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": _TMP,
-            "TMPDIR": _TMP,
-            "LANG": "C.UTF-8",
-            "USER": "cape",
-            "LOGNAME": "cape",
-            # glibc reserves 64 MiB of address space per malloc arena and thread; under
-            # RLIMIT_AS that would starve threaded code long before real memory runs out.
-            "MALLOC_ARENA_MAX": "2",
-        }
-        for name, value in env.items():
+        for name, value in environment(layout.python_bin).items():
             argv += ["--setenv", name, value]
         for source, dest in layout.binds:
             argv += ["--ro-bind", source, dest]
@@ -286,12 +280,7 @@ class Spawn:
 
     def read_stderr(self) -> str:
         """bubblewrap's own complaints (the worker's stderr is /dev/null), one line, bounded."""
-        os.set_blocking(self.err_fd, False)
-        try:
-            data = os.read(self.err_fd, _MAX_STDERR_BYTES)
-        except OSError:
-            data = b""
-        return " ".join(data.decode("utf-8", "replace").split())
+        return read_complaint(self.err_fd)
 
     def close_fds(self) -> None:
         block, self._block_w = self._block_w, None

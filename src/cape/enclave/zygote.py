@@ -39,6 +39,7 @@ from pathlib import Path
 
 from cape.enclave import seccomp
 from cape.enclave.cgroups import SandboxCgroup
+from cape.enclave.sandbox_root import CHANNEL_FD, SERVICES_FD, read_complaint
 from cape.enclave.spawn import _SPAWNER, Timeout, WorkerGone, wait_for
 from cape.enclave.staging import SUPPORT, Layout
 from cape.errors import SandboxError
@@ -57,9 +58,6 @@ __all__ = [
 log = logging.getLogger("cape.enclave")
 
 PROGRAM = Path(__file__).with_name("zygote_program.py")
-#: Where the zygote's child puts the channel and services sockets (the worker's arguments).
-CHANNEL_FD = 3
-SERVICES_FD = 4
 #: The zygote answers a request at once (it only forks); a slower answer means it is wedged.
 _FORK_TIMEOUT_S = 10.0
 _PROBE_TIMEOUT_S = 30.0
@@ -323,12 +321,7 @@ class ZygoteSpawn:
 
     def read_stderr(self) -> str:
         """The zygote's child's one-line complaint (the worker's stderr is /dev/null)."""
-        os.set_blocking(self.err_fd, False)
-        try:
-            data = os.read(self.err_fd, 4 << 10)
-        except OSError:
-            data = b""
-        return " ".join(data.decode("utf-8", "replace").split())
+        return read_complaint(self.err_fd)
 
     def close_fds(self) -> None:
         for fd in (self.err_fd, self.pidfd, self._pid1_fd if self._pid1_fd is not None else -1):

@@ -72,10 +72,8 @@ import select  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 
-HOSTNAME = b"cape-sandbox"
-GUEST_MODULES = ("cape_encrypt.py",)
-CHANNEL_FD = 3
-SERVICES_FD = 4
+HOSTNAME = root.HOSTNAME.encode()
+CHANNEL_FD, SERVICES_FD = root.CHANNEL_FD, root.SERVICES_FD
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 32
 
@@ -126,7 +124,7 @@ class Config:
         with open(os.path.join(HERE, "worker.py"), "rb") as file:
             self.worker_source = file.read()
         self.guest_sources = []
-        for name in GUEST_MODULES:
+        for name in root.GUEST_MODULES:
             with open(os.path.join(HERE, "guest", name), "rb") as file:
                 self.guest_sources.append((name, file.read()))
         with open("/proc/sys/kernel/cap_last_cap") as file:
@@ -383,18 +381,7 @@ def _sandbox(config: Config, request: Request) -> None:
     _die_with_parent(0, "die with the monitor")  # its parent is outside: getppid() is 0
     root.load_seccomp(config.seccomp)
     os.environ.clear()
-    os.environ.update(
-        {
-            "PATH": f"{config.python_bin}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": "/tmp",  # noqa: S108 - the sandbox's own tmpfs
-            "TMPDIR": "/tmp",  # noqa: S108
-            "LANG": "C.UTF-8",
-            "USER": "cape",
-            "LOGNAME": "cape",
-            "MALLOC_ARENA_MAX": "2",
-            "PWD": root.FUNCTION_PATH,
-        }
-    )
+    os.environ.update(root.environment(config.python_bin), PWD=root.FUNCTION_PATH)
     if request.args == ["--probe"]:
         os._exit(0)  # the runtime's probe: the whole sandbox was built, nothing more to run
     for name in set(sys.modules) - WORKER_MODULES:
