@@ -35,8 +35,9 @@ Message types (``→`` host to enclave, ``←`` enclave to host):
 from __future__ import annotations
 
 import asyncio
+import collections
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import cbor2
@@ -48,6 +49,7 @@ __all__ = [
     "HEADER",
     "MAX_FRAME_BYTES",
     "FrameDecoder",
+    "FrameProtocol",
     "encode_frame",
     "encode_frame_parts",
     "parse_frame_body",
@@ -215,3 +217,162 @@ async def read_frame(
     except asyncio.IncompleteReadError:
         raise FormatError("channel closed in the middle of a frame") from None
     return parse_frame_body(body)
+
+
+#: Bytes the protocol's own buffer holds: room for many small frames per ``recv``. A frame whose
+#: body is larger than :data:`SPLICE_MIN_BYTES` is read into a buffer of its own length instead.
+READ_BUFFER_BYTES = 256 * 1024
+
+OnFrame = Callable[[dict[str, Any], memoryview], None]
+"""Called with each parsed message and the frame's bytes as received (head and body; valid
+only during the call: for a tap)."""
+
+OnEnd = Callable[[Exception | None], None]
+"""Called once when the channel ends: ``None`` at a clean end between frames, else why (a
+malformed, oversized or cut frame, or the connection's error)."""
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    """Both ends' reading of the channel as an :class:`asyncio.BufferedProtocol` (issue 16).
+
+    Each complete frame is parsed in :meth:`buffer_updated` and handed to ``on_frame`` at once,
+    in order (no reader task, no ``StreamReader``, no queue between them). Small frames are read
+    into one reused buffer, many per ``recv``; a frame whose body exceeds
+    :data:`SPLICE_MIN_BYTES` is read straight into a buffer of its announced length (the kernel's
+    copy is the only one before parsing). A declared length over ``max_frame_bytes``, a body
+    that does not parse and an end of stream inside a frame each end the channel with that
+    error (``on_end``) and close the transport, never a hang. Writers get :meth:`drain` (the
+    transport's flow control), so a large payload is written in slices without a second copy
+    buffered.
+    """
+
+    def __init__(
+        self, on_frame: OnFrame, on_end: OnEnd, *, max_frame_bytes: int = MAX_FRAME_BYTES
+    ) -> None:
+        self._on_frame = on_frame
+        self._on_end: OnEnd | None = on_end
+        self._max = max_frame_bytes
+        self._buffer = bytearray(READ_BUFFER_BYTES)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0  # unparsed bytes: self._buffer[self._start : self._end]
+        self._big: bytearray | None = None  # a large frame's head and body, being filled
+        self._filled = 0
+        self.transport: asyncio.Transport | None = None
+        self._paused = False
+        self._drainers: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._lost: Exception | None = None
+        self._closed = False
+
+    # -- reading
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return memoryview(self._big)[self._filled :]
+        if self._start and len(self._buffer) - self._end < READ_BUFFER_BYTES // 2:
+            # Little room left after a partial frame: move the unparsed bytes down.
+            pending = self._end - self._start
+            self._buffer[:pending] = self._buffer[self._start : self._end]
+            self._start, self._end = 0, pending
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._closed:
+            return
+        try:
+            if self._big is not None:
+                self._filled += nbytes
+                if self._filled < len(self._big):
+                    return
+                big, self._big = self._big, None
+                self._deliver(big, memoryview(big))
+            else:
+                self._end += nbytes
+            self._parse()
+        except Exception as exc:  # a bad frame, or an error of on_frame
+            self._fail(exc)
+
+    def _parse(self) -> None:
+        while not self._closed and self._end - self._start >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer, self._start)
+            if length > self._max:
+                raise LimitExceededError("channel frame size in bytes", self._max, length)
+            end = self._start + HEADER.size + length
+            if length > SPLICE_MIN_BYTES:  # its own buffer, filled in place from here on
+                big = bytearray(HEADER.size + length)
+                have = min(self._end, end) - self._start
+                big[:have] = self._buffer[self._start : self._start + have]
+                self._start += have
+                if have < len(big):
+                    self._big, self._filled = big, have
+                    break
+                self._deliver(big, memoryview(big))
+                continue
+            if end > self._end:
+                break
+            frame = self._view[self._start : end]
+            self._start = end
+            self._deliver(frame[HEADER.size :], frame)
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _deliver(self, body: bytes | bytearray | memoryview, frame: memoryview) -> None:
+        if isinstance(body, bytearray):
+            body = memoryview(body)[HEADER.size :]
+        # One copy out of the read buffer (the decoder's stream needs bytes either way).
+        message = parse_frame_body(bytes(body))
+        self._on_frame(message, frame)
+
+    def eof_received(self) -> bool:
+        if self._big is not None or self._end > self._start:
+            self._fail(FormatError("channel closed in the middle of a frame"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc if exc is not None else ConnectionResetError("the channel closed")
+        self._paused = False
+        while self._drainers:
+            waiter = self._drainers.popleft()
+            if not waiter.done():
+                waiter.set_exception(self._lost)
+        self._end_once(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self._end_once(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _end_once(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._big = None
+        callback, self._on_end = self._on_end, None
+        if callback is not None:
+            callback(exc)
+
+    # -- writing (flow control)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        while self._drainers:
+            waiter = self._drainers.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark again;
+        :class:`ConnectionError` once the channel is closed or lost."""
+        if self._lost is not None:
+            raise self._lost
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the channel is closed")
+        if not self._paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drainers.append(waiter)
+        await waiter
