@@ -96,6 +96,18 @@ def test_frames_split_at_every_byte_boundary_arrive_whole_and_in_order() -> None
     assert sink.frames == small
 
 
+@pytest.mark.parametrize("read", [7, 4093, 70_001])
+def test_a_long_run_of_small_frames_in_odd_reads_reuses_the_buffer_intact(read: int) -> None:
+    # Reads that always end inside a frame fill the protocol's buffer: the unparsed tail is
+    # moved down to make room, and no byte may be lost or repeated doing so.
+    messages = [{"t": "input", "sid": i, "data": bytes([i % 251]) * 1000} for i in range(600)]
+    wire = _wire(messages)
+    sink = Sink()
+    sink.feed(wire[i : i + read] for i in range(0, len(wire), read))
+    assert sink.frames == messages
+    assert sink.raw == [encode_frame(m) for m in messages]
+
+
 def test_a_large_frame_is_read_in_place_across_any_split() -> None:
     messages = _messages()
     wire = _wire(messages)
