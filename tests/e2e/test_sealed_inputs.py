@@ -25,6 +25,7 @@ from tests.integration.harness import zip_app
 pytestmark = requires_enclaves
 
 ECHO = "def cape_handler(data):\n    return data\n"
+ECHO_ZIP = zip_app(ECHO.encode())
 
 
 def test_the_sdk_gets_sealed_inputs_in_run_and_test_sessions(server: ServeProcess) -> None:
@@ -40,7 +41,7 @@ def test_the_sdk_gets_sealed_inputs_in_run_and_test_sessions(server: ServeProces
     assert user_data["input_frames"] == "sealed" and sealed
     assert outputs == [b"a", b"", b"c" * 70_000]
     # test: the bundle is input 0 of the session, its inputs follow
-    tested = run(flows.test(server.url, user.token, server.options(), zip_app(ECHO), [b"t"]))
+    tested = run(flows.test(server.url, user.token, server.options(), ECHO_ZIP, [b"t"]))
     assert tested == [b"t"]
 
 

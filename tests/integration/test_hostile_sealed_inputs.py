@@ -38,7 +38,7 @@ def confirming(value: object = "sealed", *, outside: bool = False) -> Any:
         raw = enclave.document(user_data=user_data)
         enclave.record.document_index = len(enclave.record.frames)
         enclave.record.documents.append(raw)
-        message = {"type": "attestation_doc", "message": b64(raw)}
+        message: dict[str, object] = {"type": "attestation_doc", "message": b64(raw)}
         if outside:
             message["input_frames"] = value
         await enclave.send_message(message)
@@ -47,6 +47,7 @@ def confirming(value: object = "sealed", *, outside: bool = False) -> Any:
         if sealed:
             if start.get("input_frames") != "sealed" or enclave.response_key is None:
                 await enclave.drain()  # the client did not ask: it must send nothing more
+                return
             keys = SessionKeys.for_enclave(enclave.key, enclave.response_key)
         count = 0
         while True:
