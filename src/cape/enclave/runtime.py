@@ -44,7 +44,7 @@ from cape.enclave.uids import DEFAULT_RANGE, UidRange, parse_range
 from cape.enclave.warm import WarmPool
 from cape.enclave.zygote import START_PATHS, set_start_path
 from cape.errors import CapeError, FormatError
-from cape.formats.frames import FrameProtocol, encode_frame_parts
+from cape.formats.frames import FrameProtocol, encode_frame_parts, roomy_send_buffer
 
 __all__ = ["Runtime", "main"]
 
@@ -52,8 +52,6 @@ log = logging.getLogger("cape.enclave")
 #: Default cap of the enclave's private tmpfs (unpacked functions and per-session copies).
 STORAGE_BYTES = 8 << 30
 _PR_SET_DUMPABLE = 4
-#: The channel's send buffer: room for a large result in one ``send`` (see _roomy_send_buffer).
-CHANNEL_SEND_BUFFER = 4 << 20
 
 
 class Runtime:
@@ -318,21 +316,6 @@ def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
     return sock
 
 
-def _roomy_send_buffer(sock: socket.socket) -> None:
-    """Let one large result go to the host in a single ``send`` (issue 16, the 1 MiB call).
-
-    With the default ``SO_SNDBUF`` (≈208 KiB) a 1 MiB result fills the socket after a fifth:
-    Python 3.11's transport then copies the rest into its ``bytearray`` buffer and moves that
-    buffer down after each partial send, ≈0.2 to 1 ms of CPU per 1 MiB result on this machine
-    against ≈0.1 ms with a 4 MiB buffer (measured alone). Root may exceed ``wmem_max``;
-    where the socket refuses (a vsock, say) the default stays.
-    """
-    force = getattr(socket, "SO_SNDBUFFORCE", None)
-    option = force if force is not None and os.geteuid() == 0 else socket.SO_SNDBUF
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, option, CHANNEL_SEND_BUFFER)
-
-
 async def _amain(
     sock: socket.socket,
     config: SessionConfig,
@@ -342,7 +325,7 @@ async def _amain(
     kms_options: dict[str, Any],
 ) -> None:
     asyncio.get_running_loop().set_exception_handler(_quiet_errors)
-    _roomy_send_buffer(sock)
+    roomy_send_buffer(sock)  # a large result leaves in one send (issue 16)
     runtime = Runtime(config, nitro=nitro, kms_identity=kms_identity, kms_options=kms_options)
     await runtime.serve(sock)
 

@@ -28,7 +28,7 @@ from typing import Any, Self
 
 from cape._internal.tempdirs import private_tempdir
 from cape.errors import CapeError, FormatError, TransportError
-from cape.formats.frames import FrameProtocol, encode_frame_parts
+from cape.formats.frames import FrameProtocol, encode_frame_parts, roomy_send_buffer
 from cape.host.errors import UnavailableError
 
 __all__ = ["EnclaveConnection", "EnclaveLauncher", "HostSession", "SimulatedLauncher"]
@@ -142,6 +142,7 @@ class EnclaveConnection:
     ) -> Self:
         """A connection reading and writing ``sock`` (the channel's connected host end)."""
         connection = cls(kms, process, tap, **kwargs)
+        roomy_send_buffer(sock)  # a large input or bundle slice leaves in one send (issue 16)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_accepted_socket(lambda: connection._protocol, sock)
         connection._transport = transport

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cape.enclave import runtime
-from cape.formats.frames import HEADER, MAX_FRAME_BYTES, encode_frame
+from cape.formats.frames import HEADER, MAX_FRAME_BYTES, encode_frame, roomy_send_buffer
 
 MIB = 1 << 20
 
@@ -27,7 +26,7 @@ def test_a_one_mib_result_goes_to_the_socket_without_the_transports_buffer() -> 
     ours, host = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
     async def scenario() -> int:
-        runtime._roomy_send_buffer(ours)
+        roomy_send_buffer(ours)
         _, writer = await asyncio.open_connection(sock=ours)
         try:
             writer.write(b"h" * 9)  # a frame head, then the result by reference
