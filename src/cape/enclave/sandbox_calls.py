@@ -31,6 +31,7 @@ from cape.enclave.spawn import (
     WorkerGone,
     readable_first,
     recv_exact,
+    recv_some,
     send_all,
 )
 from cape.enclave.zygote import ZygoteSpawn
@@ -209,7 +210,7 @@ class SandboxCalls:
         view = memoryview(head)
         got = 0
         while got < _HEADER.size + 1:
-            got += await _recv_some(loop, sock, view[got:])
+            got += await recv_some(loop, sock, view[got:])
         (length,) = _HEADER.unpack_from(head)
         if length == 0:
             raise ProtocolViolation("empty frame")
@@ -227,7 +228,7 @@ class SandboxCalls:
         del head
         rest = memoryview(body)
         while filled < len(body):
-            filled += await _recv_some(loop, sock, rest[filled:])
+            filled += await recv_some(loop, sock, rest[filled:])
         rest.release()
         return status, bytes(body)
 
@@ -257,17 +258,6 @@ _FRAME_ERRORS = (Timeout, OutputTooLarge, ProtocolViolation, WorkerGone)
 
 #: The first read of a reply: its head, status and a body up to this size in one ``recv``.
 _REPLY_READ_BYTES = 64 << 10
-
-
-async def _recv_some(loop: asyncio.AbstractEventLoop, sock: socket.socket, into: memoryview) -> int:
-    """At least one byte into ``into``; ``WorkerGone`` when ``sock`` closes first."""
-    try:
-        count = await loop.sock_recv_into(sock, into)
-    except OSError as exc:
-        raise WorkerGone from exc
-    if count == 0:
-        raise WorkerGone
-    return count
 
 
 def _one_line(body: bytes) -> str:
