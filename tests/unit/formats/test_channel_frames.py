@@ -10,6 +10,7 @@ real socketpair checks that its sessions get end-of-stream however the channel e
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -74,7 +75,9 @@ def _messages() -> list[dict[str, Any]]:
         {"t": "input", "sid": 1, "data": b"x" * 1024},
         {"t": "result", "sid": 2, "data": bytes(range(256)) * (SPLICE_MIN_BYTES // 256 + 3)},
         {"t": "close", "sid": 1},
+        {"t": "result", "sid": 3, "data": b"s" * 70_000},  # in the first large one's buffer
         {"t": "ready", "sid": 0, "pcrs": {0: b"\x01" * 48}},
+        {"t": "result", "sid": 4, "data": os.urandom(300_000)},  # a larger buffer
     ]
 
 
