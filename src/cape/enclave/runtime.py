@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cape._internal.heap import steady_heap
 from cape.crypto.keyanswers import IDENTITY_PCR
 from cape.enclave import cgroups
 from cape.enclave.awskeys import AwsEnclaveKeyClient, key_client
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="enclave: %(message)s")
     threading.excepthook = _quiet_thread_errors
     _not_dumpable()
+    steady_heap()  # no page faults per large call (issue 16)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(args.workdir, 0o711)  # noqa: S103 - traverse-only, for the sandbox's uid
     if args.private_tmpfs:
