@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+import cbor2
 import pytest
 
 from cape.errors import FormatError, LimitExceededError, TransportError
@@ -254,3 +255,21 @@ def test_a_session_frame_waits_for_a_receive_that_was_cancelled() -> None:
         assert asyncio.run(scenario()) == {"t": "attestation", "sid": 1}
     finally:
         enclave_end.close()
+
+
+def test_a_large_frame_is_decoded_in_place_as_strictly_as_a_small_one() -> None:
+    big = b"b" * (SPLICE_MIN_BYTES + 10)
+    key, value = cbor2.dumps("t"), cbor2.dumps("result")
+    duplicate = b"\xa3" + key + value + cbor2.dumps("data") + cbor2.dumps(big) + key + value
+    trailing = cbor2.dumps({"t": "result", "data": big}) + b"\x00"
+    indefinite = b"\xbf" + key + value + cbor2.dumps("data") + cbor2.dumps(big) + b"\xff"
+    for body in (duplicate, trailing, indefinite):
+        sink = Sink()
+        sink.feed([HEADER.pack(len(body)) + body])
+        assert sink.frames == []
+        assert len(sink.ends) == 1 and isinstance(sink.ends[0], FormatError)
+    good = cbor2.dumps({"t": "result", "sid": 5, "data": big})
+    sink = Sink()
+    sink.feed([HEADER.pack(len(good)) + good])
+    assert sink.frames == [{"t": "result", "sid": 5, "data": big}]
+    assert type(sink.frames[0]["data"]) is bytes
