@@ -38,6 +38,7 @@ from cape.crypto.envelope import DECRYPTION_FAILED
 from cape.crypto.keys import public_key_der
 from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
 from cape.errors import (
+    BusyError,
     CapeError,
     CertificateExpiredError,
     ChainError,
@@ -1088,6 +1089,10 @@ async def _close_with_reason(enclave: Enclave) -> None:
     await enclave.ws.close(1011, "enclave crashed")
 
 
+async def _close_busy(enclave: Enclave) -> None:
+    await enclave.ws.close(1013, "the enclave is busy")
+
+
 async def _drop_tcp(enclave: Enclave) -> None:
     enclave.ws.transport.abort()
 
@@ -1106,6 +1111,24 @@ GARBAGE: dict[str, tuple[Action, type[CapeError], str]] = {
     "message-missing": (_json({"type": "attestation_doc"}), FormatError, r'\{"message"'),
     "error-frame": (_json({"error": "no enclave available"}), FunctionError, "no enclave"),
     "error-object": (_json({"error": {"code": 7}}), FunctionError, "code"),
+    # "busy" must be exactly true; a retry hint only as a sane whole number of seconds
+    "busy-frame": (
+        _json({"error": "queue full", "busy": True, "retry_after": 2}),
+        BusyError,
+        r"^the server is busy: queue full; try again in 2 s$",
+    ),
+    "busy-not-true": (_json({"error": "queue full", "busy": "yes"}), FunctionError, "^queue"),
+    "busy-float-hint": (
+        _json({"error": "queue full", "busy": True, "retry_after": 1e300}),
+        BusyError,
+        "queue full$",
+    ),
+    "busy-bool-hint": (
+        _json({"error": "queue full", "busy": True, "retry_after": True}),
+        BusyError,
+        "queue full$",
+    ),
+    "close-1013": (_close_busy, BusyError, r"try again later\): the enclave is busy$"),
     "invalid-utf8-text": (_invalid_utf8, TransportError, "closed"),
     "close-1000": (_close_normally, TransportError, "closed the session"),
     "close-1011-reason": (_close_with_reason, TransportError, "enclave crashed"),
@@ -1477,6 +1500,28 @@ def test_refused_upgrade_is_a_request_refused_error(
     outcome = attack(server, run_client(options(tls, pki)), sessions=0)
     error = outcome.refused(RequestRefusedError, match)
     assert isinstance(error, RequestRefusedError) and error.status == status
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "match", "seconds"),
+    [
+        (503, "3", r"\(503\): the server is full; try again in 3 s$", 3.0),
+        (429, "7", r"\(429\): the server is full; try again in 7 s$", 7.0),
+        (503, None, r"\(503\): the server is full$", None),
+        (429, "99999999999", r"\(429\): the server is full$", None),  # no absurd hint
+        (503, "-1", r"\(503\): the server is full$", None),
+        (503, "Wed, 21 Oct 2015 07:28:00 GMT", r"\(503\): the server is full$", None),
+    ],
+)
+def test_busy_upgrade_refusal_is_a_busy_error_with_its_hint(
+    tls: TlsFiles, pki: Pki, status: int, retry_after: str | None, match: str, seconds: float | None
+) -> None:
+    server = HostileServer(
+        tls, pki, refuse=(status, '{"error": "the server is full"}'), retry_after=retry_after
+    )
+    outcome = attack(server, run_client(options(tls, pki)), sessions=0)
+    error = outcome.refused(BusyError, "^the server refused the session " + match)
+    assert isinstance(error, BusyError) and error.retry_after_s == seconds
 
 
 def test_refusal_with_deeply_nested_body_is_a_request_refused_error(
