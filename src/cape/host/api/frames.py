@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 from starlette.websockets import WebSocket
@@ -32,6 +31,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_TEXT_FRAME_BYTES",
     "NEXT_MESSAGE_EXTENSION",
+    "SEND_READY_EXTENSION",
     "Closed",
     "DrainSignal",
     "Draining",
@@ -46,6 +46,10 @@ __all__ = [
 NEXT_MESSAGE_EXTENSION: Final = "cape.websocket.next_message_limit"
 """ASGI scope extension: a callable taking the byte limit of the next client message and what
 that message is (for the refusal's text, e.g. "input")."""
+SEND_READY_EXTENSION: Final = "cape.websocket.send_ready"
+"""ASGI scope extension: a callable returning True when the server's next send returns without
+waiting for the client to read (its buffer has room), so that a send deadline needs no timer
+(:class:`~cape.host.api.app.SendDeadline`)."""
 MAX_TEXT_FRAME_BYTES: Final = 64 * 1024
 MAX_JSON_DEPTH: Final = 8
 
@@ -78,14 +82,13 @@ class DrainSignal(asyncio.Event):
             for deadline in list(self._deadlines):
                 deadline.reschedule(now)
 
-    @contextlib.contextmanager
-    def expiring(self, deadline: asyncio.Timeout) -> Iterator[None]:
-        """Within this block, :meth:`set` expires ``deadline``."""
+    def watch(self, deadline: asyncio.Timeout) -> None:
+        """Until :meth:`unwatch`, :meth:`set` expires ``deadline`` (a pair, not a context
+        manager: this runs for every client frame, issue 16)."""
         self._deadlines.add(deadline)
-        try:
-            yield
-        finally:
-            self._deadlines.discard(deadline)
+
+    def unwatch(self, deadline: asyncio.Timeout) -> None:
+        self._deadlines.discard(deadline)
 
 
 async def receive(
@@ -118,8 +121,11 @@ async def receive(
     # DrainSignal expires it at once when the server starts draining.
     try:
         async with asyncio.timeout(timeout_s) as deadline:
-            with draining.expiring(deadline):
+            draining.watch(deadline)
+            try:
                 message = await websocket.receive()
+            finally:
+                draining.unwatch(deadline)
     except TimeoutError:
         if draining.is_set():
             raise Draining() from None
