@@ -119,7 +119,16 @@ def main() -> int:
                     targets[f"sandbox-{pid}"] = pid
             for name, pid in targets.items():
                 path = args.out / f"{name}.txt"
-                command = [py_spy, "record", "--format", "raw", "-r", str(args.rate), "-o", str(path)]
+                command = [
+                    py_spy,
+                    "record",
+                    "--format",
+                    "raw",
+                    "-r",
+                    str(args.rate),
+                    "-o",
+                    str(path),
+                ]
                 command += ["-d", str(int(args.seconds)), "-p", str(pid), "--nonblocking"]
                 if args.native:
                     command.append("--native")
