@@ -1125,7 +1125,7 @@ BUSY: dict[str, tuple[Action, type[CapeError], str]] = {
     "busy-frame": (
         _json({"error": "queue full", "busy": True, "retry_after": 2}),
         BusyError,
-        r"^the server is busy: queue full; try again in 2 s$",
+        r"^queue full; try again in 2 s$",
     ),
     "busy-not-true": (_json({"error": "queue full", "busy": "yes"}), FunctionError, "^queue"),
     "busy-float-hint": (

@@ -387,7 +387,7 @@ def _error_of(parsed: dict[str, Any]) -> CapeError:
     if parsed.get("busy") is True:
         retry_after_s = _seconds(parsed.get("retry_after"))
         hint = f"; try again in {int(retry_after_s)} s" if retry_after_s is not None else ""
-        return BusyError(f"the server is busy: {text}{hint}", retry_after_s=retry_after_s)
+        return BusyError(f"{text}{hint}", retry_after_s=retry_after_s)
     return FunctionError(text)
 
 
