@@ -36,6 +36,7 @@ __all__ = [
     "DrainSignal",
     "Draining",
     "Idle",
+    "ReceiveDeadline",
     "b64_field",
     "binary",
     "json_message",
@@ -91,6 +92,61 @@ class DrainSignal(asyncio.Event):
         self._deadlines.discard(deadline)
 
 
+_DEADLINE_KEY: Final = "cape.receive_deadline"
+"""Where a connection's :class:`ReceiveDeadline` lives in its ASGI scope."""
+
+
+class ReceiveDeadline:
+    """The receive deadlines of one connection on one timer (issue 16).
+
+    Each :func:`receive` waits inside an ``asyncio.Timeout`` without a time of its own and
+    tells this object its deadline. A timer is armed only when none is pending or the new
+    deadline comes before it; when the timer fires before the current deadline (the receive it
+    was armed for got its message), it re-arms for the current one; when it fires past it, it
+    expires that receive's ``Timeout`` (asyncio's own expiry: the wait raises
+    ``TimeoutError``). So a receive costs no timer of its own, where ``asyncio.timeout``
+    pushed one on the loop's heap and cancelled it for every client frame."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0
+        self._waiting: asyncio.Timeout | None = None
+
+    @classmethod
+    def of(cls, websocket: WebSocket) -> ReceiveDeadline:
+        """The connection's deadline (made at its first receive)."""
+        deadline: ReceiveDeadline | None = websocket.scope.get(_DEADLINE_KEY)
+        if deadline is None:
+            deadline = cls(asyncio.get_running_loop())
+            websocket.scope[_DEADLINE_KEY] = deadline
+        return deadline
+
+    def start(self, waiting: asyncio.Timeout, timeout_s: float) -> None:
+        """``waiting`` expires ``timeout_s`` from now unless :meth:`stop` comes first."""
+        self._waiting = waiting
+        self._when = when = self._loop.time() + timeout_s
+        handle = self._handle
+        if handle is None or handle.when() > when:
+            if handle is not None:
+                handle.cancel()
+            self._handle = self._loop.call_at(when, self._fire)
+
+    def stop(self) -> None:
+        self._waiting = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        waiting = self._waiting
+        if waiting is None:
+            return  # no receive waits; the next one arms a timer again
+        now = self._loop.time()
+        if now < self._when:
+            self._handle = self._loop.call_at(self._when, self._fire)
+        else:
+            waiting.reschedule(now)
+
+
 async def receive(
     websocket: WebSocket,
     draining: DrainSignal,
@@ -117,15 +173,18 @@ async def receive(
         allow(limit, what)
     if draining.is_set():
         raise Draining()
-    # One deadline around the receive itself: no task or wait set per frame (issue 16). A
-    # DrainSignal expires it at once when the server starts draining.
+    # One deadline around the receive itself: no task, wait set or timer per frame (issue 16,
+    # ReceiveDeadline). A DrainSignal expires it at once when the server starts draining.
+    timer = ReceiveDeadline.of(websocket)
     try:
-        async with asyncio.timeout(timeout_s) as deadline:
+        async with asyncio.Timeout(None) as deadline:
+            timer.start(deadline, timeout_s)
             draining.watch(deadline)
             try:
                 message = await websocket.receive()
             finally:
                 draining.unwatch(deadline)
+                timer.stop()
     except TimeoutError:
         if draining.is_set():
             raise Draining() from None
