@@ -135,6 +135,14 @@ class ReceiveDeadline:
     def stop(self) -> None:
         self._waiting = None
 
+    @staticmethod
+    def close(websocket: WebSocket) -> None:
+        """The connection is over: cancel its pending timer, if any."""
+        deadline: ReceiveDeadline | None = websocket.scope.pop(_DEADLINE_KEY, None)
+        if deadline is not None and deadline._handle is not None:
+            deadline._handle.cancel()
+            deadline._handle = None
+
     def _fire(self) -> None:
         self._handle = None
         waiting = self._waiting

@@ -88,7 +88,15 @@ from cape.host.api.errors import (
     error_body,
     error_response,
 )
-from cape.host.api.frames import MAX_TEXT_FRAME_BYTES, Closed, Draining, Idle, binary, json_message
+from cape.host.api.frames import (
+    MAX_TEXT_FRAME_BYTES,
+    Closed,
+    Draining,
+    Idle,
+    ReceiveDeadline,
+    binary,
+    json_message,
+)
 from cape.host.api.session_deps import BLOB_IO_THREADS as BLOB_IO_THREADS
 from cape.host.api.session_deps import DIGEST_CACHE_SIZE as DIGEST_CACHE_SIZE
 from cape.host.api.session_deps import Lifecycle, SessionDeps, _Grant, _still_allowed
@@ -486,7 +494,10 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
                 await websocket.accept(subprotocol=SUBPROTOCOL)
                 grant = _Grant(principal, function, seen)
                 with deps.lifecycle.track():
-                    await _guard(websocket, handler(websocket, grant, reservation))
+                    try:
+                        await _guard(websocket, handler(websocket, grant, reservation))
+                    finally:
+                        ReceiveDeadline.close(websocket)
 
         return serve
 

@@ -61,12 +61,18 @@ def test_messages_in_time_arm_one_timer_per_connection_not_one_per_frame() -> No
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         connection, draining = Connection(), DrainSignal()
-        before = len(loop._scheduled)  # type: ignore[attr-defined]
+
+        def live() -> int:
+            return sum(not h.cancelled() for h in loop._scheduled)  # type: ignore[attr-defined]
+
+        before, live_before = len(loop._scheduled), live()  # type: ignore[attr-defined]
         for number in range(50):
             connection.deliver_soon(bytes([number]))
             assert await _receive(connection, draining, 120.0, idle=True) == bytes([number])
         # asyncio.timeout left each frame's cancelled timer in the loop's heap until it was due
         assert len(loop._scheduled) - before == 1  # type: ignore[attr-defined]
+        frames.ReceiveDeadline.close(connection)  # type: ignore[arg-type]
+        assert live() == live_before  # the connection is over: its timer is cancelled
 
     _run(scenario)
 
