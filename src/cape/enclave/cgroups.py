@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import itertools
 import os
 import signal
@@ -37,6 +38,7 @@ __all__ = ["CgroupLimits", "Cgroups", "SandboxCgroup", "detect", "shared"]
 _CONTROLLERS = ("memory", "pids", "cpu")
 _CPU_PERIOD_US = 100_000
 _KILL_TIMEOUT_S = 5.0
+_CREATE_ATTEMPTS = 1000
 
 
 @dataclass(frozen=True)
@@ -194,22 +196,29 @@ class Cgroups:
         return f"cgroup v{self.version} ({where})"
 
     def create(self, limits: CgroupLimits) -> SandboxCgroup:
-        with self._lock:
-            name = f"s{next(self._ids)}"
-        directories = {ctl: parent / name for ctl, parent in self._parents.items()}
-        made: list[str] = []
-        try:
-            for directory in dict.fromkeys(os.fspath(path) for path in directories.values()):
-                os.mkdir(directory)
-                made.append(directory)
-            group = SandboxCgroup(self.version, directories)
-            group.apply(limits)
-        except BaseException:
-            for directory in made:
-                with contextlib.suppress(OSError):
-                    os.rmdir(directory)
-            raise
-        return group
+        # A name may be taken already: a runtime killed before its exit handler left its
+        # groups behind, and a later process with the same pid got its parents (issue 16: the
+        # benchmark's runs failed with "File exists"). Such a name is skipped, not reused.
+        for _ in range(_CREATE_ATTEMPTS):
+            with self._lock:
+                name = f"s{next(self._ids)}"
+            directories = {ctl: parent / name for ctl, parent in self._parents.items()}
+            made: list[str] = []
+            try:
+                for directory in dict.fromkeys(os.fspath(path) for path in directories.values()):
+                    os.mkdir(directory)
+                    made.append(directory)
+                group = SandboxCgroup(self.version, directories)
+                group.apply(limits)
+            except BaseException as exc:
+                for directory in made:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(directory)
+                if isinstance(exc, FileExistsError):
+                    continue
+                raise
+            return group
+        raise FileExistsError(errno.EEXIST, f"{_CREATE_ATTEMPTS} sandbox cgroup names taken")
 
     def close(self) -> None:
         """Remove the parents (sandboxes remove their own groups first)."""
