@@ -29,6 +29,10 @@ same run:
   and fork lines make the floor of a forking start (namespaces and mounts and a fork, no
   interpreter start). The start's line is followed by the share of this process alone
   (``RUSAGE_SELF``: the runtime's side of a start, the rest being the sandbox's own processes).
+  Where a C compiler exists, ``sandbox_floor.c`` is built and run too: the same system calls
+  as a forking start (fork, uid switch, the 7 namespaces and maps, the fork of pid 1,
+  bubblewrap's mount tree) without Python or bubblewrap's own exec, level by level; with one
+  fork of this interpreter it is the floor the zygote's start is judged against (issue 16).
 
 ``--json PATH`` also writes the figures and the raw samples (``benchmarks/_results.py``).
 Needs bubblewrap; prints why and exits 0 without it (it is a benchmark, not a test).
