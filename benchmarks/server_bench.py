@@ -71,7 +71,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from _results import Curve, Results, Series, timed
 from cape.crypto import envelope, hpke
-from cape.crypto.results import ResultChannel
+from cape.crypto.session_keys import SessionKeys
 from cape.host.pool import WAIT_FOR_ENCLAVE_S
 from cape.sdk.flows import DEPLOY_CHUNK_BYTES, deploy, fetch_key, run_path
 from cape.sdk.rest import RestClient
@@ -466,10 +466,12 @@ def zip_bundle(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def client_crypto(payload: bytes, repeats: int) -> list[float]:
-    """What the SDK itself does per invoke: HPKE-seal the input; parse, decode, open the result."""
+def client_crypto(payload: bytes, repeats: int, *, sealed_inputs: bool = False) -> list[float]:
+    """What the SDK itself does per invoke: seal the input (HPKE, or as a sealed input, ours);
+    parse, decode, open the result."""
     enclave_key, response_key = hpke.generate_keypair(), hpke.generate_keypair()
-    channel = ResultChannel.for_client(response_key, enclave_key.public_bytes)
+    keys = SessionKeys.for_client(response_key, enclave_key.public_bytes)
+    channel = keys.results
     sealed_result = channel.seal(0, payload)
     frame = json.dumps(
         {
@@ -482,7 +484,10 @@ def client_crypto(payload: bytes, repeats: int) -> list[float]:
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        hpke.seal(enclave_key.public_bytes, payload)
+        if sealed_inputs:
+            keys.inputs.seal(0, payload)
+        else:
+            hpke.seal(enclave_key.public_bytes, payload)
         message = json.loads(frame)["message"]
         channel.open(0, base64.b64decode(message["message"], validate=True))
         samples.append(time.perf_counter() - start)
@@ -618,6 +623,11 @@ async def latency_section(client: Client, options: Options, results: Results) ->
                         summary(
                             f"{label} client HPKE seal + open, base64, JSON (alone)",
                             client_crypto(payload, min(repeats, 200)),
+                            "us",
+                        ),
+                        summary(
+                            f"{label} client sealed input + open, base64, JSON (alone)",
+                            client_crypto(payload, min(repeats, 200), sealed_inputs=True),
                             "us",
                         ),
                         f"  {label} sealed invoke / plain echo: p50 {ratio_p50:.2f}x, "

@@ -20,6 +20,7 @@ import cape
 from cape.crypto import envelope, hpke, results
 from cape.crypto.keys import load_rsa_public_key
 from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
+from cape.crypto.session_keys import SessionKeys
 from cape.enclave.measure import measure_runtime
 from cape.errors import DecryptionError
 from cape.formats.attestation import AttestationDocument
@@ -421,3 +422,118 @@ def test_functions_encrypt_and_decrypt_with_their_owners_key(
     sealed, opened = platform.run(flow())
     assert sealed.startswith(b"cape:") and b"kept for later" not in sealed
     assert opened == b"kept for later"
+
+
+def _sealed_keys(doc: AttestationDocument, response: hpke.KeyPair) -> SessionKeys:
+    assert user_data(doc)["input_frames"] == "sealed"  # confirmed inside the document
+    assert doc.public_key is not None
+    return SessionKeys.for_client(response, doc.public_key)
+
+
+def test_sealed_inputs_open_in_order_after_the_documents_confirmation(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    ciphertext, _ = deploy(enclave, platform, COUNTER)
+    response = hpke.generate_keypair()
+
+    async def flow() -> list[bytes]:
+        session, doc = await attested(
+            enclave,
+            platform,
+            "run",
+            bundle=ciphertext,
+            response_key=response.public_bytes,
+            sealed_inputs=True,
+        )
+        keys = _sealed_keys(doc, response)
+        outputs = []
+        for sequence, data in enumerate((b"a", b"b", b"c")):
+            await session.send({"t": "input", "data": keys.inputs.seal(sequence, data)})
+            reply = expect(await session.receive(), "result")
+            outputs.append(keys.results.open(sequence, reply["data"]))
+        await session.close()
+        return outputs
+
+    assert platform.run(flow()) == [b"1:a", b"2:b", b"3:c"]
+
+
+def test_a_sealed_test_sessions_bundle_is_input_zero(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    response = hpke.generate_keypair()
+
+    async def flow() -> bytes:
+        session, doc = await attested(
+            enclave, platform, "test", response_key=response.public_bytes, sealed_inputs=True
+        )
+        keys = _sealed_keys(doc, response)
+        await session.send({"t": "bundle", "data": keys.inputs.seal(0, zip_app(ECHO))})
+        await session.send({"t": "input", "data": keys.inputs.seal(1, b"tested")})
+        reply = expect(await session.receive(), "result")
+        await session.close()
+        return keys.results.open(0, reply["data"])
+
+    assert platform.run(flow()) == b"tested"
+
+
+# What a host may do to a sealed session's input frames: each must end the session with the
+# error an undecryptable input gets today, never reach the function.
+HOSTILE_INPUTS: dict[str, Any] = {
+    # a host sealing its own input to the attested key (base-mode HPKE lets anyone), or one
+    # that set input_frames for a client that seals with HPKE
+    "hpke-input": lambda keys, doc: [hpke.seal(doc.public_key, b"injected")],
+    "replayed": lambda keys, doc: [keys.inputs.seal(0, b"a")] * 2,
+    "reordered": lambda keys, doc: [keys.inputs.seal(1, b"b"), keys.inputs.seal(0, b"a")],
+    "dropped-then-later": lambda keys, doc: [keys.inputs.seal(0, b"a"), keys.inputs.seal(2, b"c")],
+    "truncated": lambda keys, doc: [keys.inputs.seal(0, b"a")[:-1]],
+    "tag-only": lambda keys, doc: [keys.inputs.seal(0, b"a")[:15]],
+    "results-key": lambda keys, doc: [keys.results.seal(0, b"a")],
+}
+
+
+def test_a_host_cannot_inject_replay_reorder_or_cut_sealed_inputs(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    ciphertext, _ = deploy(enclave, platform, COUNTER)
+
+    async def flow(case: str) -> list[dict[str, Any]]:
+        response = hpke.generate_keypair()
+        session, doc = await attested(
+            enclave,
+            platform,
+            "run",
+            bundle=ciphertext,
+            response_key=response.public_bytes,
+            sealed_inputs=True,
+        )
+        keys = _sealed_keys(doc, response)
+        replies = []
+        for frame in HOSTILE_INPUTS[case](keys, doc):
+            await session.send({"t": "input", "data": frame})
+            replies.append(await session.receive())
+            if replies[-1]["t"] != "result":
+                break
+        await session.close()
+        return replies
+
+    for case in HOSTILE_INPUTS:
+        *accepted, refused = platform.run(flow(case))
+        assert all(reply["t"] == "result" for reply in accepted), case
+        assert refused["t"] == "error" and refused["fatal"], case
+        assert "decryption failed" in refused["message"] or "shorter" in refused["message"], case
+        assert len(accepted) == (1 if case in ("replayed", "dropped-then-later") else 0), case
+
+
+def test_sealed_inputs_need_a_response_key_and_a_known_form(
+    enclave: EnclaveConnection, platform: Platform
+) -> None:
+    """A host that sets the flag without the client's response key gets a protocol error."""
+
+    async def flow() -> dict[str, Any]:
+        session = await enclave.open_session(
+            "test", owner=OWNER, nonce=secrets.token_bytes(16), sealed_inputs=True
+        )
+        return await session.receive()
+
+    reply = platform.run(flow())
+    assert reply["t"] == "error" and reply["fatal"] and "response key" in reply["message"]

@@ -31,7 +31,16 @@ from cape.crypto.envelope import DECRYPTION_FAILED
 from cape.crypto.hpke import KeyPair
 from cape.errors import DecryptionError, KeyFormatError, MalformedEnvelopeError
 
-__all__ = ["ERROR", "INFO", "RESULT", "SEALED_ERROR_TEXT", "ResultChannel"]
+__all__ = [
+    "ERROR",
+    "INFO",
+    "RESULT",
+    "SEALED_ERROR_TEXT",
+    "ResultChannel",
+    "channel_key",
+    "sequence_nonce",
+    "x25519_shared",
+]
 
 INFO: Final = b"cape-results-v1"
 _TAG = 16
@@ -50,6 +59,35 @@ def _public(data: bytes, what: str) -> x25519.X25519PublicKey:
         raise KeyFormatError(f"the {what} is not an X25519 public key") from None
 
 
+def x25519_shared(private_key: x25519.X25519PrivateKey, peer_public: bytes) -> bytes:
+    """The session's one X25519 agreement (the enclave's session key with the client's response
+    key), from either side; sealed results and inputs (``session_keys``) derive their keys
+    from it."""
+    if not isinstance(private_key, x25519.X25519PrivateKey):
+        raise KeyFormatError("sealed results need an X25519 session key")
+    try:
+        return private_key.exchange(_public(peer_public, "session or response key"))
+    except ValueError:  # a low-order point gives the all-zero secret
+        raise KeyFormatError("unusable X25519 key for sealed results") from None
+
+
+def channel_key(shared: bytes, info: bytes, session_public: bytes, response_public: bytes) -> bytes:
+    """HKDF-SHA256(shared, salt = none, info = info ‖ session public key ‖ response public key)."""
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=info + bytes(session_public) + bytes(response_public),
+    ).derive(shared)
+
+
+def sequence_nonce(sequence: int) -> bytes:
+    """Message ``sequence`` (0, 1, 2, …) of a session's channel as a 12-byte big-endian nonce."""
+    if not 0 <= sequence <= _MAX_SEQUENCE:
+        raise ValueError("sequence number out of range")
+    return sequence.to_bytes(12, "big")
+
+
 class ResultChannel:
     """One session's result key; ``seal``/``open`` take the reply's sequence number."""
 
@@ -66,19 +104,8 @@ class ResultChannel:
         response_public: bytes,
     ) -> ResultChannel:
         """Either side: its own private key, the other's public key, both public keys."""
-        if not isinstance(private_key, x25519.X25519PrivateKey):
-            raise KeyFormatError("sealed results need an X25519 session key")
-        try:
-            shared = private_key.exchange(_public(peer_public, "session or response key"))
-        except ValueError:  # a low-order point gives the all-zero secret
-            raise KeyFormatError("unusable X25519 key for sealed results") from None
-        key = HKDF(
-            algorithm=hashes.SHA256(),
-            length=32,
-            salt=None,
-            info=INFO + bytes(session_public) + bytes(response_public),
-        ).derive(shared)
-        return cls(key)
+        shared = x25519_shared(private_key, peer_public)
+        return cls(channel_key(shared, INFO, session_public, response_public))
 
     @classmethod
     def for_client(cls, response_key: KeyPair, session_public: bytes) -> ResultChannel:
@@ -100,14 +127,8 @@ class ResultChannel:
             response_public=response_public,
         )
 
-    @staticmethod
-    def _nonce(sequence: int) -> bytes:
-        if not 0 <= sequence <= _MAX_SEQUENCE:
-            raise ValueError("sequence number out of range")
-        return sequence.to_bytes(12, "big")
-
     def seal(self, sequence: int, data: bytes, *, kind: bytes = RESULT) -> bytes:
-        return self._aead.encrypt(self._nonce(sequence), bytes(data), kind)
+        return self._aead.encrypt(sequence_nonce(sequence), bytes(data), kind)
 
     def open(self, sequence: int, data: bytes | memoryview, *, kind: bytes = RESULT) -> bytes:
         """Open reply ``sequence``; ``data`` may be a view (of a binary result frame): it is
@@ -115,6 +136,6 @@ class ResultChannel:
         if len(data) < _TAG:
             raise MalformedEnvelopeError("a sealed reply is shorter than its tag")
         try:
-            return self._aead.decrypt(self._nonce(sequence), data, kind)
+            return self._aead.decrypt(sequence_nonce(sequence), data, kind)
         except InvalidTag:
             raise DecryptionError(DECRYPTION_FAILED) from None

@@ -24,7 +24,8 @@ from typing import Any
 
 from cape.crypto import envelope, hpke, results, stream
 from cape.crypto.keys import load_rsa_public_key
-from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
+from cape.crypto.results import SEALED_ERROR_TEXT
+from cape.crypto.session_keys import SessionKeys
 from cape.enclave.keyclient import KMS_TIMEOUT_S, EnclaveKeyClient
 from cape.enclave.lanes import Lanes
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
@@ -49,6 +50,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 KINDS = frozenset({"key", "deploy", "run", "test"})
 MAX_NONCE_BYTES = 1024
 MAX_PARTY_CHARS = 256
+INPUT_FRAMES = frozenset({"hpke", "sealed"})
+"""How a run or test session's inputs arrive (``input_frames``, ours): HPKE, or sealed under
+the session's input key (crypto/session_keys.py), which the attested ``user_data`` confirms."""
 
 
 class Inbox(asyncio.Queue[dict[str, Any]]):
@@ -87,6 +91,7 @@ class _Context:
     party: str  # whom fair queueing counts this session against: the caller, else the owner
     nonce: bytes
     response_key: bytes | None
+    sealed_inputs: bool
     module: SecureModule
     keys: EnclaveKeyClient
     config: SessionConfig
@@ -113,9 +118,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _check_open(message: dict[str, Any]) -> tuple[str, str, str, bytes, bytes | None]:
+def _check_open(message: dict[str, Any]) -> tuple[str, str, str, bytes, bytes | None, bool]:
     kind, owner, nonce = message.get("kind"), message.get("owner"), message.get("nonce", b"")
     response_key, caller = message.get("response_key"), message.get("caller", owner)
+    inputs = message.get("input_frames", "hpke")
     if kind not in KINDS:
         raise FormatError(f"unknown session kind {kind!r}")
     if not isinstance(owner, str) or not owner:
@@ -126,7 +132,11 @@ def _check_open(message: dict[str, Any]) -> tuple[str, str, str, bytes, bytes | 
         raise FormatError(f"nonce must be at most {MAX_NONCE_BYTES} bytes")
     if response_key is not None:
         hpke.load_public_key(response_key)  # KeyFormatError for anything but an X25519 key
-    return kind, owner, caller, nonce, response_key
+    if inputs not in INPUT_FRAMES:
+        raise FormatError('\'input_frames\' must be "hpke" or "sealed"')
+    if inputs == "sealed" and (response_key is None or kind not in ("run", "test")):
+        raise FormatError("sealed inputs need a response key and a run or test session")
+    return kind, owner, caller, nonce, response_key, inputs == "sealed"
 
 
 def _attest(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str]) -> bytes:
@@ -135,6 +145,8 @@ def _attest(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str])
             **user_data,
             "response_key_sha256": _b64(hashlib.sha256(ctx.response_key).digest()),
         }
+    if ctx.sealed_inputs:  # confirmed inside the document, so a host cannot fake it
+        user_data = {**user_data, "input_frames": "sealed"}
     encoded = json.dumps(user_data, separators=(",", ":")).encode() if user_data else None
     return ctx.module.attestation(
         nonce=ctx.nonce, public_key=session_key.public_bytes, user_data=encoded
@@ -255,14 +267,33 @@ async def _open_chunked_bundle(ctx: _Context, buffer: bytearray) -> str:
     return await ctx.config.lanes.keys.run(ctx.party, open_and_check)
 
 
-async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hpke.KeyPair) -> None:
+class _Inputs:
+    """Opens a run or test session's input frames in order (a test session's bundle first):
+    HPKE-sealed to the session key, or, when the session confirmed sealed inputs, input *n*
+    under the session's input key, so that nothing the host made up, replayed, reordered or
+    dropped opens (crypto/session_keys.py). Either failure is the same DecryptionError."""
+
+    def __init__(self, ctx: _Context, session_key: hpke.KeyPair) -> None:
+        self.session_key = session_key
+        self.keys = (
+            None
+            if ctx.response_key is None
+            else SessionKeys.for_enclave(session_key, ctx.response_key)
+        )
+        self.sealed = ctx.sealed_inputs
+        self.count = 0
+
+    def open(self, data: bytes) -> bytes:
+        sequence, self.count = self.count, self.count + 1
+        if self.sealed and self.keys is not None:
+            return self.keys.inputs.open(sequence, data)
+        return hpke.open(self.session_key, data)
+
+
+async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, inputs: _Inputs) -> None:
     # Replies are sealed under a key only this enclave and the client can derive (see
     # crypto/results.py): the host can neither read nor forge them, nor drop or reorder one.
-    channel = (
-        None
-        if ctx.response_key is None
-        else ResultChannel.for_enclave(session_key, ctx.response_key)
-    )
+    channel = None if inputs.keys is None else inputs.keys.results
     sequence = 0
 
     async def fail_call(text: str) -> None:
@@ -281,11 +312,12 @@ async def _serve_inputs(ctx: _Context, sandbox: FunctionSandbox, session_key: hp
         if not isinstance(data, bytes):
             raise FormatError("input frame needs bytes 'data'")
         if len(data) > ctx.config.max_input_bytes:
+            inputs.count += 1  # a sealed input's number is spent whether or not it opens
             limit = ctx.config.max_input_bytes
             await fail_call(LimitExceededError("input size in bytes", limit).diagnostics())
             continue
         # A frame that does not open under the session key is a protocol error: fatal.
-        plaintext = hpke.open(session_key, data)
+        plaintext = inputs.open(data)
         try:
             plaintext = await _decrypt_input(ctx, plaintext)
             ctx.inbox.on_close = functools.partial(
@@ -405,7 +437,7 @@ async def _run_session(ctx: _Context, bundle: object, digest: object = None) -> 
         try:
             await _attestation(ctx, session_key, {"func_checksum": _b64(checksum)})
             document_sent.set_result(None)
-            await _serve_inputs(ctx, lease.sandbox, session_key)
+            await _serve_inputs(ctx, lease.sandbox, _Inputs(ctx, session_key))
         finally:
             await asyncio.to_thread(lease.release)
     finally:
@@ -423,9 +455,10 @@ async def _test_session(ctx: _Context) -> None:
     sealed = message.get("data")
     if not isinstance(sealed, bytes):
         raise FormatError("bundle frame needs bytes 'data'")
-    lease = await _cold_lease(ctx, hpke.open(session_key, sealed))
+    inputs = _Inputs(ctx, session_key)
+    lease = await _cold_lease(ctx, inputs.open(sealed))
     try:
-        await _serve_inputs(ctx, lease.sandbox, session_key)
+        await _serve_inputs(ctx, lease.sandbox, inputs)
     finally:
         await asyncio.to_thread(lease.release)
 
@@ -443,9 +476,21 @@ async def run_session(
     """Serve one session from its ``open`` frame to the end; never raises."""
     sid = message["sid"]
     try:
-        kind, owner, caller, nonce, response_key = _check_open(message)
+        kind, owner, caller, nonce, response_key, sealed_inputs = _check_open(message)
         ctx = _Context(
-            sid, kind, owner, caller, nonce, response_key, module, keys, config, send, inbox, pool
+            sid,
+            kind,
+            owner,
+            caller,
+            nonce,
+            response_key,
+            sealed_inputs,
+            module,
+            keys,
+            config,
+            send,
+            inbox,
+            pool,
         )
         if kind == "key":
             await _key_session(ctx)

@@ -188,6 +188,7 @@ class EnclaveConnection:
         bundle: bytes | None = None,
         bundle_sha256: bytes | None = None,
         caller: str | None = None,
+        sealed_inputs: bool = False,
     ) -> HostSession:
         """Open a session; the caller then reads the ``attestation`` frame from it (for a run
         opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first).
@@ -208,6 +209,8 @@ class EnclaveConnection:
         }
         if response_key is not None:
             message["response_key"] = response_key
+        if sealed_inputs:  # the client asked; the enclave confirms it in the document
+            message["input_frames"] = "sealed"
         if bundle is not None:
             message["bundle"] = bundle
         if bundle_sha256 is not None:

@@ -121,7 +121,8 @@ async def deploy(
 async def test(
     url: str, token: str, options: SessionOptions, bundle: bytes, inputs: list[bytes]
 ) -> list[bytes]:
-    """Run a zip on inputs without storing it: HPKE(zip), then each input."""
+    """Run a zip on inputs without storing it: the sealed zip (input 0 of a session with sealed
+    inputs, else HPKE), then each input."""
     session = await Session.open(url, "/v1/test", token, options)
     try:
         await session.send_sealed(bundle)

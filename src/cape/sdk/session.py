@@ -3,8 +3,9 @@
 Every session verifies before it sends anything secret: the attestation document must chain
 to the pinned root, carry this session's nonce, match any pinned PCRs and function checksum,
 and bind this client's response key (``user_data.response_key_sha256``) so that results come
-back sealed to it. Anything else ends the session with a :class:`~cape.errors.CapeError`:
-the client fails closed.
+back sealed to it. When the document also confirms ``input_frames: "sealed"`` (ours), inputs
+go under the session's input key instead of one HPKE seal each (protocol.md "Sealed inputs").
+Anything else ends the session with a :class:`~cape.errors.CapeError`: the client fails closed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from websockets.uri import parse_uri
 
 from cape.crypto import hpke
 from cape.crypto.results import ERROR, ResultChannel
+from cape.crypto.session_keys import InputChannel, SessionKeys
 from cape.errors import (
     CapeError,
     ChecksumMismatchError,
@@ -150,6 +152,7 @@ class Session:
         channel: ResultChannel | None,
         *,
         binary_results: bool = False,
+        inputs: InputChannel | None = None,
     ) -> None:
         self._ws = websocket
         self._binary_results = binary_results
@@ -159,6 +162,10 @@ class Session:
         self._channel = channel
         self._replies = 0
         """Replies received to inputs so far: the next sealed reply's sequence number."""
+        self._inputs = inputs
+        """The enclave confirmed sealed inputs: input *n* goes under this channel, not HPKE."""
+        self._sent = 0
+        """Inputs (and a test session's bundle) sent so far: the next one's sequence number."""
 
     @classmethod
     async def open(cls, url: str, path: str, token: str, options: SessionOptions) -> Session:
@@ -192,7 +199,10 @@ class Session:
         # not know the field ignores it and answers in text, which receive_result reads too.
         start: dict[str, Any] = {"nonce": _b64(nonce), "result_frames": "binary"}
         if response_key is not None:
+            # Sealed inputs (ours) ride on the response key's agreement; used only once the
+            # enclave confirms them in the attested document.
             start["response_key"] = _b64(response_key.public_bytes)
+            start["input_frames"] = "sealed"
         try:
             await websocket.send(json.dumps({"message": start}))
         except websockets.ConnectionClosed as exc:
@@ -210,7 +220,10 @@ class Session:
             cache=_VERIFIED,
         )
         user_data = _user_data(document)
-        channel = None
+        channel = inputs = None
+        confirmed = user_data.get("input_frames", "hpke")
+        if confirmed not in ("hpke", "sealed"):
+            raise FormatError(f"the enclave attests unknown input frames {str(confirmed)[:40]!r}")
         if response_key is not None:
             if "response_key_sha256" not in user_data:
                 raise VerificationError(
@@ -223,7 +236,11 @@ class Session:
                 )
             if document.public_key is None:
                 raise VerificationError("the attestation document carries no session key")
-            channel = ResultChannel.for_client(response_key, document.public_key)
+            keys = SessionKeys.for_client(response_key, document.public_key)
+            channel = keys.results
+            inputs = keys.inputs if confirmed == "sealed" else None
+        elif confirmed == "sealed":
+            raise VerificationError("the enclave attests sealed inputs, but none were asked for")
         if options.function_checksum is not None:
             if "func_checksum" not in user_data:
                 raise ChecksumMismatchError(
@@ -236,10 +253,10 @@ class Session:
                     f"function checksum does not match: got {got}, want {want}"
                 )
         binary = message.get("result_frames") == "binary"
-        return cls(websocket, document, user_data, channel, binary_results=binary)
+        return cls(websocket, document, user_data, channel, binary_results=binary, inputs=inputs)
 
     async def invoke(self, data: bytes) -> bytes:
-        """Send one input, HPKE-sealed to the attested key; return the function's output."""
+        """Send one input (sealed: see :meth:`send_sealed`); return the function's output."""
         if self.document.public_key is None:
             raise VerificationError("the attestation document carries no session key")
         await self.send_sealed(data)
@@ -288,7 +305,12 @@ class Session:
         return self._channel.open(sequence, output)
 
     async def send_sealed(self, data: bytes) -> None:
-        """One binary frame: ``data`` HPKE-sealed to the document's key."""
+        """One binary frame: ``data`` sealed as the session's next input (under its input key
+        when the enclave confirmed sealed inputs), else HPKE-sealed to the document's key."""
+        if self._inputs is not None:
+            sequence, self._sent = self._sent, self._sent + 1
+            await self._send(self._inputs.seal(sequence, data))
+            return
         if self.document.public_key is None:
             raise VerificationError("the attestation document carries no session key")
         await self._send(hpke.seal(self.document.public_key, data))

@@ -20,6 +20,9 @@ SUBPROTOCOL: Final = "cape.runtime"
 MAX_NONCE_BYTES: Final = 1024
 RESULT_FRAMES: Final = ("text", "binary")
 """The nonce frame's ``result_frames`` (ours): how results come back; Cape's form is text."""
+INPUT_FRAMES: Final = ("hpke", "sealed")
+"""The nonce frame's ``input_frames`` (ours): ``sealed`` asks the enclave for inputs under the
+session's input key (protocol.md "Sealed inputs"); the enclave confirms it in the document."""
 
 
 def _token(websocket: WebSocket) -> str:
@@ -42,6 +45,8 @@ class _Start:
     response_key: bytes | None
     binary_results: bool
     """Results as binary frames (``result_frames: "binary"``, our SDK), else JSON text."""
+    sealed_inputs: bool = False
+    """The client asked for sealed inputs (``input_frames: "sealed"``, our SDK)."""
 
 
 def _nonce_frame(frame: str | bytes) -> _Start:
@@ -52,7 +57,13 @@ def _nonce_frame(frame: str | bytes) -> _Start:
     form = message.get("result_frames", "text")
     if form not in RESULT_FRAMES:
         raise FormatError('\'result_frames\' must be "text" or "binary"')
-    return _Start(nonce, b64_field(message, "response_key", 64), form == "binary")
+    inputs = message.get("input_frames", "hpke")
+    if inputs not in INPUT_FRAMES:
+        raise FormatError('\'input_frames\' must be "hpke" or "sealed"')
+    response_key = b64_field(message, "response_key", 64)
+    if inputs == "sealed" and response_key is None:
+        raise FormatError("'input_frames': \"sealed\" needs a 'response_key'")
+    return _Start(nonce, response_key, form == "binary", inputs == "sealed")
 
 
 async def _next(

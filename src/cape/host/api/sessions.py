@@ -381,7 +381,11 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
             start = await nonce(websocket)
             user = grant.principal.user
             async with deps.pool.session(
-                kind, owner=user.username, nonce=start.nonce, response_key=start.response_key
+                kind,
+                owner=user.username,
+                nonce=start.nonce,
+                response_key=start.response_key,
+                sealed_inputs=start.sealed_inputs and kind == "test",  # inputs: test, run only
             ) as session:
                 # results exist only in test sessions (run has its own handler)
                 binary = start.binary_results and kind == "test"
@@ -437,6 +441,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
             owner=function.owner_name,
             nonce=start.nonce,
             response_key=start.response_key,
+            sealed_inputs=start.sealed_inputs,
             bundle=bundle,
             bundle_sha256=digest,
             affinity=function.id,
