@@ -28,8 +28,11 @@ included), sets ``no_new_privs``, loads the seccomp program and runs the worker'
 failed step writes one ``cape-zygote: <step>: <reason>`` line to the stderr pipe and exits with
 status 1 before user code could run (fail closed, reported like bubblewrap's own failures).
 Both A and B die with their parent (``root.PR_SET_PDEATHSIG``); the zygote exits when the runtime
-closes the control socket. The zygote reports each monitor's exit status and CPU time
-(``wait4``: the monitor's plus the sandbox's) on the session's status socket.
+closes the control socket. The guest helper (``cape_encrypt``) is compiled once, from the bytes
+the zygote binds into every sandbox, and each session's worker runs that code object
+(``worker.PRECOMPILED``) instead of compiling the file again. The zygote reports each monitor's
+exit status and CPU time (``wait4``: the monitor's plus the sandbox's) on the session's status
+socket.
 """
 
 from __future__ import annotations
