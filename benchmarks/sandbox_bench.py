@@ -29,6 +29,10 @@ same run:
   and fork lines make the floor of a forking start (namespaces and mounts and a fork, no
   interpreter start). The start's line is followed by the share of this process alone
   (``RUSAGE_SELF``: the runtime's side of a start, the rest being the sandbox's own processes).
+  Where a C compiler exists, ``sandbox_floor.c`` is built and run too: the same system calls
+  as a forking start (fork, uid switch, the 7 namespaces and maps, the fork of pid 1,
+  bubblewrap's mount tree) without Python or bubblewrap's own exec, level by level; with one
+  fork of this interpreter it is the floor the zygote's start is judged against (issue 16).
 
 ``--json PATH`` also writes the figures and the raw samples (``benchmarks/_results.py``).
 Needs bubblewrap; prints why and exits 0 without it (it is a benchmark, not a test).
@@ -53,7 +57,7 @@ from pathlib import Path
 from _results import Results, Series
 from cape.enclave import seccomp
 from cape.enclave import zygote as zygote_module
-from cape.enclave.sandbox import BWRAP, FunctionSandbox, SandboxLimits, check_isolation
+from cape.enclave.sandbox import BWRAP, UIDS, FunctionSandbox, SandboxLimits, check_isolation
 from cape.enclave.staging import SUPPORT, layout
 from cape.enclave.zygote import ZygoteSpawn, set_start_path
 from cape.errors import SandboxError
@@ -192,6 +196,43 @@ def _fork_exit() -> None:
     os.waitpid(pid, 0)
 
 
+#: The same system calls as a forking start, in C (built here where a compiler exists).
+FLOOR_SOURCE = Path(__file__).with_name("sandbox_floor.c")
+FLOOR_LEVELS = (
+    "fork, the child exits",
+    "+ uid switch, 7 namespaces, uid/gid maps",
+    "+ fork of the sandbox's pid 1",
+    "+ bubblewrap's mount tree in pid 1",
+)
+
+
+def _kernel_floor(repeats: int) -> list[float] | None:
+    """CPU ms per session of :data:`FLOOR_LEVELS` (``sandbox_floor.c``, each level run
+    ``repeats`` times in one process), or None where there is no C compiler, no root or no
+    free sandbox uid. Cumulative: each level includes the previous ones."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or os.geteuid() != 0:
+        return None
+    uid = UIDS.acquire()
+    if uid is None:
+        return None
+    tree = layout()
+    binds = [f"{os.path.realpath(source)}={dest}" for source, dest in tree.binds]
+    try:
+        with tempfile.TemporaryDirectory(prefix="cape-sandbox-floor-") as tmp:
+            program = Path(tmp) / "sandbox_floor"
+            subprocess.run([compiler, "-O2", "-o", str(program), str(FLOOR_SOURCE)], check=True)
+            figures = []
+            for level in range(len(FLOOR_LEVELS)):
+                argv = [str(program), str(level), str(repeats), str(uid), str(SUPPORT.empty)]
+                before = _cpu_s(resource.RUSAGE_CHILDREN)
+                subprocess.run(argv + binds, check=True)
+                figures.append((_cpu_s(resource.RUSAGE_CHILDREN) - before) * 1e3 / repeats)
+            return figures
+    finally:
+        UIDS.release(uid)
+
+
 def _start_cost(directory: Path, repeats: int, results: Results) -> None:
     def sandbox() -> None:
         with FunctionSandbox.start(directory, limits=LIMITS) as box:
@@ -247,6 +288,33 @@ def _start_cost(directory: Path, repeats: int, results: Results) -> None:
             reference="the same start with bubblewrap, CPU",
             reference_value=bwrap_cpu,
             higher_is_better=False,
+        )
+    kernel = _kernel_floor(max(repeats, 20))
+    if kernel is None:
+        results.notes.append("no C compiler (or not root): the kernel's floor was not measured")
+    else:
+        print("the kernel's part of a forking start, the same system calls in C (cumulative):")
+        for label, cpu in zip(FLOOR_LEVELS, kernel, strict=True):
+            print(f"  {label:<46} CPU {cpu:7.2f} ms")
+        fork = measured[rows[4][0]]
+        print(
+            f"floor of a forking start (the kernel's part {kernel[-1]:.2f} ms + one fork of a "
+            f"warm interpreter {fork:.2f} ms) ≈ {kernel[-1] + fork:.2f} ms of CPU: the start "
+            f"above is {start_cpu - kernel[-1] - fork:.2f} ms above it (bubblewrap's `true` "
+            "below also pays its own exec and set-up)"
+        )
+        results.figure(
+            "start CPU",
+            "echo sandbox start → first result → close, CPU, against the kernel's floor",
+            start_cpu,
+            "ms",
+            reference="the same system calls in C (sandbox_floor.c) + one fork of a warm "
+            "interpreter, CPU",
+            reference_value=kernel[-1] + fork,
+            higher_is_better=False,
+            note=", ".join(
+                f"{label} {cpu:.2f} ms" for label, cpu in zip(FLOOR_LEVELS, kernel, strict=True)
+            ),
         )
     print(
         f"floor of a forking start (namespaces + mounts + fork, no interpreter start) ≈ "

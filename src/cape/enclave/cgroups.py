@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import itertools
 import os
 import signal
@@ -37,6 +38,7 @@ __all__ = ["CgroupLimits", "Cgroups", "SandboxCgroup", "detect", "shared"]
 _CONTROLLERS = ("memory", "pids", "cpu")
 _CPU_PERIOD_US = 100_000
 _KILL_TIMEOUT_S = 5.0
+_CREATE_ATTEMPTS = 1000
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,17 @@ class SandboxCgroup:
     def __init__(self, version: int, directories: dict[str, Path]) -> None:
         self.version = version
         self._dirs = directories  # controller -> directory (v2: the same one for all)
+        # As plain strings, each directory once: a session makes, fills, reads and removes
+        # its group through ≈ 20 paths, and pathlib's joins cost more than the kernel's work
+        # on most of them (issue 16).
+        self._paths = {controller: os.fspath(path) for controller, path in directories.items()}
+        self._unique = list(dict.fromkeys(self._paths.values()))
 
     def _write(self, controller: str, name: str, value: str) -> None:
-        _write(self._dirs[controller] / name, value)
+        _write(f"{self._paths[controller]}/{name}", value)
 
     def _read(self, controller: str, name: str) -> str:
-        return _read(self._dirs[controller] / name)
+        return _read(f"{self._paths[controller]}/{name}")
 
     def apply(self, limits: CgroupLimits) -> None:
         quota = max(1000, int(limits.cpu_cores * _CPU_PERIOD_US))
@@ -77,8 +84,8 @@ class SandboxCgroup:
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (before it runs anything of the function's) into every hierarchy."""
-        for directory in dict.fromkeys(self._dirs.values()):
-            _write(directory / "cgroup.procs", str(pid))
+        for directory in self._unique:
+            _write(f"{directory}/cgroup.procs", str(pid))
 
     def open_procs(self) -> list[int]:
         """One write descriptor of ``cgroup.procs`` per hierarchy, opened by us (root): a
@@ -86,8 +93,8 @@ class SandboxCgroup:
         children, before they drop privileges). The caller closes them."""
         fds: list[int] = []
         try:
-            for directory in dict.fromkeys(self._dirs.values()):
-                fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+            for directory in self._unique:
+                fds.append(os.open(f"{directory}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -96,9 +103,9 @@ class SandboxCgroup:
 
     def pids(self) -> list[int]:
         found: set[int] = set()
-        for directory in dict.fromkeys(self._dirs.values()):
+        for directory in self._unique:
             with contextlib.suppress(OSError):
-                found.update(int(p) for p in _read(directory / "cgroup.procs").split())
+                found.update(int(p) for p in _read(f"{directory}/cgroup.procs").split())
         return sorted(found)
 
     def oom_kills(self) -> int:
@@ -137,14 +144,14 @@ class SandboxCgroup:
     def remove(self) -> None:
         """Kill what is left and remove the directories (idempotent)."""
         self.kill()
-        for directory in dict.fromkeys(self._dirs.values()):
+        for directory in self._unique:
             with contextlib.suppress(FileNotFoundError):
                 _rmdir_retrying(directory)
 
 
 # Plain descriptors, not Path.write_text/read_text: a sandbox's cgroup takes ≈17 of these (v1)
 # per session, and the text-file layers cost more than the kernel's work on these files.
-def _write(path: Path, value: str) -> None:
+def _write(path: str, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)  # as "w"
     try:
         os.write(fd, value.encode())
@@ -152,7 +159,7 @@ def _write(path: Path, value: str) -> None:
         os.close(fd)
 
 
-def _read(path: Path) -> str:
+def _read(path: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
@@ -163,11 +170,11 @@ def _read(path: Path) -> str:
     return b"".join(chunks).decode()
 
 
-def _rmdir_retrying(directory: Path) -> None:
+def _rmdir_retrying(directory: str) -> None:
     # A killed process leaves its cgroup a moment after it is reaped.
     for _ in range(100):
         try:
-            directory.rmdir()
+            os.rmdir(directory)
             return
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):
@@ -189,22 +196,29 @@ class Cgroups:
         return f"cgroup v{self.version} ({where})"
 
     def create(self, limits: CgroupLimits) -> SandboxCgroup:
-        with self._lock:
-            name = f"s{next(self._ids)}"
-        directories = {ctl: parent / name for ctl, parent in self._parents.items()}
-        made: list[Path] = []
-        try:
-            for directory in dict.fromkeys(directories.values()):
-                directory.mkdir()
-                made.append(directory)
-            group = SandboxCgroup(self.version, directories)
-            group.apply(limits)
-        except BaseException:
-            for directory in made:
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
-            raise
-        return group
+        # A name may be taken already: a runtime killed before its exit handler left its
+        # groups behind, and a later process with the same pid got its parents (issue 16: the
+        # benchmark's runs failed with "File exists"). Such a name is skipped, not reused.
+        for _ in range(_CREATE_ATTEMPTS):
+            with self._lock:
+                name = f"s{next(self._ids)}"
+            directories = {ctl: parent / name for ctl, parent in self._parents.items()}
+            made: list[str] = []
+            try:
+                for directory in dict.fromkeys(os.fspath(path) for path in directories.values()):
+                    os.mkdir(directory)
+                    made.append(directory)
+                group = SandboxCgroup(self.version, directories)
+                group.apply(limits)
+            except BaseException as exc:
+                for directory in made:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(directory)
+                if isinstance(exc, FileExistsError):
+                    continue
+                raise
+            return group
+        raise FileExistsError(errno.EEXIST, f"{_CREATE_ATTEMPTS} sandbox cgroup names taken")
 
     def close(self) -> None:
         """Remove the parents (sandboxes remove their own groups first)."""

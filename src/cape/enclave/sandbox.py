@@ -129,7 +129,11 @@ _EXIT_PROTOCOL = 102
 _EXIT_SETUP = 103
 _REAP_TIMEOUT_S = 5.0
 _EXIT_GRACE_S = 2.0
-_CPU_TOLERANCE = 0.75  # rusage lags the kernel's own CPU-limit accounting (CFS quota)
+# The kernel enforces RLIMIT_CPU on tick-charged CPU time; the rusage we read is the precise
+# runtime, which on a loaded (shared-core) machine was measured at 0.64-0.74 of the limit when
+# the kernel killed the worker at it. Nothing else SIGKILLs the sandbox's pid 1 (we record our
+# own kills; the OOM killer is read from the cgroup first), so half the budget is proof enough.
+_CPU_TOLERANCE = 0.5
 _PROBE_TIMEOUT_S = 30.0
 _UNAVAILABLE_HINT = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap) and allow unprivileged "
@@ -439,7 +443,7 @@ class FunctionSandbox(SandboxCalls, Closeable):
         if code == _EXIT_PROTOCOL:
             return "crashed", "the sandbox worker received a malformed request"
         signum = code - 128 if code > 128 else -code if code < 0 else 0
-        # rusage is sampled per tick: a kill at the limit may be reported a little under it.
+        # The kernel counts ticks, rusage the precise runtime: see _CPU_TOLERANCE.
         cpu_spent = self._cpu_s >= limits.cpu_seconds * _CPU_TOLERANCE
         if signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_spent):
             return (

@@ -183,15 +183,26 @@ def build_root(config: Any, request: Any) -> None:
 
 def _ensure_dir(path: str) -> None:
     try:
-        os.makedirs(path, 0o755, exist_ok=True)
+        try:  # most are one level below a directory that exists: one mkdir, as bubblewrap
+            os.mkdir(path, 0o755)
+        except FileNotFoundError:
+            os.makedirs(path, 0o755, exist_ok=True)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.stat(path).st_mode):  # as makedirs(exist_ok=True)
+                raise
     except OSError as exc:
         raise SetupFailed(f"create {path[len('/newroot') :] or '/'}: {exc.strerror}") from None
 
 
 def _ensure_file(path: str) -> None:
-    _ensure_dir(os.path.dirname(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o444))
+        try:
+            fd = os.open(path, flags, 0o444)
+        except FileNotFoundError:  # its directory first
+            _ensure_dir(os.path.dirname(path))
+            fd = os.open(path, flags, 0o444)
+        os.close(fd)
     except OSError as exc:
         raise SetupFailed(f"create {path[len('/newroot') :]}: {exc.strerror}") from None
 
@@ -246,11 +257,17 @@ def _in_old_root(path: str) -> str:
 
 def _mount_points() -> list[str]:
     """Every mount point of our mount namespace, parents first (our own mountinfo)."""
-    try:
-        with open("/oldroot/proc/self/mountinfo", "rb") as file:
-            lines = file.read().split(b"\n")
+    chunks = []
+    try:  # plain descriptors: open()'s io layers cost more than the kernel's work here
+        fd = os.open("/oldroot/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise SetupFailed(f"read the mount table: {exc.strerror}") from None
+    lines = b"".join(chunks).split(b"\n")
     return [
         os.fsdecode(_unescape(fields[4]))
         for fields in (line.split(b" ") for line in lines)

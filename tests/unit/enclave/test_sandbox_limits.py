@@ -116,6 +116,26 @@ def test_v2_groups_nest_under_a_delegated_cgroup(tmp_path: Path) -> None:
     assert group.oom_kills() == 2
 
 
+def test_names_left_by_a_dead_runtime_with_the_same_pid_are_skipped(tmp_path: Path) -> None:
+    # A runtime killed before its exit handler leaves cape-sandboxes-<pid>/s1, s2, ... behind;
+    # a later process given the same pid must not fail its sessions with "File exists"
+    # (issue 16: the throughput benchmark did), nor touch what the dead one left.
+    proc = _fake_v2(tmp_path, "system.slice/cape.service", delegated=True)
+    parent = tmp_path / "system.slice/cape.service" / f"cape-sandboxes-{os.getpid()}"
+    for name in ("s1", "s2"):
+        (parent / name).mkdir(parents=True)
+        (parent / name / "cgroup.procs").write_text("")
+    found, why = cgroups.detect(tmp_path, proc)
+    assert found is not None, why
+    limits = CgroupLimits(memory_bytes=1 << 30, processes=64, cpu_cores=1.0)
+    first, second = found.create(limits), found.create(limits)
+    assert (parent / "s3" / "pids.max").read_text() == "64"
+    assert (parent / "s4" / "pids.max").read_text() == "64"
+    assert first.pids() == second.pids() == []
+    assert sorted(p.name for p in parent.iterdir() if p.is_dir()) == ["s1", "s2", "s3", "s4"]
+    assert not (parent / "s1" / "pids.max").exists()
+
+
 def test_v2_without_delegation_uses_the_root(tmp_path: Path) -> None:
     proc = _fake_v2(tmp_path, "user.slice/session-1.scope", delegated=False)
     # The own cgroup holds processes: enabling controllers there fails with EBUSY.
