@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--native", action="store_true", help="py-spy --native")
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,16 @@ def main() -> int:
                     targets[f"sandbox-{pid}"] = pid
             for name, pid in targets.items():
                 path = args.out / f"{name}.txt"
-                command = [py_spy, "record", "--format", "raw", "-r", "250", "-o", str(path)]
+                command = [
+                    py_spy,
+                    "record",
+                    "--format",
+                    "raw",
+                    "-r",
+                    str(args.rate),
+                    "-o",
+                    str(path),
+                ]
                 command += ["-d", str(int(args.seconds)), "-p", str(pid), "--nonblocking"]
                 if args.native:
                     command.append("--native")

@@ -186,8 +186,14 @@ SANDBOX_REASONS = frozenset(
 class BusyError(CapeError):
     """A bounded queue is full (the enclave's calls, key service or attestation): retry later.
 
-    The host answers it as "try again later" (HTTP 503, websocket close 1013).
+    The host answers it as "try again later" (HTTP 503, websocket close 1013); the SDK raises
+    it for those answers, with the server's ``Retry-After`` (seconds) as ``retry_after_s``
+    when it gave one.
     """
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
 
 
 class KeyServiceUnavailableError(BusyError):

@@ -41,7 +41,7 @@ import websockets
 from cryptography import x509
 
 from cape.crypto import envelope
-from cape.errors import CapeError
+from cape.errors import BusyError
 from cape.sdk.flows import fetch_key, run_path
 from cape.sdk.session import SUBPROTOCOL, ws_url
 from cape.verify.roots import fingerprint
@@ -264,13 +264,13 @@ def test_a_key_service_killed_mid_run_fails_key_calls_clearly_until_it_is_back(
         started = time.monotonic()
         # The run needs the owner's key (for its bundle and its cape: input): the enclave's
         # typed KeyServiceUnavailableError reaches the client as the server's error frame
-        # before the close (1013, try again later).
-        with pytest.raises(CapeError) as raised:
+        # before the close (1013, try again later), marked "busy": our SDK's BusyError.
+        with pytest.raises(BusyError) as raised:
             run(user.run(echo, ciphertext))
         assert str(raised.value) == "the key service is unavailable; try again later"
         frames, code = run(_raw_run(cluster.a, echo, user.token))
         assert code == 1013  # try again later: the enclave's typed KeyServiceUnavailableError
-        assert frames == ['{"error":"the key service is unavailable; try again later"}']
+        assert frames == ['{"error":"the key service is unavailable; try again later","busy":true}']
         # Connection refused: an answer at once, not after the relay's read timeout.
         assert time.monotonic() - started < 20
         status, body = _readyz(cluster.a)

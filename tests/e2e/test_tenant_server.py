@@ -26,8 +26,9 @@ import pytest
 import websockets
 
 from cape.crypto import envelope
-from cape.errors import RequestRefusedError
+from cape.errors import BusyError
 from cape.sdk.flows import fetch_key
+from tests.e2e.cli import error, signup
 from tests.e2e.conftest import requires_enclaves
 from tests.e2e.server import ServeProcess, User, run
 
@@ -346,21 +347,29 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         yield server
 
 
-def test_session_quota_refuses_with_429_and_leaves_others_alone(tight: ServeProcess) -> None:
-    """Quotas: a tenant holding its sessions gets 429 with Retry-After for one more, and
-    the SDK says so in one line; other tenants are unaffected."""
+def test_session_quota_refuses_with_429_and_leaves_others_alone(
+    tight: ServeProcess, tmp_path: Path
+) -> None:
+    """Quotas: a tenant holding its sessions gets 429 with Retry-After for one more, which
+    the SDK raises as a BusyError with the server's retry hint and the CLI shows as one line;
+    other tenants are unaffected."""
     victim = Victim(tight)
-    attacker = User.signup(tight, "hog")
+    account = signup(tight, tmp_path / "hog")
+    attacker = User(tight, account.username, account.token)
     function = run(attacker.deploy(ECHO, name="hog")).id
 
     async def flow() -> None:
         held = [await attacker.session(function) for _ in range(3)]
         try:
-            with pytest.raises(RequestRefusedError) as refused:
+            with pytest.raises(BusyError) as refused:
                 await attacker.session(function)
-            assert refused.value.status == 429
             text = str(refused.value)
-            assert "\n" not in text and "too many sessions" in text and "limit 3" in text
+            assert "\n" not in text and "(429)" in text, text
+            assert "too many sessions" in text and "limit 3" in text, text
+            assert refused.value.retry_after_s is not None and refused.value.retry_after_s >= 1
+            assert f"try again in {int(refused.value.retry_after_s)} s" in text, text
+            cli = await asyncio.to_thread(account, "run", function, "one more")
+            error(cli, "the server refused the session (429)", "limit 3", "try again in")
             await victim.check()
         finally:
             for session in held:
@@ -373,7 +382,8 @@ def test_session_quota_refuses_with_429_and_leaves_others_alone(tight: ServeProc
 def test_bundle_bytes_in_flight_over_quota_are_refused(tight: ServeProcess) -> None:
     """Quotas: a deploy announcing more bundle bytes than the tenant may still have in flight
     gets an error frame and close 1013 (try later), one larger than it may ever have 1008;
-    both before any bundle byte is sent, and the tenant's deploy in flight goes on."""
+    both before any bundle byte is sent, and the tenant's deploy in flight goes on. Our SDK
+    raises the first as a BusyError (the frame says ``"busy"``), not a function error."""
     attacker = User.signup(tight, "bulky")
 
     async def announce(size: int) -> websockets.ClientConnection:
@@ -394,6 +404,11 @@ def test_bundle_bytes_in_flight_over_quota_are_refused(tight: ServeProcess) -> N
         try:
             later = await _closed_with(await announce(60_000))
             never = await _closed_with(await announce(200_000))
+            with pytest.raises(BusyError, match="bundle bytes in flight") as busy:
+                await attacker.deploy(
+                    ECHO.encode() + b"#" + os.urandom(60_000).hex().encode(), name="more"
+                )
+            assert "\n" not in str(busy.value)
             assert first.state is websockets.protocol.State.OPEN
         finally:
             trickling.cancel()
@@ -402,6 +417,7 @@ def test_bundle_bytes_in_flight_over_quota_are_refused(tight: ServeProcess) -> N
 
     (later_code, later), (never_code, never) = run(flow())
     assert later_code == 1013 and "bundle bytes in flight" in later[0]["error"], later
+    assert later[0]["busy"] is True and later[0]["retry_after"] >= 1, later
     assert "wait for one to finish" in later[0]["error"]
     assert never_code == 1008 and "limit of 100000" in never[0]["error"], never
 
@@ -486,9 +502,7 @@ def test_a_client_that_stops_reading_does_not_keep_its_sessions(tight: ServeProc
             while fresh is None:
                 try:
                     fresh = await attacker.session(function)
-                except RequestRefusedError as refused:
-                    if refused.status != 429:
-                        raise
+                except BusyError:
                     assert time.monotonic() - opened < 25, "the unread session is still held"
                     await asyncio.sleep(0.5)
             assert await fresh.invoke(b"again") == b"echo:again"

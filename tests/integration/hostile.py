@@ -395,6 +395,7 @@ class HostileServer:
         *,
         rsa_key: RSAPrivateKey | None = None,
         refuse: tuple[int, str] | None = None,
+        retry_after: str | None = None,
         subprotocol: str = SUBPROTOCOL,
     ) -> None:
         self.tls = tls
@@ -403,6 +404,8 @@ class HostileServer:
         self.rsa_key = rsa_key
         self.sessions: list[SessionRecord] = []
         self._refuse = refuse
+        self._retry_after = retry_after
+        """The refusal's ``Retry-After`` header, if any."""
         self._subprotocol = subprotocol
         self._server: Server | None = None
 
@@ -454,7 +457,10 @@ class HostileServer:
         if self._refuse is None:
             return None
         status, body = self._refuse
-        return connection.respond(status, body)
+        response = connection.respond(status, body)
+        if self._retry_after is not None:
+            response.headers["Retry-After"] = self._retry_after
+        return response
 
     def _select_subprotocol(
         self, connection: ServerConnection, subprotocols: Sequence[Subprotocol]

@@ -38,6 +38,7 @@ from cape.crypto.envelope import DECRYPTION_FAILED
 from cape.crypto.keys import public_key_der
 from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
 from cape.errors import (
+    BusyError,
     CapeError,
     CertificateExpiredError,
     ChainError,
@@ -1088,6 +1089,10 @@ async def _close_with_reason(enclave: Enclave) -> None:
     await enclave.ws.close(1011, "enclave crashed")
 
 
+async def _close_busy(enclave: Enclave) -> None:
+    await enclave.ws.close(1013, "the enclave is busy")
+
+
 async def _drop_tcp(enclave: Enclave) -> None:
     enclave.ws.transport.abort()
 
@@ -1113,6 +1118,30 @@ GARBAGE: dict[str, tuple[Action, type[CapeError], str]] = {
 }
 
 
+#: "Try again later" wherever the client waits for a server frame: a BusyError (our Python SDK;
+#: the Java and JavaScript SDKs do not map it yet). ``"busy"`` must be exactly true, and a
+#: retry hint counts only as a sane whole number of seconds.
+BUSY: dict[str, tuple[Action, type[CapeError], str]] = {
+    "busy-frame": (
+        _json({"error": "queue full", "busy": True, "retry_after": 2}),
+        BusyError,
+        r"^queue full; try again in 2 s$",
+    ),
+    "busy-not-true": (_json({"error": "queue full", "busy": "yes"}), FunctionError, "^queue"),
+    "busy-float-hint": (
+        _json({"error": "queue full", "busy": True, "retry_after": 1e300}),
+        BusyError,
+        "queue full$",
+    ),
+    "busy-bool-hint": (
+        _json({"error": "queue full", "busy": True, "retry_after": True}),
+        BusyError,
+        "queue full$",
+    ),
+    "close-1013": (_close_busy, BusyError, r"try again later\): the enclave is busy$"),
+}
+
+
 def _document_phase(action: Action) -> Script:
     async def script(enclave: Enclave) -> None:
         await enclave.read_start()
@@ -1131,11 +1160,11 @@ def _result_phase(action: Action) -> Script:
     return script
 
 
-@pytest.mark.parametrize("case", GARBAGE.keys())
+@pytest.mark.parametrize("case", [*GARBAGE.keys(), *BUSY.keys()])
 def test_garbage_instead_of_the_document_is_a_cape_error(
     tls: TlsFiles, pki: Pki, case: str
 ) -> None:
-    action, kind, match = GARBAGE[case]
+    action, kind, match = GARBAGE.get(case) or BUSY[case]
     outcome = attack(
         HostileServer(tls, pki, _document_phase(action)), run_client(options(tls, pki))
     )
@@ -1143,9 +1172,9 @@ def test_garbage_instead_of_the_document_is_a_cape_error(
     outcome.only_the_nonce()
 
 
-@pytest.mark.parametrize("case", GARBAGE.keys())
+@pytest.mark.parametrize("case", [*GARBAGE.keys(), *BUSY.keys()])
 def test_garbage_instead_of_the_result_is_a_cape_error(tls: TlsFiles, pki: Pki, case: str) -> None:
-    action, kind, match = GARBAGE[case]
+    action, kind, match = GARBAGE.get(case) or BUSY[case]
     outcome = attack(HostileServer(tls, pki, _result_phase(action)), run_client(options(tls, pki)))
     outcome.refused(kind, match)
     assert outcome.value is None
@@ -1477,6 +1506,28 @@ def test_refused_upgrade_is_a_request_refused_error(
     outcome = attack(server, run_client(options(tls, pki)), sessions=0)
     error = outcome.refused(RequestRefusedError, match)
     assert isinstance(error, RequestRefusedError) and error.status == status
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "match", "seconds"),
+    [
+        (503, "3", r"\(503\): the server is full; try again in 3 s$", 3.0),
+        (429, "7", r"\(429\): the server is full; try again in 7 s$", 7.0),
+        (503, None, r"\(503\): the server is full$", None),
+        (429, "99999999999", r"\(429\): the server is full$", None),  # no absurd hint
+        (503, "-1", r"\(503\): the server is full$", None),
+        (503, "Wed, 21 Oct 2015 07:28:00 GMT", r"\(503\): the server is full$", None),
+    ],
+)
+def test_busy_upgrade_refusal_is_a_busy_error_with_its_hint(
+    tls: TlsFiles, pki: Pki, status: int, retry_after: str | None, match: str, seconds: float | None
+) -> None:
+    server = HostileServer(
+        tls, pki, refuse=(status, '{"error": "the server is full"}'), retry_after=retry_after
+    )
+    outcome = attack(server, run_client(options(tls, pki)), sessions=0)
+    error = outcome.refused(BusyError, "^the server refused the session " + match)
+    assert isinstance(error, BusyError) and error.retry_after_s == seconds
 
 
 def test_refusal_with_deeply_nested_body_is_a_request_refused_error(

@@ -16,7 +16,9 @@ a message would come too late for the frames behind it. Here:
   send next (64 KiB for a nonce, the input limit for an input, …); a larger frame is refused
   from its header: the client gets ``{"error": …}`` and close 1009, and the payload is never
   buffered. While the parser waits, at most :data:`HELD_BYTES` of unread input are held
-  before the socket stops being read.
+  before the socket stops being read. It also exposes
+  :data:`~cape.host.api.frames.SEND_READY_EXTENSION`, whether a send now returns without
+  waiting for the client, so that the send deadline arms no timer for sends that cannot wait.
 - :class:`DeadlineHttpProtocol` closes an HTTP connection that has not sent a whole request
   head within ``header_timeout_s`` of connecting (uvicorn has no such deadline; its
   keep-alive timeout starts only after a first response).
@@ -39,7 +41,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
-from cape.host.api.frames import NEXT_MESSAGE_EXTENSION
+from cape.host.api.frames import NEXT_MESSAGE_EXTENSION, SEND_READY_EXTENSION
 
 __all__ = ["HELD_BYTES", "DeadlineHttpProtocol", "SizedWebSocketProtocol", "http_protocol"]
 
@@ -74,15 +76,15 @@ class _SizedServerProtocol(ServerProtocol):
         self.next_message = "nonce frame"
         """What the next data message is, for the refusal's text. Every Cape session opens
         with its nonce frame, which may arrive before the application set a limit."""
-        self.reader = _GatedReader()
+        self.gated = _GatedReader()
+        self.reader = self.gated
         self.parser = self.parse()  # the one started above reads from the replaced reader
         next(self.parser)
 
     def recv_frame(self, frame: Frame) -> None:
         super().recv_frame(frame)
         if frame.opcode in _DATA and frame.fin:
-            assert isinstance(self.reader, _GatedReader)
-            self.reader.open = False
+            self.gated.open = False
 
     def fail(self, code: int, reason: str = "") -> None:
         if self.state is State.OPEN and code == 1009:
@@ -110,15 +112,12 @@ class SizedWebSocketProtocol(WebSocketsSansIOProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.conn = _SizedServerProtocol(
+        conn = _SizedServerProtocol(
             extensions=[], max_size=config.ws_max_size, logger=self.conn.logger
         )
-
-    @property
-    def _reader(self) -> _GatedReader:
-        reader = self.conn.reader
-        assert isinstance(reader, _GatedReader)
-        return reader
+        self.conn = conn
+        self._reader = conn.gated
+        """The connection's gated reader (it is never replaced)."""
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -126,6 +125,9 @@ class SizedWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:  # the ASGI task starts later, on the next loop iteration
             extensions: dict[str, Any] = scope.setdefault("extensions", {})
             extensions[NEXT_MESSAGE_EXTENSION] = self._next_message
+            # uvicorn's send waits only for ``writable`` (cleared while the transport's write
+            # buffer is over its high-water mark): while it is set, a send cannot wait.
+            extensions[SEND_READY_EXTENSION] = self.writable.is_set
 
     def _next_message(self, limit: int, what: str = "message") -> None:
         """Let the parser read the next data message (``what``), of at most ``limit`` bytes."""

@@ -36,6 +36,7 @@ from cape.crypto import hpke
 from cape.crypto.results import ERROR, ResultChannel
 from cape.crypto.session_keys import InputChannel, SessionKeys
 from cape.errors import (
+    BusyError,
     CapeError,
     ChecksumMismatchError,
     FormatError,
@@ -120,6 +121,9 @@ CLOSE_MEANINGS: Final = {
     1013: "the server is busy; try again later",
 }
 """How close codes that are not errors of ours read (refusals; docs/limits.md)."""
+CLOSE_TRY_AGAIN_LATER: Final = 1013
+BUSY_STATUSES: Final = frozenset({429, 503})
+"""Upgrade refusals that mean "try again later" (docs/limits.md): a :class:`BusyError`."""
 
 
 def _close_error(exc: websockets.ConnectionClosed) -> CapeError:
@@ -130,10 +134,10 @@ def _close_error(exc: websockets.ConnectionClosed) -> CapeError:
         )
     if frame is not None and frame.code in CLOSE_MEANINGS:
         reason = f": {frame.reason}" if frame.reason else ""
-        return TransportError(
-            f"the server closed the session ({CLOSE_MEANINGS[frame.code]}){reason}",
-            close_code=frame.code,
-        )
+        text = f"the server closed the session ({CLOSE_MEANINGS[frame.code]}){reason}"
+        if frame.code == CLOSE_TRY_AGAIN_LATER:
+            return BusyError(text)
+        return TransportError(text, close_code=frame.code)
     if frame is not None and frame.reason:
         return TransportError(
             f"the server closed the session: {frame.reason}", close_code=frame.code
@@ -280,7 +284,7 @@ class Session:
                     sequence, _decode_b64(sealed, "sealed error"), kind=ERROR
                 )
                 raise FunctionError(details.decode("utf-8", "replace"))
-            raise FunctionError(str(parsed["error"]))
+            raise _error_of(parsed)
         message = _message_of(parsed)
         if message.get("type") != "function_result":
             raise FormatError(f"expected a function result, got {message.get('type')!r}")
@@ -353,11 +357,38 @@ class Session:
         await self.close()
 
 
-def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError:
+def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError | BusyError:
+    """A refused upgrade: 429 and 503 ("try again later") are a :class:`BusyError` with the
+    server's ``Retry-After``; any other status a :class:`RequestRefusedError`."""
     status = exc.response.status_code
     text = refusal_text(exc.response.body or b"") or ""
     message = f"the server refused the session ({status}): {text or 'no reason given'}"
-    return refused(message, text, status, exc.response.headers.get("Retry-After"))
+    retry_after = exc.response.headers.get("Retry-After")
+    error = refused(message, text, status, retry_after)
+    if status not in BUSY_STATUSES:
+        return error
+    return BusyError(str(error), retry_after_s=_seconds(retry_after))
+
+
+def _seconds(value: object) -> float | None:
+    """A ``Retry-After`` of whole seconds (the only form Cape sends), else ``None``."""
+    if isinstance(value, str) and value.strip().isdigit() and len(value) < 8:
+        return float(int(value))
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**7:
+        return float(value)
+    return None
+
+
+def _error_of(parsed: dict[str, Any]) -> CapeError:
+    """An ``{"error"}`` frame: a :class:`BusyError` when the server marks it ``"busy"`` (it
+    closes with 1013 next; ``"retry_after"`` in seconds if it knows), else the function's
+    :class:`FunctionError` (the session goes on)."""
+    text = str(parsed["error"])
+    if parsed.get("busy") is True:
+        retry_after_s = _seconds(parsed.get("retry_after"))
+        hint = f"; try again in {int(retry_after_s)} s" if retry_after_s is not None else ""
+        return BusyError(f"{text}{hint}", retry_after_s=retry_after_s)
+    return FunctionError(text)
 
 
 async def _receive_any(websocket: ClientConnection) -> str | bytes:
@@ -389,7 +420,7 @@ async def _receive_message(websocket: ClientConnection) -> dict[str, Any]:
 
 def _message_of(parsed: dict[str, Any]) -> dict[str, Any]:
     if parsed.get("error"):
-        raise FunctionError(str(parsed["error"]))
+        raise _error_of(parsed)
     message = parsed.get("message")
     if not isinstance(message, dict):
         raise FormatError('expected {"message": {...}} from the server')

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cape.host.api.errors import EXCEPTION_HANDLERS, ClientTooSlowError
+from cape.host.api.frames import SEND_READY_EXTENSION
 from cape.host.api.rest import ApiDeps, create_rest_routes
 from cape.host.api.sessions import SessionDeps, create_session_routes
 from cape.host.console import console_routes
@@ -53,7 +54,12 @@ class SendDeadline:
     previous ones drained from the connection's buffer) within ``timeout_s``. A client that
     stops reading gets its session ended instead of holding it, and what the session holds
     (an enclave session, an admission slot), for ever: the send raises
-    :class:`ClientTooSlowError`, and so does every later one of that connection at once."""
+    :class:`ClientTooSlowError`, and so does every later one of that connection at once.
+
+    Under ``cape serve`` (the scope extension :data:`~cape.host.api.frames.SEND_READY_EXTENSION`)
+    a send that the server takes without waiting is passed straight through: no timer is armed
+    and cancelled for every message (issue 16); the deadline applies from the moment a send
+    would wait for the client to read."""
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
         self.app = app
@@ -64,11 +70,15 @@ class SendDeadline:
             await self.app(scope, receive, send)
             return
         stalled = False
+        ready: Callable[[], bool] | None = (scope.get("extensions") or {}).get(SEND_READY_EXTENSION)
 
         async def timed_send(message: Message) -> None:
             nonlocal stalled
             if stalled:
                 raise ClientTooSlowError("the client stopped reading")
+            if ready is not None and ready():
+                await send(message)  # returns at once: nothing to wait for, no timer
+                return
             try:
                 async with asyncio.timeout(self.timeout_s):  # no task per send (wait_for's)
                     await send(message)

@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 from starlette.websockets import WebSocket
@@ -32,10 +31,12 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_TEXT_FRAME_BYTES",
     "NEXT_MESSAGE_EXTENSION",
+    "SEND_READY_EXTENSION",
     "Closed",
     "DrainSignal",
     "Draining",
     "Idle",
+    "ReceiveDeadline",
     "b64_field",
     "binary",
     "json_message",
@@ -46,6 +47,10 @@ __all__ = [
 NEXT_MESSAGE_EXTENSION: Final = "cape.websocket.next_message_limit"
 """ASGI scope extension: a callable taking the byte limit of the next client message and what
 that message is (for the refusal's text, e.g. "input")."""
+SEND_READY_EXTENSION: Final = "cape.websocket.send_ready"
+"""ASGI scope extension: a callable returning True when the server's next send returns without
+waiting for the client to read (its buffer has room), so that a send deadline needs no timer
+(:class:`~cape.host.api.app.SendDeadline`)."""
 MAX_TEXT_FRAME_BYTES: Final = 64 * 1024
 MAX_JSON_DEPTH: Final = 8
 
@@ -78,14 +83,76 @@ class DrainSignal(asyncio.Event):
             for deadline in list(self._deadlines):
                 deadline.reschedule(now)
 
-    @contextlib.contextmanager
-    def expiring(self, deadline: asyncio.Timeout) -> Iterator[None]:
-        """Within this block, :meth:`set` expires ``deadline``."""
+    def watch(self, deadline: asyncio.Timeout) -> None:
+        """Until :meth:`unwatch`, :meth:`set` expires ``deadline`` (a pair, not a context
+        manager: this runs for every client frame, issue 16)."""
         self._deadlines.add(deadline)
-        try:
-            yield
-        finally:
-            self._deadlines.discard(deadline)
+
+    def unwatch(self, deadline: asyncio.Timeout) -> None:
+        self._deadlines.discard(deadline)
+
+
+_DEADLINE_KEY: Final = "cape.receive_deadline"
+"""Where a connection's :class:`ReceiveDeadline` lives in its ASGI scope."""
+
+
+class ReceiveDeadline:
+    """The receive deadlines of one connection on one timer (issue 16).
+
+    Each :func:`receive` waits inside an ``asyncio.Timeout`` without a time of its own and
+    tells this object its deadline. A timer is armed only when none is pending or the new
+    deadline comes before it; when the timer fires before the current deadline (the receive it
+    was armed for got its message), it re-arms for the current one; when it fires past it, it
+    expires that receive's ``Timeout`` (asyncio's own expiry: the wait raises
+    ``TimeoutError``). So a receive costs no timer of its own, where ``asyncio.timeout``
+    pushed one on the loop's heap and cancelled it for every client frame."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0
+        self._waiting: asyncio.Timeout | None = None
+
+    @classmethod
+    def of(cls, websocket: WebSocket) -> ReceiveDeadline:
+        """The connection's deadline (made at its first receive)."""
+        deadline: ReceiveDeadline | None = websocket.scope.get(_DEADLINE_KEY)
+        if deadline is None:
+            deadline = cls(asyncio.get_running_loop())
+            websocket.scope[_DEADLINE_KEY] = deadline
+        return deadline
+
+    def start(self, waiting: asyncio.Timeout, timeout_s: float) -> None:
+        """``waiting`` expires ``timeout_s`` from now unless :meth:`stop` comes first."""
+        self._waiting = waiting
+        self._when = when = self._loop.time() + timeout_s
+        handle = self._handle
+        if handle is None or handle.when() > when:
+            if handle is not None:
+                handle.cancel()
+            self._handle = self._loop.call_at(when, self._fire)
+
+    def stop(self) -> None:
+        self._waiting = None
+
+    @staticmethod
+    def close(websocket: WebSocket) -> None:
+        """The connection is over: cancel its pending timer, if any."""
+        deadline: ReceiveDeadline | None = websocket.scope.pop(_DEADLINE_KEY, None)
+        if deadline is not None and deadline._handle is not None:
+            deadline._handle.cancel()
+            deadline._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        waiting = self._waiting
+        if waiting is None:
+            return  # no receive waits; the next one arms a timer again
+        now = self._loop.time()
+        if now < self._when:
+            self._handle = self._loop.call_at(self._when, self._fire)
+        else:
+            waiting.reschedule(now)
 
 
 async def receive(
@@ -114,12 +181,18 @@ async def receive(
         allow(limit, what)
     if draining.is_set():
         raise Draining()
-    # One deadline around the receive itself: no task or wait set per frame (issue 16). A
-    # DrainSignal expires it at once when the server starts draining.
+    # One deadline around the receive itself: no task, wait set or timer per frame (issue 16,
+    # ReceiveDeadline). A DrainSignal expires it at once when the server starts draining.
+    timer = ReceiveDeadline.of(websocket)
     try:
-        async with asyncio.timeout(timeout_s) as deadline:
-            with draining.expiring(deadline):
+        async with asyncio.Timeout(None) as deadline:
+            timer.start(deadline, timeout_s)
+            draining.watch(deadline)
+            try:
                 message = await websocket.receive()
+            finally:
+                draining.unwatch(deadline)
+                timer.stop()
     except TimeoutError:
         if draining.is_set():
             raise Draining() from None

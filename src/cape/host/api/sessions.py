@@ -58,6 +58,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -81,12 +82,21 @@ from cape.host.api.client_frames import (
 from cape.host.api.errors import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
     ClientTooSlowError,
     close_code_for,
     error_body,
     error_response,
 )
-from cape.host.api.frames import MAX_TEXT_FRAME_BYTES, Closed, Draining, Idle, binary, json_message
+from cape.host.api.frames import (
+    MAX_TEXT_FRAME_BYTES,
+    Closed,
+    Draining,
+    Idle,
+    ReceiveDeadline,
+    binary,
+    json_message,
+)
 from cape.host.api.session_deps import BLOB_IO_THREADS as BLOB_IO_THREADS
 from cape.host.api.session_deps import DIGEST_CACHE_SIZE as DIGEST_CACHE_SIZE
 from cape.host.api.session_deps import Lifecycle, SessionDeps, _Grant, _still_allowed
@@ -484,7 +494,10 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
                 await websocket.accept(subprotocol=SUBPROTOCOL)
                 grant = _Grant(principal, function, seen)
                 with deps.lifecycle.track():
-                    await _guard(websocket, handler(websocket, grant, reservation))
+                    try:
+                        await _guard(websocket, handler(websocket, grant, reservation))
+                    finally:
+                        ReceiveDeadline.close(websocket)
 
         return serve
 
@@ -528,5 +541,18 @@ async def _guard(websocket: WebSocket, work: Awaitable[None]) -> None:
     except Exception as exc:  # the table decides the text and code; unknown → 1011
         code, reason = close_code_for(exc)
         with contextlib.suppress(Closed):
-            await _send(websocket, error_body(exc))
+            await _send(websocket, _busy_marked(error_body(exc), exc, code))
         await _close(websocket, code, reason)
+
+
+def _busy_marked(body: dict[str, Any], exc: Exception, code: int) -> dict[str, Any]:
+    """Our extension (protocol.md, "Errors"): an error before close 1013 says ``"busy": true``
+    and, when known, ``"retry_after"`` in whole seconds, so a client tells "try again later"
+    from a function's error without waiting for the close (Cape's clients ignore both)."""
+    if code != CLOSE_TRY_AGAIN_LATER:
+        return body
+    marked: dict[str, Any] = {**body, "busy": True}
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if isinstance(retry_after_s, int | float):
+        marked["retry_after"] = max(1, math.ceil(retry_after_s))
+    return marked
