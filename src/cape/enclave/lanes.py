@@ -7,7 +7,9 @@ behind them for tens of seconds. Each kind of work now has its own :class:`Lane`
 - ``calls``: sandbox starts and function calls (user code runs while a thread waits);
 - ``keys``: decrypting bundles and inputs, which waits on key-service round trips, and
   unpacking; also the bound on key-service requests in flight;
-- ``attestation``: secure-module signatures and the recipient key's CMS opening (short).
+- ``attestation``: secure-module signatures and the recipient key's CMS opening (short); a
+  session's document from a module that only computes in this process (the simulated
+  NSM) is made on the event loop while its slot is held (session.py, issue 16).
 
 A lane has ``threads`` slots. One *party* (the calling user, else the function owner) holds at
 most ``per_party`` of them, so nobody can take a whole lane; the rest wait in one queue per

@@ -16,7 +16,7 @@ Failures:
 from __future__ import annotations
 
 import abc
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from cape._internal.closeable import Closeable
 from cape.errors import FormatError, NSMError, SecureModuleError
@@ -53,6 +53,12 @@ class SecureModule(Closeable, abc.ABC):
     Subclasses implement :meth:`process`; everything else is shared. Instances are usable as
     context managers; :meth:`close` releases whatever the module holds (a device handle).
     """
+
+    waits: ClassVar[bool] = True
+    """Whether a request waits on something outside this process (the NSM device): the
+    enclave runtime then makes it on a thread. A module that only computes in this process
+    (the simulated one) is called on the event loop instead (issue 16: a thread hand-off per
+    session costs more than it could overlap)."""
 
     @abc.abstractmethod
     def process(self, request: bytes) -> bytes:

@@ -408,6 +408,8 @@ class SimulatedSecureModule(SecureModule):
     re-provision the enclave with new :class:`InstanceCredentials`.
     """
 
+    waits = False  # signs in this process: the runtime calls it on its event loop
+
     def __init__(
         self,
         credentials: InstanceCredentials,
