@@ -31,6 +31,7 @@ SCRIPTS = (
     "sandbox",
     "hops",
     "call",
+    "channel",
     "enclave",
     "imagenet",
     "server",

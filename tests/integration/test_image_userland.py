@@ -16,6 +16,7 @@ import asyncio
 import base64
 import os
 import shutil
+import socket
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -125,24 +126,19 @@ def start(platform: Platform, root: Path, host_dir: Path) -> EnclaveConnection:
     platform.image_signature = platform.signer.sign_pcr0(bytes.fromhex(measured))
 
     async def launch() -> EnclaveConnection:
-        accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-            asyncio.get_running_loop().create_future()
-        )
-
-        async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            accepted.set_result((r, w))
-
-        server = await asyncio.start_unix_server(
-            on_connect, path=str(host_dir / "channel.sock"), limit=1 << 20
-        )
+        loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(host_dir / "channel.sock"))
+        listener.listen(1)
+        listener.setblocking(False)
         process = await asyncio.create_subprocess_exec(
             *bwrap(root, host_dir, cmd), env=env, stdin=asyncio.subprocess.DEVNULL
         )
         try:
-            reader, writer = await asyncio.wait_for(accepted, 120)
+            sock, _ = await asyncio.wait_for(loop.sock_accept(listener), 120)
         finally:
-            server.close()
-        connection = EnclaveConnection(reader, writer, platform._kms, process)
+            listener.close()
+        connection = await EnclaveConnection.over(sock, platform._kms, process)
         # The image's runtime learns its key service from the host (measured into PCR16).
         await connection.send({"t": "configure", "kms_identity": platform.identity.public_bytes})
         await connection.start(platform._provision())

@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cape._internal.heap import steady_heap
 from cape.crypto.keyanswers import IDENTITY_PCR
 from cape.enclave import cgroups
 from cape.enclave.awskeys import AwsEnclaveKeyClient, key_client
@@ -44,7 +45,7 @@ from cape.enclave.uids import DEFAULT_RANGE, UidRange, parse_range
 from cape.enclave.warm import WarmPool
 from cape.enclave.zygote import START_PATHS, set_start_path
 from cape.errors import CapeError, FormatError
-from cape.formats.frames import encode_frame_parts, read_frame
+from cape.formats.frames import FrameProtocol, encode_frame_parts, roomy_send_buffer
 
 __all__ = ["Runtime", "main"]
 
@@ -52,8 +53,6 @@ log = logging.getLogger("cape.enclave")
 #: Default cap of the enclave's private tmpfs (unpacked functions and per-session copies).
 STORAGE_BYTES = 8 << 30
 _PR_SET_DUMPABLE = 4
-#: The channel's send buffer: room for a large result in one ``send`` (see _roomy_send_buffer).
-CHANNEL_SEND_BUFFER = 4 << 20
 
 
 class Runtime:
@@ -61,8 +60,6 @@ class Runtime:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         config: SessionConfig,
         *,
         kms_identity: bytes | None,
@@ -72,8 +69,6 @@ class Runtime:
         self._nitro = nitro
         self._kms_identity = kms_identity
         self._kms_options = kms_options or {}
-        self._reader = reader
-        self._writer = writer
         self._config = config
         self._write_lock = asyncio.Lock()
         self._sessions: dict[int, Inbox] = {}
@@ -90,22 +85,67 @@ class Runtime:
             if config.warm_pool
             else None
         )
+        # The channel (issue 16): a FrameProtocol hands each frame to _on_frame as it is
+        # parsed; until the runtime is provisioned, frames wait in _early for _provision.
+        self._protocol = FrameProtocol(self._on_frame, self._on_end)
+        self._transport: asyncio.Transport | None = None
+        self._early: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._serving = False
+        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ended.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def send(self, message: dict[str, Any]) -> None:
         # A large result is written by reference after its frame head, not copied into one
         # frame first (issue 16: two copies of a 1 MiB result, ≈0.1 ms, per call).
         parts = encode_frame_parts(message)
         async with self._write_lock:
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the channel to the host is closed")
             for part in parts:
-                self._writer.write(part)
-            await self._writer.drain()
+                transport.write(part)
+            await self._protocol.drain()
         if message["t"] in ("close", "error") and (message["t"] == "close" or message.get("fatal")):
             self._sessions.pop(message.get("sid", 0), None)
+
+    def _on_frame(self, message: dict[str, Any], frame: memoryview) -> None:
+        """One frame from the host, as the protocol parsed it (on the loop, in order)."""
+        del frame
+        if not self._serving:
+            self._early.put_nowait(message)
+            return
+        try:
+            self._dispatch(message)
+        except CapeError as exc:
+            error = {"t": "error", "sid": message["sid"], "message": exc.diagnostics()}
+            task = asyncio.create_task(self.send({**error, "fatal": True}))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _on_end(self, exc: Exception | None) -> None:
+        """The host closed the channel (``exc`` None) or it broke or carried a bad frame."""
+        self._early.put_nowait(None)
+        if not self._ended.done():
+            if exc is None:
+                self._ended.set_result(None)
+            else:
+                self._ended.set_exception(exc)
+
+    async def _next_early(self) -> dict[str, Any] | None:
+        """The next frame before the runtime serves; None once the channel has ended."""
+        message = await self._early.get()
+        if message is None:
+            self._early.put_nowait(None)
+            if self._ended.done() and not self._ended.cancelled():
+                error = self._ended.exception()
+                if error is not None:
+                    raise error
+        return message
 
     async def _configure(self) -> dict[str, Any]:
         """The host's ``configure`` frame, for images with a fixed command line: the key
         service's identity or the AWS KMS configuration, measured into PCR16 either way."""
-        message = await read_frame(self._reader)
+        message = await self._next_early()
         if message is None or message["t"] != "configure":
             raise FormatError("the first channel frame must be 'configure'")
         return message
@@ -136,7 +176,7 @@ class Runtime:
         await self.send({"t": "ready", "pcrs": pcrs})
 
     async def _provision_simulated(self) -> tuple[SecureModule, dict[int, bytes]]:
-        message = await read_frame(self._reader)
+        message = await self._next_early()
         if message is None or message["t"] != "provision":
             raise FormatError("the first channel frame must be 'provision'")
         credentials = decode_credentials(message.get("credentials"))
@@ -185,21 +225,18 @@ class Runtime:
         else:
             raise FormatError(f"unexpected {kind!r} frame from the host")
 
-    async def serve(self) -> None:
-        await self._provision()
+    async def serve(self, sock: socket.socket) -> None:
+        """Serve the host's channel ``sock`` until the host closes it; a broken channel or a
+        malformed frame raises (the runtime then exits)."""
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.connect_accepted_socket(lambda: self._protocol, sock)
         try:
-            while (message := await read_frame(self._reader)) is not None:
-                try:
-                    self._dispatch(message)
-                except CapeError as exc:
-                    await self.send(
-                        {
-                            "t": "error",
-                            "sid": message["sid"],
-                            "message": exc.diagnostics(),
-                            "fatal": True,
-                        }
-                    )
+            await self._provision()
+            self._serving = True
+            while not self._early.empty():  # what came with the last early frame, in order
+                if (message := self._early.get_nowait()) is not None:
+                    self._on_frame(message, memoryview(b""))
+            await self._ended
         finally:
             if self._keys is not None:
                 self._keys.fail_all("the host closed the channel")
@@ -208,6 +245,7 @@ class Runtime:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._pool is not None:
                 await self._pool.close()
+            self._transport.close()
 
 
 def _mount_private_tmpfs(workdir: Path, size_bytes: int) -> None:
@@ -279,21 +317,6 @@ def _channel_socket(fd: int | None, vsock: str | None) -> socket.socket:
     return sock
 
 
-def _roomy_send_buffer(sock: socket.socket) -> None:
-    """Let one large result go to the host in a single ``send`` (issue 16, the 1 MiB call).
-
-    With the default ``SO_SNDBUF`` (≈208 KiB) a 1 MiB result fills the socket after a fifth:
-    Python 3.11's transport then copies the rest into its ``bytearray`` buffer and moves that
-    buffer down after each partial send, ≈0.2 to 1 ms of CPU per 1 MiB result on this machine
-    against ≈0.1 ms with a 4 MiB buffer (measured alone). Root may exceed ``wmem_max``;
-    where the socket refuses (a vsock, say) the default stays.
-    """
-    force = getattr(socket, "SO_SNDBUFFORCE", None)
-    option = force if force is not None and os.geteuid() == 0 else socket.SO_SNDBUF
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, option, CHANNEL_SEND_BUFFER)
-
-
 async def _amain(
     sock: socket.socket,
     config: SessionConfig,
@@ -303,15 +326,9 @@ async def _amain(
     kms_options: dict[str, Any],
 ) -> None:
     asyncio.get_running_loop().set_exception_handler(_quiet_errors)
-    _roomy_send_buffer(sock)
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    try:
-        runtime = Runtime(
-            reader, writer, config, nitro=nitro, kms_identity=kms_identity, kms_options=kms_options
-        )
-        await runtime.serve()
-    finally:
-        writer.close()
+    roomy_send_buffer(sock)  # a large result leaves in one send (issue 16)
+    runtime = Runtime(config, nitro=nitro, kms_identity=kms_identity, kms_options=kms_options)
+    await runtime.serve(sock)
 
 
 def _identity_argument(value: str) -> bytes | None:
@@ -370,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="enclave: %(message)s")
     threading.excepthook = _quiet_thread_errors
     _not_dumpable()
+    steady_heap()  # no page faults per large call (issue 16)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(args.workdir, 0o711)  # noqa: S103 - traverse-only, for the sandbox's uid
     if args.private_tmpfs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import struct
 import threading
 import time
@@ -30,7 +31,7 @@ from cape.enclave.spawn import (
     WorkerGone,
     readable_first,
     recv_exact,
-    recv_exact_async,
+    recv_some,
     send_all,
 )
 from cape.enclave.zygote import ZygoteSpawn
@@ -193,15 +194,43 @@ class SandboxCalls:
                         break
                     # A request of the function: served in a thread, as by call().
                     await offload(self._services.serve_until_readable, sock, deadline)
-                (length,) = _HEADER.unpack(await recv_exact_async(loop, sock, _HEADER.size))
-                if length == 0:
-                    raise ProtocolViolation("empty frame")
-                if length - 1 > self._limits.max_output_bytes:
-                    raise OutputTooLarge(f" ({length - 1} bytes announced)")
-                status = (await recv_exact_async(loop, sock, 1))[0]
-                return status, await recv_exact_async(loop, sock, length - 1)
+                return await self._read_reply(loop, sock)
         except TimeoutError:
             raise Timeout from None
+
+    async def _read_reply(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket
+    ) -> tuple[int, bytes]:
+        """The reply frame, read with as few ``recv`` calls as it arrives in (issue 16): one
+        into a small buffer for the head, status and a small body together; a larger body
+        then straight into a buffer of its announced length (checked against the output limit
+        first). Bytes after the frame, which the worker never sends unasked, break the
+        protocol."""
+        head = bytearray(_REPLY_READ_BYTES)
+        view = memoryview(head)
+        got = 0
+        while got < _HEADER.size + 1:
+            got += await recv_some(loop, sock, view[got:])
+        (length,) = _HEADER.unpack_from(head)
+        if length == 0:
+            raise ProtocolViolation("empty frame")
+        if length - 1 > self._limits.max_output_bytes:
+            raise OutputTooLarge(f" ({length - 1} bytes announced)")
+        status, end = head[_HEADER.size], _HEADER.size + length
+        if got > end:
+            raise ProtocolViolation("bytes after the reply frame")
+        if got == end:
+            return status, bytes(view[_HEADER.size + 1 : end])
+        body = bytearray(length - 1)
+        filled = got - _HEADER.size - 1
+        body[:filled] = view[_HEADER.size + 1 : got]
+        view.release()
+        del head
+        rest = memoryview(body)
+        while filled < len(body):
+            filled += await recv_some(loop, sock, rest[filled:])
+        rest.release()
+        return status, bytes(body)
 
     def _send(self, data: bytes, deadline: float) -> None:
         send_all(self._spawn.channel, (_HEADER.pack(len(data)), data), deadline)
@@ -225,6 +254,10 @@ class SandboxCalls:
 
 # What the frame helpers raise when a call cannot complete (see SandboxCalls._call_failed).
 _FRAME_ERRORS = (Timeout, OutputTooLarge, ProtocolViolation, WorkerGone)
+
+
+#: The first read of a reply: its head, status and a body up to this size in one ``recv``.
+_REPLY_READ_BYTES = 64 << 10
 
 
 def _one_line(body: bytes) -> str:

@@ -395,17 +395,13 @@ async def readable_first(
     return bool(ready_now)
 
 
-async def recv_exact_async(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    """``recv_exact`` on the event loop: ``n`` bytes, ``WorkerGone`` when ``sock`` closes first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        try:
-            k = await loop.sock_recv_into(sock, view[got:])
-        except OSError as exc:
-            raise WorkerGone from exc
-        if k == 0:
-            raise WorkerGone
-        got += k
-    return bytes(buf)
+async def recv_some(loop: asyncio.AbstractEventLoop, sock: socket.socket, into: memoryview) -> int:
+    """At least one byte into ``into``, on the event loop; ``WorkerGone`` when ``sock`` closes
+    first."""
+    try:
+        count = await loop.sock_recv_into(sock, into)
+    except OSError as exc:
+        raise WorkerGone from exc
+    if count == 0:
+        raise WorkerGone
+    return count

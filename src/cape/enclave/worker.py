@@ -65,6 +65,7 @@ EXIT_SETUP = 103
 
 MAX_ERROR_CHARS = 4000
 HEADER = struct.Struct(">I")
+READ_BYTES = 64 << 10  # the first read of an input: its head and a body up to this size
 APP_FILE = "app.py"
 HANDLER = "cape_handler"
 GUEST_MODULE = "cape_encrypt"
@@ -189,34 +190,45 @@ class Channel:
         self._fd = fd
         os.set_blocking(fd, True)
 
-    def _recv_exact(self, n: int) -> bytes | None:
-        buf = bytearray(n)
-        view = memoryview(buf)
+    def receive(self, max_bytes: int) -> bytes | None:
+        """The next input; None when the channel closes. Head and a small body come in one
+        read (issue 16); a larger body then goes straight into a buffer of its length. The
+        runtime sends one frame and waits for the reply: more bytes break the protocol."""
+        view = memoryview(bytearray(READ_BYTES))
         got = 0
-        while got < n:
+        while got < HEADER.size:
             k = os.readv(self._fd, [view[got:]])
             if k == 0:
                 return None
             got += k
-        return bytes(buf)
-
-    def receive(self, max_bytes: int) -> bytes | None:
-        header = self._recv_exact(HEADER.size)
-        if header is None:
-            return None
-        (length,) = HEADER.unpack(header)
-        if length > max_bytes:
+        (length,) = HEADER.unpack_from(view)
+        end = HEADER.size + length
+        if length > max_bytes or got > end:
             os._exit(EXIT_PROTOCOL)
-        if length == 0:
-            return b""
-        return self._recv_exact(length)
+        if got == end:
+            return bytes(view[HEADER.size : end])
+        body = bytearray(length)
+        body[: got - HEADER.size] = view[HEADER.size : got]
+        view = memoryview(body)
+        while got < end:
+            k = os.readv(self._fd, [view[got - HEADER.size :]])
+            if k == 0:
+                return None
+            got += k
+        return bytes(body)
 
     def send(self, status: int, body: bytes = b"") -> None:
-        self._write_all(HEADER.pack(len(body) + 1) + bytes((status,)))
-        if body:
-            self._write_all(body)
+        """One reply frame, head and body in one ``writev`` (issue 16: the runtime reads a
+        small reply in one wake-up, not one for the head and one for the body)."""
+        head = HEADER.pack(len(body) + 1) + bytes((status,))
+        sent = os.writev(self._fd, [head, body]) if body else os.write(self._fd, head)
+        if sent < len(head):
+            self._write_all(memoryview(head)[sent:])
+            sent = len(head)
+        if sent < len(head) + len(body):
+            self._write_all(memoryview(body)[sent - len(head) :])
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import cbor2
 
@@ -40,14 +40,40 @@ ES384_SIGNATURE_BYTES = 96  # raw r || s, 48 bytes each
 MAX_CBOR_DEPTH = 16
 
 
-def loads_cbor(data: bytes, what: str) -> Any:
+class _ViewReader(io.BufferedIOBase):
+    """``read`` and ``tell`` over a buffer, each read a copy of only its piece (``io.BytesIO``
+    of a ``memoryview`` copies it whole first: a large channel frame, issue 16)."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._view = data
+        self._at = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        size = -1 if size is None else size
+        end = len(self._view) if size < 0 else min(len(self._view), self._at + size)
+        piece = self._view[self._at : end].tobytes()
+        self._at = end
+        return piece
+
+    def tell(self) -> int:
+        return self._at
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+def loads_cbor(data: bytes | memoryview, what: str) -> Any:
     """Decode exactly one CBOR item, strictly.
 
     Duplicate map keys, indefinite lengths, nesting deeper than :data:`MAX_CBOR_DEPTH` and
     trailing bytes are refused: each would let two parsers read one document differently.
-    Every decoder failure becomes :class:`FormatError`.
+    Every decoder failure becomes :class:`FormatError`. A ``memoryview`` is read in place.
     """
-    fp = io.BytesIO(data)
+    fp = cast(IO[bytes], _ViewReader(data) if isinstance(data, memoryview) else io.BytesIO(data))
     decoder = cbor2.CBORDecoder(
         fp, allow_duplicate_keys=False, allow_indefinite=False, max_depth=MAX_CBOR_DEPTH
     )

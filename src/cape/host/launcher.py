@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
@@ -23,11 +24,11 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cape._internal.tempdirs import private_tempdir
 from cape.errors import CapeError, FormatError, TransportError
-from cape.formats.frames import encode_frame, encode_frame_parts, read_frame
+from cape.formats.frames import FrameProtocol, encode_frame_parts, roomy_send_buffer
 from cape.host.errors import UnavailableError
 
 __all__ = ["EnclaveConnection", "EnclaveLauncher", "HostSession", "SimulatedLauncher"]
@@ -47,13 +48,25 @@ WRITE_SLICE_BYTES = 1 << 20
 
 
 class HostSession:
-    """One session as the host relays it: frames in, frames out, never decrypted here."""
+    """One session as the host relays it: frames in, frames out, never decrypted here.
+
+    The channel's protocol hands each frame for this session straight to :meth:`_deliver`
+    (issue 16: no reader task or queue between them); :meth:`receive` waits on a plain future.
+    """
 
     def __init__(self, connection: EnclaveConnection, sid: int) -> None:
         self._connection = connection
         self.sid = sid
-        self.inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._frames: collections.deque[dict[str, Any] | None] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.closed = False
+
+    def _deliver(self, message: dict[str, Any] | None) -> None:
+        """A frame for this session, or ``None``: the channel ended."""
+        self._frames.append(message)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def send(self, message: dict[str, Any]) -> None:
         if self.closed:
@@ -66,10 +79,14 @@ class HostSession:
         A fatal error marked ``busy`` (a full queue in the enclave) raises
         :class:`~cape.host.errors.UnavailableError`: "try again later", close 1013.
         """
-        message = await self.inbox.get()
-        if message is None:
+        while not self._frames:  # a frame stays queued if this wait is cancelled
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        message = self._frames[0]
+        if message is None:  # the end stays for every later receive
             self.closed = True
             raise TransportError("the enclave is gone")
+        self._frames.popleft()
         if message["t"] == "close" or (message["t"] == "error" and message.get("fatal")):
             self.closed = True
             if message["t"] == "error" and message.get("busy") is True:
@@ -85,40 +102,63 @@ class HostSession:
 
 
 class EnclaveConnection:
-    """The host's end of one enclave's channel."""
+    """The host's end of one enclave's channel, read by a :class:`FrameProtocol`.
+
+    Build one with :meth:`over` (it attaches the channel's socket to the running loop).
+    """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         kms: KmsProxy,
         process: asyncio.subprocess.Process | None = None,
         tap: Tap | None = None,
     ) -> None:
         self._tap = tap
-        self._reader = reader
-        self._writer = writer
         self._kms = kms
         self.process = process
         self.pcrs: dict[int, bytes] = {}
         self._ids = itertools.count(1)
         self._sessions: dict[int, HostSession] = {}
         self._write_lock = asyncio.Lock()
-        self._reader_task: asyncio.Task[None] | None = None
-        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._kms_tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._protocol = FrameProtocol(self._on_frame, self._on_end)
+        self._ended: asyncio.Future[None] = loop.create_future()
+        self._ready: asyncio.Future[None] = loop.create_future()
         # An enclave that dies while nobody waits for it (a start cut short by shutdown) must
         # not log "Future exception was never retrieved".
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._cleanup: list[Callable[[], None]] = []
 
+    @classmethod
+    async def over(
+        cls,
+        sock: socket.socket,
+        kms: KmsProxy,
+        process: asyncio.subprocess.Process | None = None,
+        tap: Tap | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """A connection reading and writing ``sock`` (the channel's connected host end)."""
+        connection = cls(kms, process, tap, **kwargs)
+        roomy_send_buffer(sock)  # a large input or bundle slice leaves in one send (issue 16)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(lambda: connection._protocol, sock)
+        connection._transport = transport
+        return connection
+
     @property
     def alive(self) -> bool:
-        return self._reader_task is not None and not self._reader_task.done()
+        return self._transport is not None and not self._ended.done()
 
     async def send(self, message: dict[str, Any]) -> None:
         parts = encode_frame_parts(message)
         if self._tap is not None:
             self._tap("to-enclave", b"".join(parts))
+        transport = self._transport
+        if transport is None:
+            raise TransportError("the enclave channel is not open")
         async with self._write_lock:
             try:
                 for part in parts:
@@ -126,15 +166,17 @@ class EnclaveConnection:
                     # transport never buffers a second copy of a bundle.
                     view = memoryview(part)
                     for start in range(0, len(view), WRITE_SLICE_BYTES):
-                        self._writer.write(view[start : start + WRITE_SLICE_BYTES])
-                        await self._writer.drain()
+                        if transport.is_closing():
+                            raise ConnectionResetError("the channel is closed")
+                        transport.write(view[start : start + WRITE_SLICE_BYTES])
+                        await self._protocol.drain()
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"the enclave channel is broken: {exc}") from None
 
     async def wait_closed(self) -> None:
         """Return once the channel has ended (the enclave exited or was closed)."""
-        if self._reader_task is not None:
-            await asyncio.wait({self._reader_task})
+        if self._transport is not None:
+            await asyncio.wait({self._ended})
 
     def forget(self, sid: int) -> None:
         self._sessions.pop(sid, None)
@@ -143,37 +185,38 @@ class EnclaveConnection:
         reply = await asyncio.to_thread(self._kms, message)
         await self.send({"t": "kms_result", "rid": message.get("rid"), **reply})
 
-    async def _read_loop(self) -> None:
-        kms_tasks: set[asyncio.Task[None]] = set()
-        try:
-            while (message := await read_frame(self._reader)) is not None:
-                if self._tap is not None:
-                    self._tap("from-enclave", encode_frame(message))
-                kind = message["t"]
-                if kind == "ready":
-                    pcrs = message.get("pcrs")
-                    if isinstance(pcrs, dict):
-                        self.pcrs = dict(pcrs)
-                    if not self._ready.done():
-                        self._ready.set_result(None)
-                elif kind == "kms":
-                    task = asyncio.create_task(self._answer_kms(message))
-                    kms_tasks.add(task)
-                    task.add_done_callback(kms_tasks.discard)
-                elif (session := self._sessions.get(message["sid"])) is not None:
-                    session.inbox.put_nowait(message)
-        except (CapeError, ConnectionError, OSError):
-            pass
-        finally:
+    def _on_frame(self, message: dict[str, Any], frame: memoryview) -> None:
+        """One frame from the enclave, as the protocol parsed it (on the loop, in order)."""
+        if self._tap is not None:
+            self._tap("from-enclave", bytes(frame))
+        kind = message["t"]
+        if kind == "ready":
+            pcrs = message.get("pcrs")
+            if isinstance(pcrs, dict):
+                self.pcrs = dict(pcrs)
             if not self._ready.done():
-                self._ready.set_exception(TransportError("the enclave exited before it was ready"))
-            for session in self._sessions.values():
-                session.inbox.put_nowait(None)
-            for task in kms_tasks:
-                task.cancel()
+                self._ready.set_result(None)
+        elif kind == "kms":
+            task = asyncio.create_task(self._answer_kms(message))
+            self._kms_tasks.add(task)
+            task.add_done_callback(self._kms_tasks.discard)
+        elif (session := self._sessions.get(message["sid"])) is not None:
+            session._deliver(message)
+
+    def _on_end(self, exc: Exception | None) -> None:
+        """The channel ended (the enclave exited, the channel broke or sent a bad frame):
+        every session gets end-of-stream."""
+        del exc  # whatever the cause, the sessions see "the enclave is gone"
+        if not self._ready.done():
+            self._ready.set_exception(TransportError("the enclave exited before it was ready"))
+        for session in self._sessions.values():
+            session._deliver(None)
+        for task in self._kms_tasks:
+            task.cancel()
+        if not self._ended.done():
+            self._ended.set_result(None)
 
     async def start(self, provision: Mapping[str, Any] | None) -> None:
-        self._reader_task = asyncio.create_task(self._read_loop())
         if provision is not None:
             await self.send({"t": "provision", "credentials": dict(provision)})
         await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT_S)
@@ -220,22 +263,30 @@ class EnclaveConnection:
         await self.send(message)
         return session
 
+    def close_channel(self) -> None:
+        """Close the channel (writes still buffered are flushed first); the sessions then get
+        end-of-stream."""
+        if self._transport is not None:
+            self._transport.close()
+
     def on_close(self, callback: Callable[[], None]) -> None:
         self._cleanup.append(callback)
 
     async def close(self) -> None:
         """Stop the enclave: close the channel, then terminate the process if it lingers."""
-        self._writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self._writer.wait_closed()
+        self.close_channel()
         if self.process is not None and self.process.returncode is None:
             try:
                 await asyncio.wait_for(self.process.wait(), 5)
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
-        if self._reader_task is not None:
-            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self._transport is not None:
+            # The channel ends with the process; one that lingers (its peer holds the other
+            # end, or a write stays unflushed) is cut after a grace period.
+            await asyncio.wait({self._ended}, timeout=5)
+            self._transport.abort()
+            await asyncio.wait({self._ended})
         for callback in self._cleanup:
             callback()
 
@@ -316,8 +367,7 @@ class SimulatedLauncher(EnclaveLauncher):
             raise CapeError(f"cannot start the enclave runtime: {exc}") from None
         finally:
             enclave_end.close()
-        reader, writer = await asyncio.open_connection(sock=host_end, limit=1 << 20)
-        connection = EnclaveConnection(reader, writer, self._kms, process, self._tap)
+        connection = await EnclaveConnection.over(host_end, self._kms, process, self._tap)
         connection.on_close(lambda: shutil.rmtree(workdir, ignore_errors=True))
         try:
             await connection.start(self._provision())

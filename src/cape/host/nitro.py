@@ -449,7 +449,7 @@ class _NitroConnection(EnclaveConnection):
                 continue
             if self.info.enclave_id not in running:
                 log.warning("enclave %s is no longer running", self.info.enclave_id)
-                self._writer.close()
+                self.close_channel()
                 return
 
     async def close(self) -> None:
@@ -530,16 +530,15 @@ class NitroLauncher(EnclaveLauncher):
             raise
         try:
             sock = await self._accept(info.cid)
-            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+            connection = await _NitroConnection.over(
+                sock, self._kms, None, self._tap, cli=self.cli, info=info
+            )
         except BaseException:
             self.family.forget(cid)
             self._cids.discard(cid)
             with contextlib.suppress(NitroError):
                 await self.cli.terminate_enclave(info.enclave_id)
             raise
-        connection = _NitroConnection(
-            reader, writer, self._kms, None, self._tap, cli=self.cli, info=info
-        )
         connection.on_close(lambda: self._cids.discard(cid))
         try:
             await connection.send({**self._configure(), "t": "configure"})

@@ -37,6 +37,7 @@ from typing import Final, TextIO
 import uvicorn
 from starlette.types import ASGIApp
 
+from cape._internal.heap import steady_heap
 from cape._internal.timefile import write_private
 from cape.enclave.sandbox import describe_containment
 from cape.enclave.uids import DEFAULT_RANGE, check_range, parse_range
@@ -528,6 +529,7 @@ def serve(
     on_ready: Callable[[Server], None] | None = None,
 ) -> None:
     """Run the platform until SIGINT/SIGTERM (blocking)."""
+    steady_heap()  # no page faults per large relayed call (issue 16, cape._internal.heap)
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
