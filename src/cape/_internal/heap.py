@@ -17,9 +17,12 @@ __all__ = ["HEAP_MMAP_THRESHOLD", "HEAP_TRIM_THRESHOLD", "steady_heap"]
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 #: Blocks this large and over (a large bundle) still get a mapping of their own, returned
 #: when freed.
-HEAP_MMAP_THRESHOLD = 32 << 20
-#: Free memory at the heap's top kept for the next call, at most.
-HEAP_TRIM_THRESHOLD = 64 << 20
+HEAP_MMAP_THRESHOLD = 4 << 20
+#: Free memory at the heap's top kept for the next call, at most. 64 MiB (with a 32 MiB mmap
+#: threshold) kept the enclave's peak at 1.44x of a 100 MiB chunked deploy (goal <= 1.2x, met
+#: at 1.00x before); 4 and 8 MiB keep it at 0.99x and the 1 MiB call fault-free (lead's check,
+#: `server_bench.py --only deploy --only invoke`, 22:41 UTC).
+HEAP_TRIM_THRESHOLD = 8 << 20
 
 
 def steady_heap() -> None:
