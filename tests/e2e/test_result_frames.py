@@ -14,6 +14,7 @@ import pytest
 
 from cape.crypto import hpke
 from cape.crypto.results import ResultChannel
+from cape.crypto.session_keys import SessionKeys
 from cape.formats.attestation import parse_attestation
 from tests.e2e.conftest import requires_enclaves
 from tests.e2e.server import ServeProcess, User, run
@@ -58,7 +59,7 @@ async def _call(
     channel = (
         None
         if response_key is None
-        else ResultChannel.for_client(response_key, document.public_key)
+        else SessionKeys.for_client(response_key, document.public_key).results
     )
     return message, reply, channel
 

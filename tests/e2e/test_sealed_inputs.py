@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cape.crypto import hpke
-from cape.crypto.results import ResultChannel
+from cape.crypto.session_keys import SessionKeys
 from cape.formats.attestation import parse_attestation
 from cape.sdk import flows
 from tests.e2e.conftest import requires_enclaves
@@ -70,7 +70,7 @@ def test_a_client_that_does_not_ask_keeps_hpke_inputs(server: ServeProcess) -> N
 
     user_data, session_key, sealed = run(flow())
     assert "input_frames" not in user_data
-    channel = ResultChannel.for_client(response, session_key)
+    channel = SessionKeys.for_client(response, session_key).results
     assert channel.open(0, base64.b64decode(sealed)) == b"hello"
 
 

@@ -40,6 +40,7 @@ from cape._internal.timefile import utc_now
 from cape.crypto import envelope, hpke, results
 from cape.crypto.keys import public_key_der
 from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
+from cape.crypto.session_keys import SessionKeys
 from cape.enclave.secure_module.simulated import (
     InstanceCredentials,
     SimulatedAuthority,
@@ -106,7 +107,7 @@ def echo(data: bytes) -> bytes:
 
 def session_channel(session_key: hpke.KeyPair, response_public: bytes) -> ResultChannel:
     """The enclave side of a session's result channel."""
-    return ResultChannel.for_enclave(session_key, response_public)
+    return SessionKeys.for_enclave(session_key, response_public).results
 
 
 def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:

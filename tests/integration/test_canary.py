@@ -18,6 +18,7 @@ import pytest
 from cape.crypto import envelope, hpke, stream
 from cape.crypto.keys import load_rsa_public_key
 from cape.crypto.results import ResultChannel
+from cape.crypto.session_keys import SessionKeys
 from cape.formats.attestation import AttestationDocument
 from cape.host.launcher import expect
 from tests.integration.harness import OWNER, Platform, attested, invoke, requires_enclaves, zip_app
@@ -36,7 +37,7 @@ def forms(canary: bytes) -> list[bytes]:
 
 def _channel(response: hpke.KeyPair, doc: AttestationDocument) -> ResultChannel:
     assert doc.public_key is not None
-    return ResultChannel.for_client(response, doc.public_key)
+    return SessionKeys.for_client(response, doc.public_key).results
 
 
 def test_canary_never_reaches_the_host(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

@@ -19,12 +19,12 @@ import pytest
 import cape
 from cape.crypto import envelope, hpke, results
 from cape.crypto.keys import load_rsa_public_key
-from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
+from cape.crypto.results import SEALED_ERROR_TEXT
 from cape.crypto.session_keys import SessionKeys
 from cape.enclave.measure import measure_runtime
 from cape.errors import DecryptionError
 from cape.formats.attestation import AttestationDocument
-from cape.host.launcher import EnclaveConnection, expect
+from cape.host.launcher import EnclaveConnection, HostSession, expect
 from tests.integration.harness import (
     COUNTER,
     ECHO,
@@ -147,19 +147,19 @@ def test_results_sealed_to_the_clients_response_key(
     assert bound == hashlib.sha256(response.public_bytes).digest()
     assert result["encrypted"] is True and b"for my eyes only" not in result["data"]
     assert doc.public_key is not None
-    channel = ResultChannel.for_client(response, doc.public_key)
+    channel = SessionKeys.for_client(response, doc.public_key).results
     assert channel.open(0, result["data"]) == b"for my eyes only"
     # Bound to its place in the session and to this session's keys: anything else fails.
     with pytest.raises(DecryptionError):
         channel.open(1, result["data"])
     with pytest.raises(DecryptionError):
         hpke.open(response, result["data"])
-    stranger = ResultChannel.derive(
-        hpke.generate_keypair().private_key,  # type: ignore[arg-type]
+    stranger = SessionKeys.derive(
+        hpke.generate_keypair().private_key,
         doc.public_key,
         session_public=doc.public_key,
         response_public=response.public_bytes,
-    )
+    ).results
     with pytest.raises(DecryptionError):
         stranger.open(0, result["data"])
 
@@ -180,7 +180,7 @@ def test_function_errors_are_sealed_when_sealing_is_bound(
 
     doc, replies = platform.run(flow())
     assert doc.public_key is not None
-    channel = ResultChannel.for_client(response, doc.public_key)
+    channel = SessionKeys.for_client(response, doc.public_key).results
     for sequence, (reply, word) in enumerate(zip(replies, (b"first", b"second"), strict=True)):
         assert reply["t"] == "error" and not reply["fatal"]
         assert reply["message"] == SEALED_ERROR_TEXT and word not in repr(reply).encode()
@@ -424,28 +424,27 @@ def test_functions_encrypt_and_decrypt_with_their_owners_key(
     assert opened == b"kept for later"
 
 
-def _sealed_keys(doc: AttestationDocument, response: hpke.KeyPair) -> SessionKeys:
+async def _sealed_session(
+    enclave: EnclaveConnection, platform: Platform, kind: str, **kwargs: Any
+) -> tuple[HostSession, AttestationDocument, SessionKeys]:
+    """A session opened with a fresh response key and sealed inputs, its verified document and
+    the client's keys (the document must confirm sealed inputs)."""
+    response = hpke.generate_keypair()
+    session, doc = await attested(
+        enclave, platform, kind, response_key=response.public_bytes, sealed_inputs=True, **kwargs
+    )
     assert user_data(doc)["input_frames"] == "sealed"  # confirmed inside the document
     assert doc.public_key is not None
-    return SessionKeys.for_client(response, doc.public_key)
+    return session, doc, SessionKeys.for_client(response, doc.public_key)
 
 
 def test_sealed_inputs_open_in_order_after_the_documents_confirmation(
     enclave: EnclaveConnection, platform: Platform
 ) -> None:
     ciphertext, _ = deploy(enclave, platform, COUNTER)
-    response = hpke.generate_keypair()
 
     async def flow() -> list[bytes]:
-        session, doc = await attested(
-            enclave,
-            platform,
-            "run",
-            bundle=ciphertext,
-            response_key=response.public_bytes,
-            sealed_inputs=True,
-        )
-        keys = _sealed_keys(doc, response)
+        session, _, keys = await _sealed_session(enclave, platform, "run", bundle=ciphertext)
         outputs = []
         for sequence, data in enumerate((b"a", b"b", b"c")):
             await session.send({"t": "input", "data": keys.inputs.seal(sequence, data)})
@@ -460,13 +459,8 @@ def test_sealed_inputs_open_in_order_after_the_documents_confirmation(
 def test_a_sealed_test_sessions_bundle_is_input_zero(
     enclave: EnclaveConnection, platform: Platform
 ) -> None:
-    response = hpke.generate_keypair()
-
     async def flow() -> bytes:
-        session, doc = await attested(
-            enclave, platform, "test", response_key=response.public_bytes, sealed_inputs=True
-        )
-        keys = _sealed_keys(doc, response)
+        session, _, keys = await _sealed_session(enclave, platform, "test")
         await session.send({"t": "bundle", "data": keys.inputs.seal(0, zip_app(ECHO))})
         await session.send({"t": "input", "data": keys.inputs.seal(1, b"tested")})
         reply = expect(await session.receive(), "result")
@@ -497,16 +491,7 @@ def test_a_host_cannot_inject_replay_reorder_or_cut_sealed_inputs(
     ciphertext, _ = deploy(enclave, platform, COUNTER)
 
     async def flow(case: str) -> list[dict[str, Any]]:
-        response = hpke.generate_keypair()
-        session, doc = await attested(
-            enclave,
-            platform,
-            "run",
-            bundle=ciphertext,
-            response_key=response.public_bytes,
-            sealed_inputs=True,
-        )
-        keys = _sealed_keys(doc, response)
+        session, doc, keys = await _sealed_session(enclave, platform, "run", bundle=ciphertext)
         replies = []
         for frame in HOSTILE_INPUTS[case](keys, doc):
             await session.send({"t": "input", "data": frame})

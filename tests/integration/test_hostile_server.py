@@ -37,6 +37,7 @@ from cape.crypto import hpke, results
 from cape.crypto.envelope import DECRYPTION_FAILED
 from cape.crypto.keys import public_key_der
 from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
+from cape.crypto.session_keys import SessionKeys
 from cape.errors import (
     BusyError,
     CapeError,
@@ -510,12 +511,12 @@ def _host_channel_claiming_the_attested_key(enclave: Enclave) -> ResultChannel:
     """The host's own key, but the attested session key named in the HKDF info."""
     assert enclave.response_key is not None
     private = x25519.X25519PrivateKey.generate()
-    return ResultChannel.derive(
+    return SessionKeys.derive(
         private,
         enclave.response_key,
         session_public=enclave.key.public_bytes,
         response_public=enclave.response_key,
-    )
+    ).results
 
 
 DECRYPTION_OR_SHORT = "^decryption failed: |^a sealed reply is shorter than its tag$"

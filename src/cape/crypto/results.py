@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cape.crypto.envelope import DECRYPTION_FAILED
-from cape.crypto.hpke import KeyPair
 from cape.errors import DecryptionError, KeyFormatError, MalformedEnvelopeError
 
 __all__ = [
@@ -89,43 +88,11 @@ def sequence_nonce(sequence: int) -> bytes:
 
 
 class ResultChannel:
-    """One session's result key; ``seal``/``open`` take the reply's sequence number."""
+    """One session's result key; ``seal``/``open`` take the reply's sequence number. Derived
+    with the session's input key by :class:`cape.crypto.session_keys.SessionKeys`."""
 
     def __init__(self, key: bytes) -> None:
         self._aead = ChaCha20Poly1305(key)
-
-    @classmethod
-    def derive(
-        cls,
-        private_key: x25519.X25519PrivateKey,
-        peer_public: bytes,
-        *,
-        session_public: bytes,
-        response_public: bytes,
-    ) -> ResultChannel:
-        """Either side: its own private key, the other's public key, both public keys."""
-        shared = x25519_shared(private_key, peer_public)
-        return cls(channel_key(shared, INFO, session_public, response_public))
-
-    @classmethod
-    def for_client(cls, response_key: KeyPair, session_public: bytes) -> ResultChannel:
-        """The client's side: its response key pair and the attested session key."""
-        return cls.derive(
-            response_key.private_key,  # type: ignore[arg-type]  # checked in derive
-            session_public,
-            session_public=session_public,
-            response_public=response_key.public_bytes,
-        )
-
-    @classmethod
-    def for_enclave(cls, session_key: KeyPair, response_public: bytes) -> ResultChannel:
-        """The enclave's side: its session key pair and the client's response key."""
-        return cls.derive(
-            session_key.private_key,  # type: ignore[arg-type]  # checked in derive
-            response_public,
-            session_public=session_key.public_bytes,
-            response_public=response_public,
-        )
 
     def seal(self, sequence: int, data: bytes, *, kind: bytes = RESULT) -> bytes:
         return self._aead.encrypt(sequence_nonce(sequence), bytes(data), kind)

@@ -7,13 +7,14 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from cape.crypto import hpke, results
 from cape.crypto.results import ResultChannel
+from cape.crypto.session_keys import SessionKeys
 from cape.errors import DecryptionError, KeyFormatError, MalformedEnvelopeError
 
 
 def _pair() -> tuple[ResultChannel, ResultChannel, hpke.KeyPair, hpke.KeyPair]:
     session, response = hpke.generate_keypair(), hpke.generate_keypair()
-    enclave = ResultChannel.for_enclave(session, response.public_bytes)
-    client = ResultChannel.for_client(response, session.public_bytes)
+    enclave = SessionKeys.for_enclave(session, response.public_bytes).results
+    client = SessionKeys.for_client(response, session.public_bytes).results
     return enclave, client, session, response
 
 
@@ -43,12 +44,12 @@ def test_wrong_sequence_kind_or_bytes_do_not_open() -> None:
 
 def test_someone_with_only_the_public_keys_cannot_seal_or_open() -> None:
     enclave, client, session, response = _pair()
-    host = ResultChannel.derive(
-        hpke.generate_keypair().private_key,  # type: ignore[arg-type]
+    host = SessionKeys.derive(
+        hpke.generate_keypair().private_key,
         response.public_bytes,
         session_public=session.public_bytes,
         response_public=response.public_bytes,
-    )
+    ).results
     with pytest.raises(DecryptionError):
         client.open(0, host.seal(0, b"forged"))
     with pytest.raises(DecryptionError):
@@ -60,12 +61,12 @@ def test_someone_with_only_the_public_keys_cannot_seal_or_open() -> None:
 
 def test_keys_are_bound_to_the_session() -> None:
     enclave, _, session, response = _pair()
-    other = ResultChannel.derive(
-        response.private_key,  # type: ignore[arg-type]
+    other = SessionKeys.derive(
+        response.private_key,
         session.public_bytes,
         session_public=session.public_bytes,
         response_public=hpke.generate_keypair().public_bytes,  # another transcript
-    )
+    ).results
     with pytest.raises(DecryptionError):
         other.open(0, enclave.seal(0, b"x"))
 
@@ -73,12 +74,12 @@ def test_keys_are_bound_to_the_session() -> None:
 def test_bad_keys_are_refused() -> None:
     key = x25519.X25519PrivateKey.generate()
     with pytest.raises(KeyFormatError):
-        ResultChannel.derive(key, b"\x00" * 32, session_public=b"", response_public=b"")
+        SessionKeys.derive(key, b"\x00" * 32, session_public=b"", response_public=b"")
     with pytest.raises(KeyFormatError):
-        ResultChannel.derive(key, b"short", session_public=b"", response_public=b"")
+        SessionKeys.derive(key, b"short", session_public=b"", response_public=b"")
     with pytest.raises(KeyFormatError):
-        ResultChannel.derive(
-            hpke.generate_keypair(hpke.Suite.MLKEM768_X25519).private_key,  # type: ignore[arg-type]
+        SessionKeys.derive(
+            hpke.generate_keypair(hpke.Suite.MLKEM768_X25519).private_key,
             b"\x01" * 32,
             session_public=b"",
             response_public=b"",

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from cape.crypto import hpke
+from cape.crypto import hpke, results
 from cape.crypto.results import ResultChannel
 from cape.crypto.session_keys import InputChannel, SessionKeys
 from cape.errors import DecryptionError, KeyFormatError, MalformedEnvelopeError
@@ -53,11 +53,13 @@ def test_the_derivation_matches_its_vectors() -> None:
     # the results half is the channel sealed results always used
     assert enclave.results.seal(0, b"hello").hex() == RESULT_0
     session = x25519.X25519PrivateKey.from_private_bytes(SESSION_PRIVATE)
-    alone = ResultChannel.derive(
-        session,
-        bytes.fromhex(RESPONSE_PUBLIC),
-        session_public=bytes.fromhex(SESSION_PUBLIC),
-        response_public=bytes.fromhex(RESPONSE_PUBLIC),
+    alone = ResultChannel(
+        results.channel_key(
+            results.x25519_shared(session, bytes.fromhex(RESPONSE_PUBLIC)),
+            results.INFO,
+            bytes.fromhex(SESSION_PUBLIC),
+            bytes.fromhex(RESPONSE_PUBLIC),
+        )
     )
     assert alone.open(0, bytes.fromhex(RESULT_0)) == b"hello"
 
