@@ -99,12 +99,7 @@ class Runtime:
         # frame first (issue 16: two copies of a 1 MiB result, ≈0.1 ms, per call).
         parts = encode_frame_parts(message)
         async with self._write_lock:
-            transport = self._transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the channel to the host is closed")
-            for part in parts:
-                transport.write(part)
-            await self._protocol.drain()
+            await self._protocol.write(parts)
         if message["t"] in ("close", "error") and (message["t"] == "close" or message.get("fatal")):
             self._sessions.pop(message.get("sid", 0), None)
 

@@ -43,7 +43,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import cbor2
@@ -157,6 +157,9 @@ def parse_frame_body(body: bytes | memoryview) -> dict[str, Any]:
 #: Bytes the protocol's own buffer holds: room for many small frames per ``recv``. A frame whose
 #: body is larger than :data:`SPLICE_MIN_BYTES` is read into a buffer of its own length instead.
 READ_BUFFER_BYTES = 256 * 1024
+
+#: The largest slice :meth:`FrameProtocol.write` hands the transport before draining.
+WRITE_SLICE_BYTES = 1 << 20
 
 #: A large frame's buffer up to this size is kept and reused for the next large frame (no
 #: allocation, zero-filling and page faults per 1 MiB call); larger ones are freed after use.
@@ -310,6 +313,20 @@ class FrameProtocol(asyncio.BufferedProtocol):
             waiter = self._drainers.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+    async def write(self, parts: Sequence[bytes], slice_bytes: int = WRITE_SLICE_BYTES) -> None:
+        """Write one frame's parts (:func:`encode_frame_parts`) by reference, in slices of at
+        most ``slice_bytes`` with a :meth:`drain` after each, so that the transport never
+        buffers a second copy of a large payload (a bundle); :class:`ConnectionError` once the
+        channel is closed or lost. Callers serialise whole frames (a lock)."""
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), slice_bytes):
+                transport = self.transport
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("the channel is closed")
+                transport.write(view[start : start + slice_bytes])
+                await self.drain()
 
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark again;

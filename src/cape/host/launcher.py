@@ -44,7 +44,6 @@ Provider = Callable[[], Mapping[str, Any]]
 """Returns the ``credentials`` for a new simulated enclave (the simulated AWS's role)."""
 
 READY_TIMEOUT_S = 60.0
-WRITE_SLICE_BYTES = 1 << 20
 
 
 class HostSession:
@@ -156,20 +155,11 @@ class EnclaveConnection:
         parts = encode_frame_parts(message)
         if self._tap is not None:
             self._tap("to-enclave", b"".join(parts))
-        transport = self._transport
-        if transport is None:
+        if self._transport is None:
             raise TransportError("the enclave channel is not open")
         async with self._write_lock:
             try:
-                for part in parts:
-                    # Large payloads go out in slices, draining between them, so the
-                    # transport never buffers a second copy of a bundle.
-                    view = memoryview(part)
-                    for start in range(0, len(view), WRITE_SLICE_BYTES):
-                        if transport.is_closing():
-                            raise ConnectionResetError("the channel is closed")
-                        transport.write(view[start : start + WRITE_SLICE_BYTES])
-                        await self._protocol.drain()
+                await self._protocol.write(parts)  # a bundle in slices, never a second copy
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"the enclave channel is broken: {exc}") from None
 
