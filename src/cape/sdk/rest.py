@@ -28,6 +28,21 @@ def refusal_text(body: bytes | bytearray) -> str | None:
     return str(parsed.get("error") or parsed.get("message") or "")[:300]
 
 
+def retry_after_seconds(value: object) -> int | None:
+    """A ``Retry-After`` of whole seconds (the only form Cape sends: a header's text, or a
+    number in a busy error frame), else ``None``."""
+    if isinstance(value, str) and value.strip().isdigit() and len(value) < 8:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**7:
+        return value
+    return None
+
+
+def retry_hint(seconds: int | None) -> str:
+    """What a refusal's one line adds when the server says when to try again."""
+    return "" if seconds is None else f"; try again in {seconds} s"
+
+
 def refused(
     message: str, text: str, status: int, retry_after: str | None = None
 ) -> RequestRefusedError:
@@ -35,8 +50,7 @@ def refused(
     server's ``Retry-After`` (whole seconds) when it says when to try again."""
     if "token is expired" in text:
         message += "; log in again"
-    if retry_after is not None and retry_after.strip().isdigit() and len(retry_after) < 8:
-        message += f"; try again in {int(retry_after)} s"
+    message += retry_hint(retry_after_seconds(retry_after))
     return RequestRefusedError(message, status=status)
 
 

@@ -46,7 +46,7 @@ from cape.errors import (
     VerificationError,
 )
 from cape.formats.attestation import AttestationDocument
-from cape.sdk.rest import refusal_text, refused
+from cape.sdk.rest import refusal_text, refused, retry_after_seconds, retry_hint
 from cape.verify.policy import AttestationPolicy
 from cape.verify.verifier import VerificationCache, verify_attestation
 
@@ -367,16 +367,11 @@ def _refusal(exc: websockets.InvalidStatus) -> RequestRefusedError | BusyError:
     error = refused(message, text, status, retry_after)
     if status not in BUSY_STATUSES:
         return error
-    return BusyError(str(error), retry_after_s=_seconds(retry_after))
+    return BusyError(str(error), retry_after_s=_float(retry_after_seconds(retry_after)))
 
 
-def _seconds(value: object) -> float | None:
-    """A ``Retry-After`` of whole seconds (the only form Cape sends), else ``None``."""
-    if isinstance(value, str) and value.strip().isdigit() and len(value) < 8:
-        return float(int(value))
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**7:
-        return float(value)
-    return None
+def _float(seconds: int | None) -> float | None:
+    return None if seconds is None else float(seconds)
 
 
 def _error_of(parsed: dict[str, Any]) -> CapeError:
@@ -385,9 +380,8 @@ def _error_of(parsed: dict[str, Any]) -> CapeError:
     :class:`FunctionError` (the session goes on)."""
     text = str(parsed["error"])
     if parsed.get("busy") is True:
-        retry_after_s = _seconds(parsed.get("retry_after"))
-        hint = f"; try again in {int(retry_after_s)} s" if retry_after_s is not None else ""
-        return BusyError(f"{text}{hint}", retry_after_s=retry_after_s)
+        seconds = retry_after_seconds(parsed.get("retry_after"))
+        return BusyError(f"{text}{retry_hint(seconds)}", retry_after_s=_float(seconds))
     return FunctionError(text)
 
 
