@@ -5,8 +5,8 @@ to the pinned root, carry this session's nonce, match any pinned PCRs and functi
 and bind this client's response key (``user_data.response_key_sha256``) so that results come
 back sealed to it. When the document also confirms ``input_frames: "sealed"`` (ours), inputs
 go under the session's input key instead of one HPKE seal each (protocol.md "Sealed inputs").
-Both sealed channels run under AES-256-GCM, which the client asks for and the document must
-confirm (``sealing``, ours; protocol.md "Sealing").
+Both sealed channels run under AES-256-GCM when the client's request for it is confirmed by the
+document (``sealing``, ours; protocol.md "Sealing"), else under ChaCha20-Poly1305 (v1).
 Anything else ends the session with a :class:`~cape.errors.CapeError`: the client fails closed.
 """
 
@@ -36,7 +36,13 @@ from websockets.uri import parse_uri
 
 from cape.crypto import hpke
 from cape.crypto.results import ERROR, ResultChannel
-from cape.crypto.session_keys import AES_256_GCM, SEALINGS, InputChannel, SessionKeys
+from cape.crypto.session_keys import (
+    AES_256_GCM,
+    CHACHA20_POLY1305,
+    SEALINGS,
+    InputChannel,
+    SessionKeys,
+)
 from cape.errors import (
     BusyError,
     CapeError,
@@ -246,11 +252,11 @@ class Session:
                 )
             if document.public_key is None:
                 raise VerificationError("the attestation document carries no session key")
-            if sealing != AES_256_GCM.name:
-                raise VerificationError(
-                    "the enclave did not confirm AES-256-GCM sealing; refusing to continue"
-                )
-            keys = SessionKeys.for_client(response_key, document.public_key, AES_256_GCM)
+            # The document says which suite the enclave seals under: AES-256-GCM when it
+            # confirms the request, else ChaCha20-Poly1305 (v1: an older enclave, or a host that
+            # dropped the request). Both are sound; a forged suite opens nothing.
+            suite = AES_256_GCM if sealing == AES_256_GCM.name else CHACHA20_POLY1305
+            keys = SessionKeys.for_client(response_key, document.public_key, suite)
             channel = keys.results
             inputs = keys.inputs if confirmed == "sealed" else None
         elif confirmed == "sealed":
