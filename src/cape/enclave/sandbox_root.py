@@ -65,6 +65,9 @@ DEV_LINKS = (
 PROC_COVERS = ("sys", "sysrq-trigger", "irq", "bus")
 #: The sandbox's root in the zygote's template (a directory of the template's tmpfs).
 NEWROOT = "newroot"
+#: The uid (and gid) the zygote resolves the template's bind sources as: one with no access
+#: beyond what any uid has, like each session's own.
+NOBODY = 65534
 # What a sandbox holds, whichever path builds it (bubblewrap's argv in cape.enclave.spawn, or
 # build_root below): one definition, so the two cannot drift apart.
 INNER_UID = 1000
@@ -274,17 +277,26 @@ class _Tree:
         (and nodev, read-only) added to every mount of it, each keeping its other flags
         (``made``: a session's bind, whose mount point is in the template)."""
         target = self.top + dest
+        # The zygote (root) resolves a template's source as an unprivileged uid with no group,
+        # as bubblewrap does as the session's uid: a source behind a closed directory fails.
         try:
+            _fs_user(made, NOBODY)
             is_dir = stat.S_ISDIR(os.stat(source).st_mode)
         except OSError as exc:
             raise SetupFailed(f"bind {source}: {exc.strerror}") from None
+        finally:
+            _fs_user(made, 0)
         if made:
             pass
         elif is_dir:
             self._ensure_dir(target)
         else:
             self._ensure_file(target)
-        mount(source, target, None, MS_SILENT | MS_BIND | MS_REC)
+        try:
+            _fs_user(made, NOBODY)
+            mount(source, target, None, MS_SILENT | MS_BIND | MS_REC)
+        finally:
+            _fs_user(made, 0)
         extra = MS_NOSUID | (0 if devices else MS_NODEV) | (MS_RDONLY if readonly else 0)
         if made:  # a session's: every mount below (those covered by another too) in one call
             _restrict(target, extra)
@@ -329,6 +341,18 @@ class _Tree:
         mount(staged, target, None, MS_SILENT | MS_BIND)
         _remount(target, MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.unlink(staged)
+
+
+def _fs_user(skip: bool, uid: int) -> None:
+    """The file-system uid and gid the zygote resolves paths as (``skip``: a session's pid 1,
+    which is its session's uid already). Leaving 0 drops the file capabilities (no DAC
+    override) and keeps CAP_SYS_ADMIN, so that mount still works."""
+    if skip:
+        return
+    libc.setfsgid(uid)
+    libc.setfsuid(uid)
+    if libc.setfsuid(uid) != uid or libc.setfsgid(uid) != uid:  # each returns the one in force
+        raise SetupFailed(f"resolve bind sources as uid {uid}: not switched")
 
 
 class _MountAttr(ctypes.Structure):

@@ -222,6 +222,7 @@ def _build_template(config: Config) -> None:
         with contextlib.suppress(FileExistsError):  # a dead zygote's, with our pid
             os.mkdir(base, 0o711)
         config.template = base
+        os.setgroups([])  # no group's access while the tree's sources are resolved
         root.build_template(config, base)
     except root.SetupFailed as exc:
         config.failure = str(exc)
