@@ -112,14 +112,18 @@ def test_nothing_one_session_writes_is_seen_by_the_next(
     assert wrote["home"] == "/tmp"
     writable = {place for place in PLACES if wrote[place] == [0, 0]}
     assert writable == {"/tmp", "/dev/shm"}
-    assert sorted(wrote["seen"]) == sorted(  # type: ignore[arg-type]
+    seen = wrote["seen"]
+    assert isinstance(seen, list)
+    assert sorted(seen) == sorted(
         f"{place}/cape-mark-first-{kind}" for place in writable for kind in ("file", "dir")
     )
     first.close()
     second = _start(started, make_function(tmp_path, MARK_APP, name="second"))
     assert isinstance(second._spawn, ZygoteSpawn)
     again = _marks(second, "second")
-    assert not [name for name in again["seen"] if "first" in name]  # type: ignore[union-attr]
+    seen = again["seen"]
+    assert isinstance(seen, list)
+    assert not [name for name in seen if "first" in name]
     monkeypatch.setattr(zygote_module, "_settings", {"start": "bubblewrap"})
     bwrap = _marks(_start(started, make_function(tmp_path, MARK_APP, name="bwrap")), "bwrap")
     for place in PLACES:
