@@ -115,8 +115,7 @@ def read_complaint(fd: int) -> str:
 
 libc = ctypes.CDLL(None, use_errno=True)
 #: What each session's monitor and pid 1 call: looked up once here, in the zygote, rather
-#: than after each fork (ctypes resolves and caches a function on first use; issue 16: the
-#: first mount_setattr through ``syscall`` cost pid 1 ≈ 0.17 ms).
+#: than after each fork (ctypes resolves and caches a function on first use; issue 16).
 for _name in ("capset", "mount", "prctl", "sethostname", "syscall", "umount2", "unshare"):
     getattr(libc, _name)
 
