@@ -5,8 +5,9 @@ full handshake verifies the server's certificate chain and its signature over th
 a resumed TLS 1.3 handshake (RFC 8446 §2.2) instead proves that the server holds the
 resumption secret of an earlier full handshake that *this* :class:`ssl.SSLContext` verified
 for the same host and port, and still agrees a fresh (EC)DHE key (OpenSSL's clients offer only
-``psk_dhe_ke``), so each connection keeps forward secrecy. That saves ≈ 0.3 to 0.5 ms of the
-client's CPU per session (benchmarks/README.md, "The Python SDK's CPU per session").
+``psk_dhe_ke``), so each connection keeps forward secrecy. That saves ≈ 0.2 ms of the
+client's CPU per session net of CPython's copies of the session (benchmarks/README.md, "The
+Python SDK's CPU per session"), and spares the server its handshake signature.
 
 The rules, each of which :mod:`tests.unit.sdk.test_tls_resumption` checks:
 
