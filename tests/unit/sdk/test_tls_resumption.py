@@ -177,3 +177,56 @@ def test_a_connection_through_a_proxy_gets_the_callers_context_unchanged(
         return context is options.ssl_context and offered is None, kept
 
     assert _run(scenario) == (True, True)
+
+
+def test_a_server_that_gives_no_tickets_is_left_alone_for_a_while_then_tried_again(
+    tls: TlsFiles, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading a connection's session costs a copy of it: not on every connection to a server
+    # that never has a ticket to give.
+    monkeypatch.setattr(sdk_tls, "REST_CONNECTIONS", 2)
+    options = _options(tls, pki)
+    no_tickets = server_ssl_context(tls)
+    no_tickets.num_tickets = 0
+
+    async def scenario() -> list[bool]:
+        async with HostileServer(tls, pki, ssl_context=no_tickets) as server:
+            port = _port(server.url)
+            resting = []
+            for _ in range(sdk_tls.MISSES_BEFORE_REST + 3):
+                await _session(server.url, options)
+                resting.append(sdk_tls.TICKETS.resting(options.ssl_context, "127.0.0.1", port))
+            no_tickets.num_tickets = 2  # from now on it gives tickets: tried again, resumed
+            for _ in range(3):
+                await _session(server.url, options)
+            resting.append(await _session(server.url, options))
+        return resting
+
+    misses = sdk_tls.MISSES_BEFORE_REST
+    outcome = _run(scenario)
+    # resting after the misses, for two connections; the third is the trial (a miss again)
+    assert outcome[: misses + 3] == [False] * (misses - 1) + [True, True, False, False]
+    assert outcome[-1] is True  # once the server gives tickets, sessions resume again
+
+
+def test_a_server_that_never_knows_its_tickets_stops_being_offered_them(
+    tls: TlsFiles, pki: Pki
+) -> None:
+    # A server restarted (or a balancer's other node) at every session: each offered ticket
+    # is refused, so after a few the client stops offering and reading them.
+    options = _options(tls, pki)
+
+    async def scenario() -> tuple[list[bool], bool]:
+        async with HostileServer(tls, pki) as server:
+            port = _port(server.url)
+            await _session(server.url, options)
+        resumed = []
+        for _ in range(sdk_tls.MISSES_BEFORE_REST):
+            fresh_keys = server_ssl_context(tls)  # new ticket keys: the old tickets mean nothing
+            async with HostileServer(tls, pki, ssl_context=fresh_keys, port=port) as server:
+                resumed.append(await _session(server.url, options))
+        return resumed, sdk_tls.TICKETS.resting(options.ssl_context, "127.0.0.1", port)
+
+    resumed, resting = _run(scenario)
+    assert resumed == [False] * sdk_tls.MISSES_BEFORE_REST
+    assert resting
