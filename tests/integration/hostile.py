@@ -69,6 +69,7 @@ __all__ = [
     "client_ssl_context",
     "echo",
     "honest",
+    "server_ssl_context",
     "session_channel",
 ]
 
@@ -119,7 +120,8 @@ def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(tls.ca_cert))
 
 
-def _server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+    """The server's TLS context: the ``tls`` files' certificate."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tls.server_cert, tls.server_key)
     return context
@@ -407,6 +409,8 @@ class HostileServer:
         refuse: tuple[int, str] | None = None,
         retry_after: str | None = None,
         subprotocol: str = SUBPROTOCOL,
+        ssl_context: ssl.SSLContext | None = None,
+        port: int = 0,
     ) -> None:
         self.tls = tls
         self.pki = pki
@@ -417,6 +421,9 @@ class HostileServer:
         self._retry_after = retry_after
         """The refusal's ``Retry-After`` header, if any."""
         self._subprotocol = subprotocol
+        self._ssl_context = ssl_context
+        """The server's TLS context (default: the ``tls`` files' certificate)."""
+        self._port = port
         self._server: Server | None = None
 
     @property
@@ -429,8 +436,8 @@ class HostileServer:
         self._server = await serve(
             self._handle,
             "127.0.0.1",
-            0,
-            ssl=_server_ssl_context(self.tls),
+            self._port,
+            ssl=self._ssl_context or server_ssl_context(self.tls),
             process_request=self._process_request,
             select_subprotocol=self._select_subprotocol,
             compression=None,

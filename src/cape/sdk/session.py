@@ -55,12 +55,13 @@ from cape.errors import (
 )
 from cape.formats.attestation import AttestationDocument
 from cape.sdk.rest import refusal_text, refused, retry_after_seconds, retry_hint
+from cape.sdk.tls import TICKETS
 from cape.verify.policy import AttestationPolicy
 from cape.verify.verifier import VerificationCache, verify_attestation
 
 __all__ = ["Session", "SessionOptions", "ws_url"]
 
-_VERIFIED = VerificationCache(max_entries=256)
+_VERIFIED = VerificationCache(max_entries=256, documents=False)
 """Certificate chains this process has verified: every session to one enclave brings a fresh
 document but the same chain, which is then not verified again while all its certificates are
 valid (the document's signature, time, nonce and PCRs are checked every time)."""
@@ -184,11 +185,17 @@ class Session:
         """Connect, send a fresh nonce (and response key), verify the returned document."""
         try:
             address = ws_url(url, path)
+            proxy = proxy_for(address)
+            uri = parse_uri(address)
+            # A saved TLS 1.3 session of this server and context, if any (cape.sdk.tls).
+            tls, offered = TICKETS.offer(
+                options.ssl_context, uri.host, uri.port, direct=proxy is None
+            )
             websocket = await websockets.connect(
                 address,
-                proxy=proxy_for(address),
+                proxy=proxy,
                 subprotocols=[SUBPROTOCOL, token],  # type: ignore[list-item]
-                ssl=options.ssl_context,
+                ssl=tls,
                 max_size=None,
                 open_timeout=OPEN_TIMEOUT_S,
                 compression=None,
@@ -197,6 +204,7 @@ class Session:
             raise _refusal(exc) from None
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             raise TransportError(f"cannot reach the Cape server at {url}: {exc}") from None
+        TICKETS.keep(options.ssl_context, uri.host, uri.port, websocket.transport, offered)
         try:
             return await cls._attest(websocket, options)
         except BaseException:
