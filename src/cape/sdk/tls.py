@@ -18,9 +18,6 @@ The rules, each of which :mod:`tests.unit.sdk.test_tls_resumption` checks:
   another server gets a full handshake);
 - only TLS 1.3 sessions are kept (TLS 1.2 resumption repeats the old master secret), and only
   tickets still inside their lifetime are offered;
-- a server that did not resume an offered ticket, or gave none, a few connections in a row
-  (a balancer across nodes, restarts, no tickets) is left alone for a while: reading and
-  offering sessions cost CPython a copy each, which would otherwise make it dearer to reach;
 - a connection through an HTTP proxy, or on an event loop that is not asyncio's own (which
   may not call :meth:`ssl.SSLContext.wrap_bio`), uses the caller's context unchanged: a full
   handshake, as before.
@@ -39,18 +36,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Final, cast
 
-__all__ = ["MISSES_BEFORE_REST", "REST_CONNECTIONS", "TICKETS", "TICKETS_PER_SERVER", "TicketStore"]
+__all__ = ["TICKETS", "TICKETS_PER_SERVER", "TicketStore"]
 
 TICKETS_PER_SERVER: Final = 32
 """Saved sessions per server and context; the oldest go first (a burst of concurrent
 sessions each brings a fresh ticket back, which the next burst uses)."""
-MISSES_BEFORE_REST: Final = 3
-REST_CONNECTIONS: Final = 64
-"""A server that did not resume or give a ticket :data:`MISSES_BEFORE_REST` times in a row
-is neither offered nor asked for sessions for its next :data:`REST_CONNECTIONS` connections."""
 
 
 class _Offering:
@@ -87,33 +79,15 @@ class _Offering:
         return getattr(self._context, name)
 
 
-@dataclass
-class _Server:
-    """What the store knows of one server (per context): its saved sessions, and whether it
-    has lately failed to resume or to give tickets."""
-
-    saved: deque[ssl.SSLSession]
-    misses: int = 0
-    """Connections in a row that were offered a ticket and did not resume, or brought none."""
-    resting: int = 0
-    """Connections still to make without offering or reading a session (a back-off)."""
-
-
 class TicketStore:
-    """Saved TLS 1.3 sessions per ``SSLContext`` and server (see the module docstring).
-
-    Reading a connection's session and offering one each cost CPython a copy of the session
-    (≈ 0.2 ms each, the server's certificate included), so a server that does not resume
-    (behind a balancer across nodes, restarted, without tickets or TLS 1.3) would make every
-    connection dearer: after :data:`MISSES_BEFORE_REST` such connections in a row, the next
-    :data:`REST_CONNECTIONS` to it neither offer nor read a session, then it is tried again."""
+    """Saved TLS 1.3 sessions per ``SSLContext`` and server (see the module docstring)."""
 
     def __init__(self, per_server: int = TICKETS_PER_SERVER) -> None:
         self._per_server = per_server
         self._lock = threading.Lock()
-        self._servers: weakref.WeakKeyDictionary[ssl.SSLContext, dict[tuple[str, int], _Server]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._saved: weakref.WeakKeyDictionary[
+            ssl.SSLContext, dict[tuple[str, int], deque[ssl.SSLSession]]
+        ] = weakref.WeakKeyDictionary()
 
     def offer(
         self, context: ssl.SSLContext, host: str, port: int, *, direct: bool
@@ -139,59 +113,34 @@ class TicketStore:
         """Save the session of an open connection (its ``transport``) for a later one, if it
         is a TLS 1.3 session with a ticket other than the ``offered`` one (spent)."""
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        if not isinstance(ssl_object, ssl.SSLObject):
+        if not isinstance(ssl_object, ssl.SSLObject) or ssl_object.version() != "TLSv1.3":
+            return
+        session = ssl_object.session
+        if session is None or not session.has_ticket or not _fresh(session):
+            return
+        if offered is not None and session == offered:  # no fresh ticket came: not reused
             return
         with self._lock:
-            server = self._server(context, host, port)
-            if server.resting > 0:
-                return
-        session = ssl_object.session if ssl_object.version() == "TLSv1.3" else None
-        usable = session is not None and session.has_ticket and _fresh(session)
-        resumed = offered is not None and ssl_object.session_reused
-        with self._lock:
-            if (offered is not None and not resumed) or not usable:
-                server.misses += 1
-            else:
-                server.misses = 0
-            if server.misses >= MISSES_BEFORE_REST:
-                server.misses, server.resting = 0, REST_CONNECTIONS
-                server.saved.clear()
-                return
-            if not usable or session is None or session == offered:  # no fresh ticket came
-                return
-            if session not in server.saved:
-                server.saved.append(session)
+            servers = self._saved.setdefault(context, {})
+            saved = servers.setdefault((host, port), deque(maxlen=self._per_server))
+            if session not in saved:
+                saved.append(session)
 
     def clear(self) -> None:
-        """Forget every saved session and back-off."""
+        """Forget every saved session."""
         with self._lock:
-            self._servers.clear()
+            self._saved.clear()
 
     def saved(self, context: ssl.SSLContext, host: str, port: int) -> int:
         """How many sessions are saved for this context and server (for tests and figures)."""
         with self._lock:
-            return len(self._server(context, host, port).saved)
-
-    def resting(self, context: ssl.SSLContext, host: str, port: int) -> bool:
-        """Whether connections to this server currently neither offer nor read sessions."""
-        with self._lock:
-            return self._server(context, host, port).resting > 0
-
-    def _server(self, context: ssl.SSLContext, host: str, port: int) -> _Server:
-        servers = self._servers.setdefault(context, {})
-        server = servers.get((host, port))
-        if server is None:
-            server = servers[(host, port)] = _Server(deque(maxlen=self._per_server))
-        return server
+            return len(self._saved.get(context, {}).get((host, port), ()))
 
     def _take(self, context: ssl.SSLContext, host: str, port: int) -> ssl.SSLSession | None:
         with self._lock:
-            server = self._server(context, host, port)
-            if server.resting > 0:  # the connection that ends the rest reads its session
-                server.resting -= 1
-                return None
-            while server.saved:
-                session = server.saved.pop()  # the newest
+            saved = self._saved.get(context, {}).get((host, port))
+            while saved:
+                session = saved.pop()  # the newest
                 if _fresh(session):
                     return session
             return None
