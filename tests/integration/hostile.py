@@ -69,7 +69,6 @@ __all__ = [
     "client_ssl_context",
     "echo",
     "honest",
-    "server_ssl_context",
     "session_channel",
 ]
 
@@ -120,8 +119,7 @@ def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(tls.ca_cert))
 
 
-def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
-    """The server's TLS context: the ``tls`` files' certificate."""
+def _server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tls.server_cert, tls.server_key)
     return context
@@ -409,8 +407,6 @@ class HostileServer:
         refuse: tuple[int, str] | None = None,
         retry_after: str | None = None,
         subprotocol: str = SUBPROTOCOL,
-        ssl_context: ssl.SSLContext | None = None,
-        port: int = 0,
     ) -> None:
         self.tls = tls
         self.pki = pki
@@ -421,9 +417,6 @@ class HostileServer:
         self._retry_after = retry_after
         """The refusal's ``Retry-After`` header, if any."""
         self._subprotocol = subprotocol
-        self._ssl_context = ssl_context
-        """The server's TLS context (default: the ``tls`` files' certificate)."""
-        self._port = port
         self._server: Server | None = None
 
     @property
@@ -436,8 +429,8 @@ class HostileServer:
         self._server = await serve(
             self._handle,
             "127.0.0.1",
-            self._port,
-            ssl=self._ssl_context or server_ssl_context(self.tls),
+            0,
+            ssl=_server_ssl_context(self.tls),
             process_request=self._process_request,
             select_subprotocol=self._select_subprotocol,
             compression=None,

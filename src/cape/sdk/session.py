@@ -55,7 +55,6 @@ from cape.errors import (
 )
 from cape.formats.attestation import AttestationDocument
 from cape.sdk.rest import refusal_text, refused, retry_after_seconds, retry_hint
-from cape.sdk.tls import TICKETS
 from cape.verify.policy import AttestationPolicy
 from cape.verify.verifier import VerificationCache, verify_attestation
 
@@ -185,17 +184,11 @@ class Session:
         """Connect, send a fresh nonce (and response key), verify the returned document."""
         try:
             address = ws_url(url, path)
-            proxy = proxy_for(address)
-            uri = parse_uri(address)
-            # A saved TLS 1.3 session of this server and context, if any (cape.sdk.tls).
-            tls, offered = TICKETS.offer(
-                options.ssl_context, uri.host, uri.port, direct=proxy is None
-            )
             websocket = await websockets.connect(
                 address,
-                proxy=proxy,
+                proxy=proxy_for(address),
                 subprotocols=[SUBPROTOCOL, token],  # type: ignore[list-item]
-                ssl=tls,
+                ssl=options.ssl_context,
                 max_size=None,
                 open_timeout=OPEN_TIMEOUT_S,
                 compression=None,
@@ -204,7 +197,6 @@ class Session:
             raise _refusal(exc) from None
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             raise TransportError(f"cannot reach the Cape server at {url}: {exc}") from None
-        TICKETS.keep(options.ssl_context, uri.host, uri.port, websocket.transport, offered)
         try:
             return await cls._attest(websocket, options)
         except BaseException:
