@@ -145,3 +145,18 @@ def test_check_reads_from_the_loop_and_leaves_last_used_to_its_caller(
     assert store.delete_token(issued.id, alice.id)
     with pytest.raises(AuthError, match="revoked"):
         accounts.check(issued.token, now=T0, reads=reads)
+
+
+def test_the_loop_reads_close_with_their_store(db_path: Path) -> None:
+    store = SqlMetadataStore(f"sqlite:///{db_path}")
+    reads = loop_reads(store)
+    assert reads is not None and reads.get_token(new_id()) is None  # its connection is open
+    store.close()
+    # Every connection to the database is closed: one can now hold it exclusively.
+    holder = sqlite3.connect(db_path)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+    finally:
+        holder.rollback()
+        holder.close()

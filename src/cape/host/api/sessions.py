@@ -99,14 +99,12 @@ from cape.host.api.frames import (
 )
 from cape.host.api.session_deps import BLOB_IO_THREADS as BLOB_IO_THREADS
 from cape.host.api.session_deps import DIGEST_CACHE_SIZE as DIGEST_CACHE_SIZE
-from cape.host.api.session_deps import Lifecycle, SessionDeps, _Grant, _still_allowed
-from cape.host.auth import Principal, authorize_account, authorize_run
-from cape.host.errors import NotFoundError, UnavailableError
-from cape.host.ids import is_id, new_id
+from cape.host.api.session_deps import Lifecycle, SessionDeps, _Grant, _still_allowed, authorized
+from cape.host.errors import UnavailableError
+from cape.host.ids import new_id
 from cape.host.launcher import HostSession, expect
 from cape.host.store.deploys import record_deploy
-from cape.host.store.loop_reads import ReadWouldWait, loop_reads
-from cape.host.store.metadata import Function, MetadataStore, User, check_function_name
+from cape.host.store.metadata import User, check_function_name
 
 __all__ = ["Lifecycle", "SessionDeps", "create_session_routes"]
 
@@ -357,55 +355,6 @@ Body = Callable[[WebSocket, HostSession, _Grant, Reservation, _Start], Awaitable
 def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
     """The websocket routes over ``deps`` (see the module docstring)."""
 
-    reads = loop_reads(deps.store)  # SQLite: a session's reads on the loop, never waiting
-
-    def authorize(
-        kind: str, token: str, params: dict[str, Any]
-    ) -> tuple[Principal, Function | None]:
-        """Who the token stands for and, for a run, the function it may run: one trip to a
-        worker thread for every read (and the one write) a session's start makes."""
-        principal = deps.accounts.authenticate(token, now=deps.clock())
-        return principal, permitted(kind, params, principal, deps.store)
-
-    def permitted(
-        kind: str, params: dict[str, Any], principal: Principal, store: MetadataStore
-    ) -> Function | None:
-        if kind != "run":
-            authorize_account(principal)
-            return None
-        return resolve(params, principal, store)
-
-    async def authorized(
-        kind: str, token: str, params: dict[str, Any]
-    ) -> tuple[Principal, Function | None]:
-        """:func:`authorize`, with the reads on the loop where they cannot wait (SQLite in
-        WAL mode, :mod:`cape.host.store.loop_reads`): no thread trip unless the token's
-        ``last_used`` is due (once a minute per token) or a read would wait."""
-        if reads is not None:
-            now = deps.clock()
-            try:
-                principal = deps.accounts.check(token, now=now, reads=reads)
-                if deps.accounts.touch_due(principal, now):
-                    principal = await run_in_threadpool(deps.accounts.touch, principal, now)
-                return principal, permitted(kind, params, principal, reads)
-            except ReadWouldWait:
-                pass  # the same checks again, in a worker thread, on the store's connections
-        return await run_in_threadpool(authorize, kind, token, params)
-
-    def resolve(params: dict[str, Any], principal: Principal, store: MetadataStore) -> Function:
-        if "id" in params:
-            function_id = params["id"]
-            function = store.get_function(function_id) if is_id(function_id) else None
-        else:
-            try:
-                function = store.resolve_function(params["user"], params["name"])
-            except FormatError:
-                function = None
-        if function is None:
-            raise NotFoundError("no such function")
-        authorize_run(principal, function)
-        return function
-
     async def nonce(websocket: WebSocket) -> _Start:
         return _nonce_frame(await _next(websocket, deps, MAX_TEXT_FRAME_BYTES, "nonce frame"))
 
@@ -508,7 +457,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
                         raise UnavailableError(SHUTDOWN_TEXT)
                     seen = deps.store.revocations  # before the checks: no deletion slips by
                     principal, function = await authorized(
-                        kind, _token(websocket), websocket.path_params
+                        deps, kind, _token(websocket), websocket.path_params
                     )
                     reservation = admitted.enter_context(
                         deps.admission.session(principal.user.id, deploy=kind == "deploy")

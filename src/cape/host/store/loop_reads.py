@@ -2,8 +2,8 @@
 
 A session's start reads its token record, its user and, for a run, its function. Handed to a
 worker thread, those three reads (≈ 0.1 ms together) cost a thread trip and the GIL's
-hand-offs on top; on two busy cores that was ≈ 0.3-0.5 ms of the server's ≈ 4-5 ms of CPU
-per run (`benchmarks/README.md`, "The server's CPU per session, again"). With SQLite in WAL
+hand-offs on top: ≈ 0.46 ms of the server's ≈ 5.4 ms of CPU per run at 16 clients on two busy
+cores (`benchmarks/README.md`, "The server's CPU per session, again"). With SQLite in WAL
 mode a reader never waits for a writer, so the same reads can run on the loop, if nothing
 else can make them wait.
 
@@ -65,6 +65,7 @@ class LoopReads(SqlMetadataStore):
         self._engine = create_engine(
             url, poolclass=StaticPool, connect_args={"check_same_thread": False}
         )
+        self._readers = []
         event.listen(self._engine, "connect", _never_wait)
 
     def _one(self, statement: Select[Any], **params: str) -> Row[Any] | None:
@@ -89,4 +90,6 @@ def loop_reads(store: MetadataStore) -> LoopReads | None:
     database = store._engine.url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
-    return LoopReads(store)
+    reads = LoopReads(store)
+    store._readers.append(reads)  # closed with the store
+    return reads
