@@ -71,7 +71,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from _results import Curve, Results, Series, timed
 from cape.crypto import envelope, hpke
-from cape.crypto.session_keys import SessionKeys
+from cape.crypto.session_keys import AES_256_GCM, SessionKeys
 from cape.host.pool import WAIT_FOR_ENCLAVE_S
 from cape.sdk.flows import DEPLOY_CHUNK_BYTES, deploy, fetch_key, run_path
 from cape.sdk.rest import RestClient
@@ -468,9 +468,9 @@ def zip_bundle(files: dict[str, bytes]) -> bytes:
 
 def client_crypto(payload: bytes, repeats: int, *, sealed_inputs: bool = False) -> list[float]:
     """What the SDK itself does per invoke: seal the input (HPKE, or as a sealed input, ours);
-    parse, decode, open the result."""
+    parse, decode, open the result (its sealed channels under AES-256-GCM, as the SDK asks)."""
     enclave_key, response_key = hpke.generate_keypair(), hpke.generate_keypair()
-    keys = SessionKeys.for_client(response_key, enclave_key.public_bytes)
+    keys = SessionKeys.for_client(response_key, enclave_key.public_bytes, AES_256_GCM)
     channel = keys.results
     sealed_result = channel.seal(0, payload)
     frame = json.dumps(

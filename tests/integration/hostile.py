@@ -8,7 +8,9 @@ helpers to behave like a correct enclave (:func:`honest`) or to deviate from one
 In a sealed session (the client sent a response key) the honest enclave seals every reply on
 the session's :class:`~cape.crypto.results.ResultChannel`: reply *n* to an input (a result or
 a function error) is sealed with sequence number *n*, results with aad ``result`` and errors
-with aad ``error`` (the error frame is ``{"error": SEALED_ERROR_TEXT, "sealed": …}``).
+with aad ``error`` (the error frame is ``{"error": SEALED_ERROR_TEXT, "sealed": …}``). When the
+client asks for a suite (``"sealing": "aes-256-gcm"``, our SDK), the honest enclave confirms it
+in ``user_data`` and its channel runs under that suite (:attr:`Enclave.sealing`).
 
 Every frame the client sends after the server sent an attestation document is recorded in
 :attr:`SessionRecord.after_document`, so a test can prove that a client which refused the
@@ -40,7 +42,7 @@ from cape._internal.timefile import utc_now
 from cape.crypto import envelope, hpke, results
 from cape.crypto.keys import public_key_der
 from cape.crypto.results import SEALED_ERROR_TEXT, ResultChannel
-from cape.crypto.session_keys import SessionKeys
+from cape.crypto.session_keys import CHACHA20_POLY1305, SEALINGS, Sealing, SessionKeys
 from cape.enclave.secure_module.simulated import (
     InstanceCredentials,
     SimulatedAuthority,
@@ -105,9 +107,11 @@ def echo(data: bytes) -> bytes:
     return b"echo:" + data
 
 
-def session_channel(session_key: hpke.KeyPair, response_public: bytes) -> ResultChannel:
+def session_channel(
+    session_key: hpke.KeyPair, response_public: bytes, sealing: Sealing = CHACHA20_POLY1305
+) -> ResultChannel:
     """The enclave side of a session's result channel."""
-    return SessionKeys.for_enclave(session_key, response_public).results
+    return SessionKeys.for_enclave(session_key, response_public, sealing).results
 
 
 def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -211,6 +215,8 @@ class Enclave:
         self.response_key: bytes | None = None
         self.channel: ResultChannel | None = None
         """The honest result channel (sealed sessions only), set by :meth:`read_start`."""
+        self.sealing: Sealing = CHACHA20_POLY1305
+        """The suite the client asked for (with a response key), set by :meth:`read_start`."""
         self.replies = 0
         """Replies to inputs sent on the channel so far: the next reply's sequence number."""
 
@@ -236,7 +242,8 @@ class Enclave:
         key = start.get("response_key")
         self.response_key = base64.b64decode(key, validate=True) if key is not None else None
         if self.response_key is not None:
-            self.channel = session_channel(self.key, self.response_key)
+            self.sealing = SEALINGS.get(start.get("sealing") or "", CHACHA20_POLY1305)
+            self.channel = session_channel(self.key, self.response_key, self.sealing)
         return start
 
     async def drain(self) -> None:
@@ -257,6 +264,8 @@ class Enclave:
             data["owner"] = KEY_OWNER
         if self.response_key is not None:
             data["response_key_sha256"] = b64(hashlib.sha256(self.response_key).digest())
+        if self.sealing is not CHACHA20_POLY1305:
+            data["sealing"] = self.sealing.name
         return data
 
     def document(

@@ -48,7 +48,7 @@ def confirming(value: object = "sealed", *, outside: bool = False) -> Any:
             if start.get("input_frames") != "sealed" or enclave.response_key is None:
                 await enclave.drain()  # the client did not ask: it must send nothing more
                 return
-            keys = SessionKeys.for_enclave(enclave.key, enclave.response_key)
+            keys = SessionKeys.for_enclave(enclave.key, enclave.response_key, enclave.sealing)
         count = 0
         while True:
             frame = await enclave.recv()

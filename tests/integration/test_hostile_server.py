@@ -504,7 +504,7 @@ def test_plaintext_result_is_refused_when_sealing_was_bound(
 def _host_channel(enclave: Enclave) -> ResultChannel:
     """A channel the host can derive: its own X25519 key with the client's response key."""
     assert enclave.response_key is not None
-    return session_channel(hpke.generate_keypair(), enclave.response_key)
+    return session_channel(hpke.generate_keypair(), enclave.response_key, enclave.sealing)
 
 
 def _host_channel_claiming_the_attested_key(enclave: Enclave) -> ResultChannel:
@@ -516,6 +516,7 @@ def _host_channel_claiming_the_attested_key(enclave: Enclave) -> ResultChannel:
         enclave.response_key,
         session_public=enclave.key.public_bytes,
         response_public=enclave.response_key,
+        sealing=enclave.sealing,
     ).results
 
 

@@ -15,6 +15,9 @@ The session key is the one in the attestation document, so a result that opens c
 the enclave that document describes; the counter makes dropped, replayed or reordered replies
 fail to open. Every reply to an input (result or function error) takes the next number. All
 primitives come from ``cryptography``.
+
+A client that asks for it gets the same channel under AES-256-GCM instead, with its own HKDF
+label (``cape-results-v2``; :class:`cape.crypto.session_keys.Sealing`).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cape.crypto.envelope import DECRYPTION_FAILED
 from cape.errors import DecryptionError, KeyFormatError, MalformedEnvelopeError
 
 __all__ = [
+    "AEAD",
     "ERROR",
     "INFO",
     "RESULT",
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 INFO: Final = b"cape-results-v1"
+AEAD = type[ChaCha20Poly1305] | type[AESGCM]
+"""A channel's cipher: ChaCha20-Poly1305 (v1, the default) or AES-256-GCM (v2)."""
 _TAG = 16
 _MAX_SEQUENCE = (1 << 96) - 1
 RESULT: Final = b"result"
@@ -91,11 +97,14 @@ class ResultChannel:
     """One session's result key; ``seal``/``open`` take the reply's sequence number. Derived
     with the session's input key by :class:`cape.crypto.session_keys.SessionKeys`."""
 
-    def __init__(self, key: bytes) -> None:
-        self._aead = ChaCha20Poly1305(key)
+    def __init__(self, key: bytes, cipher: AEAD = ChaCha20Poly1305) -> None:
+        self._aead = cipher(key)
 
-    def seal(self, sequence: int, data: bytes, *, kind: bytes = RESULT) -> bytes:
-        return self._aead.encrypt(sequence_nonce(sequence), bytes(data), kind)
+    def seal(
+        self, sequence: int, data: bytes | bytearray | memoryview, *, kind: bytes = RESULT
+    ) -> bytes:
+        """Seal reply ``sequence``; ``data`` is read in place (a view or buffer is not copied)."""
+        return self._aead.encrypt(sequence_nonce(sequence), data, kind)
 
     def open(self, sequence: int, data: bytes | memoryview, *, kind: bytes = RESULT) -> bytes:
         """Open reply ``sequence``; ``data`` may be a view (of a binary result frame): it is

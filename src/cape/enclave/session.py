@@ -25,7 +25,7 @@ from typing import Any
 from cape.crypto import envelope, hpke, results, stream
 from cape.crypto.keys import load_rsa_public_key
 from cape.crypto.results import SEALED_ERROR_TEXT
-from cape.crypto.session_keys import SessionKeys
+from cape.crypto.session_keys import CHACHA20_POLY1305, SEALINGS, Sealing, SessionKeys
 from cape.enclave.keyclient import KMS_TIMEOUT_S, EnclaveKeyClient
 from cape.enclave.lanes import Lanes
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
@@ -53,6 +53,7 @@ MAX_PARTY_CHARS = 256
 INPUT_FRAMES = frozenset({"hpke", "sealed"})
 """How a run or test session's inputs arrive (``input_frames``, ours): HPKE, or sealed under
 the session's input key (crypto/session_keys.py), which the attested ``user_data`` confirms."""
+SEALING_VALUES = " or ".join(f'"{name}"' for name in SEALINGS)
 
 
 class Inbox(asyncio.Queue[dict[str, Any]]):
@@ -92,6 +93,7 @@ class _Context:
     nonce: bytes
     response_key: bytes | None
     sealed_inputs: bool
+    sealing: Sealing  # the suite of the session's sealed channels (results, inputs)
     module: SecureModule
     keys: EnclaveKeyClient
     config: SessionConfig
@@ -116,6 +118,19 @@ class _Context:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _check_sealing(message: dict[str, Any], response_key: bytes | None) -> Sealing:
+    """The open frame's ``sealing`` (ours): absent (v1, ChaCha20-Poly1305) or a suite the
+    client asked for, which needs its response key (crypto/session_keys.py)."""
+    if "sealing" not in message:
+        return CHACHA20_POLY1305
+    sealing = SEALINGS.get(message["sealing"]) if isinstance(message["sealing"], str) else None
+    if sealing is None:
+        raise FormatError(f"'sealing' must be {SEALING_VALUES}")
+    if response_key is None:
+        raise FormatError("'sealing' needs a response key")
+    return sealing
 
 
 def _check_open(message: dict[str, Any]) -> tuple[str, str, str, bytes, bytes | None, bool]:
@@ -147,6 +162,8 @@ def _attest(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str])
         }
     if ctx.sealed_inputs:  # confirmed inside the document, so a host cannot fake it
         user_data = {**user_data, "input_frames": "sealed"}
+    if ctx.sealing is not CHACHA20_POLY1305:  # likewise: the client refuses it unconfirmed
+        user_data = {**user_data, "sealing": ctx.sealing.name}
     encoded = json.dumps(user_data, separators=(",", ":")).encode() if user_data else None
     return ctx.module.attestation(
         nonce=ctx.nonce, public_key=session_key.public_bytes, user_data=encoded
@@ -272,7 +289,7 @@ class _Inputs:
         self.keys = (
             None
             if ctx.response_key is None
-            else SessionKeys.for_enclave(session_key, ctx.response_key)
+            else SessionKeys.for_enclave(session_key, ctx.response_key, ctx.sealing)
         )
         self.sealed = ctx.sealed_inputs
         self.count = 0
@@ -486,6 +503,7 @@ async def run_session(
             nonce,
             response_key,
             sealed_inputs,
+            _check_sealing(message, response_key),
             module,
             keys,
             config,

@@ -22,8 +22,12 @@ socket, the call channel, the stderr pipe, the services socket (optional) and on
 4. forks the sandbox's pid 1 (B), hands its pidfd to the runtime, and waits for it like
    bubblewrap's monitor (exit status ``128 + signal`` when B was killed).
 
-B builds the mount tree exactly as bubblewrap does for :class:`cape.enclave.spawn.Spawn`'s argv
-(see :func:`_build_root`), then ``setsid``, drops every capability (bounding and ambient sets
+The mount tree is bubblewrap's for :class:`cape.enclave.spawn.Spawn`'s argv, made in two parts
+(:mod:`cape.enclave.sandbox_root`): at ``init`` the zygote builds, in a mount namespace of its
+own, everything of it that is the same for every session, read-only; A's ``unshare`` copies
+that (every copied mount locked), and B mounts only what is its own (``/proc``, ``/dev/pts``,
+the size-capped ``/tmp`` and ``/dev/shm``, ``/function``) and ``pivot_root``s into it. B then
+``setsid``, drops every capability (bounding and ambient sets
 included), sets ``no_new_privs``, loads the seccomp program and runs the worker's ``main``. Any
 failed step writes one ``cape-zygote: <step>: <reason>`` line to the stderr pipe and exits with
 status 1 before user code could run (fail closed, reported like bubblewrap's own failures).
@@ -139,6 +143,9 @@ class Config:
         if self.pivot_root is None:
             raise ValueError(f"no pivot_root syscall number for {os.uname().machine}")
         self.worker = WORKER
+        #: The sessions' shared tree (root.build_template) and why it failed, if it did.
+        self.template = ""
+        self.failure: str | None = None
         for name, text in self.guest_sources:  # what the worker would compile per session
             path = f"{root.GUEST_PATH}/{name}"
             WORKER.PRECOMPILED[path] = compile(text, path, "exec", dont_inherit=True)
@@ -201,7 +208,26 @@ def _receive_init(control: socket.socket) -> Config:
         raise SystemExit("cape-zygote: the first message must be init with the seccomp program")
     with os.fdopen(fds[0], "rb") as file:
         program = file.read()
-    return Config(os.fsdecode(message).split("\0")[1:], program)
+    config = Config(os.fsdecode(message).split("\0")[1:], program)
+    _build_template(config)
+    return config
+
+
+def _build_template(config: Config) -> None:
+    """The sessions' shared read-only tree (root.build_template), at an empty directory beside
+    ``empty`` (in the runtime's support directory; mode 0711 so that each session's pid 1 can
+    reach it). A failure is kept, and each session then fails with it before anything else."""
+    base = os.path.join(os.path.dirname(config.empty), f"zygote-{os.getpid()}")
+    try:
+        with contextlib.suppress(FileExistsError):  # a dead zygote's, with our pid
+            os.mkdir(base, 0o711)
+        config.template = base
+        os.setgroups([])  # no group's access while the tree's sources are resolved
+        root.build_template(config, base)
+    except root.SetupFailed as exc:
+        config.failure = str(exc)
+    except OSError as exc:
+        config.failure = f"prepare the sandboxes' tree: {exc.strerror}"
 
 
 def _start(
@@ -277,6 +303,8 @@ def _monitor_steps(config: Config, request: Request, zygote: int) -> None:
         except OSError as exc:
             raise root.SetupFailed(f"join the session's cgroup: {exc.strerror}") from None
         os.close(fd)
+    if config.failure is not None:
+        raise root.SetupFailed(config.failure)
     uid = request.uid
     try:
         os.setgroups([])
@@ -364,7 +392,7 @@ def _write(path: str, text: str, step: str) -> None:
 def _sandbox(config: Config, request: Request) -> None:
     """B: pid 1 of the new pid namespace. Build the root, drop everything, run the worker."""
     root.prctl(root.PR_SET_PDEATHSIG, signal.SIGKILL, "die with the monitor")
-    root.build_root(config, request)
+    root.enter_root(config, request)
     try:
         os.chdir(root.FUNCTION_PATH)
         os.setsid()

@@ -222,6 +222,7 @@ class EnclaveConnection:
         bundle_sha256: bytes | None = None,
         caller: str | None = None,
         sealed_inputs: bool = False,
+        sealing: str | None = None,
     ) -> HostSession:
         """Open a session; the caller then reads the ``attestation`` frame from it (for a run
         opened with ``bundle_sha256`` alone, possibly a ``need_bundle`` frame first).
@@ -244,6 +245,8 @@ class EnclaveConnection:
             message["response_key"] = response_key
         if sealed_inputs:  # the client asked; the enclave confirms it in the document
             message["input_frames"] = "sealed"
+        if sealing is not None:  # the sealed channels' suite: likewise confirmed
+            message["sealing"] = sealing
         if bundle is not None:
             message["bundle"] = bundle
         if bundle_sha256 is not None:

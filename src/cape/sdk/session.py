@@ -5,6 +5,8 @@ to the pinned root, carry this session's nonce, match any pinned PCRs and functi
 and bind this client's response key (``user_data.response_key_sha256``) so that results come
 back sealed to it. When the document also confirms ``input_frames: "sealed"`` (ours), inputs
 go under the session's input key instead of one HPKE seal each (protocol.md "Sealed inputs").
+Both sealed channels run under AES-256-GCM when the client's request for it is confirmed by the
+document (``sealing``, ours; protocol.md "Sealing"), else under ChaCha20-Poly1305 (v1).
 Anything else ends the session with a :class:`~cape.errors.CapeError`: the client fails closed.
 """
 
@@ -34,7 +36,13 @@ from websockets.uri import parse_uri
 
 from cape.crypto import hpke
 from cape.crypto.results import ERROR, ResultChannel
-from cape.crypto.session_keys import InputChannel, SessionKeys
+from cape.crypto.session_keys import (
+    AES_256_GCM,
+    CHACHA20_POLY1305,
+    SEALINGS,
+    InputChannel,
+    SessionKeys,
+)
 from cape.errors import (
     BusyError,
     CapeError,
@@ -207,6 +215,7 @@ class Session:
             # enclave confirms them in the attested document.
             start["response_key"] = _b64(response_key.public_bytes)
             start["input_frames"] = "sealed"
+            start["sealing"] = AES_256_GCM.name  # the document must confirm it
         try:
             await websocket.send(json.dumps({"message": start}))
         except websockets.ConnectionClosed as exc:
@@ -228,6 +237,9 @@ class Session:
         confirmed = user_data.get("input_frames", "hpke")
         if confirmed not in ("hpke", "sealed"):
             raise FormatError(f"the enclave attests unknown input frames {str(confirmed)[:40]!r}")
+        sealing = user_data.get("sealing")
+        if sealing is not None and (not isinstance(sealing, str) or sealing not in SEALINGS):
+            raise FormatError(f"the enclave attests unknown sealing {str(sealing)[:40]!r}")
         if response_key is not None:
             if "response_key_sha256" not in user_data:
                 raise VerificationError(
@@ -240,11 +252,17 @@ class Session:
                 )
             if document.public_key is None:
                 raise VerificationError("the attestation document carries no session key")
-            keys = SessionKeys.for_client(response_key, document.public_key)
+            # The document says which suite the enclave seals under: AES-256-GCM when it
+            # confirms the request, else ChaCha20-Poly1305 (v1: an older enclave, or a host that
+            # dropped the request). Both are sound; a forged suite opens nothing.
+            suite = AES_256_GCM if sealing == AES_256_GCM.name else CHACHA20_POLY1305
+            keys = SessionKeys.for_client(response_key, document.public_key, suite)
             channel = keys.results
             inputs = keys.inputs if confirmed == "sealed" else None
         elif confirmed == "sealed":
             raise VerificationError("the enclave attests sealed inputs, but none were asked for")
+        elif sealing is not None:
+            raise VerificationError("the enclave attests a sealing, but none was asked for")
         if options.function_checksum is not None:
             if "func_checksum" not in user_data:
                 raise ChecksumMismatchError(

@@ -36,9 +36,12 @@ def _fixed() -> tuple[SessionKeys, SessionKeys]:
     session_public = session.public_key().public_bytes_raw()
     response_public = response.public_key().public_bytes_raw()
     assert (session_public.hex(), response_public.hex()) == (SESSION_PUBLIC, RESPONSE_PUBLIC)
-    publics = {"session_public": session_public, "response_public": response_public}
-    enclave = SessionKeys.derive(session, response_public, **publics)
-    client = SessionKeys.derive(response, session_public, **publics)
+    enclave = SessionKeys.derive(
+        session, response_public, session_public=session_public, response_public=response_public
+    )
+    client = SessionKeys.derive(
+        response, session_public, session_public=session_public, response_public=response_public
+    )
     return enclave, client
 
 

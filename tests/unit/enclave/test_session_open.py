@@ -55,3 +55,23 @@ def test_bad_input_frames_are_a_fatal_protocol_error(fields: dict[str, Any], mat
     reply = _open(**fields)
     assert reply["t"] == "error" and reply["fatal"] and reply["sid"] == 7
     assert match in reply["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"sealing": "AES-256-GCM", "response_key": RESPONSE_KEY}, "'sealing' must be"),
+        ({"sealing": "chacha20-poly1305", "response_key": RESPONSE_KEY}, "'sealing' must be"),
+        ({"sealing": 1, "response_key": RESPONSE_KEY}, "'sealing' must be"),
+        ({"sealing": None, "response_key": RESPONSE_KEY}, "'sealing' must be"),
+        ({"sealing": ["aes-256-gcm"], "response_key": RESPONSE_KEY}, "'sealing' must be"),
+        ({"sealing": "aes-256-gcm"}, "'sealing' needs a response key"),
+        ({"sealing": "aes-256-gcm", "kind": "key"}, "'sealing' needs a response key"),
+    ],
+)
+def test_bad_sealing_is_a_fatal_protocol_error(fields: dict[str, Any], match: str) -> None:
+    """``sealing`` (ours): absent (ChaCha20-Poly1305) or "aes-256-gcm" with a response key, so
+    the enclave never attests a suite no client key backs."""
+    reply = _open(**fields)
+    assert reply["t"] == "error" and reply["fatal"] and reply["sid"] == 7
+    assert match in reply["message"]

@@ -23,6 +23,12 @@ RESULT_FRAMES: Final = ("text", "binary")
 INPUT_FRAMES: Final = ("hpke", "sealed")
 """The nonce frame's ``input_frames`` (ours): ``sealed`` asks the enclave for inputs under the
 session's input key (protocol.md "Sealed inputs"); the enclave confirms it in the document."""
+SEALINGS: Final = ("aes-256-gcm",)
+"""The nonce frame's ``sealing`` (ours): the sealed channels' suite the client asks for (absent:
+ChaCha20-Poly1305); the enclave confirms it in the document (protocol.md "Sealing"). The host
+only checks and passes the name on (the suites are ``cape.crypto.session_keys.SEALINGS``, which
+a test keeps equal to this)."""
+SEALING_VALUES: Final = " or ".join(f'"{name}"' for name in SEALINGS)
 
 
 def _token(websocket: WebSocket) -> str:
@@ -47,6 +53,8 @@ class _Start:
     """Results as binary frames (``result_frames: "binary"``, our SDK), else JSON text."""
     sealed_inputs: bool = False
     """The client asked for sealed inputs (``input_frames: "sealed"``, our SDK)."""
+    sealing: str | None = None
+    """The suite the client asked for its sealed channels (``sealing``, our SDK), or None."""
 
 
 def _nonce_frame(frame: str | bytes) -> _Start:
@@ -63,7 +71,12 @@ def _nonce_frame(frame: str | bytes) -> _Start:
     response_key = b64_field(message, "response_key", 64)
     if inputs == "sealed" and response_key is None:
         raise FormatError("'input_frames': \"sealed\" needs a 'response_key'")
-    return _Start(nonce, response_key, form == "binary", inputs == "sealed")
+    sealing = message.get("sealing")
+    if "sealing" in message and (not isinstance(sealing, str) or sealing not in SEALINGS):
+        raise FormatError(f"'sealing' must be {SEALING_VALUES}")
+    if sealing is not None and response_key is None:
+        raise FormatError("'sealing' needs a 'response_key'")
+    return _Start(nonce, response_key, form == "binary", inputs == "sealed", sealing)
 
 
 async def _next(

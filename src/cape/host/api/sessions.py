@@ -370,6 +370,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
                 nonce=start.nonce,
                 response_key=start.response_key,
                 sealed_inputs=start.sealed_inputs and kind == "test",  # inputs: test, run only
+                sealing=start.sealing,
             ) as session:
                 # results exist only in test sessions (run has its own handler)
                 binary = start.binary_results and kind == "test"
@@ -426,6 +427,7 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
             nonce=start.nonce,
             response_key=start.response_key,
             sealed_inputs=start.sealed_inputs,
+            sealing=start.sealing,
             bundle=bundle,
             bundle_sha256=digest,
             affinity=function.id,
