@@ -60,7 +60,7 @@ from cape.verify.verifier import VerificationCache, verify_attestation
 
 __all__ = ["Session", "SessionOptions", "ws_url"]
 
-_VERIFIED = VerificationCache(max_entries=256)
+_VERIFIED = VerificationCache(max_entries=256, documents=False)
 """Certificate chains this process has verified: every session to one enclave brings a fresh
 document but the same chain, which is then not verified again while all its certificates are
 valid (the document's signature, time, nonce and PCRs are checked every time)."""

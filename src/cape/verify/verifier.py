@@ -28,12 +28,16 @@ window in which every certificate involved (leaf, cabundle, root) is valid. A hi
 window skips those steps; steps 3-6 always run with the caller's time and policy. A key
 service releasing several keys to one enclave session (the same document each time, or
 documents of one enclave instance, which share a chain) thus pays the ECDSA and the chain
-verification once.
+verification once. A chain's entry also holds its leaf's public key, loaded from those exact
+leaf bytes, so a new document on a known chain pays only its own signature (step 1), and
+``VerificationCache(documents=False)`` (the SDK's: every session's document is new) keeps
+chains only. The pinned root's SHA-256, part of every key, is computed once per root.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import threading
@@ -83,13 +87,17 @@ def _load_der(der: bytes, what: str) -> x509.Certificate:
             raise FormatError(f"{what} is not a valid DER X.509 certificate") from None
 
 
-def _verify_signature(signed: SignedAttestation, leaf: x509.Certificate) -> None:
+def _signing_key(leaf: x509.Certificate) -> ec.EllipticCurvePublicKey:
     try:
         key = leaf.public_key()
     except (ValueError, UnsupportedAlgorithm):
         raise SignatureError("document certificate holds an unusable public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         raise SignatureError("document certificate does not hold a P-384 ECDSA key")
+    return key
+
+
+def _verify_signature(signed: SignedAttestation, key: ec.EllipticCurvePublicKey) -> None:
     half = len(signed.cose.signature) // 2
     r = int.from_bytes(signed.cose.signature[:half], "big")
     s = int.from_bytes(signed.cose.signature[half:], "big")
@@ -214,21 +222,41 @@ class _Lru(Generic[_V]):
                 self._entries.popitem(last=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _root_fingerprint(root: x509.Certificate) -> bytes:
+    """SHA-256 of the root's DER (certificates compare and hash by their DER bytes)."""
+    return root.fingerprint(hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A chain that passed step 2: its window, and its leaf's (P-384) public key."""
+
+    window: _Window
+    key: ec.EllipticCurvePublicKey
+
+
 class VerificationCache:
     """Documents that passed steps 0-2 and chains that passed step 2, with their validity
-    windows (see the module docstring). Thread-safe; least recently used entries go first."""
+    windows (see the module docstring). Thread-safe; least recently used entries go first.
 
-    def __init__(self, max_entries: int = 1024) -> None:
+    ``documents=False`` remembers chains only: for a verifier whose every document is new
+    (each session's carries its own nonce), where remembering documents would cost a digest
+    of each and hold entries that are never asked for again."""
+
+    def __init__(self, max_entries: int = 1024, *, documents: bool = True) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
-        self._documents: _Lru[tuple[AttestationDocument, _Window]] = _Lru(max_entries)
-        self._chains: _Lru[_Window] = _Lru(max_entries)
+        self._documents: _Lru[tuple[AttestationDocument, _Window]] | None = (
+            _Lru(max_entries) if documents else None
+        )
+        self._chains: _Lru[_Chain] = _Lru(max_entries)
         self.hits = 0
         """Documents answered from the cache (steps 0-2 skipped); for tests and figures."""
 
     @staticmethod
     def _key(root: x509.Certificate, *parts: bytes) -> bytes:
-        digest = hashlib.sha256(root.fingerprint(hashes.SHA256()))
+        digest = hashlib.sha256(_root_fingerprint(root))
         for part in parts:  # length-prefixed, so no two sequences of parts collide
             digest.update(len(part).to_bytes(8, "big"))
             digest.update(part)
@@ -239,6 +267,8 @@ class VerificationCache:
     ) -> AttestationDocument | None:
         """The parsed document if these exact bytes passed steps 0-2 and ``at`` is in the
         window of its certificates."""
+        if self._documents is None:
+            return None
         entry = self._documents.get(self._key(root, data))
         if entry is None or at not in entry[1]:
             return None
@@ -248,16 +278,24 @@ class VerificationCache:
     def add_document(
         self, data: bytes, root: x509.Certificate, document: AttestationDocument, window: _Window
     ) -> None:
-        self._documents.put(self._key(root, data), (document, window))
+        if self._documents is not None:
+            self._documents.put(self._key(root, data), (document, window))
 
-    def chain(self, document: AttestationDocument, root: x509.Certificate) -> _Window | None:
-        """The window of this leaf + cabundle + root if that chain passed step 2 before."""
+    def chain(self, document: AttestationDocument, root: x509.Certificate) -> _Chain | None:
+        """The window and leaf key of this leaf + cabundle + root if that exact chain passed
+        step 2 before."""
         return self._chains.get(self._key(root, document.certificate, *document.cabundle))
 
     def add_chain(
-        self, document: AttestationDocument, root: x509.Certificate, window: _Window
+        self,
+        document: AttestationDocument,
+        root: x509.Certificate,
+        window: _Window,
+        key: ec.EllipticCurvePublicKey,
     ) -> None:
-        self._chains.put(self._key(root, document.certificate, *document.cabundle), window)
+        self._chains.put(
+            self._key(root, document.certificate, *document.cabundle), _Chain(window, key)
+        )
 
 
 def _chain_window(
@@ -292,14 +330,19 @@ def verify_attestation(
     else:
         signed = data if isinstance(data, SignedAttestation) else parse_attestation(data)  # 0
         document = signed.document
-        leaf = _load_der(document.certificate, "document certificate")
-        _verify_signature(signed, leaf)  # step 1
-        window = cache.chain(document, root) if cache is not None else None
-        if window is None or at not in window:
+        chain = cache.chain(document, root) if cache is not None else None
+        window: _Window | None
+        if chain is not None and at in chain.window:  # these exact certificates passed step 2
+            _verify_signature(signed, chain.key)  # step 1
+            window = chain.window
+        else:
+            leaf = _load_der(document.certificate, "document certificate")
+            key = _signing_key(leaf)
+            _verify_signature(signed, key)  # step 1
             _verify_chain(document, leaf, root, at)  # step 2
-            if cache is not None:
-                window = _chain_window(document, leaf, root)
-                cache.add_chain(document, root, window)
+            window = _chain_window(document, leaf, root) if cache is not None else None
+            if cache is not None and window is not None:
+                cache.add_chain(document, root, window, key)
         if cache is not None and raw is not None and window is not None:
             cache.add_document(raw, root, document, window)
     _verify_time(document, at, policy)  # step 3

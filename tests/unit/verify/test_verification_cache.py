@@ -202,3 +202,58 @@ def test_the_cache_is_bounded(module: SimulatedSecureModule, root: x509.Certific
     assert cache.hits == 1
     with pytest.raises(ValueError, match="at least 1"):
         VerificationCache(max_entries=0)
+
+
+def test_a_chain_only_cache_keeps_no_documents_and_still_skips_the_chain(
+    module: SimulatedSecureModule, root: x509.Certificate, calls: dict[str, int]
+) -> None:
+    cache = VerificationCache(documents=False)
+    data = module.attestation(nonce=b"n", public_key=b"\x01" * 32)
+    for _ in range(2):  # the same bytes: no document is remembered, so no hit
+        verify_attestation(data, root=root, now=NOW, cache=cache)
+    verify_attestation(
+        module.attestation(nonce=b"m", public_key=b"\x01" * 32), root=root, now=NOW, cache=cache
+    )
+    assert cache.hits == 0
+    assert calls == {"signature": 3, "chain": 1}
+
+
+def test_a_cached_chain_never_lends_its_key_to_another_leaf(
+    authority: SimulatedAuthority, root: x509.Certificate, clock: Clock
+) -> None:
+    # Two enclaves of one host share every certificate but the leaf. A document that shows
+    # one's leaf but is signed with the other's key fails, whichever chains are cached.
+    credentials = authority.issue_instance(NOW - dt.timedelta(hours=1))
+    one = SimulatedSecureModule(credentials, pcrs=PCRS, clock=clock)
+    two = SimulatedSecureModule(credentials, pcrs=PCRS, clock=clock)
+    cache = VerificationCache(documents=False)
+    verify_attestation(two.attestation(nonce=b"2"), root=root, now=NOW, cache=cache)
+    verify_attestation(one.attestation(nonce=b"1"), root=root, now=NOW, cache=cache)
+    leaf_one, leaf_two = one._current_leaf(NOW), two._current_leaf(NOW)
+    assert leaf_one.der != leaf_two.der
+    one._leaf = type(leaf_one)(key=leaf_one.key, certificate=leaf_two.certificate, der=leaf_two.der)
+    forged = one.attestation(nonce=b"3")  # shows two's leaf, signed with one's key
+    with pytest.raises(SignatureError):
+        verify_attestation(forged, root=root, now=NOW, cache=cache)
+
+
+def test_a_cached_chain_whose_intermediate_expired_is_verified_again_and_refused(
+    authority: SimulatedAuthority,
+    root: x509.Certificate,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cape.enclave.secure_module import simulated
+
+    monkeypatch.setattr(simulated, "ZONAL_LIFETIME", dt.timedelta(hours=1))
+    credentials = authority.issue_instance(NOW - dt.timedelta(minutes=50))  # zonal: +10 min
+    module = SimulatedSecureModule(credentials, pcrs=PCRS, clock=clock)
+    cache = VerificationCache(documents=False)
+    first = module.attestation(nonce=b"a")
+    verify_attestation(first, root=root, now=NOW, cache=cache)
+    clock.now = NOW + dt.timedelta(minutes=20)  # the same leaf, still valid; zonal expired
+    later = module.attestation(nonce=b"b")
+    leaf = parse_attestation(later).document.certificate
+    assert leaf == parse_attestation(first).document.certificate
+    with pytest.raises(ChainError, match="not valid at validation time"):
+        verify_attestation(later, root=root, now=clock.now, cache=cache)
