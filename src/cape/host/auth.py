@@ -343,8 +343,19 @@ class Accounts:
         Raises:
             AuthError: bad, expired ("token is expired") or revoked token.
         """
+        principal = self.check(token, now=now)
+        return self.touch(principal, now) if self.touch_due(principal, now) else principal
+
+    def check(
+        self, token: str, *, now: dt.datetime, reads: MetadataStore | None = None
+    ) -> Principal:
+        """:meth:`authenticate` without its one write (``last_used``): every check, with the
+        record and the user read from ``reads`` (default: the store; a session's start reads
+        on the event loop, :mod:`cape.host.store.loop_reads`). The caller then writes
+        ``last_used`` when :meth:`touch_due` says so (:meth:`touch`)."""
+        store = self._store if reads is None else reads
         claims = self._issuer.verify(token, now=now)
-        record = self._store.get_token(claims.token_id)
+        record = store.get_token(claims.token_id)
         if record is None:
             raise AuthError("token has been revoked")
         if (
@@ -357,13 +368,21 @@ class Accounts:
             seconds=LEEWAY_S
         ):
             raise AuthError("token is expired")
-        user = self._store.get_user_by_id(record.user_id)
+        user = store.get_user_by_id(record.user_id)
         if user is None:
             raise AuthError("token has been revoked")
-        if record.last_used is None or now - record.last_used >= LAST_USED_RESOLUTION:
-            self._store.touch_token(record.id, now)
-            record = replace(record, last_used=now)
         return Principal(user=user, token=record, function_scope=record.function_id)
+
+    @staticmethod
+    def touch_due(principal: Principal, now: dt.datetime) -> bool:
+        """Whether the token's ``last_used`` is older than :data:`LAST_USED_RESOLUTION`."""
+        last_used = principal.token.last_used
+        return last_used is None or now - last_used >= LAST_USED_RESOLUTION
+
+    def touch(self, principal: Principal, now: dt.datetime) -> Principal:
+        """Record ``now`` as the token's ``last_used`` (a write: never on the event loop)."""
+        self._store.touch_token(principal.token.id, now)
+        return replace(principal, token=replace(principal.token, last_used=now))
 
 
 # --------------------------------------------------------------------------- authorization

@@ -17,12 +17,15 @@ from typing import Any, Final, TypeVar
 from starlette.concurrency import run_in_threadpool
 
 from cape._internal.timefile import utc_now
+from cape.errors import FormatError
 from cape.host.admission import Admission
 from cape.host.api.frames import DrainSignal
-from cape.host.auth import Accounts, Principal
+from cape.host.auth import Accounts, Principal, authorize_account, authorize_run
 from cape.host.errors import AuthError, NotFoundError
+from cape.host.ids import is_id
 from cape.host.pool import EnclavePool
 from cape.host.store.blobs import BlobStore
+from cape.host.store.loop_reads import LoopReads, ReadWouldWait, loop_reads
 from cape.host.store.metadata import Function, MetadataStore
 
 DIGEST_CACHE_SIZE: Final = 4096
@@ -86,12 +89,15 @@ class SessionDeps:
     bundle_digests: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
     """SHA-256 of stored ciphertexts by blob key, learnt on a function's first run (blobs are
     immutable: a redeploy gets a new key)."""
+    reads: LoopReads | None = field(init=False, default=None)
+    """A session's reads on the loop (SQLite: :mod:`cape.host.store.loop_reads`), else None."""
 
     def __post_init__(self) -> None:
         if self.idle_timeout_s < 60:
             raise ValueError("the idle timeout may not be below 60 s (pycape expects it)")
         if self.frame_timeout_s <= 0:
             raise ValueError("the frame timeout must be positive")
+        self.reads = loop_reads(self.store)
 
     def remember_digest(self, blob_key: str, digest: bytes) -> None:
         self.bundle_digests[blob_key] = digest
@@ -137,3 +143,53 @@ async def _still_allowed(deps: SessionDeps, grant: _Grant) -> None:
 
     await run_in_threadpool(recheck)
     grant.seen = current
+
+
+def _authorize(
+    deps: SessionDeps, kind: str, token: str, params: dict[str, Any]
+) -> tuple[Principal, Function | None]:
+    """Who the token stands for and, for a run, the function it may run: one trip to a
+    worker thread for every read (and the one write) a session's start makes."""
+    principal = deps.accounts.authenticate(token, now=deps.clock())
+    return principal, _permitted(kind, params, principal, deps.store)
+
+
+def _permitted(
+    kind: str, params: dict[str, Any], principal: Principal, store: MetadataStore
+) -> Function | None:
+    if kind != "run":
+        authorize_account(principal)
+        return None
+    if "id" in params:
+        function_id = params["id"]
+        function = store.get_function(function_id) if is_id(function_id) else None
+    else:
+        try:
+            function = store.resolve_function(params["user"], params["name"])
+        except FormatError:
+            function = None
+    if function is None:
+        raise NotFoundError("no such function")
+    authorize_run(principal, function)
+    return function
+
+
+async def authorized(
+    deps: SessionDeps, kind: str, token: str, params: dict[str, Any]
+) -> tuple[Principal, Function | None]:
+    """Authorise a session's start (``kind``: key, deploy, test or run; ``params``: the run
+    route's ``id`` or ``user`` and ``name``). With ``deps.reads`` (SQLite in WAL mode) the
+    reads run on the loop, on a connection that never waits: no thread trip unless the
+    token's ``last_used`` is due (once a minute per token) or a read would wait, in which case
+    every check runs again in a worker thread on the store's own connections."""
+    reads = deps.reads
+    if reads is not None:
+        now = deps.clock()
+        try:
+            principal = deps.accounts.check(token, now=now, reads=reads)
+            if deps.accounts.touch_due(principal, now):
+                principal = await run_in_threadpool(deps.accounts.touch, principal, now)
+            return principal, _permitted(kind, params, principal, reads)
+        except ReadWouldWait:
+            pass  # the same checks again, in a worker thread
+    return await run_in_threadpool(_authorize, deps, kind, token, params)

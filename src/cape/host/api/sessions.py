@@ -99,13 +99,12 @@ from cape.host.api.frames import (
 )
 from cape.host.api.session_deps import BLOB_IO_THREADS as BLOB_IO_THREADS
 from cape.host.api.session_deps import DIGEST_CACHE_SIZE as DIGEST_CACHE_SIZE
-from cape.host.api.session_deps import Lifecycle, SessionDeps, _Grant, _still_allowed
-from cape.host.auth import Principal, authorize_account, authorize_run
-from cape.host.errors import NotFoundError, UnavailableError
-from cape.host.ids import is_id, new_id
+from cape.host.api.session_deps import Lifecycle, SessionDeps, _Grant, _still_allowed, authorized
+from cape.host.errors import UnavailableError
+from cape.host.ids import new_id
 from cape.host.launcher import HostSession, expect
 from cape.host.store.deploys import record_deploy
-from cape.host.store.metadata import Function, User, check_function_name
+from cape.host.store.metadata import User, check_function_name
 
 __all__ = ["Lifecycle", "SessionDeps", "create_session_routes"]
 
@@ -356,31 +355,6 @@ Body = Callable[[WebSocket, HostSession, _Grant, Reservation, _Start], Awaitable
 def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
     """The websocket routes over ``deps`` (see the module docstring)."""
 
-    def authorize(
-        kind: str, token: str, params: dict[str, Any]
-    ) -> tuple[Principal, Function | None]:
-        """Who the token stands for and, for a run, the function it may run: one trip to a
-        worker thread for every read a session's start makes."""
-        principal = deps.accounts.authenticate(token, now=deps.clock())
-        if kind != "run":
-            authorize_account(principal)
-            return principal, None
-        return principal, resolve(params, principal)
-
-    def resolve(params: dict[str, Any], principal: Principal) -> Function:
-        if "id" in params:
-            function_id = params["id"]
-            function = deps.store.get_function(function_id) if is_id(function_id) else None
-        else:
-            try:
-                function = deps.store.resolve_function(params["user"], params["name"])
-            except FormatError:
-                function = None
-        if function is None:
-            raise NotFoundError("no such function")
-        authorize_run(principal, function)
-        return function
-
     async def nonce(websocket: WebSocket) -> _Start:
         return _nonce_frame(await _next(websocket, deps, MAX_TEXT_FRAME_BYTES, "nonce frame"))
 
@@ -484,8 +458,8 @@ def create_session_routes(deps: SessionDeps) -> list[WebSocketRoute]:
                     if deps.lifecycle.draining.is_set():
                         raise UnavailableError(SHUTDOWN_TEXT)
                     seen = deps.store.revocations  # before the checks: no deletion slips by
-                    principal, function = await run_in_threadpool(
-                        authorize, kind, _token(websocket), websocket.path_params
+                    principal, function = await authorized(
+                        deps, kind, _token(websocket), websocket.path_params
                     )
                     reservation = admitted.enter_context(
                         deps.admission.session(principal.user.id, deploy=kind == "deploy")

@@ -289,6 +289,8 @@ class SqlMetadataStore(MetadataStore):
         else:
             kwargs["pool_pre_ping"] = True
         self._engine = create_engine(parsed, **kwargs)
+        self._readers: list[SqlMetadataStore] = []
+        """Stores on this one's database that close with it (the loop's reads)."""
         if self.is_sqlite:
             event.listen(self._engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
@@ -315,6 +317,8 @@ class SqlMetadataStore(MetadataStore):
             connection.execute(text("SELECT 1"))
 
     def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
         self._engine.dispose()
 
     @contextmanager
