@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import select
@@ -81,27 +82,32 @@ from typing import NoReturn
 from cape._internal.closeable import Closeable
 from cape.enclave import cgroups
 from cape.enclave.cgroups import CgroupLimits, SandboxCgroup
-from cape.enclave.sandbox_calls import _LOAD_ERROR, _READY, SandboxCalls, _one_line
+from cape.enclave.lanes import Offload
+from cape.enclave.sandbox_calls import _LOAD_ERROR, _READY, _one_line
+from cape.enclave.sandbox_loop import (
+    _LOAD_FAILURES,
+    _REAP_TIMEOUT_S,
+    UIDS,
+    SandboxLoop,
+    _prepare,
+    _spawn_async,
+    _undo,
+)
 from cape.enclave.services import Services, ServicesServer, services_response_limit
 from cape.enclave.spawn import (
     BWRAP,
-    FUNCTION_PATH,
-    GUEST_PATH,
-    WORKER_PATH,
     CgroupFailed,
-    OutputTooLarge,
-    ProtocolViolation,
     Spawn,
     Timeout,
     WorkerGone,
 )
-from cape.enclave.staging import SUPPORT, layout, move_back, place_function_dir
-from cape.enclave.uids import UidPool
-from cape.enclave.worker import settings_args
+from cape.enclave.staging import SUPPORT, layout, move_back
 from cape.enclave.zygote import (
     ZygoteSpawn,
     ZygoteUnavailable,
+    start_path,
     zygote_for,
+    zygote_known,
 )
 from cape.errors import SandboxError
 
@@ -119,15 +125,11 @@ __all__ = [
 log = logging.getLogger("cape.enclave")
 
 
-#: Host uids for sandboxes, one per live sandbox (the runtime sets the range at start-up).
-UIDS = UidPool()
-
 # The worker's exit statuses (mirrors cape.enclave.worker, which cannot import cape); its
 # frames' statuses are in cape.enclave.sandbox_calls.
 _EXIT_MEMORY = 101
 _EXIT_PROTOCOL = 102
 _EXIT_SETUP = 103
-_REAP_TIMEOUT_S = 5.0
 _EXIT_GRACE_S = 2.0
 # The kernel enforces RLIMIT_CPU on tick-charged CPU time; the rusage we read is the precise
 # runtime, which on a loaded (shared-core) machine was measured at 0.64-0.74 of the limit when
@@ -247,7 +249,7 @@ def _probe() -> SandboxError | None:
 # --- the sandbox ------------------------------------------------------------------------------
 
 
-class FunctionSandbox(SandboxCalls, Closeable):
+class FunctionSandbox(SandboxLoop, Closeable):
     """One session's sandboxed worker: ``app.py`` imported once, then one call at a time."""
 
     def __init__(
@@ -276,6 +278,7 @@ class FunctionSandbox(SandboxCalls, Closeable):
         self._cpu_s = 0.0
         self._restore: tuple[Path, Path] | None = None
         self._cgroup: SandboxCgroup | None = None
+        self._cgroup_removed = False
         self._finalizer = weakref.finalize(self, _kill_quietly, spawn)
 
     # -- lifecycle
@@ -302,41 +305,11 @@ class FunctionSandbox(SandboxCalls, Closeable):
         """
         check_isolation()
         function_dir = Path(function_dir).resolve()
-        if not function_dir.is_dir():
-            raise SandboxError("load", f"function directory {function_dir} does not exist")
-        uid = UIDS.acquire()
-        restore: tuple[Path, Path] | None = None
-        cgroup: SandboxCgroup | None = None
+        uid, restore, cgroup, source, worker_args = _prepare(function_dir, limits)
         try:
-            cgroup = _new_cgroup(limits)
-            source, original = place_function_dir(function_dir, uid)
-            if original is not None:
-                restore = (source, original)
-            config: dict[str, object] = {
-                "root": FUNCTION_PATH,
-                "limits": limits._rlimits(),
-                "max_input_bytes": limits.max_input_bytes,
-                "max_output_bytes": limits.max_output_bytes,
-                "guest_dir": GUEST_PATH,
-                "services": None,
-            }
-
-            def worker_args(fd: int, services_fd: int | None) -> list[str]:
-                if services_fd is not None:
-                    config["services"] = {
-                        "fd": services_fd,
-                        "max_request_bytes": limits.max_input_bytes,
-                        "max_response_bytes": services_response_limit(limits.max_input_bytes),
-                    }
-                return [WORKER_PATH, str(fd), *settings_args(config)]
-
             started = _spawn(uid, source, limits.tmp_bytes, worker_args, services, cgroup)
         except BaseException:
-            UIDS.release(uid)
-            if restore is not None:
-                move_back(*restore)
-            if cgroup is not None:
-                cgroup.remove()
+            _undo(uid, restore, cgroup)
             raise
         sandbox = cls(started, limits, uid, services)
         sandbox._restore = restore
@@ -344,6 +317,56 @@ class FunctionSandbox(SandboxCalls, Closeable):
         try:
             sandbox._handshake()
         except BaseException:
+            sandbox.close()
+            raise
+        return sandbox
+
+    @classmethod
+    async def start_async(
+        cls,
+        function_dir: Path,
+        offload: Offload,
+        *,
+        limits: SandboxLimits = SandboxLimits(),
+        services: Services | None = None,
+    ) -> FunctionSandbox:
+        """:meth:`start` on the event loop (issue 16), holding a calls-lane slot whose
+        ``offload`` runs what still blocks (see :meth:`cape.enclave.lanes.Lane.run_async`).
+
+        Where the sandbox zygote starts it (the runtime is root, its probe passed), the
+        request, the zygote's "forked" and "started" and the worker's READY are sent and read
+        on the loop, under the same deadlines (a wedged zygote is ended after
+        ``_FORK_TIMEOUT_S`` and that start made by bubblewrap); encryption-services requests
+        while ``app.py`` loads, a failed load's reaping and the bubblewrap path (not root,
+        ``sandbox_start = "bubblewrap"``, the first start, which probes) run on ``offload``.
+        The same errors as :meth:`start`; an interrupted start (cancelled) ends what it began.
+        """
+        function_dir = Path(function_dir).resolve()
+        if not _starts_on_loop():
+            return await offload(
+                functools.partial(cls.start, function_dir, limits=limits, services=services)
+            )
+        check_isolation()  # probed already: a look-up
+        uid, restore, cgroup, source, worker_args = _prepare(function_dir, limits)
+        try:
+            started = await _spawn_async(
+                uid, source, limits.tmp_bytes, worker_args, services, cgroup, offload
+            )
+        except BaseException:
+            _undo(uid, restore, cgroup)
+            raise
+        sandbox = cls(started, limits, uid, services)
+        sandbox._restore = restore
+        sandbox._cgroup = cgroup
+        try:
+            if isinstance(started, ZygoteSpawn):
+                await sandbox._handshake_async(offload)
+            else:
+                await offload(sandbox._handshake)
+        except Exception:
+            await offload(sandbox.close)
+            raise
+        except BaseException:  # cancelled: end it here and now, nothing may outlive the start
             sandbox.close()
             raise
         return sandbox
@@ -358,7 +381,7 @@ class FunctionSandbox(SandboxCalls, Closeable):
             self._spawn.close_fds()
             if self._pid1_fd is not None:
                 os.close(self._pid1_fd)
-            if self._cgroup is not None:
+            if self._cgroup is not None and not self._cgroup_removed:
                 self._cgroup.remove()  # nothing of the function outlives its session
             UIDS.release(self._uid, vacated=self._reaped)  # its pid namespace is gone
             if self._restore is not None:
@@ -386,29 +409,32 @@ class FunctionSandbox(SandboxCalls, Closeable):
     # -- start (calls: SandboxCalls)
 
     def _handshake(self) -> None:
-        limits = self._limits
-        deadline = time.monotonic() + limits.load_timeout_s
+        deadline = time.monotonic() + self._limits.load_timeout_s
         with self._call_lock:
             try:
                 self._read_info(deadline)
                 status, body = self._receive(deadline)
-            except Timeout:
-                self._fail(
-                    "timeout",
-                    f"loading app.py exceeded the time limit of {limits.load_timeout_s:g} s",
-                )
-            except WorkerGone:
-                self._fail_after_exit(during_load=True)
-            except (OutputTooLarge, ProtocolViolation) as exc:
-                self._fail(
-                    "crashed", f"the sandbox worker broke the protocol while loading ({exc})"
-                )
-            except CgroupFailed as exc:
-                self._fail("unavailable", f"the sandbox could not join its cgroup ({exc})")
-            if status == _LOAD_ERROR:
-                self._fail("load", _one_line(body))
-            if status != _READY or body:
-                self._fail("crashed", "the sandbox worker broke the protocol while loading")
+            except _LOAD_FAILURES as exc:
+                self._load_failed(exc)
+            self._check_loaded(status, body)
+
+    def _load_failed(self, exc: Exception) -> NoReturn:
+        limits = self._limits
+        if isinstance(exc, Timeout):
+            self._fail(
+                "timeout", f"loading app.py exceeded the time limit of {limits.load_timeout_s:g} s"
+            )
+        if isinstance(exc, WorkerGone):
+            self._fail_after_exit(during_load=True)
+        if isinstance(exc, CgroupFailed):
+            self._fail("unavailable", f"the sandbox could not join its cgroup ({exc})")
+        self._fail("crashed", f"the sandbox worker broke the protocol while loading ({exc})")
+
+    def _check_loaded(self, status: int, body: bytes) -> None:
+        if status == _LOAD_ERROR:
+            self._fail("load", _one_line(body))
+        if status != _READY or body:
+            self._fail("crashed", "the sandbox worker broke the protocol while loading")
 
     def _read_info(self, deadline: float) -> None:
         """Hold the sandbox's pid 1 by a pidfd (to kill it) once it is in its cgroup."""
@@ -488,7 +514,9 @@ class FunctionSandbox(SandboxCalls, Closeable):
                 self._dead = "the sandbox ended"
 
     def _reap(self, timeout: float | None) -> bool:
-        result = self._spawn.reap(timeout)
+        return self._reaped_with(self._spawn.reap(timeout))
+
+    def _reaped_with(self, result: tuple[int | None, float] | None) -> bool:
         if result is None:
             return False
         self._exit_code, cpu_s = result
@@ -496,17 +524,15 @@ class FunctionSandbox(SandboxCalls, Closeable):
         return True
 
 
-def _new_cgroup(limits: SandboxLimits) -> SandboxCgroup | None:
-    """The sandbox's own cgroup, or None where cgroups are unavailable (rlimits only)."""
-    groups, _ = cgroups.shared()
-    if groups is None:
-        return None
-    try:
-        return groups.create(limits._cgroup())
-    except OSError as exc:
-        raise SandboxError(
-            "unavailable", f"cannot create the sandbox's cgroup ({exc.strerror or exc})"
-        ) from None
+def _starts_on_loop() -> bool:
+    """True when a start may run on the event loop: the zygote's path, with the isolation
+    and zygote probes done (the first start runs them, on a thread)."""
+    return (
+        os.geteuid() == 0
+        and start_path() != "bubblewrap"
+        and (BWRAP, sys.executable) in _probe_results
+        and zygote_known(layout())
+    )
 
 
 def _spawn(
