@@ -90,7 +90,6 @@ from cape.enclave.sandbox_loop import (
     UIDS,
     SandboxLoop,
     _prepare,
-    _spawn_async,
     _undo,
 )
 from cape.enclave.services import Services, ServicesServer, services_response_limit
@@ -303,17 +302,25 @@ class FunctionSandbox(SandboxLoop, Closeable):
         ``SandboxError("load")`` when app.py cannot be imported or lacks ``cape_handler``,
         and other ``SandboxError`` reasons if loading times out or kills the worker.
         """
+        return cls._start(Path(function_dir), limits, services, zygote=True)
+
+    @classmethod
+    def _start(
+        cls, function_dir: Path, limits: SandboxLimits, services: Services | None, *, zygote: bool
+    ) -> FunctionSandbox:
+        """:meth:`start`; ``zygote=False``: by bubblewrap (after the zygote failed this start
+        on the event loop, see :meth:`start_async`)."""
         check_isolation()
-        function_dir = Path(function_dir).resolve()
+        function_dir = function_dir.resolve()
         uid, restore, cgroup, source, worker_args = _prepare(function_dir, limits)
         try:
-            started = _spawn(uid, source, limits.tmp_bytes, worker_args, services, cgroup)
+            started = _spawn(
+                uid, source, limits.tmp_bytes, worker_args, services, cgroup, zygote=zygote
+            )
         except BaseException:
             _undo(uid, restore, cgroup)
             raise
-        sandbox = cls(started, limits, uid, services)
-        sandbox._restore = restore
-        sandbox._cgroup = cgroup
+        sandbox = cls._adopt(started, limits, uid, services, restore, cgroup)
         try:
             sandbox._handshake()
         except BaseException:
@@ -344,31 +351,23 @@ class FunctionSandbox(SandboxLoop, Closeable):
         function_dir = Path(function_dir).resolve()
         if not _starts_on_loop():
             return await offload(
-                functools.partial(cls.start, function_dir, limits=limits, services=services)
+                functools.partial(cls._start, function_dir, limits, services, zygote=True)
             )
-        check_isolation()  # probed already: a look-up
-        uid, restore, cgroup, source, worker_args = _prepare(function_dir, limits)
-        try:
-            started = await _spawn_async(
-                uid, source, limits.tmp_bytes, worker_args, services, cgroup, offload
-            )
-        except BaseException:
-            _undo(uid, restore, cgroup)
-            raise
-        sandbox = cls(started, limits, uid, services)
+        return await cls._start_on_loop(function_dir, offload, limits, services)
+
+    @classmethod
+    def _adopt(
+        cls,
+        spawn: Spawn | ZygoteSpawn,
+        limits: SandboxLimits,
+        uid: int | None,
+        services: Services | None,
+        restore: tuple[Path, Path] | None,
+        cgroup: SandboxCgroup | None,
+    ) -> FunctionSandbox:
+        sandbox = cls(spawn, limits, uid, services)
         sandbox._restore = restore
         sandbox._cgroup = cgroup
-        try:
-            if isinstance(started, ZygoteSpawn):
-                await sandbox._handshake_async(offload)
-            else:
-                await offload(sandbox._handshake)
-        except Exception:
-            await offload(sandbox.close)
-            raise
-        except BaseException:  # cancelled: end it here and now, nothing may outlive the start
-            sandbox.close()
-            raise
         return sandbox
 
     def close(self) -> None:
@@ -531,6 +530,7 @@ def _starts_on_loop() -> bool:
         os.geteuid() == 0
         and start_path() != "bubblewrap"
         and (BWRAP, sys.executable) in _probe_results
+        and _probe_results[(BWRAP, sys.executable)] is None  # else start() says why not
         and zygote_known(layout())
     )
 
@@ -542,15 +542,17 @@ def _spawn(
     worker_args: Callable[[int, int | None], list[str]],
     services: Services | None,
     cgroup: SandboxCgroup | None,
+    *,
+    zygote: bool = True,
 ) -> Spawn | ZygoteSpawn:
     """The session's sandbox from the zygote where there is one, else from bubblewrap (also
     when the zygote turns out to be unavailable for this start: see cape.enclave.zygote)."""
-    zygote = zygote_for(layout(), uid)
-    if zygote is not None and uid is not None:
+    found = zygote_for(layout(), uid) if zygote else None
+    if found is not None and uid is not None:
         cgroup_fds = cgroup.open_procs() if cgroup is not None else []
         try:
             return ZygoteSpawn(
-                zygote,
+                found,
                 uid,
                 source,
                 tmp_bytes,

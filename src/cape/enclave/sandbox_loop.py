@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, Self
 
 from cape.enclave import cgroups
 from cape.enclave.cgroups import SandboxCgroup
@@ -77,6 +77,59 @@ class SandboxLoop(SandboxCalls):
     def close(self) -> None:
         """Kill and reap the sandbox, give back what it held (FunctionSandbox's)."""
         raise NotImplementedError
+
+    @classmethod
+    def _start(
+        cls, function_dir: Path, limits: SandboxLimits, services: Services | None, *, zygote: bool
+    ) -> Self:
+        """The blocking start (FunctionSandbox's)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _adopt(
+        cls,
+        spawn: Spawn | ZygoteSpawn,
+        limits: SandboxLimits,
+        uid: int | None,
+        services: Services | None,
+        restore: tuple[Path, Path] | None,
+        cgroup: SandboxCgroup | None,
+    ) -> Self:
+        """The sandbox object for a started ``spawn`` (FunctionSandbox's)."""
+        raise NotImplementedError
+
+    @classmethod
+    async def _start_on_loop(
+        cls,
+        function_dir: Path,
+        offload: Offload,
+        limits: SandboxLimits,
+        services: Services | None,
+    ) -> Self:
+        """FunctionSandbox.start_async where the zygote starts it, its probes done."""
+        uid, restore, cgroup, source, worker_args = _prepare(function_dir, limits)
+        try:
+            started, zygote = await _spawn_async(
+                uid, source, limits.tmp_bytes, worker_args, services, cgroup, offload
+            )
+        except BaseException:
+            _undo(uid, restore, cgroup)
+            raise
+        if started is None:  # this one starts on a thread, as before
+            _undo(uid, restore, cgroup)
+            return await offload(
+                functools.partial(cls._start, function_dir, limits, services, zygote=zygote)
+            )
+        sandbox = cls._adopt(started, limits, uid, services, restore, cgroup)
+        try:
+            await sandbox._handshake_async(offload)
+        except Exception:
+            await offload(sandbox.close)
+            raise
+        except BaseException:  # cancelled: end it here and now, nothing may outlive the start
+            sandbox.close()
+            raise
+        return sandbox
 
     def _load_failed(self, exc: Exception) -> NoReturn:
         """Why loading app.py failed, the sandbox reaped (FunctionSandbox's)."""
@@ -225,37 +278,30 @@ async def _spawn_async(
     services: Services | None,
     cgroup: SandboxCgroup | None,
     offload: Offload,
-) -> Spawn | ZygoteSpawn:
-    """:func:`_spawn` from the event loop: the zygote's start on the loop, bubblewrap (where
-    the zygote is unavailable for this start) on ``offload``'s thread."""
+) -> tuple[ZygoteSpawn | None, bool]:
+    """The zygote's start of this sandbox on the event loop, or (None, whether the zygote
+    may still be tried) when this start must be made on a thread as before: no zygote here,
+    the request could not be sent at once (a restart, a full socket), or the zygote was
+    wedged or died mid-start (then that start is bubblewrap's: ``False``)."""
     zygote = zygote_for(layout(), uid)  # probed already (see _starts_on_loop): a look-up
-    if zygote is not None and uid is not None:
-        cgroup_fds = cgroup.open_procs() if cgroup is not None else []
-        try:
-            return await ZygoteSpawn.start_async(
-                zygote,
-                uid,
-                source,
-                tmp_bytes,
-                worker_args,
-                offload,
-                services=services is not None,
-                cgroup_fds=tuple(cgroup_fds),
-            )
-        except ZygoteUnavailable as exc:
-            log.warning("%s; this sandbox starts with bubblewrap", exc)
-        finally:
-            for fd in cgroup_fds:
-                os.close(fd)
-    return await offload(
-        functools.partial(
-            Spawn,
-            layout(),
+    if zygote is None or uid is None:
+        return None, True
+    cgroup_fds = cgroup.open_procs() if cgroup is not None else []
+    try:
+        started = await ZygoteSpawn.start_async(
+            zygote,
             uid,
             source,
             tmp_bytes,
             worker_args,
+            offload,
             services=services is not None,
-            block=True,
+            cgroup_fds=tuple(cgroup_fds),
         )
-    )
+    except ZygoteUnavailable as exc:
+        log.warning("%s; this sandbox starts with bubblewrap", exc)
+        return None, False
+    finally:
+        for fd in cgroup_fds:
+            os.close(fd)
+    return started, True

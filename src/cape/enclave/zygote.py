@@ -251,36 +251,55 @@ class ZygoteSpawn:
         *,
         services: bool = False,
         cgroup_fds: tuple[int, ...] = (),
-    ) -> ZygoteSpawn:
+    ) -> ZygoteSpawn | None:
         """The same start on the event loop (issue 16): the request is sent without blocking
-        (or, when that cannot be done at once, by :meth:`Zygote.request` on ``offload``'s
-        thread) and "forked" is read by a reader on the status socket, under the same
-        deadline; a wedged zygote is ended as by the constructor."""
+        and "forked" is read by a reader on the status socket, under the same deadline; a
+        wedged zygote is ended (on ``offload``'s thread) as by the constructor. None when the
+        request cannot be sent at once (:meth:`Zygote.try_request`): nothing was sent, and
+        the caller starts this sandbox on a thread as before."""
         self = cls.__new__(cls)
         fields, child_fds = self._open(
             uid, function_dir, tmp_bytes, python_args, services, len(cgroup_fds)
         )
         try:
-            fds = [*child_fds, *cgroup_fds]
-            if not zygote.try_request(fields, fds):
-                await offload(zygote.request, fields, fds)
-        except BaseException:
-            self.close_fds()
-            raise
+            sent = zygote.try_request(fields, [*child_fds, *cgroup_fds])
         finally:
             self._close_child_ends()
+            if not sent:
+                self.close_fds()
+        if not sent:
+            return None
         deadline = time.monotonic() + _FORK_TIMEOUT_S
         try:
             while self.pidfd < 0:
                 if not await self._next_message_async(deadline):
                     raise ZygoteUnavailable("the sandbox zygote did not fork the session")
-        except BaseException as exc:
+        except ZygoteUnavailable:
             self.close_fds()
-            if isinstance(exc, ZygoteUnavailable):  # its lock may be held by a blocked send
-                await offload(zygote.close)
+            await offload(zygote.close)  # on a thread: its lock may be held by a blocked send
+            raise
+        except BaseException:  # cancelled with the request sent
+            self._end_unwanted(zygote, deadline)
             raise
         self._forked()
         return self
+
+    def _end_unwanted(self, zygote: Zygote, deadline: float) -> None:
+        """A start given up with its request sent: the session the zygote forks for it is
+        ended and reaped here (blocking, within the start's deadline), so that its uid and
+        cgroup are given back only once nothing runs in them; a zygote that does not answer
+        in time is ended, with what it forked, as for a wedged start."""
+        with contextlib.suppress(Exception):
+            while self.pidfd < 0 and self._next_message(deadline):
+                pass
+        try:
+            if self.pidfd < 0:
+                zygote.close()
+            else:
+                self.kill()
+                self.reap(None)
+        finally:
+            self.close_fds()
 
     def _open(
         self,

@@ -176,7 +176,18 @@ def test_a_release_cancelled_midway_still_ends_everything(tmp_path: Path) -> Non
     asyncio.run(main())
 
 
-def test_a_start_cancelled_midway_leaves_nothing(tmp_path: Path) -> None:
+def test_a_start_cancelled_midway_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[int | None] = []
+    acquire = sandbox_loop.UIDS.acquire
+
+    def acquired() -> int | None:
+        taken.append(acquire())
+        return taken[-1]
+
+    monkeypatch.setattr(sandbox_loop.UIDS, "acquire", acquired)
+
     async def main() -> None:
         lanes = Lanes()
         before = _open_fds()
@@ -189,6 +200,11 @@ def test_a_start_cancelled_midway_leaves_nothing(tmp_path: Path) -> None:
             await start
         assert set(sandbox_loop.UIDS._in_use) == held
         assert _open_fds() <= before
+        # The session the zygote forked for the request was ended (and the zygote reaped it)
+        # before its uid and cgroup went back: the zygote has no child left.
+        assert len(taken) == 1
+        zygote = _zygote().pid
+        assert Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split() == []
         lanes.close()
 
     asyncio.run(main())
