@@ -146,15 +146,33 @@ class SandboxCgroup:
 
     def remove(self) -> None:
         """Kill what is left and remove the directories (idempotent)."""
+        if self._removed_at_once():
+            return
         self.kill()
         for directory in self._unique:
             with contextlib.suppress(FileNotFoundError):
                 _rmdir_retrying(directory)
 
+    def _removed_at_once(self) -> bool:
+        """Remove the directories if the group is empty already (issue 16): the kernel
+        refuses ``rmdir`` of a group with a process in it, so a group whose sandbox has been
+        reaped goes without the kill and the read of its process list; False, with nothing
+        left undone, when one directory is still busy (then: the kill and the retries)."""
+        for directory in self._unique:
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+        return True
+
     async def remove_async(self) -> None:
         """:meth:`remove` on the event loop (issue 16: a sandbox's release without a thread),
         for a group whose processes have ended: the same kill, the same bounded retries, each
         wait an ``asyncio.sleep`` (a timer of the loop) instead of a blocking one."""
+        if self._removed_at_once():
+            return
         deadline = time.monotonic() + _KILL_TIMEOUT_S
         if self.version == 2:
             with contextlib.suppress(OSError):

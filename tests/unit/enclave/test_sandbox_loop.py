@@ -330,3 +330,25 @@ def test_cgroup_removal_on_the_loop_retries_until_the_group_is_empty(tmp_path: P
 
     assert asyncio.run(main()) > 1
     assert all(not os.path.exists(path) for path in group._unique)
+
+
+def test_an_empty_group_goes_without_a_kill_or_a_read_of_its_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reaped sandbox's group is empty: ``rmdir`` (which the kernel refuses for a group
+    with a process in it) removes it at once, on the loop and off it."""
+    groups, _ = cgroups.shared()
+    if groups is None:
+        pytest.skip("no cgroups here")
+    looked: list[str] = []
+
+    def pids(self: SandboxCgroup) -> list[int]:
+        looked.append("pids")
+        return []
+
+    monkeypatch.setattr(SandboxCgroup, "pids", pids)
+    for remove in (SandboxCgroup.remove, lambda g: asyncio.run(g.remove_async())):
+        group = groups.create(LIMITS._cgroup())
+        remove(group)
+        assert all(not os.path.exists(path) for path in group._unique)
+    assert looked == []
