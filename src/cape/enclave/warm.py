@@ -150,7 +150,7 @@ async def _start_async(
     holder, target = _copy(source, parent)
     try:
         sandbox = await FunctionSandbox.start_async(
-            target, offload, limits=limits, services=services
+            target, offload, limits=limits, services=services, resolved=True
         )
     except BaseException:
         shutil.rmtree(holder, ignore_errors=True)
@@ -189,7 +189,7 @@ class WarmPool:
         if max_spares < 1 or idle_s < 0:
             raise ValueError("max_spares must be at least 1 and idle_s not negative")
         self._lanes = lanes
-        self._workdir = workdir
+        self._workdir = workdir.resolve()  # sessions' copies below it need no resolving
         self._sandbox_limits = sandbox_limits
         self._bundle_limits = bundle_limits
         self._capacity = capacity
