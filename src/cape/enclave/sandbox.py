@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import select
@@ -82,31 +81,28 @@ from typing import NoReturn
 from cape._internal.closeable import Closeable
 from cape.enclave import cgroups
 from cape.enclave.cgroups import CgroupLimits, SandboxCgroup
-from cape.enclave.lanes import Offload
 from cape.enclave.sandbox_calls import _LOAD_ERROR, _READY, _one_line
-from cape.enclave.sandbox_loop import (
-    _LOAD_FAILURES,
-    _REAP_TIMEOUT_S,
-    UIDS,
-    SandboxLoop,
-    _prepare,
-    _undo,
-)
+from cape.enclave.sandbox_loop import _REAP_TIMEOUT_S, SandboxLoop
 from cape.enclave.services import Services, ServicesServer, services_response_limit
 from cape.enclave.spawn import (
     BWRAP,
+    FUNCTION_PATH,
+    GUEST_PATH,
+    WORKER_PATH,
     CgroupFailed,
+    OutputTooLarge,
+    ProtocolViolation,
     Spawn,
     Timeout,
     WorkerGone,
 )
-from cape.enclave.staging import SUPPORT, layout, move_back
+from cape.enclave.staging import SUPPORT, layout, move_back, place_function_dir
+from cape.enclave.uids import UidPool
+from cape.enclave.worker import settings_args
 from cape.enclave.zygote import (
     ZygoteSpawn,
     ZygoteUnavailable,
-    start_path,
     zygote_for,
-    zygote_known,
 )
 from cape.errors import SandboxError
 
@@ -123,6 +119,9 @@ __all__ = [
 
 log = logging.getLogger("cape.enclave")
 
+
+#: Host uids for sandboxes, one per live sandbox (the runtime sets the range at start-up).
+UIDS = UidPool()
 
 # The worker's exit statuses (mirrors cape.enclave.worker, which cannot import cape); its
 # frames' statuses are in cape.enclave.sandbox_calls.
@@ -277,7 +276,7 @@ class FunctionSandbox(SandboxLoop, Closeable):
         self._cpu_s = 0.0
         self._restore: tuple[Path, Path] | None = None
         self._cgroup: SandboxCgroup | None = None
-        self._cgroup_removed = False
+        self._cgroup_removed = False  # by close_async, before close() finishes
         self._finalizer = weakref.finalize(self, _kill_quietly, spawn)
 
     # -- lifecycle
@@ -302,78 +301,52 @@ class FunctionSandbox(SandboxLoop, Closeable):
         ``SandboxError("load")`` when app.py cannot be imported or lacks ``cape_handler``,
         and other ``SandboxError`` reasons if loading times out or kills the worker.
         """
-        return cls._start(Path(function_dir), limits, services, zygote=True)
-
-    @classmethod
-    def _start(
-        cls, function_dir: Path, limits: SandboxLimits, services: Services | None, *, zygote: bool
-    ) -> FunctionSandbox:
-        """:meth:`start`; ``zygote=False``: by bubblewrap (after the zygote failed this start
-        on the event loop, see :meth:`start_async`)."""
         check_isolation()
-        function_dir = function_dir.resolve()
-        uid, restore, cgroup, source, worker_args = _prepare(function_dir, limits)
+        function_dir = Path(function_dir).resolve()
+        if not function_dir.is_dir():
+            raise SandboxError("load", f"function directory {function_dir} does not exist")
+        uid = UIDS.acquire()
+        restore: tuple[Path, Path] | None = None
+        cgroup: SandboxCgroup | None = None
         try:
-            started = _spawn(
-                uid, source, limits.tmp_bytes, worker_args, services, cgroup, zygote=zygote
-            )
+            cgroup = _new_cgroup(limits)
+            source, original = place_function_dir(function_dir, uid)
+            if original is not None:
+                restore = (source, original)
+            config: dict[str, object] = {
+                "root": FUNCTION_PATH,
+                "limits": limits._rlimits(),
+                "max_input_bytes": limits.max_input_bytes,
+                "max_output_bytes": limits.max_output_bytes,
+                "guest_dir": GUEST_PATH,
+                "services": None,
+            }
+
+            def worker_args(fd: int, services_fd: int | None) -> list[str]:
+                if services_fd is not None:
+                    config["services"] = {
+                        "fd": services_fd,
+                        "max_request_bytes": limits.max_input_bytes,
+                        "max_response_bytes": services_response_limit(limits.max_input_bytes),
+                    }
+                return [WORKER_PATH, str(fd), *settings_args(config)]
+
+            started = _spawn(uid, source, limits.tmp_bytes, worker_args, services, cgroup)
         except BaseException:
-            _undo(uid, restore, cgroup)
+            UIDS.release(uid)
+            if restore is not None:
+                move_back(*restore)
+            if cgroup is not None:
+                cgroup.remove()
             raise
-        sandbox = cls._adopt(started, limits, uid, services, restore, cgroup)
+        sandbox = cls(started, limits, uid, services)
+        sandbox._restore = restore
+        sandbox._cgroup = cgroup
         try:
             sandbox._handshake()
         except BaseException:
             sandbox.close()
             raise
-        return sandbox
-
-    @classmethod
-    async def start_async(
-        cls,
-        function_dir: Path,
-        offload: Offload,
-        *,
-        limits: SandboxLimits = SandboxLimits(),
-        services: Services | None = None,
-        resolved: bool = False,
-    ) -> FunctionSandbox:
-        """:meth:`start` on the event loop (issue 16), holding a calls-lane slot whose
-        ``offload`` runs what still blocks (see :meth:`cape.enclave.lanes.Lane.run_async`).
-
-        Where the sandbox zygote starts it (the runtime is root, its probe passed), the
-        request, the zygote's "forked" and "started" and the worker's READY are sent and read
-        on the loop, under the same deadlines (a wedged zygote is ended after
-        ``_FORK_TIMEOUT_S`` and that start made by bubblewrap); encryption-services requests
-        while ``app.py`` loads, a failed load's reaping and the bubblewrap path (not root,
-        ``sandbox_start = "bubblewrap"``, the first start, which probes) run on ``offload``.
-        The same errors as :meth:`start`; an interrupted start (cancelled) ends what it began.
-        ``resolved``: the caller vouches that ``function_dir`` has no symbolic link in it (the
-        warm pool's own copy, made below its resolved work directory), so an absolute one is
-        not resolved again (``realpath``'s walk, ≈ 3 % of the runtime's CPU per session).
-        """
-        function_dir = Path(function_dir)
-        if not (resolved and function_dir.is_absolute()):
-            function_dir = function_dir.resolve()
-        if not _starts_on_loop():
-            return await offload(
-                functools.partial(cls._start, function_dir, limits, services, zygote=True)
-            )
-        return await cls._start_on_loop(function_dir, offload, limits, services)
-
-    @classmethod
-    def _adopt(
-        cls,
-        spawn: Spawn | ZygoteSpawn,
-        limits: SandboxLimits,
-        uid: int | None,
-        services: Services | None,
-        restore: tuple[Path, Path] | None,
-        cgroup: SandboxCgroup | None,
-    ) -> FunctionSandbox:
-        sandbox = cls(spawn, limits, uid, services)
-        sandbox._restore = restore
-        sandbox._cgroup = cgroup
         return sandbox
 
     def close(self) -> None:
@@ -414,32 +387,29 @@ class FunctionSandbox(SandboxLoop, Closeable):
     # -- start (calls: SandboxCalls)
 
     def _handshake(self) -> None:
-        deadline = time.monotonic() + self._limits.load_timeout_s
+        limits = self._limits
+        deadline = time.monotonic() + limits.load_timeout_s
         with self._call_lock:
             try:
                 self._read_info(deadline)
                 status, body = self._receive(deadline)
-            except _LOAD_FAILURES as exc:
-                self._load_failed(exc)
-            self._check_loaded(status, body)
-
-    def _load_failed(self, exc: Exception) -> NoReturn:
-        limits = self._limits
-        if isinstance(exc, Timeout):
-            self._fail(
-                "timeout", f"loading app.py exceeded the time limit of {limits.load_timeout_s:g} s"
-            )
-        if isinstance(exc, WorkerGone):
-            self._fail_after_exit(during_load=True)
-        if isinstance(exc, CgroupFailed):
-            self._fail("unavailable", f"the sandbox could not join its cgroup ({exc})")
-        self._fail("crashed", f"the sandbox worker broke the protocol while loading ({exc})")
-
-    def _check_loaded(self, status: int, body: bytes) -> None:
-        if status == _LOAD_ERROR:
-            self._fail("load", _one_line(body))
-        if status != _READY or body:
-            self._fail("crashed", "the sandbox worker broke the protocol while loading")
+            except Timeout:
+                self._fail(
+                    "timeout",
+                    f"loading app.py exceeded the time limit of {limits.load_timeout_s:g} s",
+                )
+            except WorkerGone:
+                self._fail_after_exit(during_load=True)
+            except (OutputTooLarge, ProtocolViolation) as exc:
+                self._fail(
+                    "crashed", f"the sandbox worker broke the protocol while loading ({exc})"
+                )
+            except CgroupFailed as exc:
+                self._fail("unavailable", f"the sandbox could not join its cgroup ({exc})")
+            if status == _LOAD_ERROR:
+                self._fail("load", _one_line(body))
+            if status != _READY or body:
+                self._fail("crashed", "the sandbox worker broke the protocol while loading")
 
     def _read_info(self, deadline: float) -> None:
         """Hold the sandbox's pid 1 by a pidfd (to kill it) once it is in its cgroup."""
@@ -529,16 +499,17 @@ class FunctionSandbox(SandboxLoop, Closeable):
         return True
 
 
-def _starts_on_loop() -> bool:
-    """True when a start may run on the event loop: the zygote's path, with the isolation
-    and zygote probes done (the first start runs them, on a thread)."""
-    return (
-        os.geteuid() == 0
-        and start_path() != "bubblewrap"
-        and (BWRAP, sys.executable) in _probe_results
-        and _probe_results[(BWRAP, sys.executable)] is None  # else start() says why not
-        and zygote_known(layout())
-    )
+def _new_cgroup(limits: SandboxLimits) -> SandboxCgroup | None:
+    """The sandbox's own cgroup, or None where cgroups are unavailable (rlimits only)."""
+    groups, _ = cgroups.shared()
+    if groups is None:
+        return None
+    try:
+        return groups.create(limits._cgroup())
+    except OSError as exc:
+        raise SandboxError(
+            "unavailable", f"cannot create the sandbox's cgroup ({exc.strerror or exc})"
+        ) from None
 
 
 def _spawn(
@@ -548,17 +519,15 @@ def _spawn(
     worker_args: Callable[[int, int | None], list[str]],
     services: Services | None,
     cgroup: SandboxCgroup | None,
-    *,
-    zygote: bool = True,
 ) -> Spawn | ZygoteSpawn:
     """The session's sandbox from the zygote where there is one, else from bubblewrap (also
     when the zygote turns out to be unavailable for this start: see cape.enclave.zygote)."""
-    found = zygote_for(layout(), uid) if zygote else None
-    if found is not None and uid is not None:
+    zygote = zygote_for(layout(), uid)
+    if zygote is not None and uid is not None:
         cgroup_fds = cgroup.open_procs() if cgroup is not None else []
         try:
             return ZygoteSpawn(
-                found,
+                zygote,
                 uid,
                 source,
                 tmp_bytes,

@@ -189,33 +189,14 @@ class SandboxCalls:
                         await loop.sock_sendall(sock, data)
                 except OSError as exc:
                     raise WorkerGone from exc
-                return await self._reply(loop, sock, deadline, offload)
+                while self._services is not None and self._services.open:
+                    if await readable_first(loop, sock, self._services.sock):
+                        break
+                    # A request of the function: served in a thread, as by call().
+                    await offload(self._services.serve_until_readable, sock, deadline)
+                return await self._read_reply(loop, sock)
         except TimeoutError:
             raise Timeout from None
-
-    async def _await_reply(self, deadline: float, offload: Offload) -> tuple[int, bytes]:
-        """The next frame the worker sends unasked (the READY after loading ``app.py``), on
-        the event loop, serving encryption services meanwhile as :meth:`_exchange` does."""
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
-                return await self._reply(loop, self._spawn.channel, deadline, offload)
-        except TimeoutError:
-            raise Timeout from None
-
-    async def _reply(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        deadline: float,
-        offload: Offload,
-    ) -> tuple[int, bytes]:
-        while self._services is not None and self._services.open:
-            if await readable_first(loop, sock, self._services.sock):
-                break
-            # A request of the function: served in a thread, as by call().
-            await offload(self._services.serve_until_readable, sock, deadline)
-        return await self._read_reply(loop, sock)
 
     async def _read_reply(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cape.enclave.lanes import Lanes, Offload
+from cape.enclave.lanes import Lanes
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits, Services
 from cape.enclave.unpack import unpack_bundle
 from cape.errors import CapeError
@@ -102,60 +102,13 @@ class _Entry:
     misses: int = 0
     sessions: int = field(default=0)
     starting: int = 0  # sessions copying ``source`` right now: not evicted meanwhile
-    small: bool = False  # few and small files: copied and started on the event loop
+    small: bool = False  # few and small files: a session's copy is removed on the event loop
 
 
-#: A function of at most this many files and bytes is copied for a session on the event loop
-#: (≈ 0.2 ms for one small file, issue 16); a larger one on the calls lane's thread.
+#: A session's copy of a function of at most this many files and bytes is removed on the event
+#: loop (≈ 0.03 ms for one small file, issue 16); a larger one's on a thread.
 INLINE_FILES = 32
 INLINE_BYTES = 1 << 20
-
-
-def _copy(source: Path, parent: Path) -> tuple[Path, Path]:
-    """A private copy of the function: (its holder, the copy)."""
-    holder = Path(tempfile.mkdtemp(prefix="session-", dir=parent))
-    try:
-        holder.chmod(0o711)  # the sandbox's uid must traverse to its directory
-        target = holder / "fn"
-        shutil.copytree(source, target, symlinks=True)
-    except BaseException:
-        shutil.rmtree(holder, ignore_errors=True)
-        raise
-    return holder, target
-
-
-def _start(source: Path, parent: Path, limits: SandboxLimits, services: Services) -> Lease:
-    """Copy the function into a private directory and start a sandbox on it."""
-    holder, target = _copy(source, parent)
-    try:
-        return Lease(FunctionSandbox.start(target, limits=limits, services=services), holder)
-    except BaseException:
-        shutil.rmtree(holder, ignore_errors=True)
-        raise
-
-
-async def _start_async(
-    offload: Offload,
-    source: Path,
-    parent: Path,
-    limits: SandboxLimits,
-    services: Services,
-    small: bool,
-) -> Lease:
-    """:func:`_start` within a calls-lane slot: a small function's copy and its sandbox's
-    start on the event loop (:meth:`FunctionSandbox.start_async`, issue 16), a larger one's
-    wholly on ``offload``'s thread."""
-    if not small:
-        return await offload(_start, source, parent, limits, services)
-    holder, target = _copy(source, parent)
-    try:
-        sandbox = await FunctionSandbox.start_async(
-            target, offload, limits=limits, services=services, resolved=True
-        )
-    except BaseException:
-        shutil.rmtree(holder, ignore_errors=True)
-        raise
-    return Lease(sandbox, holder, inline=True)
 
 
 def _unpack(zip_bytes: bytes, holder: Path, limits: BundleLimits) -> tuple[Path, bool]:
@@ -169,6 +122,22 @@ def _unpack(zip_bytes: bytes, holder: Path, limits: BundleLimits) -> tuple[Path,
         if files > INLINE_FILES or size > INLINE_BYTES:
             return source, False
     return source, True
+
+
+def _start(
+    source: Path, parent: Path, limits: SandboxLimits, services: Services, small: bool
+) -> Lease:
+    """Copy the function into a private directory and start a sandbox on it."""
+    holder = Path(tempfile.mkdtemp(prefix="session-", dir=parent))
+    try:
+        holder.chmod(0o711)  # the sandbox's uid must traverse to its directory
+        target = holder / "fn"
+        shutil.copytree(source, target, symlinks=True)
+        sandbox = FunctionSandbox.start(target, limits=limits, services=services)
+        return Lease(sandbox, holder, inline=small)
+    except BaseException:
+        shutil.rmtree(holder, ignore_errors=True)
+        raise
 
 
 class WarmPool:
@@ -189,7 +158,7 @@ class WarmPool:
         if max_spares < 1 or idle_s < 0:
             raise ValueError("max_spares must be at least 1 and idle_s not negative")
         self._lanes = lanes
-        self._workdir = workdir.resolve()  # sessions' copies below it need no resolving
+        self._workdir = workdir
         self._sandbox_limits = sandbox_limits
         self._bundle_limits = bundle_limits
         self._capacity = capacity
@@ -253,7 +222,15 @@ class WarmPool:
                 elif candidate is not None:
                     await candidate.release_async()
             if lease is None:
-                lease = await self._start(entry, services, party)
+                lease = await self._lanes.calls.run(
+                    party,
+                    _start,
+                    entry.source,
+                    self._workdir,
+                    self._sandbox_limits,
+                    services,
+                    entry.small,
+                )
         finally:
             entry.starting -= 1
         if self._entries.get(key) is entry:
@@ -308,18 +285,6 @@ class WarmPool:
             raise
         return _Entry(checksum=checksum, holder=holder, source=source, small=small)
 
-    async def _start(self, entry: _Entry, services: Services, party: str) -> Lease:
-        """A sandbox of ``entry``'s function, holding a calls-lane slot of ``party``'s."""
-        return await self._lanes.calls.run_async(
-            party,
-            _start_async,
-            entry.source,
-            self._workdir,
-            self._sandbox_limits,
-            services,
-            entry.small,
-        )
-
     def _refill(
         self,
         entry: _Entry,
@@ -359,7 +324,15 @@ class WarmPool:
         if after is not None and not after.done():
             await asyncio.wait((after,), timeout=REFILL_WAIT_S)
         try:
-            return await self._start(entry, services, party)
+            return await self._lanes.calls.run(
+                party,
+                _start,
+                entry.source,
+                self._workdir,
+                self._sandbox_limits,
+                services,
+                entry.small,
+            )
         except CapeError:
             return None
 

@@ -40,7 +40,6 @@ from pathlib import Path
 
 from cape.enclave import seccomp
 from cape.enclave.cgroups import SandboxCgroup
-from cape.enclave.lanes import Offload
 from cape.enclave.sandbox_root import CHANNEL_FD, SERVICES_FD, read_complaint
 from cape.enclave.spawn import _SPAWNER, Timeout, WorkerGone, wait_for
 from cape.enclave.staging import SUPPORT, Layout
@@ -134,28 +133,6 @@ class Zygote:
                         ) from None
                     log.warning("the sandbox zygote was gone (%s); restarting it", exc)
 
-    def try_request(self, fields: list[str], fds: list[int]) -> bool:
-        """Send one session's request without blocking (issue 16: from the event loop);
-        False when that cannot be done at once (another start holds the zygote, it must be
-        (re)started, or its socket is full): the caller then uses :meth:`request` in a thread.
-        """
-        if not self._lock.acquire(blocking=False):
-            return False
-        try:
-            if self._control is None or self._proc is None or self._proc.poll() is not None:
-                return False
-            try:
-                socket.send_fds(
-                    self._control, ["\0".join(fields).encode()], fds, socket.MSG_DONTWAIT
-                )
-            except (BlockingIOError, InterruptedError):
-                return False
-            except OSError:
-                return False  # request() restarts it, or says it is unavailable
-            return True
-        finally:
-            self._lock.release()
-
     def _start(self) -> None:
         control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -219,99 +196,6 @@ class ZygoteSpawn:
         services: bool = False,
         cgroup_fds: tuple[int, ...] = (),
     ) -> None:
-        fields, child_fds = self._open(
-            uid, function_dir, tmp_bytes, python_args, services, len(cgroup_fds)
-        )
-        try:
-            zygote.request(fields, [*child_fds, *cgroup_fds])
-        except BaseException:
-            self.close_fds()
-            raise
-        finally:
-            self._close_child_ends()
-        deadline = time.monotonic() + _FORK_TIMEOUT_S
-        try:
-            while self.pidfd < 0:
-                if not self._next_message(deadline):
-                    raise ZygoteUnavailable("the sandbox zygote did not fork the session")
-        except BaseException as exc:
-            self._abandon(zygote, exc)
-            raise
-        self._forked()
-
-    @classmethod
-    async def start_async(
-        cls,
-        zygote: Zygote,
-        uid: int,
-        function_dir: Path,
-        tmp_bytes: int,
-        python_args: Callable[[int, int | None], list[str]],
-        offload: Offload,
-        *,
-        services: bool = False,
-        cgroup_fds: tuple[int, ...] = (),
-    ) -> ZygoteSpawn | None:
-        """The same start on the event loop (issue 16): the request is sent without blocking
-        and "forked" is read by a reader on the status socket, under the same deadline; a
-        wedged zygote is ended (on ``offload``'s thread) as by the constructor. None when the
-        request cannot be sent at once (:meth:`Zygote.try_request`): nothing was sent, and
-        the caller starts this sandbox on a thread as before."""
-        self = cls.__new__(cls)
-        fields, child_fds = self._open(
-            uid, function_dir, tmp_bytes, python_args, services, len(cgroup_fds)
-        )
-        try:
-            sent = zygote.try_request(fields, [*child_fds, *cgroup_fds])
-        finally:
-            self._close_child_ends()
-            if not sent:
-                self.close_fds()
-        if not sent:
-            return None
-        deadline = time.monotonic() + _FORK_TIMEOUT_S
-        try:
-            while self.pidfd < 0:
-                if not await self._next_message_async(deadline):
-                    raise ZygoteUnavailable("the sandbox zygote did not fork the session")
-        except ZygoteUnavailable:
-            self.close_fds()
-            await offload(zygote.close)  # on a thread: its lock may be held by a blocked send
-            raise
-        except BaseException:  # cancelled with the request sent
-            self._end_unwanted(zygote, deadline)
-            raise
-        self._forked()
-        return self
-
-    def _end_unwanted(self, zygote: Zygote, deadline: float) -> None:
-        """A start given up with its request sent: the session the zygote forks for it is
-        ended and reaped here (blocking, within the start's deadline), so that its uid and
-        cgroup are given back only once nothing runs in them; a zygote that does not answer
-        in time is ended, with what it forked, as for a wedged start."""
-        with contextlib.suppress(Exception):
-            while self.pidfd < 0 and self._next_message(deadline):
-                pass
-        try:
-            if self.pidfd < 0:
-                zygote.close()
-            else:
-                self.kill()
-                self.reap(None)
-        finally:
-            self.close_fds()
-
-    def _open(
-        self,
-        uid: int,
-        function_dir: Path,
-        tmp_bytes: int,
-        python_args: Callable[[int, int | None], list[str]],
-        services: bool,
-        cgroups: int,
-    ) -> tuple[list[str], list[int]]:
-        """The session's sockets and pipe, and its request's fields and descriptors (the
-        child's ends, closed by :meth:`_close_child_ends` once the request is sent)."""
         self.services: socket.socket | None = None
         self.pidfd = -1
         self._pid1_fd: int | None = None
@@ -320,40 +204,37 @@ class ZygoteSpawn:
         self.channel, child_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._status, child_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.err_fd, err_w = os.pipe()
-        self._child_socks = [child_status, child_channel]
-        self._child_err: int | None = err_w
         child_fds = [child_status.fileno(), child_channel.fileno(), err_w]
+        child_socks = [child_status, child_channel]
         try:
             if services:
                 self.services, child_services = socket.socketpair(
                     socket.AF_UNIX, socket.SOCK_STREAM
                 )
-                self._child_socks.append(child_services)
+                child_socks.append(child_services)
                 child_fds.append(child_services.fileno())
             fields = ["uid", str(uid), "tmp_bytes", str(tmp_bytes)]
             fields += ["function_dir", str(function_dir), "services", "1" if services else "0"]
-            fields += ["cgroups", str(cgroups), "args"]
+            fields += ["cgroups", str(len(cgroup_fds)), "args"]
             fields += python_args(CHANNEL_FD, SERVICES_FD if services else None)
+            zygote.request(fields, [*child_fds, *cgroup_fds])
         except BaseException:
-            self._close_child_ends()
             self.close_fds()
             raise
-        return fields, child_fds
-
-    def _close_child_ends(self) -> None:
-        for sock in self._child_socks:
-            sock.close()
-        self._child_socks = []
-        if self._child_err is not None:
-            os.close(self._child_err)
-            self._child_err = None
-
-    def _abandon(self, zygote: Zygote, exc: BaseException) -> None:
-        self.close_fds()
-        if isinstance(exc, ZygoteUnavailable):
-            zygote.close()  # wedged or refusing: the next start gets a fresh one
-
-    def _forked(self) -> None:
+        finally:
+            for sock in child_socks:
+                sock.close()
+            os.close(err_w)
+        deadline = time.monotonic() + _FORK_TIMEOUT_S
+        try:
+            while self.pidfd < 0:
+                if not self._next_message(deadline):
+                    raise ZygoteUnavailable("the sandbox zygote did not fork the session")
+        except BaseException as exc:
+            self.close_fds()
+            if isinstance(exc, ZygoteUnavailable):
+                zygote.close()  # wedged or refusing: the next start gets a fresh one
+            raise
         self.channel.setblocking(False)
         if self.services is not None:
             self.services.setblocking(False)
@@ -410,18 +291,6 @@ class ZygoteSpawn:
                 if not self._gone:
                     raise Timeout
                 break
-        return self._take_pid1()
-
-    async def wait_started_async(self, deadline: float) -> int:
-        """:meth:`wait_started` on the event loop (issue 16)."""
-        while self._pid1_fd is None and self._exit is None:
-            if not await self._next_message_async(deadline):
-                if not self._gone:
-                    raise Timeout
-                break
-        return self._take_pid1()
-
-    def _take_pid1(self) -> int:
         fd, self._pid1_fd = self._pid1_fd, None
         if fd is None:
             raise WorkerGone
@@ -540,17 +409,6 @@ def zygote_for(layout: Layout, uid: int | None) -> Zygote | None:
                 log.warning("sandbox zygote unavailable (%s): sandboxes start with bubblewrap", why)
             _zygotes[layout] = None if why is not None else zygote
         return _zygotes[layout]
-
-
-def zygote_known(layout: Layout) -> bool:
-    """True once ``layout``'s zygote was probed: :func:`zygote_for` then answers at once
-    (False too while a probe holds the registry: the caller then starts on a thread)."""
-    if not _zygotes_lock.acquire(blocking=False):
-        return False
-    try:
-        return layout in _zygotes
-    finally:
-        _zygotes_lock.release()
 
 
 def why_unavailable(layout: Layout) -> str | None:

@@ -9,7 +9,6 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -44,14 +43,14 @@ def _no_services(op: str, data: bytes) -> bytes:
 def started_at(monkeypatch: pytest.MonkeyPatch) -> dict[int, float]:
     """When each lease's sandbox finished starting (by id of the lease)."""
     times: dict[int, float] = {}
-    start = warm._start_async
+    start = warm._start
 
-    async def timed(*args: Any) -> Lease:
-        lease = await start(*args)
+    def timed(*args: object) -> Lease:
+        lease = start(*args)  # type: ignore[arg-type]
         times[id(lease)] = time.monotonic()
         return lease
 
-    monkeypatch.setattr(warm, "_start_async", timed)
+    monkeypatch.setattr(warm, "_start", timed)
     return times
 
 
@@ -164,13 +163,13 @@ def test_a_taken_spare_is_replaced_only_once_the_sessions_document_is_sent(
     """The replacement's start (the runtime's and the zygote's CPU) must not run beside the
     taking session's attestation (issue 16, session set-up): it waits for ``document_sent``."""
     begun: list[float] = []
-    start = warm._start_async
+    start = warm._start
 
-    async def counted(*args: Any) -> Lease:
+    def counted(*args: object) -> Lease:
         begun.append(time.monotonic())
-        return await start(*args)
+        return start(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(warm, "_start_async", counted)
+    monkeypatch.setattr(warm, "_start", counted)
 
     async def main() -> None:
         pool = WarmPool(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cape.enclave import warm
-from cape.enclave.lanes import Lanes, Offload
+from cape.enclave.lanes import Lanes
 from cape.enclave.sandbox import FunctionSandbox, SandboxLimits
 from cape.formats.bundle import BundleLimits
 
@@ -60,11 +60,7 @@ def fake_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
         time.sleep(0.002)  # a start takes a while: other loads run meanwhile
         return FakeSandbox(target)
 
-    async def start_async(target: Path, offload: Offload, **_: object) -> FakeSandbox:
-        return await offload(start, target)  # the start's wait on the lane's thread
-
     monkeypatch.setattr(FunctionSandbox, "start", staticmethod(start))
-    monkeypatch.setattr(FunctionSandbox, "start_async", staticmethod(start_async))
 
 
 @pytest.mark.usefixtures("fake_sandbox")
