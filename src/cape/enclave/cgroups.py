@@ -22,7 +22,6 @@ this is possible; the sandbox then relies on per-process rlimits alone, and says
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import errno
@@ -40,8 +39,6 @@ _CONTROLLERS = ("memory", "pids", "cpu")
 _CPU_PERIOD_US = 100_000
 _KILL_TIMEOUT_S = 5.0
 _CREATE_ATTEMPTS = 1000
-_RMDIR_ATTEMPTS = 100
-_RETRY_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -142,55 +139,14 @@ class SandboxCgroup:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-            time.sleep(_RETRY_S)
+            time.sleep(0.01)
 
     def remove(self) -> None:
         """Kill what is left and remove the directories (idempotent)."""
-        if self._removed_at_once():
-            return
         self.kill()
         for directory in self._unique:
             with contextlib.suppress(FileNotFoundError):
                 _rmdir_retrying(directory)
-
-    def _removed_at_once(self) -> bool:
-        """Remove the directories if the group is empty already (issue 16): the kernel
-        refuses ``rmdir`` of a group with a process in it, so a group whose sandbox has been
-        reaped goes without the kill and the read of its process list; False, with nothing
-        left undone, when one directory is still busy (then: the kill and the retries)."""
-        for directory in self._unique:
-            try:
-                os.rmdir(directory)
-            except FileNotFoundError:
-                continue
-            except OSError:
-                return False
-        return True
-
-    async def remove_async(self) -> None:
-        """:meth:`remove` on the event loop (issue 16: a sandbox's release without a thread),
-        for a group whose processes have ended: the same kill, the same bounded retries, each
-        wait an ``asyncio.sleep`` (a timer of the loop) instead of a blocking one."""
-        if self._removed_at_once():
-            return
-        deadline = time.monotonic() + _KILL_TIMEOUT_S
-        if self.version == 2:
-            with contextlib.suppress(OSError):
-                self._write("memory", "cgroup.kill", "1")
-        while (pids := self.pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(_RETRY_S)
-        for directory in self._unique:
-            for _ in range(_RMDIR_ATTEMPTS):
-                try:
-                    os.rmdir(directory)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    await asyncio.sleep(_RETRY_S)
 
 
 # Plain descriptors, not Path.write_text/read_text: a sandbox's cgroup takes ≈17 of these (v1)
@@ -216,14 +172,14 @@ def _read(path: str) -> str:
 
 def _rmdir_retrying(directory: str) -> None:
     # A killed process leaves its cgroup a moment after it is reaped.
-    for _ in range(_RMDIR_ATTEMPTS):
+    for _ in range(100):
         try:
             os.rmdir(directory)
             return
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
-            time.sleep(_RETRY_S)
+            time.sleep(0.01)
 
 
 class Cgroups:

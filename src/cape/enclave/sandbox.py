@@ -81,8 +81,7 @@ from typing import NoReturn
 from cape._internal.closeable import Closeable
 from cape.enclave import cgroups
 from cape.enclave.cgroups import CgroupLimits, SandboxCgroup
-from cape.enclave.sandbox_calls import _LOAD_ERROR, _READY, _one_line
-from cape.enclave.sandbox_loop import _REAP_TIMEOUT_S, SandboxLoop
+from cape.enclave.sandbox_calls import _LOAD_ERROR, _READY, SandboxCalls, _one_line
 from cape.enclave.services import Services, ServicesServer, services_response_limit
 from cape.enclave.spawn import (
     BWRAP,
@@ -128,6 +127,7 @@ UIDS = UidPool()
 _EXIT_MEMORY = 101
 _EXIT_PROTOCOL = 102
 _EXIT_SETUP = 103
+_REAP_TIMEOUT_S = 5.0
 _EXIT_GRACE_S = 2.0
 # The kernel enforces RLIMIT_CPU on tick-charged CPU time; the rusage we read is the precise
 # runtime, which on a loaded (shared-core) machine was measured at 0.64-0.74 of the limit when
@@ -247,7 +247,7 @@ def _probe() -> SandboxError | None:
 # --- the sandbox ------------------------------------------------------------------------------
 
 
-class FunctionSandbox(SandboxLoop, Closeable):
+class FunctionSandbox(SandboxCalls, Closeable):
     """One session's sandboxed worker: ``app.py`` imported once, then one call at a time."""
 
     def __init__(
@@ -276,7 +276,6 @@ class FunctionSandbox(SandboxLoop, Closeable):
         self._cpu_s = 0.0
         self._restore: tuple[Path, Path] | None = None
         self._cgroup: SandboxCgroup | None = None
-        self._cgroup_removed = False  # by close_async, before close() finishes
         self._finalizer = weakref.finalize(self, _kill_quietly, spawn)
 
     # -- lifecycle
@@ -359,7 +358,7 @@ class FunctionSandbox(SandboxLoop, Closeable):
             self._spawn.close_fds()
             if self._pid1_fd is not None:
                 os.close(self._pid1_fd)
-            if self._cgroup is not None and not self._cgroup_removed:
+            if self._cgroup is not None:
                 self._cgroup.remove()  # nothing of the function outlives its session
             UIDS.release(self._uid, vacated=self._reaped)  # its pid namespace is gone
             if self._restore is not None:
@@ -489,9 +488,7 @@ class FunctionSandbox(SandboxLoop, Closeable):
                 self._dead = "the sandbox ended"
 
     def _reap(self, timeout: float | None) -> bool:
-        return self._reaped_with(self._spawn.reap(timeout))
-
-    def _reaped_with(self, result: tuple[int | None, float] | None) -> bool:
+        result = self._spawn.reap(timeout)
         if result is None:
             return False
         self._exit_code, cpu_s = result

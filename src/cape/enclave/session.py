@@ -440,7 +440,7 @@ async def _run_session(ctx: _Context, bundle: object, digest: object = None) -> 
             document_sent.set_result(None)
             await _serve_inputs(ctx, lease.sandbox, _Inputs(ctx, session_key))
         finally:
-            await lease.release_async()
+            await asyncio.to_thread(lease.release)
     finally:
         if not document_sent.done():
             document_sent.set_result(None)
@@ -461,7 +461,7 @@ async def _test_session(ctx: _Context) -> None:
     try:
         await _serve_inputs(ctx, lease.sandbox, inputs)
     finally:
-        await lease.release_async()
+        await asyncio.to_thread(lease.release)
 
 
 async def run_session(

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -54,30 +53,14 @@ REFILL_WAIT_S = 1.0
 
 @dataclass(frozen=True)
 class Lease:
-    """One session's sandbox and its private copy of the function; :meth:`release` ends both.
-
-    ``inline``: the copy is small enough (:data:`INLINE_FILES`, :data:`INLINE_BYTES`) to be
-    removed on the event loop by :meth:`release_async`."""
+    """One session's sandbox and its private copy of the function; :meth:`release` ends both."""
 
     sandbox: FunctionSandbox
     holder: Path
-    inline: bool = False
 
     def release(self) -> None:
         self.sandbox.close()
         shutil.rmtree(self.holder, ignore_errors=True)
-
-    async def release_async(self) -> None:
-        """:meth:`release` from the event loop: the sandbox's kill, reap and cgroup removal
-        on the loop (:meth:`FunctionSandbox.close_async`, issue 16), the copy's removal too
-        when it is small; a cancelled release still finishes (nothing leaks)."""
-        try:
-            await self.sandbox.close_async()
-        finally:
-            if self.inline:
-                shutil.rmtree(self.holder, ignore_errors=True)
-            else:
-                await asyncio.to_thread(shutil.rmtree, self.holder, True)
 
 
 @dataclass(frozen=True)
@@ -102,39 +85,16 @@ class _Entry:
     misses: int = 0
     sessions: int = field(default=0)
     starting: int = 0  # sessions copying ``source`` right now: not evicted meanwhile
-    small: bool = False  # few and small files: a session's copy is removed on the event loop
 
 
-#: A session's copy of a function of at most this many files and bytes is removed on the event
-#: loop (≈ 0.03 ms for one small file, issue 16); a larger one's on a thread.
-INLINE_FILES = 32
-INLINE_BYTES = 1 << 20
-
-
-def _unpack(zip_bytes: bytes, holder: Path, limits: BundleLimits) -> tuple[Path, bool]:
-    """The unpacked function, and whether it is small (see :data:`INLINE_FILES`)."""
-    source = unpack_bundle(zip_bytes, holder, limits)
-    files = size = 0
-    for directory, dirs, names in os.walk(source):
-        files += len(dirs) + len(names)
-        for name in names:
-            size += os.lstat(os.path.join(directory, name)).st_size
-        if files > INLINE_FILES or size > INLINE_BYTES:
-            return source, False
-    return source, True
-
-
-def _start(
-    source: Path, parent: Path, limits: SandboxLimits, services: Services, small: bool
-) -> Lease:
+def _start(source: Path, parent: Path, limits: SandboxLimits, services: Services) -> Lease:
     """Copy the function into a private directory and start a sandbox on it."""
     holder = Path(tempfile.mkdtemp(prefix="session-", dir=parent))
     try:
         holder.chmod(0o711)  # the sandbox's uid must traverse to its directory
         target = holder / "fn"
         shutil.copytree(source, target, symlinks=True)
-        sandbox = FunctionSandbox.start(target, limits=limits, services=services)
-        return Lease(sandbox, holder, inline=small)
+        return Lease(FunctionSandbox.start(target, limits=limits, services=services), holder)
     except BaseException:
         shutil.rmtree(holder, ignore_errors=True)
         raise
@@ -220,16 +180,10 @@ class WarmPool:
                     lease = candidate
                     entry.hits += 1
                 elif candidate is not None:
-                    await candidate.release_async()
+                    await asyncio.to_thread(candidate.release)
             if lease is None:
                 lease = await self._lanes.calls.run(
-                    party,
-                    _start,
-                    entry.source,
-                    self._workdir,
-                    self._sandbox_limits,
-                    services,
-                    entry.small,
+                    party, _start, entry.source, self._workdir, self._sandbox_limits, services
                 )
         finally:
             entry.starting -= 1
@@ -277,13 +231,13 @@ class WarmPool:
         checksum = hashlib.sha256(zip_bytes).digest()
         holder = Path(tempfile.mkdtemp(prefix="function-", dir=self._workdir))
         try:
-            source, small = await self._lanes.keys.run(
-                party, _unpack, zip_bytes, holder, self._bundle_limits
+            source = await self._lanes.keys.run(
+                party, unpack_bundle, zip_bytes, holder, self._bundle_limits
             )
         except BaseException:
             shutil.rmtree(holder, ignore_errors=True)
             raise
-        return _Entry(checksum=checksum, holder=holder, source=source, small=small)
+        return _Entry(checksum=checksum, holder=holder, source=source)
 
     def _refill(
         self,
@@ -306,11 +260,13 @@ class WarmPool:
             if entry.spares and not idle:
                 return
             starting += 1
-            entry.spares.append(asyncio.create_task(self._spare(entry, services, party, after)))
+            entry.spares.append(
+                asyncio.create_task(self._spare(entry.source, services, party, after))
+            )
 
     async def _spare(
         self,
-        entry: _Entry,
+        source: Path,
         services: Services,
         party: str,
         after: asyncio.Future[None] | None = None,
@@ -325,13 +281,7 @@ class WarmPool:
             await asyncio.wait((after,), timeout=REFILL_WAIT_S)
         try:
             return await self._lanes.calls.run(
-                party,
-                _start,
-                entry.source,
-                self._workdir,
-                self._sandbox_limits,
-                services,
-                entry.small,
+                party, _start, source, self._workdir, self._sandbox_limits, services
             )
         except CapeError:
             return None
@@ -360,4 +310,4 @@ def _take_spare(spares: deque[asyncio.Task[Lease | None]]) -> asyncio.Task[Lease
 async def _close_spare(task: asyncio.Task[Lease | None]) -> None:
     lease = await task
     if lease is not None:
-        await lease.release_async()
+        await asyncio.to_thread(lease.release)

@@ -24,7 +24,6 @@ start uses bubblewrap; the next start gets a fresh zygote.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import logging
@@ -251,20 +250,8 @@ class ZygoteSpawn:
                 wait_for(fd, select.POLLIN, deadline)
         except Exception:
             return False
-        return self._read_message()
-
-    async def _next_message_async(self, deadline: float) -> bool:
-        """:meth:`_next_message` on the event loop: a reader on the status socket."""
-        if self._gone:
-            return False
-        if not await _readable(self._status.fileno(), deadline):
-            return False
-        return self._read_message()
-
-    def _read_message(self) -> bool:
-        """One status message, the socket being readable (or its peer gone)."""
         try:
-            message, fds, _, _ = socket.recv_fds(self._status, _MAX_MESSAGE, 2, socket.MSG_DONTWAIT)
+            message, fds, _, _ = socket.recv_fds(self._status, _MAX_MESSAGE, 2)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -332,23 +319,6 @@ class ZygoteSpawn:
                 return (None, 0.0) if ready else None
         return self._exit
 
-    async def reap_async(self, timeout: float | None) -> tuple[int | None, float] | None:
-        """:meth:`reap` on the event loop (issue 16): readers on the status socket and the
-        monitor's pidfd instead of blocking waits; the same deadlines. ``timeout=None``
-        follows a kill of the monitor, which the kernel ends at once."""
-        if timeout is None:
-            await _readable(self.pidfd, None)
-            deadline = time.monotonic() + _EXIT_REPORT_S
-        else:
-            deadline = time.monotonic() + timeout
-        while self._exit is None:
-            if not await self._next_message_async(deadline):
-                if not self._gone:
-                    return None
-                # The zygote died: its monitors die with it; the status is unknown.
-                return (None, 0.0) if await _readable(self.pidfd, deadline) else None
-        return self._exit
-
     def read_stderr(self) -> str:
         """The zygote's child's one-line complaint (the worker's stderr is /dev/null)."""
         return read_complaint(self.err_fd)
@@ -364,30 +334,6 @@ class ZygoteSpawn:
         self.channel.close()
         if self.services is not None:
             self.services.close()
-
-
-async def _readable(fd: int, deadline: float | None) -> bool:
-    """Wait on the event loop until ``fd`` is readable (True) or ``deadline`` passes (False;
-    ``None``: no deadline, for a pidfd that a kill makes readable at once)."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    loop.add_reader(fd, ready)
-    try:
-        if deadline is None:
-            await waiter
-        else:
-            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
-                await waiter
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-    return True
 
 
 _zygotes_lock = threading.Lock()

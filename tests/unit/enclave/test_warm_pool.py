@@ -39,9 +39,6 @@ class FakeSandbox:
     def close(self) -> None:
         pass
 
-    async def close_async(self) -> None:
-        pass
-
 
 def _no_services(name: str, data: bytes) -> bytes:
     raise AssertionError("the stand-in sandbox calls no service")
