@@ -6,7 +6,6 @@ gets no confirmation and ChaCha20-Poly1305 as before; a bad request is a protoco
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from typing import Any
@@ -19,7 +18,7 @@ from cape.formats.attestation import parse_attestation
 from cape.sdk import flows
 from tests.e2e.conftest import requires_enclaves
 from tests.e2e.server import ServeProcess, User, run
-from tests.e2e.test_sessions import _closed_with, _raw_session
+from tests.e2e.test_sessions import _raw_session, refused_nonce_frame
 from tests.integration.harness import zip_app
 
 pytestmark = requires_enclaves
@@ -94,18 +93,6 @@ def test_a_bad_sealing_request_is_a_protocol_error(
 ) -> None:
     """Checked in the nonce frame of every session kind (a key session: no deploy needed)."""
     user = User.signup(server)
-    start: dict[str, Any] = {"nonce": base64.b64encode(b"n").decode(), "sealing": value}
-    if with_key:
-        start["response_key"] = base64.b64encode(hpke.generate_keypair().public_bytes).decode()
-
-    async def flow() -> tuple[int | None, list[Any]]:
-        ws = await _raw_session(server, "/v1/key", user.token)
-        await ws.send(json.dumps({"message": start}))
-        try:  # a server that ignored the value would answer: fail, do not hang
-            return await asyncio.wait_for(_closed_with(ws), 30)
-        finally:
-            await ws.close()
-
-    code, frames = run(flow())
+    code, frames = refused_nonce_frame(server, user.token, "sealing", value, with_key=with_key)
     assert code == 1008, frames
     assert frames == [{"error": error}]

@@ -16,6 +16,7 @@ import pytest
 import websockets
 from cryptography import x509
 
+from cape.crypto import hpke
 from cape.errors import FunctionError, RequestRefusedError, TransportError
 from cape.formats.attestation import parse_attestation
 from cape.verify.verifier import verify_archived_attestation
@@ -111,6 +112,27 @@ async def _closed_with(ws: websockets.ClientConnection) -> tuple[int | None, lis
             frames.append(json.loads(await ws.recv()))
     except websockets.ConnectionClosed as exc:
         return (exc.rcvd.code if exc.rcvd else None), frames
+
+
+def refused_nonce_frame(
+    server: ServeProcess, token: str, field: str, value: object, *, with_key: bool
+) -> tuple[int | None, list[Any]]:
+    """A key session (no deploy needed) whose nonce frame carries ``field: value`` (and a
+    response key ``with_key``): the close code and the frames before it. A server that ignored
+    the value would answer with a document: the wait fails rather than hangs."""
+    start: dict[str, Any] = {"nonce": base64.b64encode(b"n").decode(), field: value}
+    if with_key:
+        start["response_key"] = base64.b64encode(hpke.generate_keypair().public_bytes).decode()
+
+    async def flow() -> tuple[int | None, list[Any]]:
+        ws = await _raw_session(server, "/v1/key", token)
+        await ws.send(json.dumps({"message": start}))
+        try:
+            return await asyncio.wait_for(_closed_with(ws), 30)
+        finally:
+            await ws.close()
+
+    return run(flow())
 
 
 @pytest.mark.parametrize(
