@@ -162,7 +162,7 @@ def _attest(ctx: _Context, session_key: hpke.KeyPair, user_data: dict[str, str])
         }
     if ctx.sealed_inputs:  # confirmed inside the document, so a host cannot fake it
         user_data = {**user_data, "input_frames": "sealed"}
-    if ctx.sealing is not CHACHA20_POLY1305:  # likewise: the client refuses it unconfirmed
+    if ctx.sealing is not CHACHA20_POLY1305:  # likewise: the client takes its suite from here
         user_data = {**user_data, "sealing": ctx.sealing.name}
     encoded = json.dumps(user_data, separators=(",", ":")).encode() if user_data else None
     return ctx.module.attestation(

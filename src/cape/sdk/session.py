@@ -215,7 +215,7 @@ class Session:
             # enclave confirms them in the attested document.
             start["response_key"] = _b64(response_key.public_bytes)
             start["input_frames"] = "sealed"
-            start["sealing"] = AES_256_GCM.name  # the document must confirm it
+            start["sealing"] = AES_256_GCM.name  # used only if the document confirms it
         try:
             await websocket.send(json.dumps({"message": start}))
         except websockets.ConnectionClosed as exc:

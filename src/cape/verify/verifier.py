@@ -340,8 +340,9 @@ def verify_attestation(
             key = _signing_key(leaf)
             _verify_signature(signed, key)  # step 1
             _verify_chain(document, leaf, root, at)  # step 2
-            window = _chain_window(document, leaf, root) if cache is not None else None
-            if cache is not None and window is not None:
+            window = None
+            if cache is not None:
+                window = _chain_window(document, leaf, root)
                 cache.add_chain(document, root, window, key)
         if cache is not None and raw is not None and window is not None:
             cache.add_document(raw, root, document, window)
